@@ -1,0 +1,373 @@
+//! Plan -> journaled, verified, transactional writes; revert; persistence to sysctl.d.
+//!
+//! Order of events in `apply`: lock the state directory, check the drop-in can be written,
+//! journal the previous values (fsynced), then write each key, read it back and compare parsed
+//! values. The first failure rolls back every key this run wrote, in reverse, and the journal
+//! returns to what it was. Nothing is ever lowered: the plan only holds raise-only targets.
+
+pub mod journal;
+mod persist;
+pub mod plan;
+mod revert;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use journal::Journal;
+pub use persist::DROPIN_NAME;
+pub use plan::{Plan, Step};
+pub use revert::{RevertOutcome, revert};
+
+use crate::error::UsageError;
+use crate::host::Host;
+use crate::host::files::StateLock;
+
+/// Where apply keeps its state and writes its drop-in.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub sysctl_dir: PathBuf,
+}
+
+/// A write that went through and was read back.
+#[derive(Clone, Debug, Serialize)]
+pub struct Written {
+    pub key: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The write that failed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    pub key: String,
+    pub step: usize,
+    pub error: String,
+}
+
+/// A key put back after a failure, or one that could not be.
+#[derive(Clone, Debug, Serialize)]
+pub struct Restore {
+    pub key: String,
+    pub value: String,
+    pub error: Option<String>,
+}
+
+/// What happened to RLIMIT_NOFILE of this process.
+#[derive(Clone, Debug, Serialize)]
+pub struct NofileOutcome {
+    pub wanted: u64,
+    pub soft: u64,
+    pub hard: u64,
+    /// Why the hard limit could not be raised to `wanted`, with the errno.
+    pub hard_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outcome {
+    pub written: Vec<Written>,
+    pub failure: Option<Failure>,
+    pub restored: Vec<Restore>,
+    pub nofile: Option<NofileOutcome>,
+    pub persisted: Option<PathBuf>,
+    pub journal: Option<PathBuf>,
+}
+
+/// Carries out a plan. Errors before the first write (lock, journal, drop-in ownership) leave
+/// the host untouched.
+pub fn apply(
+    plan: &Plan,
+    host: &Host,
+    paths: &Paths,
+    profile: &str,
+    persist: bool,
+) -> anyhow::Result<Outcome> {
+    let mut outcome = Outcome::default();
+    let _lock = StateLock::acquire(&paths.state_dir)?;
+    let netns = host.netns_id();
+    let prior = Journal::load(&paths.state_dir)?;
+    if let Some(j) = &prior
+        && j.netns != netns
+    {
+        return Err(UsageError(format!(
+            "the journal in {} belongs to network namespace {} but this process is in {}; \
+             revert there first, or use another --state-dir",
+            paths.state_dir.display(),
+            j.netns.as_deref().unwrap_or("?"),
+            netns.as_deref().unwrap_or("?")
+        ))
+        .into());
+    }
+    let dropin = paths.sysctl_dir.join(DROPIN_NAME);
+    if persist {
+        persist::check_owned(&dropin)?;
+    }
+
+    let mut journal = prior.clone().unwrap_or(Journal {
+        version: journal::VERSION,
+        netns: netns.clone(),
+        ..Journal::default()
+    });
+    for step in &plan.steps {
+        journal.record(
+            &step.key.dotted(),
+            &step.from_raw,
+            &step.to.to_string(),
+            profile,
+        );
+    }
+    if !plan.steps.is_empty() {
+        journal.save(&paths.state_dir)?;
+        outcome.journal = Some(Journal::path(&paths.state_dir));
+    }
+
+    let mut done: Vec<&Step> = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        match write_verified(host, step, &step.to) {
+            Ok(()) => {
+                outcome.written.push(Written {
+                    key: step.key.dotted(),
+                    from: step.from.to_string(),
+                    to: step.to.to_string(),
+                });
+                done.push(step);
+            }
+            Err(error) => {
+                outcome.failure = Some(Failure {
+                    key: step.key.dotted(),
+                    step: i + 1,
+                    error,
+                });
+                break;
+            }
+        }
+    }
+
+    if outcome.failure.is_some() {
+        // Put back what this run wrote; keep in the journal only what could not be put back.
+        let mut kept = prior.unwrap_or(Journal {
+            version: journal::VERSION,
+            netns,
+            ..Journal::default()
+        });
+        for step in done.iter().rev() {
+            let result = write_verified(host, step, &step.from);
+            if result.is_err()
+                && let Some(e) = journal.entry(&step.key.dotted())
+                && kept.entry(&e.key).is_none()
+            {
+                kept.entries.push(e.clone());
+            }
+            outcome.restored.push(Restore {
+                key: step.key.dotted(),
+                value: step.from.to_string(),
+                error: result.err(),
+            });
+        }
+        // Keys never written kept their values, so the previous journal plus whatever could not
+        // be put back is exactly the truth.
+        kept.save(&paths.state_dir)?;
+        outcome.nofile = raise_nofile(host, plan);
+        return Ok(outcome);
+    }
+
+    outcome.nofile = raise_nofile(host, plan);
+    if persist {
+        let path = persist::write(&dropin, &journal, profile)?;
+        journal.dropin = Some(path.clone());
+        journal.save(&paths.state_dir)?;
+        outcome.journal = Some(Journal::path(&paths.state_dir));
+        outcome.persisted = Some(path);
+    }
+    Ok(outcome)
+}
+
+/// Writes `value` and reads it back: the kernel may refuse a value (EINVAL), clamp it, or
+/// reinterpret it (leading zeros are octal), so success means the parsed read-back equals what
+/// we meant, not that write(2) returned.
+fn write_verified(host: &Host, step: &Step, value: &crate::tunables::Value) -> Result<(), String> {
+    host.write_sysctl(&step.key, &value.to_string())
+        .map_err(|e| format!("write of {value:?} failed: {e}"))?;
+    let back = host
+        .read_sysctl(&step.key)
+        .map_err(|e| format!("read-back failed: {e:#}"))?
+        .ok_or("read-back failed: key vanished")?;
+    let parsed = step
+        .shape
+        .parse_live(&back)
+        .map_err(|e| format!("read-back unparseable: {e}"))?;
+    if parsed != *value {
+        return Err(format!(
+            "read back {:?} after writing {:?}",
+            crate::tunables::normalise(&back),
+            value.to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Raises this process's RLIMIT_NOFILE as far as it can go: the hard limit to the wanted value
+/// (needs CAP_SYS_RESOURCE and at most fs.nr_open), the soft one to min(wanted, hard).
+/// `rlimit::increase_nofile_limit` would clamp silently; we say what we got and why.
+fn raise_nofile(host: &Host, plan: &Plan) -> Option<NofileOutcome> {
+    let change = plan.nofile?;
+    let mut hard = change.hard;
+    let mut hard_error = None;
+    if change.hard < change.wanted {
+        match host.set_nofile(change.soft.min(change.wanted), change.wanted) {
+            Ok(()) => hard = change.wanted,
+            Err(e) => {
+                let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0));
+                hard_error = Some(format!(
+                    "setrlimit(RLIMIT_NOFILE, hard={}) failed with {errno:?} ({e})",
+                    change.wanted
+                ));
+            }
+        }
+    }
+    let soft = change.wanted.min(hard).max(change.soft);
+    if let Err(e) = host.set_nofile(soft, hard) {
+        hard_error.get_or_insert(format!("setrlimit(RLIMIT_NOFILE, soft={soft}) failed: {e}"));
+    }
+    let (soft, hard) = host.nofile().unwrap_or((change.soft, change.hard));
+    Some(NofileOutcome {
+        wanted: change.wanted,
+        soft,
+        hard,
+        hard_error,
+    })
+}
+
+/// Default state directory; the journal lives here.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tunegate";
+/// Default sysctl.d directory for `--persist`.
+pub const DEFAULT_SYSCTL_DIR: &str = "/etc/sysctl.d";
+
+impl Paths {
+    pub fn new(state_dir: Option<&Path>, sysctl_dir: Option<&Path>) -> Paths {
+        Paths {
+            state_dir: state_dir.map_or_else(|| DEFAULT_STATE_DIR.into(), Path::to_path_buf),
+            sysctl_dir: sysctl_dir.map_or_else(|| DEFAULT_SYSCTL_DIR.into(), Path::to_path_buf),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake;
+    use crate::preflight;
+
+    fn setup(
+        files: &[(&'static str, &'static str)],
+        profile: &str,
+    ) -> (tempfile::TempDir, Host, Plan, Paths) {
+        let (d, host) = fake::tree(files);
+        let p = d.path().join("p.yaml");
+        std::fs::write(&p, profile).unwrap();
+        let prof = crate::profile::load(p.to_str().unwrap(), false).unwrap();
+        let report = preflight::run(&prof, &host, &[]).unwrap();
+        let plan = Plan::from_report(&report);
+        let paths = Paths::new(
+            Some(&d.path().join("state")),
+            Some(&d.path().join("sysctl.d")),
+        );
+        (d, host, plan, paths)
+    }
+
+    fn read(d: &tempfile::TempDir, rel: &str) -> String {
+        std::fs::read_to_string(d.path().join("proc/sys").join(rel)).unwrap()
+    }
+
+    const FILES: &[(&str, &str)] = &[
+        ("net/core/somaxconn", "4096\n"),
+        ("net/ipv4/tcp_max_syn_backlog", "8192\n"),
+        ("net/ipv4/tcp_wmem", "4096\t16384\t4194304\n"),
+        ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
+        ("fs/nr_open", "1048576\n"),
+    ];
+
+    const PROFILE: &str = "sysctl:\n  net.core.somaxconn: 65535\n  net.ipv4.tcp_max_syn_backlog: 4096\n  net.ipv4.tcp_wmem: \"4096 65536 1048576\"\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n";
+
+    #[test]
+    fn plan_is_raise_only() {
+        let (_d, _h, plan, _p) = setup(FILES, PROFILE);
+        let keys: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|s| (s.key.dotted(), s.to.to_string()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("net.core.somaxconn".into(), "65535".into()),
+                ("net.ipv4.tcp_wmem".into(), "4096 65536 4194304".into()),
+                ("net.ipv4.ip_local_port_range".into(), "1024 65535".into()),
+            ] as [(String, String); 3]
+        );
+    }
+
+    #[test]
+    fn apply_then_revert_restores_exactly() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        let out = apply(&plan, &host, &paths, "p", true).unwrap();
+        assert!(out.failure.is_none());
+        assert_eq!(read(&d, "net/core/somaxconn"), "65535\n");
+        let j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert_eq!(
+            j.entry("net.ipv4.tcp_wmem").unwrap().previous,
+            "4096\t16384\t4194304"
+        );
+        let dropin = std::fs::read_to_string(paths.sysctl_dir.join(DROPIN_NAME)).unwrap();
+        assert!(dropin.contains("net.core.somaxconn = 65535\n"), "{dropin}");
+
+        let r = revert(&host, &paths, false).unwrap();
+        assert!(r.failed.is_empty() && r.skipped.is_empty(), "{r:?}");
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+        assert_eq!(read(&d, "net/ipv4/tcp_wmem"), "4096\t16384\t4194304\n");
+        assert!(!paths.sysctl_dir.join(DROPIN_NAME).exists());
+        assert!(Journal::load(&paths.state_dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn revert_leaves_values_someone_changed_since() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        apply(&plan, &host, &paths, "p", false).unwrap();
+        std::fs::write(d.path().join("proc/sys/net/core/somaxconn"), "100000\n").unwrap();
+        let r = revert(&host, &paths, false).unwrap();
+        assert_eq!(r.skipped.len(), 1);
+        assert_eq!(read(&d, "net/core/somaxconn"), "100000\n");
+        assert_eq!(read(&d, "net/ipv4/ip_local_port_range"), "32768\t60999\n");
+    }
+
+    #[test]
+    fn a_foreign_dropin_is_never_touched_and_nothing_changes() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        std::fs::create_dir_all(&paths.sysctl_dir).unwrap();
+        std::fs::write(paths.sysctl_dir.join(DROPIN_NAME), "vm.swappiness = 1\n").unwrap();
+        let e = apply(&plan, &host, &paths, "p", true).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not written by tunegate"),
+            "{e:#}"
+        );
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+        assert!(Journal::load(&paths.state_dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_second_apply_keeps_the_first_previous_value() {
+        let (d, host, plan, paths) = setup(FILES, "sysctl:\n  net.core.somaxconn: 8192\n");
+        apply(&plan, &host, &paths, "a", false).unwrap();
+        let prof_path = d.path().join("q.yaml");
+        std::fs::write(&prof_path, "sysctl:\n  net.core.somaxconn: 65535\n").unwrap();
+        let prof = crate::profile::load(prof_path.to_str().unwrap(), false).unwrap();
+        let plan2 = Plan::from_report(&preflight::run(&prof, &host, &[]).unwrap());
+        apply(&plan2, &host, &paths, "b", false).unwrap();
+        let j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert_eq!(j.entries[0].previous, "4096");
+        assert_eq!(j.entries[0].applied, "65535");
+        revert(&host, &paths, false).unwrap();
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+    }
+}

@@ -1,0 +1,118 @@
+//! `tunegate revert`: put back the journaled previous values and clear the journal.
+//!
+//! A key whose live value is no longer what tunegate wrote was changed by someone else since;
+//! it is left alone (and reported) unless `--force`, because never clobbering an operator's
+//! change matters more than a tidy revert.
+
+use serde::Serialize;
+
+use super::{Journal, Paths, persist};
+use crate::error::UsageError;
+use crate::host::Host;
+use crate::host::files::StateLock;
+use crate::tunables::{SysctlKey, shape_of};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RevertOutcome {
+    /// (key, from, to) put back.
+    pub restored: Vec<(String, String, String)>,
+    /// Already at the previous value.
+    pub unchanged: Vec<String>,
+    /// (key, live value, what tunegate wrote): changed by someone else since, left alone.
+    pub skipped: Vec<(String, String, String)>,
+    /// (key, error): could not be put back; still in the journal.
+    pub failed: Vec<(String, String)>,
+    pub dropin_removed: Option<std::path::PathBuf>,
+    pub had_journal: bool,
+}
+
+pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertOutcome> {
+    let _lock = StateLock::acquire(&paths.state_dir)?;
+    let mut out = RevertOutcome::default();
+    let Some(journal) = Journal::load(&paths.state_dir)? else {
+        return Ok(out);
+    };
+    out.had_journal = true;
+    let netns = host.netns_id();
+    if journal.netns != netns && !force {
+        return Err(UsageError(format!(
+            "the journal in {} was written in network namespace {}, this process is in {}; \
+             run revert there (or --force to restore these values here anyway)",
+            paths.state_dir.display(),
+            journal.netns.as_deref().unwrap_or("?"),
+            netns.as_deref().unwrap_or("?")
+        ))
+        .into());
+    }
+    let mut kept = Journal {
+        entries: Vec::new(),
+        dropin: None,
+        ..journal.clone()
+    };
+    for entry in journal.entries.iter().rev() {
+        let key = SysctlKey::parse(&entry.key)
+            .map_err(|m| anyhow::anyhow!("journal holds a bad key: {m}"))?;
+        let shape = shape_of(&key);
+        let parse = |t: &str| {
+            shape
+                .parse_live(t)
+                .map_err(|m| anyhow::anyhow!("{key}: {m}"))
+        };
+        let previous = parse(&entry.previous)?;
+        let applied = parse(&entry.applied)?;
+        let live = match host.read_sysctl(&key) {
+            Ok(Some(raw)) => parse(&raw)?,
+            Ok(None) => {
+                out.failed
+                    .push((entry.key.clone(), "key not visible from here".into()));
+                kept.entries.insert(0, entry.clone());
+                continue;
+            }
+            Err(e) => {
+                out.failed.push((entry.key.clone(), format!("{e:#}")));
+                kept.entries.insert(0, entry.clone());
+                continue;
+            }
+        };
+        if live == previous {
+            out.unchanged.push(entry.key.clone());
+            continue;
+        }
+        if live != applied && !force {
+            out.skipped
+                .push((entry.key.clone(), live.to_string(), applied.to_string()));
+            continue;
+        }
+        let result = host
+            .write_sysctl(&key, &entry.previous)
+            .map_err(|e| format!("write failed: {e}"))
+            .and_then(|()| match host.read_sysctl(&key) {
+                Ok(Some(raw)) if parse(&raw).ok().as_ref() == Some(&previous) => Ok(()),
+                Ok(other) => Err(format!("read back {other:?}")),
+                Err(e) => Err(format!("read-back failed: {e:#}")),
+            });
+        match result {
+            Ok(()) => {
+                out.restored
+                    .push((entry.key.clone(), live.to_string(), previous.to_string()))
+            }
+            Err(e) => {
+                out.failed.push((entry.key.clone(), e));
+                kept.entries.insert(0, entry.clone());
+            }
+        }
+    }
+    if let Some(path) = &journal.dropin {
+        match persist::remove(path) {
+            Ok(true) => out.dropin_removed = Some(path.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                out.failed
+                    .push((path.display().to_string(), format!("{e:#}")));
+                kept.dropin = Some(path.clone());
+            }
+        }
+    }
+    kept.save(&paths.state_dir)?;
+    Ok(out)
+}

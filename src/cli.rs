@@ -1,0 +1,123 @@
+//! The command line, documented in one place: every flag's help text lives here, and the man
+//! page and docs/cli.md follow from it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::Format;
+
+/// Check and tune a Linux host for very many connections.
+///
+/// Exit codes: 0 pass / done, 1 a check fails (or still fails after apply), 2 bad usage or bad
+/// input (nothing changed), 3 a write failed during apply and was rolled back.
+#[derive(Debug, Parser)]
+#[command(name = "tunegate", version, about, long_about)]
+pub struct Cli {
+    /// Treat DIR as the root of the host: /proc/sys is read from DIR/proc/sys. For tests and
+    /// for inspecting a fake tree; process limits are always this process's own.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "TUNEGATE_HOST_ROOT",
+        hide = true
+    )]
+    pub host_root: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compare the host with a profile and print a checklist. Changes nothing.
+    Preflight(CheckArgs),
+    /// Raise what the profile asks for (never lowering anything), journaled and verified.
+    Apply(ApplyArgs),
+    /// Restore the values the journal recorded before tunegate changed them.
+    Revert(RevertArgs),
+    /// List or show profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A built-in profile name (default, c10k, c100k, c1m) or a path to a YAML profile.
+    #[arg(long, short, default_value = "default", value_name = "NAME|PATH")]
+    pub profile: String,
+
+    /// Output for people (a checklist) or machines (JSON, see docs/json.md).
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: Format,
+
+    /// A port the server will listen on, checked by the port guard in addition to the
+    /// profile's listen_ports. Repeatable.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// Where the journal lives.
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_STATE_DIR", default_value = crate::apply::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub check: CheckArgs,
+
+    /// Print the plan (key, from, to) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Also write the raised values to a sysctl.d drop-in so they survive a reboot.
+    #[arg(long)]
+    pub persist: bool,
+
+    #[command(flatten)]
+    pub state: StateArgs,
+
+    /// Directory for the --persist drop-in (60-tunegate.conf).
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = crate::apply::DEFAULT_SYSCTL_DIR)]
+    pub sysctl_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RevertArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+
+    /// Restore even keys someone changed since tunegate wrote them, and even from another
+    /// network namespace than the one the journal was written in.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Output for people or machines.
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// List the built-in profiles.
+    List,
+    /// Print a profile resolved (extends applied), each value with the file and line it came from.
+    Show {
+        /// A built-in profile name or a path.
+        #[arg(value_name = "NAME|PATH")]
+        name: String,
+        /// YAML that loads back as the same profile, or JSON.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: ShowFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShowFormat {
+    Yaml,
+    Json,
+}

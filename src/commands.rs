@@ -1,0 +1,130 @@
+//! One function per subcommand: glue between the CLI and the library, and the exit codes.
+
+use crate::apply::{self, Paths, Plan};
+use crate::cli::{ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, ShowFormat};
+use crate::error::exit;
+use crate::host::{self, Host};
+use crate::preflight;
+use crate::profile::{self, Profile};
+use crate::report::{self, Format};
+
+/// Runs the parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let host = match &cli.host_root {
+        Some(root) => Host::with_root(root),
+        None => Host::live(),
+    };
+    match cli.command {
+        Command::Preflight(args) => preflight_cmd(&host, &args),
+        Command::Apply(args) => apply_cmd(&host, &args),
+        Command::Revert(args) => revert_cmd(&host, &args),
+        Command::Profile(ProfileCommand::List) => profile_list(),
+        Command::Profile(ProfileCommand::Show { name, format }) => profile_show(&name, format),
+    }
+}
+
+fn load(spec: &str) -> anyhow::Result<Profile> {
+    Ok(profile::load(spec, host::running_as_root())?)
+}
+
+fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
+    let profile = load(&args.profile)?;
+    let report = preflight::run(&profile, host, &args.ports)?;
+    match args.format {
+        Format::Human => print!("{}", report::preflight_human(&report)),
+        Format::Json => println!("{}", report::preflight_json(&report)),
+    }
+    Ok(if report.passed() {
+        exit::OK
+    } else {
+        exit::FAIL
+    })
+}
+
+fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
+    let profile = load(&args.check.profile)?;
+    let before = preflight::run(&profile, host, &args.check.ports)?;
+    let plan = Plan::from_report(&before);
+    let human = args.check.format == Format::Human;
+    if args.dry_run {
+        if human {
+            println!(
+                "tunegate apply --dry-run: profile {} (nothing will be changed)",
+                profile.name
+            );
+            print!("{}", report::plan_human(&plan));
+            print!("{}", report::blocked_human(&plan));
+        } else {
+            println!("{}", report::apply_json(&plan, None, None, true));
+        }
+        return Ok(exit::OK);
+    }
+    if human {
+        println!("tunegate apply: profile {}", profile.name);
+        print!("{}", report::plan_human(&plan));
+    }
+    let paths = Paths {
+        state_dir: args.state.state_dir.clone(),
+        sysctl_dir: args.sysctl_dir.clone(),
+    };
+    let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
+    let after = preflight::run(&profile, host, &args.check.ports)?;
+    if human {
+        print!("{}", report::outcome_human(&outcome));
+        print!("{}", report::blocked_human(&Plan::from_report(&after)));
+        println!();
+        print!("{}", report::preflight_human(&after));
+    } else {
+        println!(
+            "{}",
+            report::apply_json(&plan, Some(&outcome), Some(&after), false)
+        );
+    }
+    Ok(if outcome.failure.is_some() {
+        exit::ROLLED_BACK
+    } else if after.passed() {
+        exit::OK
+    } else {
+        exit::FAIL
+    })
+}
+
+fn revert_cmd(host: &Host, args: &RevertArgs) -> anyhow::Result<u8> {
+    let paths = Paths {
+        state_dir: args.state.state_dir.clone(),
+        sysctl_dir: apply::DEFAULT_SYSCTL_DIR.into(),
+    };
+    let out = apply::revert(host, &paths, args.force)?;
+    match args.format {
+        Format::Human => print!("{}", report::revert_human(&out)),
+        Format::Json => println!("{}", report::revert_json(&out)),
+    }
+    Ok(if out.failed.is_empty() {
+        exit::OK
+    } else {
+        exit::FAIL
+    })
+}
+
+fn profile_list() -> anyhow::Result<u8> {
+    println!("{:<10} {:>12}  description", "name", "connections");
+    for name in profile::builtin_names() {
+        let p = load(name)?;
+        println!(
+            "{:<10} {:>12}  {}",
+            p.name,
+            p.target_connections.map_or("-".into(), |t| t.to_string()),
+            p.description.unwrap_or_default()
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
+    let p = load(name)?;
+    match format {
+        ShowFormat::Yaml => print!("{}", report::profile_yaml(&p)),
+        ShowFormat::Json => println!("{}", report::profile_json(&p)),
+    }
+    Ok(exit::OK)
+}

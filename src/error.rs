@@ -1,0 +1,78 @@
+//! Errors that decide the exit code. Everything else travels as `anyhow::Error` with context.
+
+use std::fmt;
+
+/// Exit codes, documented in docs/cli.md; scripts rely on them.
+pub mod exit {
+    /// Everything passed / the command did what it was asked.
+    pub const OK: u8 = 0;
+    /// At least one check fails (preflight), or something is still failing after apply.
+    pub const FAIL: u8 = 1;
+    /// Bad usage or bad input (profile, key, value); nothing was changed.
+    pub const USAGE: u8 = 2;
+    /// A write failed during apply or revert; what had been written was restored.
+    pub const ROLLED_BACK: u8 = 3;
+}
+
+/// Bad input: a profile, key or value we refuse. Always names the file, and the line, column
+/// and key where we know them. Maps to exit code 2, and is raised before anything changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn at(mut self, line: usize, column: usize) -> ConfigError {
+        self.line = Some(line);
+        self.column = Some(column);
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A command-line usage problem that clap cannot see (e.g. a flag combination). Exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Maps any error to the exit code it deserves.
+pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if err
+        .chain()
+        .any(|e| e.is::<ConfigError>() || e.is::<UsageError>())
+    {
+        exit::USAGE
+    } else {
+        exit::FAIL
+    }
+}

@@ -1,0 +1,14 @@
+//! tunegate: check and tune a Linux host for very many connections.
+//!
+//! The tuning side flows one way: `profile` -> `preflight` (reads `host`) -> findings ->
+//! `apply` (plan, journal, writes through `host`) -> `report`. See ARCHITECTURE.md.
+
+pub mod apply;
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod host;
+pub mod preflight;
+pub mod profile;
+pub mod report;
+pub mod tunables;

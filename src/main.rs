@@ -1,0 +1,16 @@
+//! The `tunegate` binary: parse the command line, run one command, exit with its code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = tunegate::cli::Cli::parse();
+    match tunegate::commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("tunegate: error: {err:#}");
+            ExitCode::from(tunegate::error::exit_code_for(&err))
+        }
+    }
+}

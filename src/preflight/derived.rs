@@ -1,0 +1,496 @@
+//! Checks that follow from `target_connections` and the listen ports rather than from one key:
+//! the descriptor ceilings, the ephemeral range, TCP memory, conntrack, and the port guard.
+//!
+//! Where apply would move a value (a wider port range, more reserved ports, bigger buffer
+//! minimums), these checks look at the value as it will be after apply, because that is the
+//! host the server will live on; the detail says so.
+
+use super::{Context, Finding, Subject, Verdict, read_number};
+use crate::host::{Host, page_size};
+use crate::profile::Profile;
+use crate::tunables::{self, PortSet, Scope, SysctlKey, Value};
+
+/// Descriptors a server process needs besides its sockets (listeners, epoll, pipes, logs).
+pub const FD_HEADROOM: u64 = 64;
+
+fn finding(id: &str, key: &str, scope: Scope) -> Finding {
+    Finding {
+        id: format!("derived.{id}"),
+        key: key.into(),
+        current: None,
+        wanted: String::new(),
+        rule: "at least".into(),
+        verdict: Verdict::Pass,
+        scope,
+        changeable: false,
+        blocked_by: None,
+        why: String::new(),
+        fix: "nothing to do".into(),
+        detail: None,
+        source: None,
+        subject: Subject::None,
+    }
+}
+
+/// A key's value as it will be after apply: the raise-only target when the profile names it
+/// and it can be changed from here, the live value otherwise. None when not visible.
+fn effective(profile: &Profile, host: &Host, key: &str) -> anyhow::Result<Option<Value>> {
+    let key = SysctlKey::parse(key).expect("static key");
+    let shape = tunables::shape_of(&key);
+    let Some(raw) = host.read_sysctl(&key)? else {
+        return Ok(None);
+    };
+    let live = shape
+        .parse_live(&raw)
+        .map_err(|m| anyhow::anyhow!("cannot understand {key}: {m}"))?;
+    let writable = matches!(host.sysctl_access(&key), crate::host::Access::Writable);
+    Ok(Some(match profile.sysctl.iter().find(|s| s.key == key) {
+        Some(s) if writable => shape.raised(&live, &s.value),
+        _ => live,
+    }))
+}
+
+fn numbers(v: Option<Value>) -> Option<Vec<u64>> {
+    match v {
+        Some(Value::Numbers(n)) => Some(n),
+        _ => None,
+    }
+}
+
+pub fn checks(
+    profile: &Profile,
+    host: &Host,
+    ctx: &Context,
+    ports: &[u16],
+) -> anyhow::Result<Vec<Finding>> {
+    let mut out = Vec::new();
+    let nr_open = read_number(host, "fs.nr_open")?;
+    let file_max = read_number(host, "fs.file-max")?;
+    let target = profile.target_connections;
+    let nofile = profile.nofile.as_ref().map(|(n, _)| *n);
+
+    // Descriptor ceilings above any process limit.
+    if let Some(want) = nofile {
+        for (id, key, have, why) in [
+            (
+                "nr_open",
+                "fs.nr_open",
+                nr_open,
+                "No process's hard RLIMIT_NOFILE can exceed fs.nr_open, whatever its privileges.",
+            ),
+            (
+                "file_max",
+                "fs.file-max",
+                file_max,
+                "The kernel-wide ceiling on open files; every socket of every process counts.",
+            ),
+        ] {
+            let mut f = finding(id, key, Scope::HostGlobal);
+            f.why = why.into();
+            f.wanted = format!("{want} (limits.nofile)");
+            f.current = have.map(|v| v.to_string());
+            match have {
+                Some(v) if v >= want => {}
+                Some(_) => {
+                    f.verdict = Verdict::Fail;
+                    f.fix = format!(
+                        "on the host: {key} = {want} in /etc/sysctl.d/ (add it to the profile so tunegate apply sets it)"
+                    );
+                }
+                None => f.verdict = Verdict::Warn,
+            }
+            out.push(f);
+        }
+    }
+
+    if let Some(target) = target {
+        // How many processes the target needs at this host's descriptor limits.
+        let mut f = finding(
+            "connection_budget",
+            "connections per process",
+            Scope::Process,
+        );
+        let per_process = ctx
+            .nofile_hard
+            .min(nr_open.unwrap_or(u64::MAX))
+            .saturating_sub(FD_HEADROOM);
+        let processes = target.div_ceil(per_process.max(1));
+        f.why = "Each connection is a descriptor; one process holds at most its hard \
+                 RLIMIT_NOFILE of them."
+            .into();
+        f.current = Some(per_process.to_string());
+        f.wanted = format!("{target} (target_connections)");
+        f.detail = Some(format!(
+            "at the hard limit {} (minus {FD_HEADROOM} for non-socket descriptors) one process holds \
+             {per_process} connections; {target} need {processes} process(es)",
+            ctx.nofile_hard
+        ));
+        if processes > 1 {
+            f.verdict = Verdict::Warn;
+            f.fix = format!(
+                "run {processes} or more server processes on the port (SO_REUSEPORT), or raise the \
+                 hard limit (LimitNOFILE=, needs CAP_SYS_RESOURCE and fs.nr_open)"
+            );
+        }
+        out.push(f);
+
+        if let (Some(file_max), None) = (file_max, nofile) {
+            let mut f = finding("file_max", "fs.file-max", Scope::HostGlobal);
+            f.current = Some(file_max.to_string());
+            f.wanted = format!("{target} (target_connections)");
+            f.why = "The kernel-wide ceiling on open files; every socket counts.".into();
+            if file_max < target {
+                f.verdict = Verdict::Fail;
+                f.fix = format!("on the host: fs.file-max = {}", target * 2);
+            }
+            out.push(f);
+        }
+
+        out.push(ephemeral_range(profile, host, target)?);
+        out.push(tcp_memory(profile, host, target)?);
+        if let Some(f) = conntrack(host, target)? {
+            out.push(f);
+        }
+    }
+
+    let range = numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?);
+    if let Some(r) = &range {
+        out.extend(range_shape(host, r)?);
+    }
+    out.extend(port_guard(profile, host, ports)?);
+    Ok(out)
+}
+
+fn ephemeral_range(profile: &Profile, host: &Host, target: u64) -> anyhow::Result<Finding> {
+    let mut f = finding(
+        "ephemeral_ports",
+        "net.ipv4.ip_local_port_range size",
+        Scope::NetNamespace,
+    );
+    f.why = "Outgoing connections from one source address to one destination address and port \
+             can use at most this many ports; proxies, load generators and backends that connect \
+             out run dry first (the article's port exhaustion)."
+        .into();
+    f.wanted = format!("{target} (target_connections)");
+    match numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?) {
+        Some(r) => {
+            let size = r[1] - r[0] + 1;
+            f.current = Some(format!("{size} ports ({}-{}, after apply)", r[0], r[1]));
+            if size < target {
+                f.verdict = Verdict::Warn;
+                f.detail = Some(format!(
+                    "fine for a server that only accepts; anything here connecting out to one \
+                     address:port can open at most {size} connections per source address"
+                ));
+                f.fix =
+                    "connect out from several source addresses (127.0.0.2, .3, ... for loopback \
+                         tests), or spread over several destination ports"
+                        .into();
+            }
+        }
+        None => f.verdict = Verdict::Warn,
+    }
+    Ok(f)
+}
+
+fn tcp_memory(profile: &Profile, host: &Host, target: u64) -> anyhow::Result<Finding> {
+    let mut f = finding("tcp_mem", "net.ipv4.tcp_mem", Scope::HostGlobal);
+    f.rule = "high mark at least".into();
+    f.why = "Pages all TCP sockets together may use; every connection pins at least its \
+             tcp_rmem and tcp_wmem minimums under memory pressure."
+        .into();
+    let rmin = numbers(effective(profile, host, "net.ipv4.tcp_rmem")?).map_or(4096, |v| v[0]);
+    let wmin = numbers(effective(profile, host, "net.ipv4.tcp_wmem")?).map_or(4096, |v| v[0]);
+    let page = page_size();
+    let needed = (target * (rmin + wmin)).div_ceil(page);
+    f.wanted =
+        format!("{needed} pages ({target} connections x ({rmin} + {wmin}) bytes minimum buffers)");
+    match numbers(effective(profile, host, "net.ipv4.tcp_mem")?) {
+        None => {
+            f.verdict = Verdict::Warn;
+            f.detail = Some(
+                "tcp_mem is host-global and not visible inside this network namespace: check it on the host"
+                    .into(),
+            );
+            f.fix =
+                format!("on the host: make the third field of net.ipv4.tcp_mem at least {needed}");
+        }
+        Some(m) => {
+            f.current = Some(format!("{} {} {}", m[0], m[1], m[2]));
+            if m[2] < needed {
+                f.verdict = Verdict::Fail;
+                f.fix = format!(
+                    "on the host: net.ipv4.tcp_mem = {} {} {}",
+                    m[0].max(needed / 2),
+                    m[1].max(needed),
+                    m[2].max(needed * 3 / 2)
+                );
+            } else if m[1] < needed {
+                f.verdict = Verdict::Warn;
+                f.detail = Some(format!(
+                    "{target} connections at minimum buffers would push TCP into memory pressure \
+                     (second field {} < {needed})",
+                    m[1]
+                ));
+                f.fix =
+                    format!("on the host: raise the second field of net.ipv4.tcp_mem to {needed}");
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn conntrack(host: &Host, target: u64) -> anyhow::Result<Option<Finding>> {
+    let Some(max) = read_number(host, "net.netfilter.nf_conntrack_max")? else {
+        return Ok(None); // conntrack not loaded: nothing tracks connections, nothing to check
+    };
+    let mut f = finding(
+        "conntrack",
+        "net.netfilter.nf_conntrack_max",
+        Scope::HostGlobal,
+    );
+    f.why = "nf_conntrack is loaded, so the firewall tracks every connection; when its table is \
+             full new connections are dropped."
+        .into();
+    f.current = Some(max.to_string());
+    f.wanted = format!("{target} (target_connections)");
+    if max < target {
+        f.verdict = Verdict::Fail;
+        f.fix = format!(
+            "on the host: net.netfilter.nf_conntrack_max = {}",
+            target * 2
+        );
+    }
+    Ok(Some(f))
+}
+
+fn range_shape(host: &Host, r: &[u64]) -> anyhow::Result<Vec<Finding>> {
+    let mut parity = finding(
+        "port_range_parity",
+        "net.ipv4.ip_local_port_range parity",
+        Scope::NetNamespace,
+    );
+    parity.rule = "different parity".into();
+    parity.why = "connect() takes even ports and bind() odd ones first; the kernel asks for a \
+                  start and end of different parity so both halves are the same size."
+        .into();
+    parity.current = Some(format!("{} {} (after apply)", r[0], r[1]));
+    parity.wanted = "start and end, one even and one odd".into();
+    if r[0] % 2 == r[1] % 2 {
+        parity.verdict = Verdict::Warn;
+        parity.fix = format!(
+            "use {} {} instead",
+            r[0],
+            if r[1] > r[0] { r[1] - 1 } else { r[1] + 1 }
+        );
+    }
+    let mut privileged = finding(
+        "port_range_unprivileged",
+        "net.ipv4.ip_local_port_range start",
+        Scope::NetNamespace,
+    );
+    privileged.why = "Ephemeral ports below ip_unprivileged_port_start land among the ports \
+                      services bind with privilege."
+        .into();
+    privileged.current = Some(r[0].to_string());
+    match read_number(host, "net.ipv4.ip_unprivileged_port_start")? {
+        Some(start) => {
+            privileged.wanted = format!("{start} (net.ipv4.ip_unprivileged_port_start)");
+            if r[0] < start {
+                privileged.verdict = Verdict::Warn;
+                privileged.fix = format!("start the range at {start} or above");
+            }
+        }
+        None => privileged.verdict = Verdict::Warn,
+    }
+    Ok(vec![parity, privileged])
+}
+
+/// A listen port inside the ephemeral range can be taken by an outgoing connection before the
+/// server binds it (the article's 1024-65535 swallows 3000 and 6379), unless it is reserved.
+fn port_guard(profile: &Profile, host: &Host, ports: &[u16]) -> anyhow::Result<Vec<Finding>> {
+    let range_key = SysctlKey::parse("net.ipv4.ip_local_port_range").expect("static key");
+    let reserved_key = SysctlKey::parse("net.ipv4.ip_local_reserved_ports").expect("static key");
+    let read = |key: &SysctlKey| -> anyhow::Result<Option<Value>> {
+        Ok(match host.read_sysctl(key)? {
+            Some(raw) => Some(
+                tunables::shape_of(key)
+                    .parse_live(&raw)
+                    .map_err(|m| anyhow::anyhow!("cannot understand {key}: {m}"))?,
+            ),
+            None => None,
+        })
+    };
+    let now_range = numbers(read(&range_key)?);
+    let after_range = numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?);
+    let as_set = |v: Option<Value>| match v {
+        Some(Value::Ports(p)) => p,
+        _ => PortSet::default(),
+    };
+    let now_reserved = as_set(read(&reserved_key)?);
+    let after_reserved = as_set(effective(
+        profile,
+        host,
+        "net.ipv4.ip_local_reserved_ports",
+    )?);
+    let inside = |r: &Option<Vec<u64>>, p: u16| {
+        r.as_ref()
+            .is_some_and(|r| r[0] <= p as u64 && p as u64 <= r[1])
+    };
+    let mut out = Vec::new();
+    for &port in ports {
+        let mut f = finding(
+            &format!("listen_port.{port}"),
+            &format!("listen port {port}"),
+            Scope::NetNamespace,
+        );
+        f.rule = "not exposed".into();
+        f.why = "A listen port inside ip_local_port_range can be handed to an outgoing \
+                 connection before the server binds it; the server then fails with EADDRINUSE."
+            .into();
+        f.wanted = "outside the range or in ip_local_reserved_ports".into();
+        let exposed_now = inside(&now_range, port) && !now_reserved.contains(port);
+        let exposed_after = inside(&after_range, port) && !after_reserved.contains(port);
+        f.current = Some(match (&after_range, after_reserved.contains(port)) {
+            (Some(r), true) => format!("reserved (range {}-{} after apply)", r[0], r[1]),
+            (Some(r), false) if inside(&after_range, port) => {
+                format!("inside {}-{} after apply, not reserved", r[0], r[1])
+            }
+            (Some(r), false) => format!("outside {}-{}", r[0], r[1]),
+            (None, _) => "range not visible".into(),
+        });
+        if exposed_after {
+            f.verdict = Verdict::Fail;
+            f.fix = format!(
+                "add `net.ipv4.ip_local_reserved_ports: \"{port}\"` to the profile (apply merges it \
+                 with ports already reserved)"
+            );
+        } else if exposed_now {
+            f.verdict = Verdict::Fail;
+            f.detail = Some("exposed now; tunegate apply reserves it".into());
+            f.fix = "tunegate apply".into();
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake;
+
+    fn tree(extra: &[(&'static str, &'static str)]) -> (tempfile::TempDir, Host) {
+        let mut files = vec![
+            ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
+            ("net/ipv4/ip_local_reserved_ports", "\n"),
+            ("net/ipv4/tcp_rmem", "4096\t131072\t6291456\n"),
+            ("net/ipv4/tcp_wmem", "4096\t16384\t4194304\n"),
+            ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
+            ("fs/nr_open", "1048576\n"),
+            ("fs/file-max", "2000000\n"),
+        ];
+        files.extend_from_slice(extra);
+        fake::tree(&files)
+    }
+
+    fn run(host: &Host, text: &str, ports: &[u16]) -> Vec<Finding> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.yaml");
+        std::fs::write(&p, text).unwrap();
+        let profile = crate::profile::load(p.to_str().unwrap(), false).unwrap();
+        super::super::run(&profile, host, ports).unwrap().findings
+    }
+
+    fn get<'a>(f: &'a [Finding], id: &str) -> &'a Finding {
+        f.iter()
+            .find(|x| x.id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+    }
+
+    #[test]
+    fn a_wide_range_without_a_reservation_fails_the_port_guard() {
+        let (_d, host) = tree(&[]);
+        let f = run(
+            &host,
+            "sysctl:\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n",
+            &[3000, 6379],
+        );
+        assert_eq!(get(&f, "derived.listen_port.3000").verdict, Verdict::Fail);
+        assert_eq!(get(&f, "derived.listen_port.6379").verdict, Verdict::Fail);
+
+        let f = run(
+            &host,
+            "sysctl:\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n  net.ipv4.ip_local_reserved_ports: \"3000,6379\"\n",
+            &[3000, 6379],
+        );
+        assert_eq!(get(&f, "derived.listen_port.3000").verdict, Verdict::Pass);
+
+        // Exposed now, reserved by the profile: apply fixes it, so the fix says so.
+        let f = run(
+            &host,
+            "sysctl:\n  net.ipv4.ip_local_reserved_ports: \"40000\"\n",
+            &[40000],
+        );
+        let guard = get(&f, "derived.listen_port.40000");
+        assert_eq!(guard.verdict, Verdict::Fail);
+        assert_eq!(guard.fix, "tunegate apply");
+        let f = run(&host, "target_connections: 1\n", &[40000, 8080]);
+        assert_eq!(get(&f, "derived.listen_port.40000").verdict, Verdict::Fail);
+        assert_eq!(get(&f, "derived.listen_port.8080").verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn parity_and_privileged_start_are_warned() {
+        let (_d, host) = tree(&[]);
+        let f = run(
+            &host,
+            "sysctl:\n  net.ipv4.ip_local_port_range: \"1000 61000\"\n",
+            &[],
+        );
+        assert_eq!(get(&f, "derived.port_range_parity").verdict, Verdict::Warn);
+        assert_eq!(
+            get(&f, "derived.port_range_unprivileged").verdict,
+            Verdict::Warn
+        );
+        let f = run(&host, "target_connections: 1\n", &[]);
+        assert_eq!(get(&f, "derived.port_range_parity").verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn tcp_mem_budget_scales_with_the_target() {
+        let (_d, host) = tree(&[("net/ipv4/tcp_mem", "1000\t2000\t300000\n")]);
+        let f = run(&host, "target_connections: 100000\n", &[]);
+        // 100000 x 8 KiB = 200000 pages: above the pressure mark, below the high one.
+        assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Warn);
+        let f = run(&host, "target_connections: 1000000\n", &[]);
+        assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Fail);
+        let (_d, host) = tree(&[]);
+        let f = run(&host, "target_connections: 10\n", &[]);
+        assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn conntrack_is_checked_only_when_loaded() {
+        let (_d, host) = tree(&[("net/netfilter/nf_conntrack_max", "65536\n")]);
+        let f = run(&host, "target_connections: 100000\n", &[]);
+        assert_eq!(get(&f, "derived.conntrack").verdict, Verdict::Fail);
+        let (_d, host) = tree(&[]);
+        let f = run(&host, "target_connections: 100000\n", &[]);
+        assert!(f.iter().all(|x| x.id != "derived.conntrack"));
+    }
+
+    #[test]
+    fn descriptor_ceilings_follow_nofile() {
+        let (_d, host) = tree(&[]);
+        let f = run(&host, "limits:\n  nofile: 2097152\n", &[]);
+        assert_eq!(get(&f, "derived.nr_open").verdict, Verdict::Fail);
+        assert_eq!(get(&f, "derived.file_max").verdict, Verdict::Fail);
+        let f = run(&host, "target_connections: 100000\n", &[]);
+        let budget = get(&f, "derived.connection_budget");
+        let (_, hard) = host.nofile().unwrap();
+        if hard < 100_000 {
+            assert_eq!(budget.verdict, Verdict::Warn);
+        }
+    }
+}
