@@ -188,7 +188,7 @@ pub fn apply(
 /// we meant, not that write(2) returned.
 fn write_verified(host: &Host, step: &Step, value: &crate::tunables::Value) -> Result<(), String> {
     host.write_sysctl(&step.key, &value.to_string())
-        .map_err(|e| format!("write of {value:?} failed: {e}"))?;
+        .map_err(|e| format!("write of \"{value}\" failed: {e}"))?;
     let back = host
         .read_sysctl(&step.key)
         .map_err(|e| format!("read-back failed: {e:#}"))?

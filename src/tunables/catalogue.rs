@@ -16,8 +16,6 @@ pub enum Scope {
     HostGlobal,
     /// A property of a process, inherited by its children (rlimits).
     Process,
-    /// Not known to tunegate.
-    Unknown,
 }
 
 impl Scope {
@@ -26,7 +24,6 @@ impl Scope {
             Scope::NetNamespace => "per network namespace",
             Scope::HostGlobal => "host-global",
             Scope::Process => "per process",
-            Scope::Unknown => "unknown scope",
         }
     }
 }

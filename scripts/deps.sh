@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian 12 machine, and fails loudly when
+# something cannot be had. Idempotent: a second run installs nothing.
+set -euo pipefail
+
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v gcc >/dev/null || need_apt+=(gcc)
+if ((${#need_apt[@]})); then
+    echo "deps: installing ${need_apt[*]}"
+    [[ $(id -u) == 0 ]] || { echo "deps: need root to apt-get install ${need_apt[*]}" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null || { echo "deps: cargo not found (install Rust with rustup)" >&2; exit 1; }
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        echo "deps: adding rust component $component"
+        rustup component add "$component"
+    fi
+done
+
+[[ $(id -u) == 0 ]] || { echo "deps: the namespace tests need root" >&2; exit 1; }
+ip netns list >/dev/null || { echo "deps: ip netns does not work here" >&2; exit 1; }
+unshare -n true || { echo "deps: unshare -n does not work here (no CAP_SYS_ADMIN?)" >&2; exit 1; }
+echo "deps: ok"

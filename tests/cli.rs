@@ -1,0 +1,132 @@
+//! The command line as users meet it: profile listing and showing, exit codes, and the
+//! host-global write path exercised against a fake /proc/sys tree (never the host's own).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn tunegate(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+#[test]
+fn profile_list_names_every_builtin() {
+    let out = tunegate(&["profile", "list"]);
+    assert_eq!(code(&out), 0);
+    let text = stdout(&out);
+    for name in ["default", "c10k", "c100k", "c1m"] {
+        assert!(text.lines().any(|l| l.starts_with(name)), "{name}: {text}");
+    }
+    assert!(text.contains("100000"));
+}
+
+#[test]
+fn profile_show_resolves_extends_and_loads_back() {
+    let out = tunegate(&["profile", "show", "c1m"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("c1m <- c100k <- c10k <- default"), "{text}");
+    // Inherited from default, overridden by c100k, added by c1m:
+    assert!(text.contains("listen_ports: [8080]"), "{text}");
+    assert!(
+        text.contains("net.core.somaxconn: 65535  # built-in:c100k:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fs.nr_open: 2097152  # built-in:c1m:"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = profile(dir.path(), "shown.yaml", &text);
+    let again = tunegate(&["profile", "show", p.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    let j = json(&again);
+    assert_eq!(j["target_connections"], 1_000_000);
+    assert_eq!(j["nofile"], 2_097_152);
+
+    let bad = tunegate(&["profile", "show", "c5k"]);
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("no built-in profile or file named \"c5k\""));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(code(&tunegate(&["preflight", "--format", "xml"])), 2);
+    assert_eq!(code(&tunegate(&["frobnicate"])), 2);
+    assert_eq!(code(&tunegate(&["preflight", "--port", "70000"])), 2);
+}
+
+/// Host-global keys are written only from the initial network namespace. A fake tree that
+/// looks like one (it has net/core/netdev_max_backlog) lets us prove the write, the journal,
+/// the drop-in and the revert for them without touching the real host.
+#[test]
+fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
+    let root = tempfile::tempdir().unwrap();
+    let files = [
+        ("net/core/netdev_max_backlog", "1000\n"),
+        ("net/core/rmem_max", "212992\n"),
+        ("fs/nr_open", "1048576\n"),
+        ("fs/file-max", "100000\n"),
+        ("net/ipv4/tcp_mem", "10000\t20000\t30000\n"),
+        ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
+        ("net/ipv4/ip_local_reserved_ports", "\n"),
+        ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
+    ];
+    for (rel, content) in files {
+        let p = root.path().join("proc/sys").join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    std::fs::create_dir_all(root.path().join("proc/self")).unwrap();
+    std::fs::copy("/proc/self/status", root.path().join("proc/self/status")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prof = profile(
+        dir.path(),
+        "hostwide.yaml",
+        "sysctl:\n  fs.nr_open: 2097152\n  fs.file-max: 50000\n  net.core.netdev_max_backlog: 65536\n  net.ipv4.tcp_mem: \"10000 40000 60000\"\n  net.core.rmem_max: 16777216\n",
+    );
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env("TUNEGATE_HOST_ROOT", root.path())
+            .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
+            .env("TUNEGATE_SYSCTL_DIR", dir.path().join("sysctl.d"))
+            .output()
+            .unwrap()
+    };
+    let read = |rel: &str| std::fs::read_to_string(root.path().join("proc/sys").join(rel)).unwrap();
+    let out = run(&[
+        "apply",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--persist",
+        "--format",
+        "json",
+    ]);
+    let j = json(&out);
+    assert!(j["outcome"]["failure"].is_null(), "{j:#}");
+    assert_eq!(read("fs/nr_open"), "2097152\n");
+    assert_eq!(
+        read("fs/file-max"),
+        "100000\n",
+        "raise-only: a higher value was lowered"
+    );
+    assert_eq!(read("net/core/netdev_max_backlog"), "65536\n");
+    assert_eq!(read("net/ipv4/tcp_mem"), "10000 40000 60000\n");
+    assert_eq!(read("net/core/rmem_max"), "16777216\n");
+    let dropin = std::fs::read_to_string(dir.path().join("sysctl.d/60-tunegate.conf")).unwrap();
+    assert!(dropin.contains("fs.nr_open = 2097152\n"), "{dropin}");
+    assert!(
+        !dropin.contains("fs.file-max"),
+        "a key tunegate did not raise was persisted"
+    );
+
+    let rev = run(&["revert"]);
+    assert_eq!(code(&rev), 0, "{}{}", stdout(&rev), stderr(&rev));
+    for (rel, content) in files {
+        assert_eq!(read(rel), content, "{rel} not restored");
+    }
+    assert!(!dir.path().join("sysctl.d/60-tunegate.conf").exists());
+}

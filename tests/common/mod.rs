@@ -1,0 +1,183 @@
+//! Shared helpers for the integration tests: the real binary, run inside network namespaces
+//! the tests create (`ip netns add`), never against the host's own values.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tunegate")
+}
+
+/// Keys the tests read and write; the host's values of all of them must never change.
+pub const WATCHED: &[&str] = &[
+    "net/core/somaxconn",
+    "net/ipv4/tcp_max_syn_backlog",
+    "net/ipv4/ip_local_port_range",
+    "net/ipv4/ip_local_reserved_ports",
+    "net/ipv4/tcp_rmem",
+    "net/ipv4/tcp_wmem",
+    "net/ipv4/tcp_fin_timeout",
+    "net/ipv4/ping_group_range",
+    "net/core/rmem_max",
+    "net/core/wmem_max",
+    "net/core/netdev_max_backlog",
+    "net/ipv4/tcp_mem",
+    "fs/file-max",
+    "fs/nr_open",
+];
+
+/// The host's values of `WATCHED`, read from this test process (which stays in the host's
+/// namespace: namespaces are per thread and the tests never unshare a thread).
+pub fn host_snapshot() -> Vec<(String, String)> {
+    WATCHED
+        .iter()
+        .map(|k| {
+            let v = std::fs::read_to_string(Path::new("/proc/sys").join(k))
+                .unwrap_or_else(|e| format!("<{e}>"));
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+/// Fails loudly when the machine cannot run these tests, instead of skipping them.
+pub fn require_root_and_netns() {
+    assert!(
+        nix_is_root(),
+        "the namespace tests need root (CI runs them as root via .ci/run)"
+    );
+    let ok = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "`ip` (iproute2) is missing; .ci/run installs it");
+}
+
+fn nix_is_root() -> bool {
+    // The effective uid is the third field of the Uid: line.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A named network namespace, deleted on drop. Every tunegate run inside it sees the
+/// namespace's own copy of the per-namespace keys.
+pub struct Netns {
+    pub name: String,
+    pub state: tempfile::TempDir,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        require_root_and_netns();
+        let name = format!(
+            "tgtest-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip netns add");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns {
+            name,
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Runs tunegate inside the namespace with its state and drop-in directories in a temp dir.
+    pub fn tunegate(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, bin()])
+            .args(args)
+            .env("TUNEGATE_STATE_DIR", self.state_dir())
+            .env("TUNEGATE_SYSCTL_DIR", self.sysctl_dir())
+            .output()
+            .expect("run tunegate in the namespace")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    pub fn sysctl_dir(&self) -> PathBuf {
+        self.state.path().join("sysctl.d")
+    }
+
+    /// Reads a key as the namespace sees it.
+    pub fn read(&self, key: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(Path::new("/proc/sys").join(key))
+            .output()
+            .expect("run cat in the namespace");
+        assert!(out.status.success(), "cat {key} failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The namespace's values of the per-namespace keys.
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        [
+            "net/core/somaxconn",
+            "net/ipv4/tcp_max_syn_backlog",
+            "net/ipv4/ip_local_port_range",
+            "net/ipv4/ip_local_reserved_ports",
+            "net/ipv4/tcp_rmem",
+            "net/ipv4/tcp_wmem",
+            "net/ipv4/tcp_fin_timeout",
+            "net/ipv4/ping_group_range",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), self.read(k)))
+        .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Writes a profile file with safe permissions (root refuses group/other-writable ones).
+pub fn profile(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): stdout={} stderr={}", stdout(o), stderr(o)))
+}
