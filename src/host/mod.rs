@@ -184,6 +184,29 @@ pub mod fake {
     //! A fake /proc/sys tree for unit tests.
     use super::*;
 
+    /// What a fresh network namespace on a stock kernel shows, minus the init-only keys.
+    pub const NETNS_DEFAULTS: &[(&str, &str)] = &[
+        ("net/core/somaxconn", "4096\n"),
+        ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
+        ("net/ipv4/ip_local_reserved_ports", "\n"),
+        ("net/ipv4/tcp_rmem", "4096\t131072\t6291456\n"),
+        ("net/ipv4/tcp_wmem", "4096\t16384\t4194304\n"),
+        ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
+        ("fs/nr_open", "1048576\n"),
+        ("fs/file-max", "2000000\n"),
+    ];
+
+    /// `NETNS_DEFAULTS` with `extra` added (or overriding).
+    pub fn netns_tree(extra: &[(&str, &str)]) -> (tempfile::TempDir, Host) {
+        let mut files: Vec<(&str, &str)> = NETNS_DEFAULTS
+            .iter()
+            .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+            .copied()
+            .collect();
+        files.extend_from_slice(extra);
+        tree(&files)
+    }
+
     /// Builds a tree under a temp dir with the given `relative path -> content` files, plus
     /// this process's real /proc/self/status so capability reads work.
     pub fn tree(files: &[(&str, &str)]) -> (tempfile::TempDir, Host) {

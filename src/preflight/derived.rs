@@ -380,18 +380,8 @@ mod tests {
     use super::*;
     use crate::host::fake;
 
-    fn tree(extra: &[(&'static str, &'static str)]) -> (tempfile::TempDir, Host) {
-        let mut files = vec![
-            ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
-            ("net/ipv4/ip_local_reserved_ports", "\n"),
-            ("net/ipv4/tcp_rmem", "4096\t131072\t6291456\n"),
-            ("net/ipv4/tcp_wmem", "4096\t16384\t4194304\n"),
-            ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
-            ("fs/nr_open", "1048576\n"),
-            ("fs/file-max", "2000000\n"),
-        ];
-        files.extend_from_slice(extra);
-        fake::tree(&files)
+    fn tree(extra: &[(&str, &str)]) -> (tempfile::TempDir, Host) {
+        fake::netns_tree(extra)
     }
 
     fn run(host: &Host, text: &str, ports: &[u16]) -> Vec<Finding> {

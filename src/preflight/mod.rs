@@ -368,22 +368,9 @@ mod tests {
         profile::load(p.to_str().unwrap(), false).unwrap()
     }
 
-    fn base_tree() -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("net/core/somaxconn", "4096\n"),
-            ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
-            ("net/ipv4/ip_local_reserved_ports", "\n"),
-            ("net/ipv4/tcp_rmem", "4096\t131072\t6291456\n"),
-            ("net/ipv4/tcp_wmem", "4096\t16384\t4194304\n"),
-            ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
-            ("fs/nr_open", "1048576\n"),
-            ("fs/file-max", "9223372036854775807\n"),
-        ]
-    }
-
     #[test]
     fn failing_keys_are_found_and_passing_ones_pass() {
-        let (d, host) = fake::tree(&base_tree());
+        let (d, host) = fake::netns_tree(&[]);
         let p = profile_from(
             d.path(),
             "sysctl:\n  net.core.somaxconn: 65535\n  net.ipv4.tcp_rmem: \"4096 87380 6291456\"\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n",
@@ -405,7 +392,7 @@ mod tests {
 
     #[test]
     fn unknown_missing_keys_are_config_errors_known_ones_are_warnings() {
-        let (d, host) = fake::tree(&base_tree());
+        let (d, host) = fake::netns_tree(&[]);
         let p = profile_from(d.path(), "sysctl:\n  net.core.no_such_thing: 1\n");
         let e = run(&p, &host, &[]).unwrap_err();
         let ce = e.downcast_ref::<ConfigError>().expect("config error");
@@ -426,7 +413,7 @@ mod tests {
 
     #[test]
     fn host_global_keys_are_not_changeable_outside_the_initial_namespace() {
-        let (d, host) = fake::tree(&base_tree());
+        let (d, host) = fake::netns_tree(&[]);
         let p = profile_from(d.path(), "sysctl:\n  fs.nr_open: 2097152\n");
         let r = run(&p, &host, &[]).unwrap();
         assert_eq!(r.findings[0].verdict, Verdict::Fail);
@@ -439,16 +426,14 @@ mod tests {
                 .contains("host-global")
         );
 
-        let mut files = base_tree();
-        files.push(("net/core/netdev_max_backlog", "1000\n"));
-        let (d, host) = fake::tree(&files);
+        let (d, host) = fake::netns_tree(&[("net/core/netdev_max_backlog", "1000\n")]);
         let p = profile_from(d.path(), "sysctl:\n  fs.nr_open: 2097152\n");
         assert!(run(&p, &host, &[]).unwrap().findings[0].changeable);
     }
 
     #[test]
     fn nofile_reports_both_limits_with_the_real_blockers() {
-        let (d, host) = fake::tree(&base_tree());
+        let (d, host) = fake::netns_tree(&[]);
         let (soft, hard) = host.nofile().unwrap();
         let p = profile_from(d.path(), &format!("limits:\n  nofile: {}\n", hard + 1));
         let r = run(&p, &host, &[]).unwrap();

@@ -12,8 +12,8 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tunegate")
 }
 
-/// Keys the tests read and write; the host's values of all of them must never change.
-pub const WATCHED: &[&str] = &[
+/// Per-namespace keys the tests change inside their namespaces.
+pub const NETNS_KEYS: &[&str] = &[
     "net/core/somaxconn",
     "net/ipv4/tcp_max_syn_backlog",
     "net/ipv4/ip_local_port_range",
@@ -22,6 +22,10 @@ pub const WATCHED: &[&str] = &[
     "net/ipv4/tcp_wmem",
     "net/ipv4/tcp_fin_timeout",
     "net/ipv4/ping_group_range",
+];
+
+/// Host-global keys the profiles under test name; tests must never change them.
+pub const HOST_KEYS: &[&str] = &[
     "net/core/rmem_max",
     "net/core/wmem_max",
     "net/core/netdev_max_backlog",
@@ -30,11 +34,12 @@ pub const WATCHED: &[&str] = &[
     "fs/nr_open",
 ];
 
-/// The host's values of `WATCHED`, read from this test process (which stays in the host's
+/// The host's values of every key above, read from this test process (which stays in the host's
 /// namespace: namespaces are per thread and the tests never unshare a thread).
 pub fn host_snapshot() -> Vec<(String, String)> {
-    WATCHED
+    NETNS_KEYS
         .iter()
+        .chain(HOST_KEYS)
         .map(|k| {
             let v = std::fs::read_to_string(Path::new("/proc/sys").join(k))
                 .unwrap_or_else(|e| format!("<{e}>"));
@@ -132,19 +137,10 @@ impl Netns {
 
     /// The namespace's values of the per-namespace keys.
     pub fn snapshot(&self) -> Vec<(String, String)> {
-        [
-            "net/core/somaxconn",
-            "net/ipv4/tcp_max_syn_backlog",
-            "net/ipv4/ip_local_port_range",
-            "net/ipv4/ip_local_reserved_ports",
-            "net/ipv4/tcp_rmem",
-            "net/ipv4/tcp_wmem",
-            "net/ipv4/tcp_fin_timeout",
-            "net/ipv4/ping_group_range",
-        ]
-        .iter()
-        .map(|k| (k.to_string(), self.read(k)))
-        .collect()
+        NETNS_KEYS
+            .iter()
+            .map(|k| (k.to_string(), self.read(k)))
+            .collect()
     }
 }
 
