@@ -40,6 +40,46 @@ pub enum Command {
     /// List or show profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Run the bundled WebSocket relay (rooms, direct messages, heartbeats) in the foreground.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Event loops, one thread each with its own SO_REUSEPORT listener [default: cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Ping a connection after this much silence (Socket.IO's pingInterval).
+    #[arg(long, default_value_t = 25_000, value_name = "MS")]
+    pub ping_interval: u64,
+    /// Close a connection whose pong has not come within this (pingTimeout).
+    #[arg(long, default_value_t = 20_000, value_name = "MS")]
+    pub ping_timeout: u64,
+    /// Time a client has to complete the HTTP upgrade (against slowloris).
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub handshake_timeout: u64,
+    /// On SIGTERM, how long clients get to answer Close 1001 before the server exits.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub drain_timeout: u64,
+    /// Largest message a client may send, after reassembly; larger closes with 1009.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub max_message_size: usize,
+    /// Output queued for one slow reader beyond this closes it with 1008.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    pub max_pending_output: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_rooms: usize,
+    /// Accept only these Origin header values (repeatable); default: any origin.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// Echo every message back instead of speaking the relay protocol (for conformance suites
+    /// such as Autobahn).
+    #[arg(long)]
+    pub echo: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,9 @@
 //! One function per subcommand: glue between the CLI and the library, and the exit codes.
 
 use crate::apply::{self, Paths, Plan};
-use crate::cli::{ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, ShowFormat};
+use crate::cli::{
+    ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, ServeArgs, ShowFormat,
+};
 use crate::error::exit;
 use crate::host::{self, Host};
 use crate::preflight;
@@ -20,6 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Revert(args) => revert_cmd(&host, &args),
         Command::Profile(ProfileCommand::List) => profile_list(),
         Command::Profile(ProfileCommand::Show { name, format }) => profile_show(&name, format),
+        Command::Serve(args) => serve(&args),
     }
 }
 
@@ -126,5 +129,26 @@ fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
         ShowFormat::Yaml => print!("{}", report::profile_yaml(&p)),
         ShowFormat::Json => println!("{}", report::profile_json(&p)),
     }
+    Ok(exit::OK)
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
+    let defaults = crate::server::Config::default();
+    let config = crate::server::Config {
+        listen: args.listen,
+        threads: args.threads.unwrap_or(defaults.threads),
+        ping_interval_ms: args.ping_interval,
+        ping_timeout_ms: args.ping_timeout,
+        handshake_timeout_ms: args.handshake_timeout,
+        drain_timeout_ms: args.drain_timeout,
+        max_message: args.max_message_size,
+        max_pending: args.max_pending_output,
+        max_rooms_per_conn: args.max_rooms,
+        policy: crate::server::handshake::Policy {
+            allowed_origins: args.allowed_origins.clone(),
+        },
+        echo: args.echo,
+    };
+    crate::server::serve(config, |_| {})?;
     Ok(exit::OK)
 }

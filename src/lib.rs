@@ -1,7 +1,8 @@
 //! tunegate: check and tune a Linux host for very many connections.
 //!
 //! The tuning side flows one way: `profile` -> `preflight` (reads `host`) -> findings ->
-//! `apply` (plan, journal, writes through `host`) -> `report`. See ARCHITECTURE.md.
+//! `apply` (plan, journal, writes through `host`) -> `report`. The serving side (`server`) never
+//! imports the tuning side. See ARCHITECTURE.md.
 
 pub mod apply;
 pub mod cli;
@@ -11,4 +12,5 @@ pub mod host;
 pub mod preflight;
 pub mod profile;
 pub mod report;
+pub mod server;
 pub mod tunables;

@@ -1,0 +1,231 @@
+//! The bus: how a room message, a direct message or a member count crosses from the event loop
+//! that has it to the loops that need it, routed by interest (a loop receives a room's messages
+//! only while it holds at least one member of that room).
+//!
+//! The loop talks to `Bus` only; this file's `LocalBus` connects the loops of one process
+//! through in-memory queues and eventfd wake-ups. A bus between processes, or hosts (Redis
+//! sharded pub/sub: SSUBSCRIBE/SPUBLISH per room), implements the same trait without touching
+//! the loop or the codec.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustc_hash::FxHashMap;
+
+use super::protocol::Outgoing;
+use super::sys::Waker;
+
+/// Something delivered to a loop.
+pub enum Item {
+    /// A room message: deliver to local members of `room`, except `skip` (the publisher, unless
+    /// it asked for its own message).
+    Room {
+        room: Arc<str>,
+        msg: Arc<Outgoing>,
+        skip: Option<u64>,
+    },
+    /// A direct message for connection `to`; `from` hears back if it is gone.
+    Direct {
+        to: u64,
+        from: u64,
+        msg: Arc<Outgoing>,
+        reference: Option<rmpv::Value>,
+    },
+    /// Connection `to` sent a direct message to `target`, which does not exist.
+    Bounce {
+        to: u64,
+        target: u64,
+        reference: Option<rmpv::Value>,
+    },
+    /// Stop accepting, close every connection with 1001, drain.
+    Shutdown,
+}
+
+pub trait Bus: Send + Sync {
+    /// Loop `node` gained a member of `room`; returns the room's members on the whole server.
+    fn joined(&self, room: &Arc<str>, node: usize) -> u64;
+    /// Loop `node` lost a member of `room`; returns the members left on the whole server.
+    fn left(&self, room: &Arc<str>, node: usize) -> u64;
+    /// Members of `room` on the whole server.
+    fn members(&self, room: &str) -> u64;
+    /// Rooms with at least one member on the whole server.
+    fn rooms(&self) -> u64;
+    /// Hands a room message to every *other* loop holding members of `room`.
+    fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
+    /// Hands an item to one loop.
+    fn send(&self, node: usize, item: Item);
+    /// How many loops the bus connects.
+    fn nodes(&self) -> usize;
+    /// Room items handed to other loops, and how many a send-to-all bus would have handed.
+    fn traffic(&self) -> (u64, u64);
+}
+
+struct Entry {
+    per_node: Box<[u32]>,
+    total: u64,
+}
+
+/// One loop's inbox.
+pub struct Inbox {
+    queue: Mutex<Vec<Item>>,
+    pub waker: Waker,
+}
+
+impl Inbox {
+    pub fn new() -> std::io::Result<Inbox> {
+        Ok(Inbox {
+            queue: Mutex::new(Vec::new()),
+            waker: Waker::new()?,
+        })
+    }
+
+    /// Takes everything queued, in order.
+    pub fn drain(&self, into: &mut Vec<Item>) {
+        self.waker.reset();
+        let mut q = self.queue.lock().expect("inbox lock");
+        std::mem::swap(&mut *q, into);
+    }
+
+    fn push(&self, item: Item) {
+        let was_empty = {
+            let mut q = self.queue.lock().expect("inbox lock");
+            q.push(item);
+            q.len() == 1
+        };
+        if was_empty {
+            self.waker.wake();
+        }
+    }
+}
+
+/// The bus between the loops of one process.
+pub struct LocalBus {
+    directory: Mutex<FxHashMap<Arc<str>, Entry>>,
+    inboxes: Vec<Inbox>,
+    routed: AtomicU64,
+    broadcast_equivalent: AtomicU64,
+}
+
+impl LocalBus {
+    pub fn new(nodes: usize) -> std::io::Result<LocalBus> {
+        Ok(LocalBus {
+            directory: Mutex::new(FxHashMap::default()),
+            inboxes: (0..nodes).map(|_| Inbox::new()).collect::<Result<_, _>>()?,
+            routed: AtomicU64::new(0),
+            broadcast_equivalent: AtomicU64::new(0),
+        })
+    }
+
+    pub fn inbox(&self, node: usize) -> &Inbox {
+        &self.inboxes[node]
+    }
+
+    fn change(&self, room: &Arc<str>, node: usize, up: bool) -> u64 {
+        let mut dir = self.directory.lock().expect("directory lock");
+        let nodes = self.inboxes.len();
+        let entry = dir.entry(room.clone()).or_insert_with(|| Entry {
+            per_node: vec![0; nodes].into_boxed_slice(),
+            total: 0,
+        });
+        if up {
+            entry.per_node[node] += 1;
+            entry.total += 1;
+        } else {
+            entry.per_node[node] = entry.per_node[node].saturating_sub(1);
+            entry.total = entry.total.saturating_sub(1);
+        }
+        let total = entry.total;
+        if total == 0 {
+            dir.remove(room);
+        }
+        total
+    }
+}
+
+impl Bus for LocalBus {
+    fn joined(&self, room: &Arc<str>, node: usize) -> u64 {
+        self.change(room, node, true)
+    }
+
+    fn left(&self, room: &Arc<str>, node: usize) -> u64 {
+        self.change(room, node, false)
+    }
+
+    fn members(&self, room: &str) -> u64 {
+        let dir = self.directory.lock().expect("directory lock");
+        dir.get(room).map_or(0, |e| e.total)
+    }
+
+    fn rooms(&self) -> u64 {
+        self.directory.lock().expect("directory lock").len() as u64
+    }
+
+    fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
+        let targets: Vec<usize> = {
+            let dir = self.directory.lock().expect("directory lock");
+            match dir.get(room) {
+                Some(e) => (0..self.inboxes.len())
+                    .filter(|&n| n != from_node && e.per_node[n] > 0)
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        self.broadcast_equivalent
+            .fetch_add(self.inboxes.len() as u64 - 1, Ordering::Relaxed);
+        self.routed
+            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+        for n in targets {
+            self.inboxes[n].push(Item::Room {
+                room: room.clone(),
+                msg: msg.clone(),
+                skip,
+            });
+        }
+    }
+
+    fn send(&self, node: usize, item: Item) {
+        if let Some(inbox) = self.inboxes.get(node) {
+            inbox.push(item);
+        }
+    }
+
+    fn nodes(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    fn traffic(&self) -> (u64, u64) {
+        (
+            self.routed.load(Ordering::Relaxed),
+            self.broadcast_equivalent.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::protocol::Reply;
+
+    #[test]
+    fn room_messages_go_only_to_interested_loops() {
+        let bus = LocalBus::new(3).unwrap();
+        let room: Arc<str> = Arc::from("r");
+        assert_eq!(bus.joined(&room, 2), 1);
+        assert_eq!(bus.joined(&room, 0), 2);
+        let msg = Outgoing::new(Reply {
+            op: "message",
+            ..Reply::default()
+        });
+        bus.publish(0, &room, &msg, None);
+        let mut got = Vec::new();
+        bus.inbox(1).drain(&mut got);
+        assert!(got.is_empty(), "loop 1 holds no member");
+        bus.inbox(2).drain(&mut got);
+        assert_eq!(got.len(), 1);
+        assert_eq!(bus.traffic(), (1, 2));
+        assert_eq!(bus.members("r"), 2);
+        assert_eq!(bus.left(&room, 2), 1);
+        assert_eq!(bus.left(&room, 0), 0);
+        assert_eq!(bus.rooms(), 0);
+    }
+}

@@ -1,0 +1,379 @@
+//! Per-connection state, kept small: an idle WebSocket costs one 32-byte slot in its loop's
+//! slab (plus its room memberships, on the room side). Everything that exists only while
+//! something is in flight — a frame split across reads, a fragmented message, output the
+//! socket could not take, an unfinished HTTP request, a second room — lives in `Busy`, boxed,
+//! and is freed as soon as it is empty again.
+
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+
+use super::frame::{self, Decoder, Fail, Header, Piece};
+use super::metrics::CloseReason;
+use super::rooms::RoomId;
+use super::utf8::Utf8Stream;
+
+pub const NO_ROOM: RoomId = RoomId::MAX;
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Free,
+    /// Reading the HTTP request; `mark` is the handshake deadline.
+    Handshake,
+    /// A WebSocket; `mark` is when the outstanding ping was sent (with `AWAIT_PONG`).
+    Open,
+    /// We sent Close and wait for the peer's Close or EOF until `mark`.
+    Closing,
+    /// Our last bytes are queued; after they are flushed we half-close and wait for EOF until
+    /// `mark`, so the peer reads everything before the connection goes.
+    Lingering,
+}
+
+/// `flags` bits.
+pub const MSGPACK: u8 = 1;
+pub const AWAIT_PONG: u8 = 2;
+pub const WEBSOCKET: u8 = 4;
+/// The write side was shut down (after our final bytes were flushed).
+pub const WRITE_SHUT: u8 = 8;
+
+pub struct Conn {
+    pub fd: Option<OwnedFd>,
+    pub generation: u16,
+    pub state: State,
+    pub flags: u8,
+    /// Tick of the last bytes received.
+    pub last_rx: u32,
+    /// Deadline or timestamp, by state (see `State`).
+    pub mark: u32,
+    /// The first room this connection joined (most join one); others are in `Busy`.
+    pub room: RoomId,
+    /// Why the connection is ending, once it is (index into `CloseReason::ALL`).
+    pub why: u8,
+    pub busy: Option<Box<Busy>>,
+}
+
+impl Conn {
+    pub fn free(generation: u16) -> Conn {
+        Conn {
+            fd: None,
+            generation,
+            state: State::Free,
+            flags: 0,
+            last_rx: 0,
+            mark: 0,
+            room: NO_ROOM,
+            why: 0,
+            busy: None,
+        }
+    }
+
+    pub fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    pub fn pending_out(&self) -> usize {
+        self.busy.as_ref().map_or(0, |b| b.out.len() - b.out_pos)
+    }
+
+    /// Drops `Busy` when nothing in it is worth keeping.
+    pub fn settle(&mut self) {
+        if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
+            self.busy = None;
+        }
+    }
+
+    pub fn set_why(&mut self, reason: CloseReason) {
+        self.why = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("listed") as u8;
+    }
+
+    pub fn why(&self) -> CloseReason {
+        CloseReason::ALL[self.why as usize]
+    }
+
+    /// Every room this connection is in.
+    pub fn rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
+        (self.room != NO_ROOM)
+            .then_some(self.room)
+            .into_iter()
+            .chain(self.busy.iter().flat_map(|b| b.rooms.iter().copied()))
+    }
+}
+
+#[derive(Default)]
+pub struct Busy {
+    pub reader: Reader,
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    pub rooms: Vec<RoomId>,
+    pub request: Vec<u8>,
+}
+
+impl Busy {
+    fn is_idle(&self) -> bool {
+        self.reader.is_idle()
+            && self.out_pos >= self.out.len()
+            && self.rooms.is_empty()
+            && self.request.is_empty()
+    }
+}
+
+/// A data message being assembled from fragments (or from one frame over several reads).
+pub struct Message {
+    pub opcode: u8,
+    pub data: Vec<u8>,
+    utf8: Utf8Stream,
+}
+
+/// The read side of a WebSocket between reads.
+#[derive(Default)]
+pub struct Reader {
+    decoder: Decoder,
+    frame: Option<Header>,
+    message: Option<Message>,
+    /// The current data frame may be handed on straight from the receive buffer.
+    direct: bool,
+    /// Payload of the current control frame (at most 125 bytes).
+    control: Vec<u8>,
+}
+
+impl Reader {
+    pub fn is_idle(&self) -> bool {
+        self.decoder.is_idle() && self.frame.is_none() && self.message.is_none()
+    }
+}
+
+/// A complete message or control frame, ready for the loop.
+pub enum Incoming {
+    /// Payload in the loop's receive buffer, or assembled.
+    Data {
+        opcode: u8,
+        payload: Payload,
+    },
+    Ping(Vec<u8>),
+    Pong,
+    /// The peer's Close, validated; the code to echo.
+    Close(u16),
+}
+
+pub enum Payload {
+    Buf(Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl Payload {
+    pub fn bytes<'a>(&'a self, buf: &'a [u8]) -> &'a [u8] {
+        match self {
+            Payload::Buf(r) => &buf[r.clone()],
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+/// Decodes `buf[range]` into `out`. Complete single-frame messages that arrived whole are
+/// referenced in `buf` (no copy); everything else is assembled. Text is validated as it
+/// arrives, so invalid UTF-8 fails the connection as soon as it is seen.
+pub fn decode(
+    reader: &mut Reader,
+    buf: &mut [u8],
+    range: Range<usize>,
+    max_message: usize,
+    out: &mut Vec<Incoming>,
+) -> Result<(), Fail> {
+    let base = buf.as_ptr() as usize;
+    let max = max_message as u64;
+    let Reader {
+        decoder,
+        frame: current,
+        message,
+        direct,
+        control,
+    } = reader;
+    decoder.feed(&mut buf[range], max, &mut |piece| {
+        match piece {
+            Piece::Start(h) => {
+                if h.is_control() {
+                    control.clear();
+                } else if h.opcode == frame::OP_CONTINUATION {
+                    let Some(m) = message.as_ref() else {
+                        return Err(Fail::protocol("continuation frame without a message"));
+                    };
+                    if m.data.len() as u64 + h.len > max {
+                        return Err(too_big());
+                    }
+                } else {
+                    if message.is_some() {
+                        return Err(Fail::protocol("new message inside a fragmented one"));
+                    }
+                    *direct = h.fin;
+                    if !h.fin {
+                        *message = Some(Message {
+                            opcode: h.opcode,
+                            data: Vec::new(),
+                            utf8: Utf8Stream::default(),
+                        });
+                    }
+                }
+                *current = Some(h);
+            }
+            Piece::Data(chunk) => {
+                let h = current.expect("data follows a header");
+                if h.is_control() {
+                    control.extend_from_slice(chunk);
+                } else if *direct && chunk.len() as u64 == h.len {
+                    if h.opcode == frame::OP_TEXT && std::str::from_utf8(chunk).is_err() {
+                        return Err(bad_utf8());
+                    }
+                    let start = chunk.as_ptr() as usize - base;
+                    out.push(Incoming::Data {
+                        opcode: h.opcode,
+                        payload: Payload::Buf(start..start + chunk.len()),
+                    });
+                    *direct = false;
+                    *current = Some(Header { len: 0, ..h });
+                } else {
+                    if *direct {
+                        *direct = false;
+                        *message = Some(Message {
+                            opcode: h.opcode,
+                            data: Vec::with_capacity(h.len.min(1 << 16) as usize),
+                            utf8: Utf8Stream::default(),
+                        });
+                    }
+                    let m = message.as_mut().expect("a message is being assembled");
+                    if m.opcode == frame::OP_TEXT && m.utf8.feed(chunk).is_err() {
+                        return Err(bad_utf8());
+                    }
+                    m.data.extend_from_slice(chunk);
+                }
+            }
+            Piece::End => {
+                let h = current.take().expect("end follows a header");
+                match h.opcode {
+                    frame::OP_PING => out.push(Incoming::Ping(std::mem::take(control))),
+                    frame::OP_PONG => out.push(Incoming::Pong),
+                    frame::OP_CLOSE => out.push(Incoming::Close(frame::check_close(control)?)),
+                    _ if *direct => {
+                        // A whole message with an empty payload.
+                        *direct = false;
+                        out.push(Incoming::Data {
+                            opcode: h.opcode,
+                            payload: Payload::Owned(Vec::new()),
+                        });
+                    }
+                    _ if h.fin && message.is_some() => {
+                        let m = message.take().expect("checked");
+                        if m.opcode == frame::OP_TEXT && !m.utf8.complete() {
+                            return Err(bad_utf8());
+                        }
+                        out.push(Incoming::Data {
+                            opcode: m.opcode,
+                            payload: Payload::Owned(m.data),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn too_big() -> Fail {
+    Fail {
+        code: frame::close::TOO_BIG,
+        reason: "message too big",
+    }
+}
+
+fn bad_utf8() -> Fail {
+    Fail {
+        code: frame::close::INVALID_DATA,
+        reason: "text message is not valid UTF-8",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::frame::{OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT, put_header};
+
+    fn client(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [9, 8, 7, 6];
+        let mut out = Vec::new();
+        put_header(&mut out, fin, op, payload.len());
+        out[1] |= 0x80;
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn run(wire: &[u8], cut: usize) -> Result<Vec<(u8, Vec<u8>)>, Fail> {
+        let mut r = Reader::default();
+        let mut buf = wire.to_vec();
+        let mut got = Vec::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            let end = (at + cut).min(buf.len());
+            decode(&mut r, &mut buf, at..end, 1 << 20, &mut out)?;
+            for inc in out.drain(..) {
+                match inc {
+                    Incoming::Data { opcode, payload } => {
+                        got.push((opcode, payload.bytes(&buf).to_vec()))
+                    }
+                    Incoming::Ping(p) => got.push((OP_PING, p)),
+                    _ => {}
+                }
+            }
+            at = end;
+        }
+        assert!(r.is_idle());
+        Ok(got)
+    }
+
+    #[test]
+    fn fragments_and_interleaved_pings_assemble_in_order() {
+        let mut wire = client(false, OP_TEXT, "Hé".as_bytes());
+        wire.extend(client(true, OP_PING, b"p"));
+        wire.extend(client(false, OP_CONTINUATION, b"llo "));
+        wire.extend(client(true, OP_CONTINUATION, b"world"));
+        wire.extend(client(true, OP_BINARY, &[1, 2, 3]));
+        wire.extend(client(true, OP_TEXT, b""));
+        for cut in [1, 2, 3, 7, 1000] {
+            let got = run(&wire, cut).unwrap();
+            assert_eq!(
+                got,
+                vec![
+                    (OP_PING, b"p".to_vec()),
+                    (OP_TEXT, "Héllo world".as_bytes().to_vec()),
+                    (OP_BINARY, vec![1, 2, 3]),
+                    (OP_TEXT, vec![]),
+                ],
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_sequences_fail_with_the_right_code() {
+        assert_eq!(
+            run(&client(true, OP_CONTINUATION, b"x"), 100)
+                .unwrap_err()
+                .code,
+            1002
+        );
+        let mut two = client(false, OP_TEXT, b"a");
+        two.extend(client(true, OP_TEXT, b"b"));
+        assert_eq!(run(&two, 100).unwrap_err().code, 1002);
+        assert_eq!(
+            run(&client(true, OP_TEXT, &[0xff]), 100).unwrap_err().code,
+            1007
+        );
+        let mut split = client(false, OP_TEXT, &[0xe2, 0x82]);
+        split.extend(client(true, OP_CONTINUATION, &[]));
+        assert_eq!(run(&split, 100).unwrap_err().code, 1007);
+    }
+}

@@ -1,0 +1,334 @@
+//! The HTTP/1.1 side of the port: the WebSocket upgrade (RFC 6455 section 4.2) and plain GETs.
+//!
+//! Pure functions over bytes: the loop hands in what it has read, gets back what to answer.
+//! Every refusal is a clear HTTP status with a one-line body saying what was wrong, so a
+//! misconfigured client or proxy shows up in its logs instead of as a silent hang.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::protocol::Encoding;
+
+/// Requests longer than this (line plus headers) are refused with 431: bounded memory whatever
+/// a client sends.
+pub const MAX_REQUEST: usize = 8192;
+const MAX_HEADERS: usize = 32;
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not a whole request yet.
+    Incomplete,
+    /// A valid upgrade: answer with `response`; frames start at `consumed`.
+    Upgrade {
+        response: Vec<u8>,
+        consumed: usize,
+        encoding: Encoding,
+    },
+    /// A plain GET of `path` (no upgrade asked); the loop answers /healthz and /metrics.
+    Get { path: String },
+    /// Refused: send this response and close.
+    Reject { response: Vec<u8>, status: u16 },
+}
+
+/// What the server accepts.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// When not empty, the Origin header must be one of these (browsers send it; a page on
+    /// another site must not be able to open connections as the user).
+    pub allowed_origins: Vec<String>,
+}
+
+pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST => {
+            return reject(431, "request header fields too large", "");
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Incomplete,
+        Err(httparse::Error::TooManyHeaders) => {
+            return reject(431, "too many header fields", "");
+        }
+        Err(e) => return reject(400, &format!("malformed HTTP request: {e}"), ""),
+    };
+    if consumed > MAX_REQUEST {
+        return reject(431, "request header fields too large", "");
+    }
+    let method = req.method.unwrap_or("");
+    let path = req.path.unwrap_or("/").to_string();
+    if method != "GET" {
+        return reject(405, "only GET is served here", "Allow: GET\r\n");
+    }
+    let one = |name: &str| -> Result<Option<&[u8]>, ()> {
+        let mut found = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name));
+        let first = found.next().map(|h| h.value);
+        if found.next().is_some() {
+            return Err(());
+        }
+        Ok(first)
+    };
+    let has_token = |name: &str, token: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .any(|v| v.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    };
+    let upgrade_asked = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    if !upgrade_asked {
+        return Parsed::Get { path };
+    }
+    if !has_token("upgrade", "websocket") {
+        return reject(400, "only Upgrade: websocket is supported", "");
+    }
+    if req.version != Some(1) {
+        return reject(400, "WebSocket upgrades need HTTP/1.1", "");
+    }
+    if !has_token("connection", "upgrade") {
+        return reject(400, "Connection header must include Upgrade", "");
+    }
+    match one("host") {
+        Ok(Some(_)) => {}
+        _ => return reject(400, "exactly one Host header is required", ""),
+    }
+    match one("sec-websocket-version") {
+        Ok(Some(v)) if v.trim_ascii() == b"13" => {}
+        _ => {
+            return reject(
+                426,
+                "unsupported WebSocket version; this server speaks 13",
+                "Sec-WebSocket-Version: 13\r\n",
+            );
+        }
+    }
+    let key = match one("sec-websocket-key") {
+        Ok(Some(k)) => k.trim_ascii(),
+        _ => return reject(400, "exactly one Sec-WebSocket-Key header is required", ""),
+    };
+    if BASE64.decode(key).map(|k| k.len()) != Ok(16) {
+        return reject(400, "Sec-WebSocket-Key must be 16 bytes in base64", "");
+    }
+    if !policy.allowed_origins.is_empty() {
+        let allowed = match one("origin") {
+            Ok(Some(o)) => policy
+                .allowed_origins
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(o.trim_ascii())),
+            _ => false,
+        };
+        if !allowed {
+            return reject(403, "origin not allowed", "");
+        }
+    }
+    let encoding = if query_param(&path, "encoding") == Some("msgpack") {
+        Encoding::MsgPack
+    } else {
+        Encoding::Json
+    };
+    Parsed::Upgrade {
+        response: format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        )
+        .into_bytes(),
+        consumed,
+        encoding,
+    }
+}
+
+/// Sec-WebSocket-Accept for a key (section 4.2.2): base64(SHA-1(key + GUID)).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(GUID.as_bytes());
+    BASE64.encode(sha.digest().bytes())
+}
+
+fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    let query = path.split_once('?')?.1;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn reject(status: u16, why: &str, extra: &str) -> Parsed {
+    Parsed::Reject {
+        response: response(
+            status,
+            extra,
+            "text/plain; charset=utf-8",
+            &format!("{why}\n"),
+        ),
+        status,
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// A complete HTTP/1.1 response; the connection closes after it.
+pub fn response(status: u16, extra_headers: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\n{extra_headers}Content-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// 426 for a plain GET of a WebSocket path.
+pub fn upgrade_required() -> Vec<u8> {
+    response(
+        426,
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+        "text/plain; charset=utf-8",
+        "this is a WebSocket endpoint: connect with a WebSocket client\n",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "GET /chat?encoding=msgpack HTTP/1.1\r\nHost: server.example.com\r\n\
+        Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: http://example.com\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    fn status(p: Parsed) -> u16 {
+        match p {
+            Parsed::Reject { status, .. } => status,
+            Parsed::Upgrade { .. } => 101,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rfc_example_key() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        match parse(GOOD.as_bytes(), &Policy::default()) {
+            Parsed::Upgrade {
+                response,
+                consumed,
+                encoding,
+            } => {
+                assert_eq!(consumed, GOOD.len());
+                assert_eq!(encoding, Encoding::MsgPack);
+                let r = String::from_utf8(response).unwrap();
+                assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_refusal_has_its_status() {
+        let p = Policy::default();
+        let with = |from: &str, to: &str| GOOD.replace(from, to);
+        assert_eq!(status(parse(with("GET", "POST").as_bytes(), &p)), 405);
+        assert_eq!(
+            status(parse(with("Version: 13", "Version: 8").as_bytes(), &p)),
+            426
+        );
+        assert_eq!(
+            status(parse(
+                with("dGhlIHNhbXBsZSBub25jZQ==", "short").as_bytes(),
+                &p
+            )),
+            400
+        );
+        assert_eq!(
+            status(parse(
+                with("keep-alive, Upgrade", "keep-alive").as_bytes(),
+                &p
+            )),
+            400
+        );
+        assert_eq!(
+            status(parse(
+                with("Host: server.example.com\r\n", "").as_bytes(),
+                &p
+            )),
+            400
+        );
+        assert_eq!(
+            status(parse(with("HTTP/1.1", "HTTP/1.0").as_bytes(), &p)),
+            400
+        );
+        assert_eq!(status(parse(with("websocket", "h2c").as_bytes(), &p)), 400);
+        assert_eq!(status(parse(b"GARBAGE\r\n\r\n", &p)), 400);
+        let strict = Policy {
+            allowed_origins: vec!["https://app.example.com".into()],
+        };
+        assert_eq!(status(parse(GOOD.as_bytes(), &strict)), 403);
+        let ok = Policy {
+            allowed_origins: vec!["HTTP://EXAMPLE.COM".into()],
+        };
+        assert_eq!(status(parse(GOOD.as_bytes(), &ok)), 101);
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_REQUEST));
+        assert_eq!(status(parse(long.as_bytes(), &p)), 431);
+    }
+
+    #[test]
+    fn partial_requests_wait_and_plain_gets_are_routed() {
+        let p = Policy::default();
+        assert_eq!(parse(&GOOD.as_bytes()[..40], &p), Parsed::Incomplete);
+        assert_eq!(
+            parse(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", &p),
+            Parsed::Get {
+                path: "/healthz".into()
+            }
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_prefix_is_incomplete_or_the_same_answer(cut in 0usize..GOOD.len()) {
+            let p = Policy::default();
+            prop_assert_eq!(parse(&GOOD.as_bytes()[..cut], &p), Parsed::Incomplete);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse(&bytes, &Policy::default());
+        }
+
+        #[test]
+        fn header_case_and_spacing_do_not_matter(upper in any::<bool>(), spaces in 0usize..3) {
+            let pad = " ".repeat(spaces);
+            let mut req = GOOD.replace("Sec-WebSocket-Key:", &format!("sec-websocket-key:{pad}"));
+            if upper {
+                req = req.replace("Upgrade: websocket", "UPGRADE: WebSocket");
+            }
+            prop_assert_eq!(status(parse(req.as_bytes(), &Policy::default())), 101);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Counters, one set per event loop (written only by that loop, relaxed atomics, no contention),
+//! summed when /metrics is asked for, whichever loop answers.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Why a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent Close.
+    ClientClose,
+    /// The peer went away without a Close (EOF, reset).
+    PeerGone,
+    ProtocolError,
+    InvalidUtf8,
+    MessageTooBig,
+    HeartbeatTimeout,
+    HandshakeTimeout,
+    HandshakeRejected,
+    /// Slow reader: pending output over the cap.
+    Backpressure,
+    Shutdown,
+    /// A plain HTTP request, answered.
+    HttpDone,
+    IoError,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 12] = [
+        CloseReason::ClientClose,
+        CloseReason::PeerGone,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::MessageTooBig,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::HandshakeTimeout,
+        CloseReason::HandshakeRejected,
+        CloseReason::Backpressure,
+        CloseReason::Shutdown,
+        CloseReason::HttpDone,
+        CloseReason::IoError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClose => "client_close",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::HandshakeRejected => "handshake_rejected",
+            CloseReason::Backpressure => "backpressure",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::HttpDone => "http_done",
+            CloseReason::IoError => "io_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("listed")
+    }
+}
+
+/// Accept errors we count by errno.
+pub const ACCEPT_ERRNOS: [&str; 3] = ["EMFILE", "ENFILE", "other"];
+
+#[derive(Default)]
+pub struct LoopMetrics {
+    pub open: AtomicI64,
+    pub websockets: AtomicI64,
+    pub accepted: AtomicU64,
+    closed: [AtomicU64; 12],
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    accept_errors: [AtomicU64; 3],
+    /// Connections accepted and closed at once because descriptors ran out.
+    pub shed: AtomicU64,
+    pub pings: AtomicU64,
+    pub protocol_errors_replied: AtomicU64,
+}
+
+impl LoopMetrics {
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn accept_error(&self, errno: nix::errno::Errno) {
+        let i = match errno {
+            nix::errno::Errno::EMFILE => 0,
+            nix::errno::Errno::ENFILE => 1,
+            _ => 2,
+        };
+        self.accept_errors[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// Server-wide figures that are not per loop.
+pub struct Global {
+    pub rooms: u64,
+    pub accepting: bool,
+    pub bus_routed: u64,
+    pub bus_broadcast_equivalent: u64,
+}
+
+/// Prometheus text exposition of the sum over all loops.
+pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String {
+    let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(|m| f(m)).sum::<u64>();
+    let mut s = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+        let _ = writeln!(
+            s,
+            "# HELP tunegate_{name} {help}\n# TYPE tunegate_{name} {kind}"
+        );
+        for (labels, v) in lines {
+            let _ = writeln!(s, "tunegate_{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    let gauge =
+        |f: &dyn Fn(&LoopMetrics) -> i64| loops.iter().map(|m| f(m)).sum::<i64>().max(0) as u64;
+    metric(
+        "connections_open",
+        "gauge",
+        "Open TCP connections (WebSocket and HTTP).",
+        one(gauge(&|m| m.open.load(Relaxed))),
+    );
+    metric(
+        "websockets_open",
+        "gauge",
+        "Open WebSocket connections.",
+        one(gauge(&|m| m.websockets.load(Relaxed))),
+    );
+    metric(
+        "connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        one(sum(&|m| m.accepted.load(Relaxed))),
+    );
+    metric(
+        "connections_closed_total",
+        "counter",
+        "Connections closed, by reason.",
+        CloseReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    sum(&|m| m.closed[r.index()].load(Relaxed)),
+                )
+            })
+            .collect(),
+    );
+    metric(
+        "backpressure_closes_total",
+        "counter",
+        "Connections closed because their pending output passed the cap.",
+        one(sum(&|m| {
+            m.closed[CloseReason::Backpressure.index()].load(Relaxed)
+        })),
+    );
+    metric(
+        "messages_in_total",
+        "counter",
+        "WebSocket messages received.",
+        one(sum(&|m| m.messages_in.load(Relaxed))),
+    );
+    metric(
+        "messages_out_total",
+        "counter",
+        "WebSocket messages sent.",
+        one(sum(&|m| m.messages_out.load(Relaxed))),
+    );
+    metric(
+        "bytes_in_total",
+        "counter",
+        "Bytes received.",
+        one(sum(&|m| m.bytes_in.load(Relaxed))),
+    );
+    metric(
+        "bytes_out_total",
+        "counter",
+        "Bytes sent.",
+        one(sum(&|m| m.bytes_out.load(Relaxed))),
+    );
+    metric(
+        "accept_errors_total",
+        "counter",
+        "accept4 failures, by errno.",
+        ACCEPT_ERRNOS
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    format!("{{errno=\"{e}\"}}"),
+                    sum(&|m| m.accept_errors[i].load(Relaxed)),
+                )
+            })
+            .collect(),
+    );
+    metric(
+        "connections_shed_total",
+        "counter",
+        "Connections accepted and closed at once because descriptors ran out.",
+        one(sum(&|m| m.shed.load(Relaxed))),
+    );
+    metric(
+        "pings_sent_total",
+        "counter",
+        "Heartbeat pings sent.",
+        one(sum(&|m| m.pings.load(Relaxed))),
+    );
+    metric(
+        "protocol_errors_total",
+        "counter",
+        "Relay requests answered with an error message.",
+        one(sum(&|m| m.protocol_errors_replied.load(Relaxed))),
+    );
+    metric(
+        "rooms",
+        "gauge",
+        "Rooms with at least one member.",
+        one(global.rooms),
+    );
+    metric(
+        "accepting",
+        "gauge",
+        "1 while the server accepts new connections.",
+        one(global.accepting as u64),
+    );
+    metric(
+        "bus_room_deliveries_total",
+        "counter",
+        "Room messages handed to other loops (routed by interest).",
+        one(global.bus_routed),
+    );
+    metric(
+        "bus_broadcast_equivalent_total",
+        "counter",
+        "Room messages a send-to-every-loop bus would have handed over.",
+        one(global.bus_broadcast_equivalent),
+    );
+    s
+}

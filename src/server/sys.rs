@@ -1,0 +1,175 @@
+//! The OS behind one narrow module: epoll, listening and accepted sockets, reads and writes,
+//! eventfd wake-ups and signalfd. Everything the event loop needs from the kernel, and nothing
+//! else; all through nix, so no unsafe code. Descriptors are `OwnedFd`s: dropping one closes it
+//! (and removes it from every epoll set it was in).
+//!
+//! Writes use `write(2)`: Rust's runtime ignores SIGPIPE before `main`, so a write to a reset
+//! peer returns EPIPE instead of killing the process.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{
+    AddressFamily, Backlog, Shutdown, SockFlag, SockType, SockaddrStorage, setsockopt, sockopt,
+};
+
+/// The accept-queue length we ask for. The kernel caps it at net.core.somaxconn, so asking
+/// for the most means the sysctl decides, as operators expect (Node asks for 511 and ignores
+/// somaxconn: the classic trap).
+pub const LISTEN_BACKLOG: i32 = 65535;
+
+/// Edge-triggered read and write readiness plus peer hang-up: one registration per socket for
+/// its whole life, no epoll_ctl calls when output starts or stops blocking.
+pub fn conn_interest() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET
+}
+
+/// Edge-triggered: after EMFILE the loop stops accepting instead of spinning on a listener that
+/// stays readable; it retries when a descriptor frees or at the next tick.
+pub fn listener_interest() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLET
+}
+
+pub struct Poller {
+    epoll: Epoll,
+}
+
+impl Poller {
+    pub fn new() -> io::Result<Poller> {
+        Ok(Poller {
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+        })
+    }
+
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, interest: EpollFlags) -> io::Result<()> {
+        Ok(self.epoll.add(fd, EpollEvent::new(interest, token))?)
+    }
+
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(self.epoll.delete(fd)?)
+    }
+
+    /// Waits up to `timeout_ms`; EINTR counts as "no events".
+    pub fn wait(&self, events: &mut [EpollEvent], timeout_ms: u16) -> io::Result<usize> {
+        match self.epoll.wait(events, EpollTimeout::from(timeout_ms)) {
+            Ok(n) => Ok(n),
+            Err(Errno::EINTR) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A non-blocking TCP listener with SO_REUSEPORT, so every loop thread (and every worker
+/// process) binds its own and the kernel spreads connections between them.
+pub fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = nix::sys::socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    nix::sys::socket::listen(
+        &fd,
+        Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN),
+    )?;
+    Ok(fd)
+}
+
+/// The address a listener is bound to (to learn the port after binding port 0).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let ss: SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
+    if let Some(v4) = ss.as_sockaddr_in() {
+        return Ok(SocketAddr::V4((*v4).into()));
+    }
+    if let Some(v6) = ss.as_sockaddr_in6() {
+        return Ok(SocketAddr::V6((*v6).into()));
+    }
+    Err(io::Error::other("listener has no inet address"))
+}
+
+/// One accept4; the caller loops until `WouldBlock`. TCP_NODELAY is set because relay
+/// messages are small and latency matters more than coalescing.
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let fd = nix::sys::socket::accept4(listener, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?;
+    let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    Ok(fd)
+}
+
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+    loop {
+        match nix::unistd::write(fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Half-closes our side after a Close frame has been flushed.
+pub fn shutdown_write(fd: BorrowedFd<'_>) {
+    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), Shutdown::Write);
+}
+
+/// A descriptor held in reserve so that, when accept fails with EMFILE, the loop can free one,
+/// accept the waiting connection and close it at once: the client is told "no" instead of
+/// hanging in the accept queue. `/dev/null` is the cheapest descriptor there is.
+pub fn reserve_fd() -> io::Result<OwnedFd> {
+    Ok(std::fs::File::open("/dev/null")?.into())
+}
+
+/// Wakes a loop from another thread.
+pub struct Waker(nix::sys::eventfd::EventFd);
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        Ok(Waker(nix::sys::eventfd::EventFd::from_flags(
+            nix::sys::eventfd::EfdFlags::EFD_NONBLOCK | nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+        )?))
+    }
+
+    pub fn wake(&self) {
+        let _ = self.0.write(1);
+    }
+
+    /// Clears pending wake-ups (edge-triggered: must be read to re-arm).
+    pub fn reset(&self) {
+        let _ = self.0.read();
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and the threads it starts), and
+/// returns a descriptor that reads them.
+pub fn termination_signals() -> io::Result<nix::sys::signalfd::SignalFd> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block()?;
+    Ok(nix::sys::signalfd::SignalFd::with_flags(
+        &set,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )?)
+}
