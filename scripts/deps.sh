@@ -26,6 +26,14 @@ for component in rustfmt clippy; do
     fi
 done
 
+# Clients we did not write, for the server tests.
+if ! python3 -c 'import websockets, msgpack' 2>/dev/null; then
+    echo "deps: installing Python websockets and msgpack"
+    python3 -m pip install --quiet --disable-pip-version-check websockets msgpack
+fi
+python3 -c 'import websockets, msgpack' || { echo "deps: Python websockets/msgpack missing" >&2; exit 1; }
+command -v prlimit >/dev/null || { echo "deps: prlimit (util-linux) missing" >&2; exit 1; }
+
 [[ $(id -u) == 0 ]] || { echo "deps: the namespace tests need root" >&2; exit 1; }
 ip netns list >/dev/null || { echo "deps: ip netns does not work here" >&2; exit 1; }
 unshare -n true || { echo "deps: unshare -n does not work here (no CAP_SYS_ADMIN?)" >&2; exit 1; }

@@ -13,3 +13,16 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked
+
+echo "== Autobahn|Testsuite (groups 1-7, 9, 10) against tunegate serve --echo"
+cargo build --release --locked
+log=$(mktemp)
+# 64 MiB messages and queues: group 9 sends 16 MiB messages and expects them echoed.
+target/release/tunegate serve --listen 127.0.0.1:0 --echo \
+    --max-message-size 67108864 --max-pending-output 134217728 2>"$log" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -f "$log"' EXIT
+for _ in $(seq 50); do grep -q "listening on" "$log" && break; sleep 0.1; done
+addr=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$log")
+[[ -n $addr ]] || { echo "test: the echo server did not start:" >&2; cat "$log" >&2; exit 1; }
+bash scripts/autobahn.sh "ws://$addr" target/autobahn

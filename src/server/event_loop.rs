@@ -427,17 +427,12 @@ impl EventLoop {
                     }
                     _ => handshake::upgrade_required(),
                 };
-                self.finish_http(slot, &response, CloseReason::HttpDone);
+                self.finish(slot, &response, CloseReason::HttpDone);
             }
             Parsed::Reject { response, .. } => {
-                self.finish_http(slot, &response, CloseReason::HandshakeRejected);
+                self.finish(slot, &response, CloseReason::HandshakeRejected);
             }
         }
-    }
-
-    fn finish_http(&mut self, slot: usize, response: &[u8], reason: CloseReason) {
-        self.send_bytes(slot, response);
-        self.linger(slot, reason);
     }
 
     fn on_frame_bytes(&mut self, slot: usize, buf: &mut [u8], range: std::ops::Range<usize>) {
@@ -481,8 +476,7 @@ impl EventLoop {
                 b.reader = Default::default();
             }
             if self.conns[slot].state == State::Open {
-                self.send_bytes(slot, &frame::close_frame(fail.code, fail.reason));
-                self.linger(slot, reason);
+                self.finish(slot, &frame::close_frame(fail.code, fail.reason), reason);
             } else {
                 self.close(slot, reason);
             }
@@ -497,8 +491,11 @@ impl EventLoop {
                     let why = self.conns[slot].why();
                     self.close(slot, why);
                 } else {
-                    self.send_bytes(slot, &frame::close_frame(code, ""));
-                    self.linger(slot, CloseReason::ClientClose);
+                    self.finish(
+                        slot,
+                        &frame::close_frame(code, ""),
+                        CloseReason::ClientClose,
+                    );
                 }
             }
             _ if state == State::Closing => {} // after our Close, only the peer's Close matters
@@ -869,17 +866,14 @@ impl EventLoop {
             if bytes.len() - written > cap && c.state == State::Open {
                 return self.cut_off_slow_reader(slot);
             }
-            let b = c.busy();
-            b.out.clear();
-            b.out_pos = 0;
-            b.out.extend_from_slice(&bytes[written..]);
+            c.busy().queue_tail(&bytes[written..]);
         }
     }
 
     fn cut_off_slow_reader(&mut self, slot: usize) {
+        LoopMetrics::add(&self.metrics.backpressure_cutoffs, 1);
         if let Some(b) = self.conns[slot].busy.as_mut() {
-            b.out = Vec::new();
-            b.out_pos = 0;
+            b.drop_unsent_frames();
         }
         let fail = Fail {
             code: close::POLICY,
@@ -907,6 +901,7 @@ impl EventLoop {
         }
         b.out = Vec::new();
         b.out_pos = 0;
+        b.out_frames_from = 0;
         self.after_flush(slot);
         if self.conns[slot].state != State::Free {
             self.conns[slot].settle();
@@ -926,35 +921,49 @@ impl EventLoop {
 
     // ---- closing --------------------------------------------------------------------------
 
-    /// Our last bytes are queued: half-close once they are out, then wait briefly for EOF.
-    fn linger(&mut self, slot: usize, reason: CloseReason) {
+    /// Sends our last bytes (an HTTP response, a Close reply, a failing Close), half-closes once
+    /// they are out, and waits briefly for the peer's EOF so it reads everything first.
+    fn finish(&mut self, slot: usize, last: &[u8], reason: CloseReason) {
         let c = &mut self.conns[slot];
         if c.state == State::Free {
             return;
         }
+        // Not Open any more, so the slow-reader cap no longer applies to these last bytes.
         c.state = State::Lingering;
         c.set_why(reason);
+        self.leave_all(slot);
+        let c = &mut self.conns[slot];
+        c.set_why(reason);
         c.mark = self.now + ticks(CLOSE_WAIT_MS);
-        self.after_flush(slot);
+        self.send_bytes(slot, last);
+        if self.conns[slot].state != State::Free {
+            self.after_flush(slot);
+        }
     }
 
-    /// Starts the closing handshake with `fail`'s code; a handshake still in HTTP is answered
-    /// with a plain close.
+    /// Starts the closing handshake with `fail`'s code and waits for the peer's Close; a
+    /// connection still in its HTTP handshake is simply closed.
     fn fail(&mut self, slot: usize, fail: Fail, reason: CloseReason) {
         let c = &mut self.conns[slot];
         match c.state {
             State::Open => {
-                self.send_bytes(slot, &frame::close_frame(fail.code, fail.reason));
-                let c = &mut self.conns[slot];
-                if c.state == State::Free {
-                    return;
-                }
                 c.state = State::Closing;
                 c.set_why(reason);
                 c.mark = self.now + ticks(CLOSE_WAIT_MS);
+                self.leave_all(slot);
+                self.send_bytes(slot, &frame::close_frame(fail.code, fail.reason));
             }
             State::Free => {}
             _ => self.close(slot, reason),
+        }
+    }
+
+    /// Leaves every room: done as soon as a connection stops being Open, so member counts
+    /// only count connections that still receive.
+    fn leave_all(&mut self, slot: usize) {
+        let rooms: Vec<_> = self.conns[slot].rooms().collect();
+        for id in rooms {
+            self.drop_membership(slot, id);
         }
     }
 
@@ -962,10 +971,7 @@ impl EventLoop {
         if self.conns[slot].state == State::Free {
             return;
         }
-        let rooms: Vec<_> = self.conns[slot].rooms().collect();
-        for id in rooms {
-            self.drop_membership(slot, id);
-        }
+        self.leave_all(slot);
         let c = &mut self.conns[slot];
         if c.flags & WEBSOCKET != 0 {
             self.metrics.websockets.fetch_sub(1, Ordering::Relaxed);
@@ -1016,7 +1022,7 @@ impl EventLoop {
                         "text/plain; charset=utf-8",
                         "handshake timeout\n",
                     );
-                    self.finish_http(slot, &response, CloseReason::HandshakeTimeout);
+                    self.finish(slot, &response, CloseReason::HandshakeTimeout);
                 }
                 State::Open
                     if c.flags & AWAIT_PONG != 0 && now.saturating_sub(c.mark) >= timeout =>

@@ -83,6 +83,9 @@ pub struct LoopMetrics {
     /// Connections accepted and closed at once because descriptors ran out.
     pub shed: AtomicU64,
     pub pings: AtomicU64,
+    /// Slow readers cut off (counted when cut; the close itself follows when the Close frame
+    /// has gone out or the wait ran out).
+    pub backpressure_cutoffs: AtomicU64,
     pub protocol_errors_replied: AtomicU64,
 }
 
@@ -164,10 +167,8 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
     metric(
         "backpressure_closes_total",
         "counter",
-        "Connections closed because their pending output passed the cap.",
-        one(sum(&|m| {
-            m.closed[CloseReason::Backpressure.index()].load(Relaxed)
-        })),
+        "Slow readers cut off because their pending output passed the cap (closed with 1008).",
+        one(sum(&|m| m.backpressure_cutoffs.load(Relaxed))),
     );
     metric(
         "messages_in_total",

@@ -1,0 +1,419 @@
+//! `tunegate serve` against real clients on loopback: our own RFC 6455 client (tests/common/ws.rs)
+//! and Python's `websockets` (tests/clients/relay_check.py), which we did not write.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::ws::{Server, Ws, http};
+use serde_json::{Value, json};
+
+fn hello(ws: &mut Ws) -> u64 {
+    let h = ws.recv_json();
+    assert_eq!(h["op"], "hello", "{h}");
+    h["id"].as_u64().unwrap()
+}
+
+/// The event loop a connection id belongs to (bits 24..30, see docs/protocol.md).
+fn loop_of(id: u64) -> u64 {
+    (id >> 24) & 0x3f
+}
+
+#[test]
+fn bad_upgrades_get_clear_http_answers() {
+    let s = Server::start(&["--threads", "1", "--allowed-origin", "https://app.example"]);
+    let req = |extra: &str, version: &str, key: &str, method: &str| {
+        format!(
+            "{method} /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n{extra}\r\n"
+        )
+    };
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let origin = "Origin: https://app.example\r\n";
+    let (st, text) = http(s.addr, &req(origin, "8", key, "GET"));
+    assert_eq!(st, 426, "{text}");
+    assert!(text.contains("Sec-WebSocket-Version: 13"), "{text}");
+    assert_eq!(http(s.addr, &req(origin, "13", "c2hvcnQ=", "GET")).0, 400);
+    assert_eq!(http(s.addr, &req(origin, "13", key, "POST")).0, 405);
+    let (st, text) = http(
+        s.addr,
+        &req("Origin: https://evil.example\r\n", "13", key, "GET"),
+    );
+    assert_eq!(st, 403, "{text}");
+    assert!(text.contains("origin not allowed"));
+    assert_eq!(http(s.addr, &req("", "13", key, "GET")).0, 403);
+    let (st, text) = http(s.addr, &req(origin, "13", key, "GET"));
+    assert_eq!(st, 101, "{text}");
+    let (st, text) = http(s.addr, "GET /ws HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(st, 426, "{text}");
+    assert!(text.contains("Upgrade: websocket"));
+    assert_eq!(http(s.addr, "BREW /pot HTCPCP/1.0\r\n\r\n").0, 400);
+    let (st, body) = s.get("/healthz");
+    assert_eq!(st, 200);
+    assert!(body.ends_with("ok\n"));
+    assert!(s.metric("tunegate_connections_closed_total") >= 6);
+}
+
+#[test]
+fn room_messages_reach_every_member_once_and_no_one_else() {
+    let s = Server::start(&["--threads", "2"]);
+    let mut members: Vec<(Ws, u64)> = (0..20)
+        .map(|_| {
+            let mut w = Ws::connect(s.addr);
+            let id = hello(&mut w);
+            (w, id)
+        })
+        .collect();
+    let mut others: Vec<(Ws, u64)> = (0..6)
+        .map(|_| {
+            let mut w = Ws::connect(s.addr);
+            let id = hello(&mut w);
+            (w, id)
+        })
+        .collect();
+    let loops: HashSet<u64> = members.iter().map(|(_, id)| loop_of(*id)).collect();
+    assert_eq!(loops.len(), 2, "members should be spread over both loops");
+    for (i, (w, _)) in members.iter_mut().enumerate() {
+        w.send_json(json!({"op": "join", "room": "call-42", "ref": i}));
+        let r = w.recv_json();
+        assert_eq!(r["op"], "joined");
+        assert_eq!(r["ref"], i);
+        assert_eq!(r["members"], i as u64 + 1, "whole-server member count");
+    }
+    for (w, _) in others.iter_mut() {
+        w.send_json(json!({"op": "join", "room": "lobby"}));
+        assert_eq!(w.recv_json()["op"], "joined");
+    }
+
+    // Two publishers on (probably) different loops, 50 messages each, interleaved.
+    let publishers = [0usize, 1];
+    for seq in 0..50 {
+        for &p in &publishers {
+            let from = members[p].1;
+            members[p].0.send_json(
+                json!({"op": "publish", "room": "call-42", "data": {"seq": seq, "p": from}}),
+            );
+        }
+    }
+    for (i, (w, _)) in members.iter_mut().enumerate() {
+        let mut next: std::collections::HashMap<u64, u64> = Default::default();
+        let expected = if publishers.contains(&i) { 50 } else { 100 };
+        for _ in 0..expected {
+            let m = w.recv_json();
+            assert_eq!(m["op"], "message", "{m}");
+            assert_eq!(m["room"], "call-42");
+            let from = m["from"].as_u64().unwrap();
+            assert_eq!(m["data"]["p"], from);
+            let seq = m["data"]["seq"].as_u64().unwrap();
+            let want = next.entry(from).or_insert(0);
+            assert_eq!(seq, *want, "member {i}: publisher {from} out of order");
+            *want += 1;
+        }
+        // Nothing more: the next frame must be the answer to this count.
+        w.send_json(json!({"op": "count", "room": "call-42", "ref": "sync"}));
+        let c = w.recv_json();
+        assert_eq!(c["op"], "count", "member {i} got an extra message: {c}");
+        assert_eq!(c["members"], 20);
+    }
+    for (w, _) in others.iter_mut() {
+        w.send_json(json!({"op": "count", "room": "call-42"}));
+        let c = w.recv_json();
+        assert_eq!(
+            c["op"], "count",
+            "a non-member received a room message: {c}"
+        );
+    }
+
+    // echo: a member publisher asked for its own copy; the other members get one each.
+    others[0]
+        .0
+        .send_json(json!({"op": "publish", "room": "lobby", "data": "hi", "echo": true, "ref": 1}));
+    let mut got = [others[0].0.recv_json(), others[0].0.recv_json()];
+    got.sort_by_key(|v| v["op"].as_str().unwrap().to_string());
+    assert_eq!(got[0]["op"], "message");
+    assert_eq!(got[1]["op"], "published");
+    for (w, _) in others.iter_mut().skip(1) {
+        assert_eq!(w.recv_json()["data"], "hi");
+    }
+    // Publishing to a room one is not in is allowed; the publisher gets nothing back, echo or not.
+    members[0]
+        .0
+        .send_json(json!({"op": "publish", "room": "lobby", "data": "from outside", "echo": true}));
+    for (w, _) in others.iter_mut() {
+        assert_eq!(w.recv_json()["data"], "from outside");
+    }
+
+    // Direct messages, across loops, and to a connection that does not exist.
+    let target = others
+        .iter()
+        .position(|(_, id)| loop_of(*id) != loop_of(members[0].1))
+        .unwrap_or(0);
+    let to = others[target].1;
+    members[0]
+        .0
+        .send_json(json!({"op": "send", "to": to, "data": {"sdp": "offer"}, "ref": 9}));
+    assert_eq!(members[0].0.recv_json()["op"], "sent");
+    let d = others[target].0.recv_json();
+    assert_eq!(d["op"], "direct");
+    assert_eq!(d["from"], members[0].1);
+    assert_eq!(d["data"]["sdp"], "offer");
+    let ghost = to ^ (1 << 40); // another generation of the same slot
+    members[0]
+        .0
+        .send_json(json!({"op": "send", "to": ghost, "data": 1, "ref": 10}));
+    // On another loop the send is acknowledged first and bounced after; on ours it fails at once.
+    let mut reply = members[0].0.recv_json();
+    if loop_of(ghost) != loop_of(members[0].1) {
+        assert_eq!(reply["op"], "sent", "{reply}");
+        reply = members[0].0.recv_json();
+    }
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert_eq!(reply["code"], "no_such_connection");
+    assert_eq!(reply["ref"], 10);
+
+    // Errors are messages, never silent drops.
+    let w = &mut members[3].0;
+    w.send(1, b"{not json");
+    let e = w.recv_json();
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    w.send_json(json!({"op": "dance", "ref": 5}));
+    let e = w.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_u64()),
+        (Some("unknown_op"), Some(5))
+    );
+    w.send_json(json!({"op": "leave", "room": "nowhere"}));
+    assert_eq!(w.recv_json()["code"], "not_a_member");
+    w.send_json(json!({"op": "leave", "room": "call-42"}));
+    let l = w.recv_json();
+    assert_eq!(
+        (l["op"].as_str(), l["members"].as_u64()),
+        (Some("left"), Some(19))
+    );
+
+    // Closing a member updates the whole-server count.
+    drop(members.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let w = &mut members[0].0;
+    w.send_json(json!({"op": "count", "room": "call-42"}));
+    assert_eq!(w.recv_json()["members"], 18);
+    assert!(s.metric("tunegate_bus_room_deliveries_total") > 0);
+}
+
+#[test]
+fn msgpack_clients_get_msgpack_and_json_clients_get_json() {
+    let s = Server::start(&["--threads", "1"]);
+    let mut j = Ws::connect(s.addr);
+    hello(&mut j);
+    let mut m = Ws::connect_path(s.addr, "/?encoding=msgpack");
+    let h = m.recv().unwrap();
+    assert_eq!(h.opcode, 2, "hello should be MsgPack for ?encoding=msgpack");
+    let h: rmpv::Value = rmpv::decode::read_value(&mut &h.payload[..]).unwrap();
+    assert_eq!(h["op"].as_str(), Some("hello"));
+    let join = rmp_serde::to_vec_named(&json!({"op": "join", "room": "r"})).unwrap();
+    m.send(2, &join);
+    assert_eq!(m.recv().unwrap().opcode, 2);
+    j.send_json(json!({"op": "publish", "room": "r", "data": {"type": "offer", "n": [1, 2]}}));
+    let f = m.recv().unwrap();
+    assert_eq!(f.opcode, 2);
+    let v: Value = rmp_serde::from_slice(&f.payload).unwrap();
+    assert_eq!(v["op"], "message");
+    assert_eq!(v["data"]["type"], "offer");
+    assert_eq!(v["data"]["n"], json!([1, 2]));
+}
+
+#[test]
+fn a_silent_client_is_closed_within_ping_interval_plus_timeout() {
+    let s = Server::start(&[
+        "--threads",
+        "1",
+        "--ping-interval",
+        "600",
+        "--ping-timeout",
+        "600",
+    ]);
+    let start = Instant::now();
+    let mut silent = Ws::connect(s.addr);
+    silent.auto_pong = false;
+    let mut live = Ws::connect(s.addr);
+    hello(&mut silent);
+    hello(&mut live);
+    // The live client reads (and so answers pings) on its own thread, for 2.5 s.
+    let live = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            if let Some(f) = live.try_recv(Duration::from_millis(100)) {
+                assert_ne!(f.opcode, 8, "the live client was closed");
+            }
+        }
+        live
+    });
+    let code = silent.recv_close();
+    let took = start.elapsed();
+    assert_eq!(code, Some(1001), "heartbeat timeout closes with 1001");
+    assert!(
+        took >= Duration::from_millis(1100),
+        "closed too early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(1200 + 600),
+        "closed too late: {took:?}"
+    );
+    // The live one answered its pings and is still served.
+    let mut live = live.join().unwrap();
+    live.send_json(json!({"op": "count", "room": "x"}));
+    assert_eq!(live.recv_json()["op"], "count");
+    assert_eq!(
+        s.metric("tunegate_connections_closed_total{reason=\"heartbeat_timeout\"}"),
+        1
+    );
+    assert!(s.metric("tunegate_pings_sent_total") >= 2);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_dropped() {
+    let s = Server::start(&["--threads", "1", "--handshake-timeout", "300"]);
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    use std::io::{Read, Write};
+    c.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut out = String::new();
+    let start = Instant::now();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_slow_reader_is_cut_off_at_the_cap_with_1008() {
+    let s = Server::start(&[
+        "--threads",
+        "1",
+        "--max-pending-output",
+        "262144",
+        "--max-message-size",
+        "65536",
+    ]);
+    let mut slow = Ws::connect(s.addr);
+    hello(&mut slow);
+    slow.send_json(json!({"op": "join", "room": "feed"}));
+    assert_eq!(slow.recv_json()["op"], "joined");
+    let mut publisher = Ws::connect(s.addr);
+    hello(&mut publisher);
+    let blob = "x".repeat(16 * 1024);
+    // Bounded: at most 4000 x 16 KiB; stops as soon as the server reports the cut.
+    let mut sent = 0;
+    while sent < 4000 && s.metric("tunegate_backpressure_closes_total") == 0 {
+        for _ in 0..100 {
+            publisher.send_json(json!({"op": "publish", "room": "feed", "data": blob}));
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        s.metric("tunegate_backpressure_closes_total"),
+        1,
+        "after {sent} messages"
+    );
+    // The slow reader, reading at last, finds the kernel's backlog and then Close 1008.
+    assert_eq!(slow.recv_close(), Some(1008));
+    // Memory stayed bounded: the publisher is fine and the server still answers.
+    publisher.send_json(json!({"op": "count", "room": "feed"}));
+    let c = publisher.recv_json();
+    assert_eq!(c["op"], "count");
+    assert_eq!(c["members"], 0);
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let mut s = Server::start(&["--threads", "2", "--drain-timeout", "3000"]);
+    let mut clients: Vec<Ws> = (0..6)
+        .map(|_| {
+            let mut w = Ws::connect(s.addr);
+            hello(&mut w);
+            w
+        })
+        .collect();
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    for w in clients.iter_mut() {
+        assert_eq!(w.recv_close(), Some(1001));
+        w.send(8, &1001u16.to_be_bytes());
+    }
+    let status = s
+        .wait(Duration::from_secs(5))
+        .expect("server exits after draining");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(s.addr).is_err(),
+        "still accepting"
+    );
+    assert!(s.stderr.lock().unwrap().contains("draining"));
+}
+
+/// With its descriptor table full the server must keep serving the connections it has, turn
+/// new ones away at once instead of spinning on accept, and accept again when one closes.
+#[test]
+fn running_out_of_descriptors_sheds_new_connections_without_spinning() {
+    let mut wrapper = Command::new("prlimit");
+    wrapper.arg("--nofile=48:48");
+    let s = Server::start_with(wrapper, &["--threads", "1"]);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..60 {
+        let stream = std::net::TcpStream::connect(s.addr).unwrap();
+        match Ws::handshake(stream, "/") {
+            Ok(mut w) => {
+                hello(&mut w);
+                held.push(w);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 0, "no connection was shed with 48 descriptors");
+    assert!(held.len() > 30, "only {} connections held", held.len());
+    // At the limit, with clients knocking: no busy loop.
+    let cpu = s.cpu_seconds();
+    for _ in 0..50 {
+        let _ = std::net::TcpStream::connect(s.addr);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = s.cpu_seconds() - cpu;
+    assert!(
+        spent < 0.3,
+        "server burned {spent:.2} s of CPU at the descriptor limit"
+    );
+    // Existing connections are still served.
+    held[0].send_json(json!({"op": "count", "room": "r"}));
+    assert_eq!(held[0].recv_json()["op"], "count");
+    // Free one descriptor: accepting resumes (the metrics request itself gets through).
+    drop(held.pop());
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(s.metric("tunegate_accept_errors_total{errno=\"EMFILE\"}") > 0);
+    assert!(s.metric("tunegate_connections_shed_total") > 0);
+    let (st, _) = s.get("/healthz");
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn python_websockets_client_relays_rooms_and_encodings() {
+    let s = Server::start(&["--threads", "2"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/relay_check.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("ws://{}", s.addr))
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("relay_check: ok"), "{text}");
+}
