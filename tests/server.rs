@@ -225,6 +225,27 @@ fn msgpack_clients_get_msgpack_and_json_clients_get_json() {
     assert_eq!(v["op"], "message");
     assert_eq!(v["data"]["type"], "offer");
     assert_eq!(v["data"]["n"], json!([1, 2]));
+
+    // MsgPack can say what JSON cannot (non-string keys, binary): JSON members still get it,
+    // and the server lives on.
+    let odd = rmpv::Value::Map(vec![
+        (rmpv::Value::Boolean(true), "yes".into()),
+        (rmpv::Value::Nil, rmpv::Value::Binary(vec![1, 2])),
+    ]);
+    let publish = rmpv::Value::Map(vec![
+        ("op".into(), "publish".into()),
+        ("room".into(), "r".into()),
+        ("data".into(), odd),
+    ]);
+    j.send_json(json!({"op": "join", "room": "r"}));
+    assert_eq!(j.recv_json()["op"], "joined");
+    let mut bytes = Vec::new();
+    rmpv::encode::write_value(&mut bytes, &publish).unwrap();
+    m.send(2, &bytes);
+    let got = j.recv_json();
+    assert_eq!(got["data"], json!({"true": "yes", "null": [1, 2]}));
+    let mut fresh = Ws::connect(s.addr);
+    hello(&mut fresh);
 }
 
 #[test]

@@ -328,6 +328,10 @@ impl EventLoop {
                     }
                 }
                 Err(Errno::EAGAIN) => break,
+                Err(Errno::ECONNRESET | Errno::EPIPE) => {
+                    self.close(slot, CloseReason::PeerGone);
+                    break;
+                }
                 Err(_) => {
                     self.close(slot, CloseReason::IoError);
                     break;

@@ -123,13 +123,24 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         worker: 0,
         config: config.clone(),
     });
-    let mut loops = Vec::new();
+    let mut loops: Vec<std::thread::JoinHandle<std::io::Result<()>>> = Vec::new();
     for (node, listener) in listeners.into_iter().enumerate() {
         let l = event_loop::EventLoop::new(node, listener, shared.clone())?;
         loops.push(
             std::thread::Builder::new()
                 .name(format!("tunegate-loop-{node}"))
-                .spawn(move || l.run())?,
+                .spawn(move || {
+                    // A loop that dies takes its connections with it; the process must not
+                    // carry on looking healthy. Exit so the supervisor restarts us.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run()));
+                    let why = match result {
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "panicked (message above)".to_string(),
+                    };
+                    eprintln!("tunegate serve: event loop {node} failed: {why}; exiting");
+                    std::process::exit(70);
+                })?,
         );
     }
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));

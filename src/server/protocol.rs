@@ -54,7 +54,10 @@ pub struct Reply {
     pub from: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_data"
+    )]
     pub data: Option<rmpv::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
@@ -83,18 +86,81 @@ impl Reply {
         }
     }
 
-    /// The whole WebSocket frame for this reply in `enc`.
+    /// The whole WebSocket frame for this reply in `enc`. Never fails: `data` is made
+    /// JSON-safe for JSON receivers (see `json_safe`), and should encoding still fail, the
+    /// receiver gets an error message instead of the server losing a loop.
     pub fn frame(&self, enc: Encoding) -> Vec<u8> {
-        match enc {
-            Encoding::Json => frame::frame(
-                OP_TEXT,
-                &serde_json::to_vec(self).expect("replies serialise to JSON"),
-            ),
-            Encoding::MsgPack => frame::frame(
-                OP_BINARY,
-                &rmp_serde::to_vec_named(self).expect("replies serialise to MsgPack"),
-            ),
-        }
+        let encoded = match enc {
+            Encoding::Json => serde_json::to_vec(self).map_err(|e| e.to_string()),
+            Encoding::MsgPack => rmp_serde::to_vec_named(self).map_err(|e| e.to_string()),
+        };
+        let payload = encoded.unwrap_or_else(|e| {
+            let fallback = Reply::error(
+                "encoding_failed",
+                format!("cannot encode a {} message: {e}", self.op),
+                None,
+            );
+            match enc {
+                Encoding::Json => serde_json::to_vec(&fallback).unwrap_or_default(),
+                Encoding::MsgPack => rmp_serde::to_vec_named(&fallback).unwrap_or_default(),
+            }
+        });
+        let opcode = if enc == Encoding::Json {
+            OP_TEXT
+        } else {
+            OP_BINARY
+        };
+        frame::frame(opcode, &payload)
+    }
+}
+
+/// `data` as MsgPack natively, and as JSON-safe JSON for text receivers (serde_json is the
+/// only human-readable serializer we use).
+fn serialize_data<S: serde::Serializer>(v: &Option<rmpv::Value>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) if s.is_human_readable() => json_safe(v).serialize(s),
+        Some(v) => v.serialize(s),
+        None => s.serialize_none(),
+    }
+}
+
+/// MsgPack values have no JSON form when map keys are not strings, bytes are binary, or
+/// floats are not finite. JSON receivers get: non-string keys as their JSON text (`1`, `true`,
+/// `[1,2]`), binary as an array of byte values, extension types as `{"ext": type, "data":
+/// [bytes]}`, NaN and infinities as null.
+pub fn json_safe(v: &rmpv::Value) -> serde_json::Value {
+    use rmpv::Value as M;
+    use serde_json::Value as J;
+    match v {
+        M::Nil => J::Null,
+        M::Boolean(b) => J::Bool(*b),
+        M::Integer(i) => i
+            .as_u64()
+            .map(J::from)
+            .or_else(|| i.as_i64().map(J::from))
+            .unwrap_or(J::Null),
+        M::F32(f) => serde_json::Number::from_f64(*f as f64).map_or(J::Null, J::Number),
+        M::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        M::String(s) => J::String(match s.as_str() {
+            Some(s) => s.to_string(),
+            None => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        }),
+        M::Binary(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
+        M::Array(a) => J::Array(a.iter().map(json_safe).collect()),
+        M::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        M::String(s) if s.as_str().is_some() => {
+                            s.as_str().unwrap_or_default().to_string()
+                        }
+                        other => json_safe(other).to_string(),
+                    };
+                    (key, json_safe(v))
+                })
+                .collect(),
+        ),
+        M::Ext(t, data) => serde_json::json!({ "ext": t, "data": data }),
     }
 }
 
@@ -181,6 +247,38 @@ mod tests {
         assert_eq!(j.room, m.room);
         assert_eq!(j.data, m.data);
         assert_eq!(j.reference, m.reference);
+    }
+
+    #[test]
+    fn msgpack_only_values_still_reach_json_receivers() {
+        use rmpv::Value as M;
+        let data = M::Map(vec![
+            (M::Boolean(true), "t".into()),
+            (M::Nil, "n".into()),
+            (M::F64(1.5), "f".into()),
+            (M::Array(vec![1.into(), 2.into()]), "a".into()),
+            ("bin".into(), M::Binary(vec![0, 255])),
+            ("inf".into(), M::F64(f64::INFINITY)),
+            ("ext".into(), M::Ext(5, vec![1])),
+        ]);
+        let reply = Reply {
+            op: "message",
+            data: Some(data.clone()),
+            ..Reply::default()
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(payload(&reply.frame(Encoding::Json))).unwrap();
+        assert_eq!(json["data"]["true"], "t");
+        assert_eq!(json["data"]["null"], "n");
+        assert_eq!(json["data"]["1.5"], "f");
+        assert_eq!(json["data"]["[1,2]"], "a");
+        assert_eq!(json["data"]["bin"], serde_json::json!([0, 255]));
+        assert!(json["data"]["inf"].is_null());
+        assert_eq!(json["data"]["ext"]["ext"], 5);
+        // MsgPack receivers get the value untouched.
+        let mp = reply.frame(Encoding::MsgPack);
+        let back = rmpv::decode::read_value(&mut payload(&mp)).unwrap();
+        assert_eq!(back["data"], data);
     }
 
     #[test]
