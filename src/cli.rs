@@ -42,6 +42,29 @@ pub enum Command {
     Profile(ProfileCommand),
     /// Run the bundled WebSocket relay (rooms, direct messages, heartbeats) in the foreground.
     Serve(ServeArgs),
+    /// The service: apply the profile, gate on preflight, then start and supervise the server
+    /// (or the configured command). What systemd/tunegate.service runs.
+    Run(RunArgs),
+    /// Show the running daemon's state: profile, verdicts, child, restarts, drifts.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (docs/daemon.md). Without this flag a missing
+    /// /etc/tunegate/tunegate.yaml means the built-in defaults.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The status file the daemon writes (status_file in the configuration).
+    #[arg(long, value_name = "PATH", default_value = "/run/tunegate/status.json")]
+    pub status_file: std::path::PathBuf,
+    /// Output for people or machines.
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]

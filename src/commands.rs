@@ -2,7 +2,8 @@
 
 use crate::apply::{self, Paths, Plan};
 use crate::cli::{
-    ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, ServeArgs, ShowFormat,
+    ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, RunArgs, ServeArgs, ShowFormat,
+    StatusArgs,
 };
 use crate::error::exit;
 use crate::host::{self, Host};
@@ -23,6 +24,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Profile(ProfileCommand::List) => profile_list(),
         Command::Profile(ProfileCommand::Show { name, format }) => profile_show(&name, format),
         Command::Serve(args) => serve(&args),
+        Command::Run(args) => run_daemon(host, &args),
+        Command::Status(args) => status(&args),
     }
 }
 
@@ -151,4 +154,24 @@ fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
     };
     crate::server::serve(config, |_| {})?;
     Ok(exit::OK)
+}
+
+fn run_daemon(host: Host, args: &RunArgs) -> anyhow::Result<u8> {
+    crate::daemon::run(crate::daemon::Options {
+        config_path: args
+            .config
+            .clone()
+            .unwrap_or_else(|| crate::daemon::config::DEFAULT_PATH.into()),
+        explicit: args.config.is_some(),
+        host,
+    })
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<u8> {
+    let st = crate::daemon::status::Status::load(&args.status_file)?;
+    match args.format {
+        Format::Human => print!("{}", st.human()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+    }
+    Ok(if st.alive() { exit::OK } else { exit::FAIL })
 }

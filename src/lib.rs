@@ -4,9 +4,12 @@
 //! `apply` (plan, journal, writes through `host`) -> `report`. The serving side (`server`) never
 //! imports the tuning side. See ARCHITECTURE.md.
 
+#![deny(unsafe_code)]
+
 pub mod apply;
 pub mod cli;
 pub mod commands;
+pub mod daemon;
 pub mod error;
 pub mod host;
 pub mod preflight;

@@ -246,6 +246,20 @@ fn msgpack_clients_get_msgpack_and_json_clients_get_json() {
     assert_eq!(got["data"], json!({"true": "yes", "null": [1, 2]}));
     let mut fresh = Ws::connect(s.addr);
     hello(&mut fresh);
+
+    // Object keys keep the sender's order (SDP offers are read by people too).
+    fresh.send_json(json!({"op": "join", "room": "r"}));
+    fresh.recv_json();
+    j.send(
+        1,
+        br#"{"op":"publish","room":"r","data":{"type":"offer","sdp":"v=0"}}"#,
+    );
+    let raw = fresh.recv().unwrap().payload;
+    let text = String::from_utf8(raw).unwrap();
+    assert!(
+        text.find("\"type\"").unwrap() < text.find("\"sdp\"").unwrap(),
+        "{text}"
+    );
 }
 
 #[test]

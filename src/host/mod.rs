@@ -10,6 +10,7 @@
 //! its `set_value` re-reads without comparing. Read-back comparison happens in `apply`.
 
 pub mod files;
+pub mod process;
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};

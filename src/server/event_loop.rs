@@ -39,6 +39,7 @@ const SLOT_BITS: u32 = 24;
 const NODE_BITS: u32 = 6;
 const WORKER_BITS: u32 = 8;
 pub const MAX_NODES: usize = 1 << NODE_BITS;
+const ID_BITS: u32 = 53;
 
 pub struct EventLoop {
     node: usize,
@@ -172,6 +173,9 @@ impl EventLoop {
 
     /// The slot of a local, open WebSocket with this id.
     fn local_slot(&self, id: u64) -> Option<usize> {
+        if id >> ID_BITS != 0 {
+            return None; // not an id we hand out (they fit in 53 bits)
+        }
         let (worker, node, slot, generation) = Self::split_id(id);
         let c = self.conns.get(slot)?;
         (worker == self.worker
@@ -524,7 +528,10 @@ impl EventLoop {
                 };
                 match protocol::decode(bytes, enc) {
                     Ok(req) => self.on_request(slot, req),
-                    Err(e) => self.reply_error(slot, "bad_request", e, None),
+                    Err(e) => {
+                        let reference = protocol::salvage_ref(bytes, enc);
+                        self.reply_error(slot, "bad_request", e, reference)
+                    }
                 }
             }
         }
@@ -722,6 +729,14 @@ impl EventLoop {
             ..Reply::default()
         });
         let (worker, node, _, _) = Self::split_id(to);
+        if to >> ID_BITS != 0 {
+            return self.reply_error(
+                slot,
+                "no_such_connection",
+                format!("no connection {to}"),
+                reference,
+            );
+        }
         if worker == self.worker && node == self.node {
             match self.local_slot(to) {
                 Some(target) => self.send_outgoing(target, &msg),
@@ -1067,14 +1082,21 @@ impl EventLoop {
         }
         for slot in 0..self.conns.len() {
             match self.conns[slot].state {
-                State::Open => self.fail(
-                    slot,
-                    Fail {
-                        code: close::GOING_AWAY,
-                        reason: "server shutting down",
-                    },
-                    CloseReason::Shutdown,
-                ),
+                State::Open => {
+                    self.fail(
+                        slot,
+                        Fail {
+                            code: close::GOING_AWAY,
+                            reason: "server shutting down",
+                        },
+                        CloseReason::Shutdown,
+                    );
+                    // Clients get the whole drain timeout to answer, not the usual close wait.
+                    let deadline = self.drain_deadline;
+                    if self.conns[slot].state == State::Closing {
+                        self.conns[slot].mark = deadline;
+                    }
+                }
                 State::Handshake => self.close(slot, CloseReason::Shutdown),
                 _ => {}
             }

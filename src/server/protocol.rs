@@ -205,6 +205,20 @@ pub fn decode(payload: &[u8], enc: Encoding) -> Result<Request, String> {
     Ok(req)
 }
 
+/// The `ref` of a request that did not decode (a field of the wrong type, a bad room name), so
+/// its error can still be matched to it.
+pub fn salvage_ref(payload: &[u8], enc: Encoding) -> Option<rmpv::Value> {
+    let value: rmpv::Value = match enc {
+        Encoding::Json => serde_json::from_slice(payload).ok()?,
+        Encoding::MsgPack => rmpv::decode::read_value(&mut &payload[..]).ok()?,
+    };
+    let map = value.as_map()?;
+    map.iter()
+        .find(|(k, _)| k.as_str() == Some("ref"))
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_nil())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +293,14 @@ mod tests {
         let mp = reply.frame(Encoding::MsgPack);
         let back = rmpv::decode::read_value(&mut payload(&mp)).unwrap();
         assert_eq!(back["data"], data);
+    }
+
+    #[test]
+    fn a_bad_request_keeps_its_ref() {
+        let bad = br#"{"op":"join","room":5,"ref":"r1"}"#;
+        assert!(decode(bad, Encoding::Json).is_err());
+        assert_eq!(salvage_ref(bad, Encoding::Json), Some("r1".into()));
+        assert_eq!(salvage_ref(b"{", Encoding::Json), None);
     }
 
     #[test]

@@ -16,11 +16,6 @@ use nix::sys::socket::{
     AddressFamily, Backlog, Shutdown, SockFlag, SockType, SockaddrStorage, setsockopt, sockopt,
 };
 
-/// The accept-queue length we ask for. The kernel caps it at net.core.somaxconn, so asking
-/// for the most means the sysctl decides, as operators expect (Node asks for 511 and ignores
-/// somaxconn: the classic trap).
-pub const LISTEN_BACKLOG: i32 = 65535;
-
 /// Edge-triggered read and write readiness plus peer hang-up: one registration per socket for
 /// its whole life, no epoll_ctl calls when output starts or stops blocking.
 pub fn conn_interest() -> EpollFlags {
@@ -78,10 +73,11 @@ pub fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
     nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    nix::sys::socket::listen(
-        &fd,
-        Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN),
-    )?;
+    // The accept queue: -1 means "as long as net.core.somaxconn allows" (the kernel clamps
+    // any larger request to it). Node asks for 511 and libc's SOMAXCONN is 4096; both ignore a
+    // somaxconn raised for 100k connections: the classic trap. The kernel reads somaxconn at
+    // listen() time, which is why the daemon tunes the host before starting the server.
+    nix::sys::socket::listen(&fd, Backlog::MAXALLOWABLE)?;
     Ok(fd)
 }
 

@@ -1,0 +1,98 @@
+//! Starting and stopping the child: the bundled server (this binary re-executed as
+//! `tunegate serve`) or the configured command. The child gets its own process group (so a
+//! stop reaches everything it started), the daemon's raised RLIMIT_NOFILE by inheritance,
+//! the configured user and group, and PR_SET_PDEATHSIG so it dies with the daemon even when
+//! the daemon is SIGKILLed.
+
+use std::path::Path;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use super::config::Config;
+
+/// The argv the child runs.
+pub fn argv(config: &Config, exe: &Path) -> Vec<String> {
+    if let Some(cmd) = &config.child.command {
+        return cmd.clone();
+    }
+    let s = &config.server;
+    let mut v = vec![
+        exe.display().to_string(),
+        "serve".into(),
+        "--listen".into(),
+        config.listen.to_string(),
+        "--ping-interval".into(),
+        s.ping_interval_ms.to_string(),
+        "--ping-timeout".into(),
+        s.ping_timeout_ms.to_string(),
+        "--max-message-size".into(),
+        s.max_message_size.to_string(),
+    ];
+    if let Some(t) = s.threads {
+        v.extend(["--threads".into(), t.to_string()]);
+    }
+    v
+}
+
+/// Spawns the child. Must be called from the thread that lives as long as the daemon (the
+/// runtime is single-threaded for this reason): PR_SET_PDEATHSIG fires when the *thread* that
+/// forked exits, not the process.
+pub fn spawn(config: &Config, argv: &[String]) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .process_group(0)
+        .kill_on_drop(false)
+        .stdin(std::process::Stdio::null());
+    if let Some(dir) = &config.child.cwd {
+        cmd.current_dir(dir);
+    }
+    if let Some(group) = &config.child.group {
+        let g = nix::unistd::Group::from_name(group)
+            .with_context(|| format!("looking up group {group}"))?
+            .with_context(|| format!("no group named {group}"))?;
+        cmd.gid(g.gid.as_raw());
+    }
+    if let Some(user) = &config.child.user {
+        let u = nix::unistd::User::from_name(user)
+            .with_context(|| format!("looking up user {user}"))?
+            .with_context(|| format!("no user named {user}"))?;
+        if config.child.group.is_none() {
+            cmd.gid(u.gid.as_raw());
+        }
+        // std drops supplementary groups (setgroups(0)) before setuid when it runs as root.
+        cmd.uid(u.uid.as_raw());
+    }
+    let parent = nix::unistd::getpid();
+    die_with_parent(&mut cmd, parent);
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", argv.join(" ")))
+}
+
+/// The one piece of unsafe code in tunegate.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command, parent: Pid) {
+    // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only
+    // async-signal-safe operations are allowed. The closure only makes two system calls,
+    // prctl(PR_SET_PDEATHSIG) and getppid(), and builds an io::Error from a raw errno; none of
+    // them allocates, takes a lock or touches state shared with other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // The daemon may have died between fork and prctl; then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(
+                    nix::errno::Errno::ESRCH as i32,
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `sig` to the child's whole process group.
+pub fn signal_group(pid: u32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pid as i32), sig);
+}

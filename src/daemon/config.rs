@@ -1,0 +1,292 @@
+//! The daemon's configuration (docs/daemon.md): YAML, every field optional, defaults good enough
+//! that `tunegate run` works with no file at all. Bad input names file, line and field (exit 2).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// Where `tunegate run` looks when `--config` is not given; a missing file means defaults.
+pub const DEFAULT_PATH: &str = "/etc/tunegate/tunegate.yaml";
+
+/// How failing checks gate the child.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `warn` when the child listens on loopback only, `enforce` otherwise (Elasticsearch's
+    /// rule: development on loopback, production everywhere else).
+    #[default]
+    Auto,
+    /// Refuse to start the child while any check fails.
+    Enforce,
+    /// Start it anyway and log each failing check.
+    Warn,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart when the child exits with a failure or is killed by a signal.
+    #[default]
+    OnFailure,
+    /// Restart whatever the exit.
+    Always,
+    /// Never restart: the daemon ends when the child does.
+    Never,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Built-in profile name or path.
+    pub profile: String,
+    pub mode: Mode,
+    /// Where the child listens (the bundled server is told; a custom command must match it).
+    pub listen: SocketAddr,
+    pub child: Child,
+    pub server: ServerOptions,
+    pub restart: Restart,
+    /// After SIGTERM to the child, how long before SIGKILL.
+    pub stop_grace_ms: u64,
+    /// How long the child has to start listening before it counts as failed.
+    pub ready_timeout_ms: u64,
+    pub drift: Drift,
+    /// Finding ids to ignore in the gate, named one by one (there is no "all").
+    pub ignore: Vec<String>,
+    pub state_dir: PathBuf,
+    pub status_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Child {
+    /// The command to run instead of the bundled server, e.g. ["node", "server.js"].
+    pub command: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Working directory for a custom command.
+    pub cwd: Option<PathBuf>,
+}
+
+/// Options passed to the bundled server (ignored for a custom command).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerOptions {
+    pub threads: Option<usize>,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub max_message_size: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// This many crashes within `crash_window_s` end the daemon with a failure, so systemd
+    /// marks the unit failed instead of restarting a broken child forever.
+    pub max_crashes: u32,
+    pub crash_window_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Drift {
+    /// Seconds between re-reads of the profile's keys; 0 turns drift checks off.
+    pub interval_s: u64,
+    /// Raise drifted keys back (raise-only, journaled) instead of only logging them.
+    pub reapply: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            profile: "default".into(),
+            mode: Mode::Auto,
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            child: Child::default(),
+            server: ServerOptions::default(),
+            restart: Restart::default(),
+            stop_grace_ms: 10_000,
+            ready_timeout_ms: 30_000,
+            drift: Drift::default(),
+            ignore: Vec::new(),
+            state_dir: crate::apply::DEFAULT_STATE_DIR.into(),
+            status_file: "/run/tunegate/status.json".into(),
+        }
+    }
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            threads: None,
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_message_size: 1 << 20,
+        }
+    }
+}
+
+impl Default for Restart {
+    fn default() -> Restart {
+        Restart {
+            policy: RestartPolicy::OnFailure,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+            max_crashes: 5,
+            crash_window_s: 60,
+        }
+    }
+}
+
+impl Default for Drift {
+    fn default() -> Drift {
+        Drift {
+            interval_s: 60,
+            reapply: true,
+        }
+    }
+}
+
+impl Config {
+    /// The mode in force after `auto` is resolved.
+    pub fn effective_mode(&self) -> Mode {
+        match self.mode {
+            Mode::Auto if self.listen.ip().is_loopback() => Mode::Warn,
+            Mode::Auto => Mode::Enforce,
+            m => m,
+        }
+    }
+
+    /// Loads `path`; with `explicit == false` a missing file means defaults. Refuses files
+    /// writable by group or others when `refuse_loose` (we run as root).
+    pub fn load(path: &Path, explicit: bool, refuse_loose: bool) -> Result<Config, ConfigError> {
+        let label = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(ConfigError::new(&label, format!("cannot read: {e}"))),
+        };
+        if refuse_loose {
+            use std::os::unix::fs::MetadataExt;
+            let mode = std::fs::metadata(path).map(|m| m.mode()).unwrap_or(0);
+            if mode & 0o022 != 0 {
+                return Err(ConfigError::new(
+                    &label,
+                    format!(
+                        "writable by group or others (mode {:04o}); fix: chmod go-w {label}",
+                        mode & 0o7777
+                    ),
+                ));
+            }
+        }
+        Config::parse(&label, &text)
+    }
+
+    pub fn parse(label: &str, text: &str) -> Result<Config, ConfigError> {
+        let meaningful = text
+            .lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+        let config: Config = if meaningful {
+            serde_yaml::from_str(text).map_err(|e| {
+                let mut m = e.to_string();
+                if let Some(i) = m.rfind(" at line ") {
+                    m.truncate(i);
+                }
+                let err = ConfigError::new(label, m);
+                match e.location() {
+                    Some(l) => err.at(l.line(), l.column()),
+                    None => err,
+                }
+            })?
+        } else {
+            Config::default()
+        };
+        config.validate(label, text)?;
+        Ok(config)
+    }
+
+    fn validate(&self, label: &str, text: &str) -> Result<(), ConfigError> {
+        let at = |path: &[&str], message: String| {
+            let e = ConfigError::new(label, message);
+            match crate::profile::locate_exact(text, path) {
+                Some((l, c)) => e.at(l, c),
+                None => e,
+            }
+        };
+        for id in &self.ignore {
+            if id == "all" || id == "*" || id.contains('*') {
+                return Err(at(
+                    &["ignore"],
+                    format!(
+                        "ignore: {id:?} — checks are ignored one by one by their id, never all at once"
+                    ),
+                ));
+            }
+        }
+        if let Some(cmd) = &self.child.command
+            && cmd.is_empty()
+        {
+            return Err(at(&["child", "command"], "child.command is empty".into()));
+        }
+        let r = &self.restart;
+        if r.initial_backoff_ms == 0 || r.max_backoff_ms < r.initial_backoff_ms {
+            return Err(at(
+                &["restart"],
+                "restart: need 0 < initial_backoff_ms <= max_backoff_ms".into(),
+            ));
+        }
+        if r.max_crashes == 0 || r.crash_window_s == 0 {
+            return Err(at(
+                &["restart"],
+                "restart: max_crashes and crash_window_s must be above 0".into(),
+            ));
+        }
+        if self.server.ping_interval_ms == 0 || self.server.ping_timeout_ms == 0 {
+            return Err(at(
+                &["server"],
+                "server: ping_interval_ms and ping_timeout_ms must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_defaults_and_auto_mode_follows_the_address() {
+        let c = Config::load(Path::new("/nonexistent/tunegate.yaml"), false, true).unwrap();
+        assert_eq!(c.profile, "default");
+        assert_eq!(c.effective_mode(), Mode::Warn, "loopback is development");
+        let c = Config::parse("t.yaml", "listen: 0.0.0.0:8080\n").unwrap();
+        assert_eq!(c.effective_mode(), Mode::Enforce);
+        let c = Config::parse("t.yaml", "listen: 0.0.0.0:8080\nmode: warn\n").unwrap();
+        assert_eq!(c.effective_mode(), Mode::Warn);
+        assert!(Config::load(Path::new("/nonexistent/x.yaml"), true, true).is_err());
+    }
+
+    #[test]
+    fn bad_config_names_line_and_field() {
+        let e = Config::parse("t.yaml", "profile: c100k\nlisten: nowhere\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = Config::parse("t.yaml", "child:\n  comand: [x]\n").unwrap_err();
+        assert!(e.message.contains("unknown field `comand`"), "{e}");
+        assert_eq!(e.line, Some(2));
+        let e = Config::parse("t.yaml", "mode: strict\n").unwrap_err();
+        assert!(e.message.contains("strict"), "{e}");
+        let e = Config::parse("t.yaml", "profile: default\nignore: [all]\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("one by one"), "{e}");
+        let e = Config::parse("t.yaml", "restart:\n  max_crashes: 0\n").unwrap_err();
+        assert!(e.message.contains("max_crashes"), "{e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! The running daemon's state, written atomically to a JSON file on every change and read by
+//! `tunegate status`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub started_at: u64,
+    /// starting | gated | running | restarting | stopping | stopped | failed
+    pub state: String,
+    pub profile: String,
+    pub mode: String,
+    pub listen: String,
+    pub ready: bool,
+    pub failing_checks: Vec<String>,
+    pub warnings: Vec<String>,
+    pub child_pid: Option<u32>,
+    pub child_started_at: Option<u64>,
+    pub child_command: Vec<String>,
+    pub restarts: u64,
+    pub drifts: u64,
+    pub last_drift_check: Option<u64>,
+    pub message: String,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Status {
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        crate::host::files::write_atomic(path, text.as_bytes(), 0o644)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Status> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e} (is tunegate run running?)",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Whether the daemon that wrote this file is still alive.
+    pub fn alive(&self) -> bool {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok()
+    }
+
+    pub fn human(&self) -> String {
+        let age =
+            |t: Option<u64>| t.map_or("-".to_string(), |t| format!("{}s", now().saturating_sub(t)));
+        let mut s = format!(
+            "tunegate run: {}{} (pid {}, up {})\nprofile {}, mode {}, listen {}, ready {}\n",
+            self.state,
+            if self.alive() {
+                ""
+            } else {
+                " (daemon not running)"
+            },
+            self.pid,
+            age(Some(self.started_at)),
+            self.profile,
+            self.mode,
+            self.listen,
+            self.ready
+        );
+        s.push_str(&format!(
+            "child: pid {}, up {}, restarts {}: {}\n",
+            self.child_pid.map_or("-".into(), |p| p.to_string()),
+            age(self.child_started_at),
+            self.restarts,
+            self.child_command.join(" ")
+        ));
+        s.push_str(&format!(
+            "drifts {}, last drift check {} ago\n",
+            self.drifts,
+            age(self.last_drift_check)
+        ));
+        for f in &self.failing_checks {
+            s.push_str(&format!("FAIL {f}\n"));
+        }
+        for w in &self.warnings {
+            s.push_str(&format!("WARN {w}\n"));
+        }
+        if !self.message.is_empty() {
+            s.push_str(&format!("{}\n", self.message));
+        }
+        s
+    }
+}
