@@ -60,7 +60,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The status file the daemon writes (status_file in the configuration).
-    #[arg(long, value_name = "PATH", default_value = "/run/tunegate/status.json")]
+    #[arg(long, value_name = "PATH", env = "TUNEGATE_STATUS_FILE", default_value = crate::daemon::config::DEFAULT_STATUS_FILE)]
     pub status_file: std::path::PathBuf,
     /// Output for people or machines.
     #[arg(long, value_enum, default_value = "human")]

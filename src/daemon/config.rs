@@ -10,6 +10,8 @@ use crate::error::ConfigError;
 
 /// Where `tunegate run` looks when `--config` is not given; a missing file means defaults.
 pub const DEFAULT_PATH: &str = "/etc/tunegate/tunegate.yaml";
+/// Where the running daemon publishes its state for `tunegate status`.
+pub const DEFAULT_STATUS_FILE: &str = "/run/tunegate/status.json";
 
 /// How failing checks gate the child.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -114,8 +116,11 @@ impl Default for Config {
             ready_timeout_ms: 30_000,
             drift: Drift::default(),
             ignore: Vec::new(),
-            state_dir: crate::apply::DEFAULT_STATE_DIR.into(),
-            status_file: "/run/tunegate/status.json".into(),
+            // The environment can move the defaults (tests, packaging); a config file still wins.
+            state_dir: std::env::var_os("TUNEGATE_STATE_DIR")
+                .map_or_else(|| crate::apply::DEFAULT_STATE_DIR.into(), PathBuf::from),
+            status_file: std::env::var_os("TUNEGATE_STATUS_FILE")
+                .map_or_else(|| DEFAULT_STATUS_FILE.into(), PathBuf::from),
         }
     }
 }

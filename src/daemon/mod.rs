@@ -193,12 +193,13 @@ impl Daemon {
                     self.status.failing_checks.len()
                 );
                 self.log.notice(&msg);
+                // The status file first, so `tunegate status` agrees with systemd at once.
+                self.save_status("running", &msg);
                 if !ready_sent {
                     self.notify
                         .send(&format!("READY=1\nMAINPID={}", std::process::id()));
                     ready_sent = true;
                 }
-                self.save_status("running", &msg);
                 while event.is_none() {
                     tokio::select! {
                         st = kid.wait() => event = Some(Event::Exited(st?)),

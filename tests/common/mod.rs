@@ -101,6 +101,12 @@ impl Netns {
             "ip netns add {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // A new namespace's loopback is down; servers in it listen on 127.0.0.1.
+        let up = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .expect("ip link set lo up");
+        assert!(up.success());
         Netns {
             name,
             state: tempfile::tempdir().unwrap(),

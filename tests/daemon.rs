@@ -1,0 +1,407 @@
+//! `tunegate run` end to end, each test inside its own network namespace (the daemon applies
+//! its profile there, never to the host), with a test child that records what happens to it
+//! (tests/clients/test_child.py) and a fake NOTIFY_SOCKET standing in for systemd.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHILD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/test_child.py");
+
+struct Daemon {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    proc: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `tunegate run --config` in a fresh namespace. `config` is YAML added to the
+    /// test defaults (state and status under the test dir, fast restarts, port 18080).
+    fn start(config: &str, notify: Option<&Path>) -> Daemon {
+        let ns = Netns::new();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = profile(
+            dir.path(),
+            "tunegate.yaml",
+            &format!(
+                "state_dir: {state}\nstatus_file: {status}\nlisten: 127.0.0.1:18080\n{config}",
+                state = dir.path().join("state").display(),
+                status = dir.path().join("status.json").display(),
+            ),
+        );
+        let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, bin(), "run", "--config"])
+            .arg(&cfg)
+            .env("CHILD_DIR", dir.path())
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(sock) = notify {
+            cmd.env("NOTIFY_SOCKET", sock);
+        }
+        let proc = cmd.spawn().unwrap();
+        Daemon { ns, dir, proc, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn events(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("events")).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dir.path().join("status.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until `pred` holds (checked every 50 ms), at most `limit`.
+    fn wait_for(&self, limit: Duration, what: &str, pred: impl Fn(&Daemon) -> bool) {
+        let start = Instant::now();
+        while !pred(self) {
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}\nlog:\n{}\nevents:\n{}",
+                self.log(),
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.status()["ready"] == true
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        // `ip netns exec` execs, so the pid we spawned is the daemon's.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.proc.id() as i32), sig).unwrap();
+    }
+
+    fn exit(&mut self, limit: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.proc.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "daemon still running\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_pid(&self) -> i32 {
+        self.status()["child_pid"].as_i64().expect("a child pid") as i32
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+fn child(mode: &str) -> String {
+    format!("child:\n  command: [python3, {CHILD}, {mode}, \"18080\"]\n")
+}
+
+const FAST: &str = "restart:\n  initial_backoff_ms: 50\n  max_backoff_ms: 200\n  max_crashes: 3\n  crash_window_s: 60\nstop_grace_ms: 700\n";
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn a_crash_loop_ends_the_daemon_with_a_failure() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("crash")), None);
+    assert_eq!(d.exit(Duration::from_secs(10)), 1, "{}", d.log());
+    assert!(
+        d.log().contains("crash loop: the child failed 3 times"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.events().matches("crashing").count(), 3);
+    assert_eq!(d.status()["state"], "failed");
+}
+
+#[test]
+fn a_crashing_child_is_restarted_with_backoff_until_it_runs() {
+    let d = Daemon::start(&format!("{}{FAST}", child("crash-twice")), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    assert_eq!(d.status()["restarts"], 2);
+    let log = d.log();
+    assert_eq!(log.matches("exited with status 3").count(), 2, "{log}");
+    assert!(log.contains("restarting in"), "{log}");
+}
+
+#[test]
+fn sigterm_stops_the_child_and_the_daemon_exits_0() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("listen")), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    let pid = d.child_pid();
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(5)), 0, "{}", d.log());
+    assert!(d.events().contains("SIGTERM"), "{}", d.events());
+    assert!(!alive(pid));
+    assert_eq!(d.status()["state"], "stopped");
+}
+
+#[test]
+fn sighup_reloads_and_reaches_the_child() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("listen")), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_for(Duration::from_secs(5), "HUP at the child", |d| {
+        d.events().contains("SIGHUP")
+    });
+    assert!(d.log().contains("reloaded configuration"), "{}", d.log());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(5)), 0);
+}
+
+#[test]
+fn a_child_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("ignore-term")), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    let pid = d.child_pid();
+    let start = Instant::now();
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(5)), 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "no grace period"
+    );
+    assert!(d.events().contains("SIGTERM-ignored"));
+    assert!(d.log().contains("ignored SIGTERM"), "{}", d.log());
+    assert!(!alive(pid));
+}
+
+#[test]
+fn the_child_does_not_outlive_a_sigkilled_daemon() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("listen")), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    let pid = d.child_pid();
+    assert!(alive(pid));
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.exit(Duration::from_secs(5));
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "child {pid} orphaned"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_child_that_exits_cleanly_ends_the_daemon_cleanly() {
+    let mut d = Daemon::start(&format!("{}{FAST}", child("exit-clean")), None);
+    assert_eq!(d.exit(Duration::from_secs(10)), 0, "{}", d.log());
+    assert!(
+        d.log().contains("exited with status 0; not restarting"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn enforce_refuses_a_failing_host_and_warn_starts_anyway() {
+    // A hard RLIMIT_NOFILE no unprivileged process here can reach: the check must fail.
+    let dir = tempfile::tempdir().unwrap();
+    let p = profile(
+        dir.path(),
+        "big.yaml",
+        "extends: default\nlimits:\n  nofile: 1048576\n",
+    );
+    let base = format!("profile: {}\n{}{FAST}", p.display(), child("listen"));
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    if hard >= 1_048_576 {
+        eprintln!("this machine allows RLIMIT_NOFILE {hard}; the enforce case cannot fail here");
+        return;
+    }
+    let mut d = Daemon::start(&format!("{base}mode: enforce\n"), None);
+    assert_eq!(d.exit(Duration::from_secs(10)), 1, "{}", d.log());
+    assert!(
+        d.log().contains("check failed: limits.nofile.hard"),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("not starting the child"), "{}", d.log());
+    assert!(!d.events().contains("started"), "enforce started the child");
+    assert_eq!(d.status()["state"], "gated");
+
+    let d = Daemon::start(&format!("{base}mode: warn\n"), None);
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    assert!(d.log().contains("check failed: limits.nofile.hard"));
+    assert!(d.events().contains("listening"));
+
+    // The same check, ignored by id, no longer fails the gate.
+    let mut d = Daemon::start(
+        &format!("{base}mode: enforce\nignore: [limits.nofile.hard, limits.nofile.soft]\n"),
+        None,
+    );
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(5)), 0);
+}
+
+#[test]
+fn drift_in_the_namespace_is_logged_and_corrected() {
+    let d = Daemon::start(
+        &format!(
+            "{}{FAST}drift:\n  interval_s: 1\n  reapply: true\n",
+            child("listen")
+        ),
+        None,
+    );
+    d.wait_for(Duration::from_secs(10), "ready", Daemon::ready);
+    let want = d.ns.read("net/core/somaxconn");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &d.ns.name,
+            "sh",
+            "-c",
+            "echo 128 > /proc/sys/net/core/somaxconn",
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    d.wait_for(Duration::from_secs(5), "drift corrected", |d| {
+        d.log().contains("drift: net.core.somaxconn was") && d.ns.read("net/core/somaxconn") == want
+    });
+    assert!(d.log().contains("now 128"), "{}", d.log());
+    assert!(d.status()["drifts"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn ready_is_sent_only_once_the_child_listens() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let path = sock_dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let d = Daemon::start(&format!("{}{FAST}", child("slow-listen")), Some(&path));
+    let mut statuses = Vec::new();
+    let ready_at = loop {
+        let mut buf = [0u8; 4096];
+        let n = sock
+            .recv(&mut buf)
+            .expect("a notification before the timeout");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("READY=1") {
+            break std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+        }
+        statuses.push(msg);
+    };
+    let events = d.events();
+    let listened: f64 = events
+        .lines()
+        .find(|l| l.contains("listening"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("the child listened");
+    assert!(
+        ready_at >= listened,
+        "READY=1 came before the child listened\n{events}"
+    );
+    assert!(
+        statuses.iter().any(|s| s.starts_with("STATUS=")),
+        "{statuses:?}"
+    );
+    assert!(d.ready());
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_file_line_and_field() {
+    let mut d = Daemon::start("child:\n  comand: [x]\n", None);
+    assert_eq!(d.exit(Duration::from_secs(5)), 2);
+    let log = d.log();
+    assert!(log.contains("tunegate.yaml:5:3"), "{log}");
+    assert!(log.contains("unknown field `comand`"), "{log}");
+}
+
+/// The README's main job: `tunegate run` with no arguments and no config file applies what it
+/// can, reports what it cannot, and serves WebSocket clients on its default port.
+#[test]
+fn run_with_no_arguments_serves_websockets_on_the_default_port() {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut proc = Command::new("ip")
+        .args(["netns", "exec", &ns.name, bin(), "run"])
+        .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
+        .env("TUNEGATE_STATUS_FILE", dir.path().join("status.json"))
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = || std::fs::read_to_string(dir.path().join("status.json")).unwrap_or_default();
+    while !status().contains("\"ready\": true") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("set net.ipv4.tcp_max_syn_backlog"),
+        "applied: {text}"
+    );
+    assert!(text.contains("serving on 127.0.0.1:8080"), "{text}");
+    let client = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c"])
+        .arg(
+            "import asyncio, json\n\
+             from websockets.asyncio.client import connect\n\
+             async def main():\n\
+             \x20   async with connect('ws://127.0.0.1:8080') as ws:\n\
+             \x20       hello = json.loads(await asyncio.wait_for(ws.recv(), 5))\n\
+             \x20       assert hello['op'] == 'hello', hello\n\
+             \x20       print('hello', hello['id'])\n\
+             asyncio.run(main())\n",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    assert!(String::from_utf8_lossy(&client.stdout).starts_with("hello"));
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.name, bin(), "status"])
+        .env("TUNEGATE_STATUS_FILE", dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    assert!(String::from_utf8_lossy(&st.stdout).contains("running"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proc.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(proc.wait().unwrap().success());
+}
