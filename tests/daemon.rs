@@ -405,3 +405,131 @@ fn run_with_no_arguments_serves_websockets_on_the_default_port() {
     .unwrap();
     assert!(proc.wait().unwrap().success());
 }
+
+/// As under systemd/tunegate.service: not root, only CAP_NET_ADMIN (ambient). The daemon still
+/// raises the namespace's net keys, and the server it starts holds no capability at all.
+#[test]
+fn an_unprivileged_daemon_with_cap_net_admin_tunes_and_its_child_has_no_capabilities() {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg = profile(
+        dir.path(),
+        "c.yaml",
+        &format!(
+            "profile: default\nlisten: 127.0.0.1:18090\nstate_dir: {d}/state\nstatus_file: {d}/status.json\n",
+            d = dir.path().display()
+        ),
+    );
+    let log = dir.path().join("log");
+    let mut proc = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args([
+            "--clear-groups",
+            "--inh-caps=+net_admin",
+            "--ambient-caps=+net_admin",
+            bin(),
+        ])
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status_path = dir.path().join("status.json");
+    let start = Instant::now();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&status_path).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    while status()["ready"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        ns.read("net/ipv4/tcp_max_syn_backlog"),
+        "4096\n",
+        "net key not raised"
+    );
+    let caps = |pid: i64, field: &str| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let child = status()["child_pid"].as_i64().unwrap();
+    let daemon = status()["pid"].as_i64().unwrap();
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    assert_eq!(caps(daemon, "CapEff:"), CAP_NET_ADMIN);
+    assert_eq!(
+        caps(child, "CapEff:"),
+        0,
+        "the server inherited capabilities"
+    );
+    assert_eq!(caps(child, "CapAmb:"), 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proc.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(proc.wait().unwrap().success());
+}
+
+/// With stderr going to the journal (systemd sets JOURNAL_STREAM to its device:inode), every
+/// line carries a syslog priority; otherwise lines are plain.
+#[test]
+fn log_lines_carry_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = profile(
+        dir.path(),
+        "c.yaml",
+        &format!(
+            "{}{FAST}state_dir: {d}/state\nstatus_file: {d}/status.json\nlisten: 127.0.0.1:18080\n",
+            child("crash"),
+            d = dir.path().display()
+        ),
+    );
+    let log = dir.path().join("log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, bin(), "run", "--config"])
+        .arg(&cfg)
+        .env("CHILD_DIR", dir.path())
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(out.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("tunegate serve"))
+        .collect();
+    assert!(!ours.is_empty());
+    for line in &ours {
+        assert!(
+            line.len() > 3 && line.starts_with('<') && line.as_bytes()[2] == b'>',
+            "no priority prefix: {line:?}"
+        );
+    }
+    assert!(
+        ours.iter().any(|l| l.starts_with("<3>crash loop")),
+        "{text}"
+    );
+    assert!(ours.iter().any(|l| l.starts_with("<4>child")), "{text}");
+}

@@ -74,11 +74,22 @@ pub fn spawn(config: &Config, argv: &[String]) -> anyhow::Result<tokio::process:
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut tokio::process::Command, parent: Pid) {
     // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only
-    // async-signal-safe operations are allowed. The closure only makes two system calls,
-    // prctl(PR_SET_PDEATHSIG) and getppid(), and builds an io::Error from a raw errno; none of
-    // them allocates, takes a lock or touches state shared with other threads.
+    // async-signal-safe operations are allowed. The closure only makes three system calls,
+    // prctl(PR_CAP_AMBIENT_CLEAR_ALL), prctl(PR_SET_PDEATHSIG) and getppid(), and builds an
+    // io::Error from a raw errno; none of them allocates, takes a lock or touches state shared
+    // with other threads. The raw prctl takes plain integers and no pointers.
     unsafe {
         cmd.pre_exec(move || {
+            // The daemon's ambient capabilities (CAP_NET_ADMIN, CAP_SYS_RESOURCE under the
+            // unit) are not the server's: drop them so exec gives it none. Fails harmlessly
+            // with EINVAL on kernels without ambient capabilities.
+            nix::libc::prctl(
+                nix::libc::PR_CAP_AMBIENT,
+                nix::libc::PR_CAP_AMBIENT_CLEAR_ALL as nix::libc::c_ulong,
+                0 as nix::libc::c_ulong,
+                0 as nix::libc::c_ulong,
+                0 as nix::libc::c_ulong,
+            );
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
                 .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
             // The daemon may have died between fork and prctl; then nobody would kill us.

@@ -94,11 +94,19 @@ impl Host {
     }
 
     /// Whether the key's file can be written by this process: the kernel answers through
-    /// access(2), which knows about read-only mounts and about files the namespace made
-    /// read-only (net.core.rmem_max inside a network namespace is mode 0444 even for root).
+    /// faccessat(AT_EACCESS), which knows about read-only mounts, about files the namespace
+    /// made read-only (net.core.rmem_max inside a network namespace is mode 0444 even for
+    /// root), and about capabilities: a non-root daemon holding CAP_NET_ADMIN may write net
+    /// keys. Plain access(2) would check the real uid without capabilities and say no.
     pub fn sysctl_access(&self, key: &SysctlKey) -> Access {
-        use nix::unistd::{AccessFlags, access};
-        match access(&self.sysctl_path(key), AccessFlags::W_OK) {
+        use nix::fcntl::{AT_FDCWD, AtFlags};
+        use nix::unistd::{AccessFlags, faccessat};
+        match faccessat(
+            AT_FDCWD,
+            &self.sysctl_path(key),
+            AccessFlags::W_OK,
+            AtFlags::AT_EACCESS,
+        ) {
             Ok(()) => Access::Writable,
             Err(nix::errno::Errno::EROFS) => {
                 Access::ReadOnly("/proc/sys is mounted read-only here (a container?)".into())
@@ -107,7 +115,7 @@ impl Host {
                 Access::ReadOnly(if nix::unistd::geteuid().is_root() {
                     "read-only from this network namespace or container".into()
                 } else {
-                    "needs root".into()
+                    "needs root (or CAP_NET_ADMIN for net.* keys)".into()
                 })
             }
             Err(e) => Access::ReadOnly(format!("not writable: {e}")),
