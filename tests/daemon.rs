@@ -210,6 +210,24 @@ fn the_child_does_not_outlive_a_sigkilled_daemon() {
 }
 
 #[test]
+fn a_child_that_hangs_without_listening_is_stopped_and_counts_as_a_crash() {
+    let mut d = Daemon::start(
+        &format!("{}{FAST}ready_timeout_ms: 400\n", child("hang")),
+        None,
+    );
+    assert_eq!(d.exit(Duration::from_secs(15)), 1, "{}", d.log());
+    let log = d.log();
+    assert_eq!(
+        log.matches("did not listen on 127.0.0.1:18080 within 400 ms")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(log.contains("crash loop"), "{log}");
+    assert_eq!(d.events().matches("hanging").count(), 3);
+}
+
+#[test]
 fn a_child_that_exits_cleanly_ends_the_daemon_cleanly() {
     let mut d = Daemon::start(&format!("{}{FAST}", child("exit-clean")), None);
     assert_eq!(d.exit(Duration::from_secs(10)), 0, "{}", d.log());

@@ -164,6 +164,8 @@ impl Daemon {
             let mut poll = tokio::time::interval(Duration::from_millis(50));
             let mut event = None;
             let mut listening = false;
+            // A child stopped for never listening has failed, whatever status it exits with.
+            let mut not_ready = false;
             while !listening && event.is_none() {
                 tokio::select! {
                     st = kid.wait() => event = Some(Event::Exited(st?)),
@@ -178,6 +180,7 @@ impl Daemon {
                                 self.config.listen, self.config.ready_timeout_ms
                             ));
                             self.stop_child(&mut kid, pid).await;
+                            not_ready = true;
                             event = Some(Event::Exited(kid.wait().await?));
                         }
                     }
@@ -233,8 +236,12 @@ impl Daemon {
                 Event::Exited(st) => {
                     let ran = started.elapsed();
                     self.status.child_pid = None;
-                    let how = describe(&st);
-                    let failed = !st.success();
+                    let how = if not_ready {
+                        format!("never listened ({})", describe(&st))
+                    } else {
+                        describe(&st)
+                    };
+                    let failed = !st.success() || not_ready;
                     match (self.config.restart.policy, failed) {
                         (RestartPolicy::Never, _) | (RestartPolicy::OnFailure, false) => {
                             self.log.notice(&format!(

@@ -7,6 +7,7 @@ Usage: test_child.py MODE [PORT]
   crash        exit 3 at once
   crash-twice  exit 3 the first two times (counted in $CHILD_DIR/starts), then listen
   exit-clean   listen for 0.5 s, then exit 0
+  hang         never listen, never exit (the daemon's ready timeout must catch it)
 Events (started, listening, signals) are appended to $CHILD_DIR/events as "time event" lines.
 Bounded: it exits by itself after 120 s whatever happens.
 """
@@ -41,6 +42,10 @@ def main():
     if mode == "crash" or (mode == "crash-twice" and starts < 2):
         event("crashing")
         sys.exit(3)
+    if mode == "hang":
+        event("hanging")
+        time.sleep(120)
+        sys.exit(0)
     if mode == "slow-listen":
         time.sleep(1.0)
     s = socket.socket()
