@@ -41,6 +41,21 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// A serde_yaml error as ours: its position moved into the `file:line:col` prefix.
+    pub fn from_yaml(file: &str, e: &serde_yaml::Error) -> ConfigError {
+        let mut message = e.to_string();
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        let err = ConfigError::new(file, message);
+        match e.location() {
+            Some(loc) => err.at(loc.line(), loc.column()),
+            None => err,
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.line, self.column) {

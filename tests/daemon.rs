@@ -113,6 +113,35 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until the status file at `path` says ready; panics with `log` after 10 s.
+fn wait_ready(path: &Path, log: &Path) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+                .unwrap_or(serde_json::Value::Null);
+        if st["ready"] == true {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not ready:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to a daemon started by hand; it must exit 0.
+fn terminate(mut proc: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proc.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(proc.wait().unwrap().success());
+}
+
 fn child(mode: &str) -> String {
     format!("child:\n  command: [python3, {CHILD}, {mode}, \"18080\"]\n")
 }
@@ -306,7 +335,9 @@ fn drift_in_the_namespace_is_logged_and_corrected() {
         d.log().contains("drift: net.core.somaxconn was") && d.ns.read("net/core/somaxconn") == want
     });
     assert!(d.log().contains("now 128"), "{}", d.log());
-    assert!(d.status()["drifts"].as_u64().unwrap() >= 1);
+    d.wait_for(Duration::from_secs(3), "the drift counted", |d| {
+        d.status()["drifts"].as_u64().unwrap_or(0) >= 1
+    });
 }
 
 #[test]
@@ -365,7 +396,7 @@ fn run_with_no_arguments_serves_websockets_on_the_default_port() {
     let ns = Netns::new();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let mut proc = Command::new("ip")
+    let proc = Command::new("ip")
         .args(["netns", "exec", &ns.name, bin(), "run"])
         .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
         .env("TUNEGATE_STATUS_FILE", dir.path().join("status.json"))
@@ -373,16 +404,7 @@ fn run_with_no_arguments_serves_websockets_on_the_default_port() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = || std::fs::read_to_string(dir.path().join("status.json")).unwrap_or_default();
-    while !status().contains("\"ready\": true") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(&dir.path().join("status.json"), &log);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("set net.ipv4.tcp_max_syn_backlog"),
@@ -416,12 +438,7 @@ fn run_with_no_arguments_serves_websockets_on_the_default_port() {
         .unwrap();
     assert!(st.status.success());
     assert!(String::from_utf8_lossy(&st.stdout).contains("running"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proc.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(proc.wait().unwrap().success());
+    terminate(proc);
 }
 
 /// As under systemd/tunegate.service: not root, only CAP_NET_ADMIN (ambient). The daemon still
@@ -441,7 +458,7 @@ fn an_unprivileged_daemon_with_cap_net_admin_tunes_and_its_child_has_no_capabili
         ),
     );
     let log = dir.path().join("log");
-    let mut proc = Command::new("ip")
+    let proc = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -462,20 +479,7 @@ fn an_unprivileged_daemon_with_cap_net_admin_tunes_and_its_child_has_no_capabili
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let status_path = dir.path().join("status.json");
-    let start = Instant::now();
-    let status = || -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(&status_path).unwrap_or_default())
-            .unwrap_or(serde_json::Value::Null)
-    };
-    while status()["ready"] != true {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = wait_ready(&dir.path().join("status.json"), &log);
     assert_eq!(
         ns.read("net/ipv4/tcp_max_syn_backlog"),
         "4096\n",
@@ -486,8 +490,8 @@ fn an_unprivileged_daemon_with_cap_net_admin_tunes_and_its_child_has_no_capabili
         let line = s.lines().find(|l| l.starts_with(field)).unwrap();
         u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
     };
-    let child = status()["child_pid"].as_i64().unwrap();
-    let daemon = status()["pid"].as_i64().unwrap();
+    let child = status["child_pid"].as_i64().unwrap();
+    let daemon = status["pid"].as_i64().unwrap();
     const CAP_NET_ADMIN: u64 = 1 << 12;
     assert_eq!(caps(daemon, "CapEff:"), CAP_NET_ADMIN);
     assert_eq!(
@@ -496,12 +500,7 @@ fn an_unprivileged_daemon_with_cap_net_admin_tunes_and_its_child_has_no_capabili
         "the server inherited capabilities"
     );
     assert_eq!(caps(child, "CapAmb:"), 0);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proc.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(proc.wait().unwrap().success());
+    terminate(proc);
 }
 
 /// With stderr going to the journal (systemd sets JOURNAL_STREAM to its device:inode), every

@@ -199,17 +199,7 @@ impl Config {
             .lines()
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
         let config: Config = if meaningful {
-            serde_yaml::from_str(text).map_err(|e| {
-                let mut m = e.to_string();
-                if let Some(i) = m.rfind(" at line ") {
-                    m.truncate(i);
-                }
-                let err = ConfigError::new(label, m);
-                match e.location() {
-                    Some(l) => err.at(l.line(), l.column()),
-                    None => err,
-                }
-            })?
+            serde_yaml::from_str(text).map_err(|e| ConfigError::from_yaml(label, &e))?
         } else {
             Config::default()
         };

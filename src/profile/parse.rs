@@ -50,20 +50,7 @@ pub fn parse(file: &str, text: &str) -> Result<RawProfile, ConfigError> {
             "profile is empty; it needs at least one of: extends, target_connections, limits, sysctl",
         ));
     }
-    serde_yaml::from_str::<RawProfile>(text).map_err(|e| yaml_error(file, &e))
-}
-
-/// Turns a serde_yaml error into ours: position moved into the prefix, the rest kept.
-fn yaml_error(file: &str, e: &serde_yaml::Error) -> ConfigError {
-    let mut message = e.to_string();
-    if let Some(i) = message.rfind(" at line ") {
-        message.truncate(i);
-    }
-    let err = ConfigError::new(file, message);
-    match e.location() {
-        Some(loc) => err.at(loc.line(), loc.column()),
-        None => err,
-    }
+    serde_yaml::from_str::<RawProfile>(text).map_err(|e| ConfigError::from_yaml(file, &e))
 }
 
 impl<'de> Deserialize<'de> for SysctlTable {
