@@ -103,6 +103,15 @@ pub struct ServeArgs {
     /// such as Autobahn).
     #[arg(long)]
     pub echo: bool,
+    /// Worker processes sharing the port (SO_REUSEPORT); `tunegate run` starts and sizes them.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub workers: usize,
+    /// This process's number among the workers, 0..N.
+    #[arg(long, default_value_t = 0, value_name = "I")]
+    pub worker: usize,
+    /// Directory for the workers' bus sockets and metrics snapshots (with --workers above 1).
+    #[arg(long, value_name = "DIR")]
+    pub bus_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

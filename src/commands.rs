@@ -151,6 +151,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
             allowed_origins: args.allowed_origins.clone(),
         },
         echo: args.echo,
+        worker: args.worker,
+        workers: args.workers,
+        bus_dir: args.bus_dir.clone(),
     };
     crate::server::serve(config, |_| {})?;
     Ok(exit::OK)

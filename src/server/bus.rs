@@ -52,12 +52,22 @@ pub trait Bus: Send + Sync {
     fn rooms(&self) -> u64;
     /// Hands a room message to every *other* loop holding members of `room`.
     fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
-    /// Hands an item to one loop.
+    /// Hands an item to one loop of this process.
     fn send(&self, node: usize, item: Item);
+    /// Hands a direct message or a bounce to loop `node` of worker `worker` (this one or
+    /// another process).
+    fn route(&self, worker: u64, node: usize, item: Item);
+    /// How many worker processes the bus connects (1 for a single process).
+    fn workers(&self) -> usize;
     /// How many loops the bus connects.
     fn nodes(&self) -> usize;
-    /// Room items handed to other loops, and how many a send-to-all bus would have handed.
+    /// Room items handed to other loops (or workers), and how many a send-to-all bus would
+    /// have handed.
     fn traffic(&self) -> (u64, u64);
+    /// Room messages this process received from other workers.
+    fn received(&self) -> u64 {
+        0
+    }
 }
 
 struct Entry {
@@ -118,6 +128,12 @@ impl LocalBus {
 
     pub fn inbox(&self, node: usize) -> &Inbox {
         &self.inboxes[node]
+    }
+
+    /// Every room with members in this process, and how many.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, u64)> {
+        let dir = self.directory.lock().expect("directory lock");
+        dir.iter().map(|(r, e)| (r.clone(), e.total)).collect()
     }
 
     fn change(&self, room: &Arc<str>, node: usize, up: bool) -> u64 {
@@ -187,6 +203,14 @@ impl Bus for LocalBus {
         if let Some(inbox) = self.inboxes.get(node) {
             inbox.push(item);
         }
+    }
+
+    fn route(&self, _worker: u64, node: usize, item: Item) {
+        self.send(node, item)
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn nodes(&self) -> usize {

@@ -76,7 +76,7 @@ impl EventLoop {
         let poller = sys::Poller::new()?;
         poller.add(listener.as_fd(), TOKEN_LISTENER, sys::listener_interest())?;
         poller.add(
-            shared.bus.inbox(node).waker.fd(),
+            shared.local.inbox(node).waker.fd(),
             TOKEN_WAKER,
             EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
         )?;
@@ -108,7 +108,7 @@ impl EventLoop {
     }
 
     fn inbox(&self) -> &Inbox {
-        self.shared.bus.inbox(self.node)
+        self.shared.local.inbox(self.node)
     }
 
     /// Runs until shutdown has drained every connection (or the drain timeout passed).
@@ -416,14 +416,13 @@ impl EventLoop {
                         handshake::response(503, "", "text/plain; charset=utf-8", "draining\n")
                     }
                     "/metrics" => {
-                        let (routed, all) = self.bus.traffic();
+                        let (total, received_by_worker) = super::server_snapshot(&self.shared);
                         let body = super::metrics::render(
-                            &self.shared.metrics,
+                            &total,
                             &Global {
                                 rooms: self.bus.rooms(),
                                 accepting: self.shared.accepting.load(Ordering::Relaxed),
-                                bus_routed: routed,
-                                bus_broadcast_equivalent: all,
+                                received_by_worker,
                             },
                         );
                         handshake::response(
@@ -749,8 +748,9 @@ impl EventLoop {
                     );
                 }
             }
-        } else if worker == self.worker && node < self.bus.nodes() {
-            self.bus.send(
+        } else if (worker as usize) < self.bus.workers() && node < MAX_NODES {
+            self.bus.route(
+                worker,
                 node,
                 Item::Direct {
                     to,
@@ -794,8 +794,9 @@ impl EventLoop {
                 } => match self.local_slot(to) {
                     Some(target) => self.send_outgoing(target, &msg),
                     None => {
-                        let (_, node, _, _) = Self::split_id(from);
-                        self.bus.send(
+                        let (worker, node, _, _) = Self::split_id(from);
+                        self.bus.route(
+                            worker,
                             node,
                             Item::Bounce {
                                 to: from,

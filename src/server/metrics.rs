@@ -89,7 +89,88 @@ pub struct LoopMetrics {
     pub protocol_errors_replied: AtomicU64,
 }
 
+/// The counters as plain numbers: summed over loops, written to the bus directory for the
+/// other workers, summed again for /metrics.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub pid: u32,
+    pub open: i64,
+    pub websockets: i64,
+    pub accepted: u64,
+    pub closed: [u64; 12],
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub accept_errors: [u64; 3],
+    pub shed: u64,
+    pub pings: u64,
+    pub backpressure_cutoffs: u64,
+    pub protocol_errors_replied: u64,
+    pub worker: usize,
+    pub bus_routed: u64,
+    pub bus_broadcast_equivalent: u64,
+    pub bus_received: u64,
+}
+
+impl Snapshot {
+    pub fn add(&mut self, o: &Snapshot) {
+        self.open += o.open;
+        self.websockets += o.websockets;
+        self.accepted += o.accepted;
+        for i in 0..self.closed.len() {
+            self.closed[i] += o.closed[i];
+        }
+        self.messages_in += o.messages_in;
+        self.messages_out += o.messages_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        for i in 0..self.accept_errors.len() {
+            self.accept_errors[i] += o.accept_errors[i];
+        }
+        self.shed += o.shed;
+        self.pings += o.pings;
+        self.backpressure_cutoffs += o.backpressure_cutoffs;
+        self.protocol_errors_replied += o.protocol_errors_replied;
+        self.bus_routed += o.bus_routed;
+        self.bus_broadcast_equivalent += o.bus_broadcast_equivalent;
+        self.bus_received += o.bus_received;
+    }
+
+    /// The sum over this process's loops.
+    pub fn of(loops: &[std::sync::Arc<LoopMetrics>]) -> Snapshot {
+        let mut total = Snapshot {
+            pid: std::process::id(),
+            ..Snapshot::default()
+        };
+        for m in loops {
+            total.add(&m.snapshot());
+        }
+        total
+    }
+}
+
 impl LoopMetrics {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pid: std::process::id(),
+            open: self.open.load(Relaxed),
+            websockets: self.websockets.load(Relaxed),
+            accepted: self.accepted.load(Relaxed),
+            closed: std::array::from_fn(|i| self.closed[i].load(Relaxed)),
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            accept_errors: std::array::from_fn(|i| self.accept_errors[i].load(Relaxed)),
+            shed: self.shed.load(Relaxed),
+            pings: self.pings.load(Relaxed),
+            backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
+            protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
+            ..Snapshot::default()
+        }
+    }
+
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason.index()].fetch_add(1, Relaxed);
     }
@@ -112,13 +193,13 @@ impl LoopMetrics {
 pub struct Global {
     pub rooms: u64,
     pub accepting: bool,
-    pub bus_routed: u64,
-    pub bus_broadcast_equivalent: u64,
+    /// (worker, room messages it received from other workers), one entry per live worker.
+    pub received_by_worker: Vec<(usize, u64)>,
 }
 
-/// Prometheus text exposition of the sum over all loops.
-pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String {
-    let sum = |f: &dyn Fn(&LoopMetrics) -> u64| loops.iter().map(|m| f(m)).sum::<u64>();
+/// Prometheus text exposition of the whole server's counters.
+pub fn render(total: &Snapshot, global: &Global) -> String {
+    let sum = |f: &dyn Fn(&Snapshot) -> u64| f(total);
     let mut s = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
         let _ = writeln!(
@@ -130,25 +211,24 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
         }
     };
     let one = |v: u64| vec![(String::new(), v)];
-    let gauge =
-        |f: &dyn Fn(&LoopMetrics) -> i64| loops.iter().map(|m| f(m)).sum::<i64>().max(0) as u64;
+    let gauge = |f: &dyn Fn(&Snapshot) -> i64| f(total).max(0) as u64;
     metric(
         "connections_open",
         "gauge",
         "Open TCP connections (WebSocket and HTTP).",
-        one(gauge(&|m| m.open.load(Relaxed))),
+        one(gauge(&|m| m.open)),
     );
     metric(
         "websockets_open",
         "gauge",
         "Open WebSocket connections.",
-        one(gauge(&|m| m.websockets.load(Relaxed))),
+        one(gauge(&|m| m.websockets)),
     );
     metric(
         "connections_accepted_total",
         "counter",
         "Connections accepted.",
-        one(sum(&|m| m.accepted.load(Relaxed))),
+        one(sum(&|m| m.accepted)),
     );
     metric(
         "connections_closed_total",
@@ -159,7 +239,7 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
             .map(|r| {
                 (
                     format!("{{reason=\"{}\"}}", r.label()),
-                    sum(&|m| m.closed[r.index()].load(Relaxed)),
+                    sum(&|m| m.closed[r.index()]),
                 )
             })
             .collect(),
@@ -168,31 +248,31 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
         "backpressure_closes_total",
         "counter",
         "Slow readers cut off because their pending output passed the cap (closed with 1008).",
-        one(sum(&|m| m.backpressure_cutoffs.load(Relaxed))),
+        one(sum(&|m| m.backpressure_cutoffs)),
     );
     metric(
         "messages_in_total",
         "counter",
         "WebSocket messages received.",
-        one(sum(&|m| m.messages_in.load(Relaxed))),
+        one(sum(&|m| m.messages_in)),
     );
     metric(
         "messages_out_total",
         "counter",
         "WebSocket messages sent.",
-        one(sum(&|m| m.messages_out.load(Relaxed))),
+        one(sum(&|m| m.messages_out)),
     );
     metric(
         "bytes_in_total",
         "counter",
         "Bytes received.",
-        one(sum(&|m| m.bytes_in.load(Relaxed))),
+        one(sum(&|m| m.bytes_in)),
     );
     metric(
         "bytes_out_total",
         "counter",
         "Bytes sent.",
-        one(sum(&|m| m.bytes_out.load(Relaxed))),
+        one(sum(&|m| m.bytes_out)),
     );
     metric(
         "accept_errors_total",
@@ -201,31 +281,26 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
         ACCEPT_ERRNOS
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                (
-                    format!("{{errno=\"{e}\"}}"),
-                    sum(&|m| m.accept_errors[i].load(Relaxed)),
-                )
-            })
+            .map(|(i, e)| (format!("{{errno=\"{e}\"}}"), sum(&|m| m.accept_errors[i])))
             .collect(),
     );
     metric(
         "connections_shed_total",
         "counter",
         "Connections accepted and closed at once because descriptors ran out.",
-        one(sum(&|m| m.shed.load(Relaxed))),
+        one(sum(&|m| m.shed)),
     );
     metric(
         "pings_sent_total",
         "counter",
         "Heartbeat pings sent.",
-        one(sum(&|m| m.pings.load(Relaxed))),
+        one(sum(&|m| m.pings)),
     );
     metric(
         "protocol_errors_total",
         "counter",
         "Relay requests answered with an error message.",
-        one(sum(&|m| m.protocol_errors_replied.load(Relaxed))),
+        one(sum(&|m| m.protocol_errors_replied)),
     );
     metric(
         "rooms",
@@ -243,13 +318,23 @@ pub fn render(loops: &[std::sync::Arc<LoopMetrics>], global: &Global) -> String 
         "bus_room_deliveries_total",
         "counter",
         "Room messages handed to other loops (routed by interest).",
-        one(global.bus_routed),
+        one(total.bus_routed),
     );
     metric(
         "bus_broadcast_equivalent_total",
         "counter",
         "Room messages a send-to-every-loop bus would have handed over.",
-        one(global.bus_broadcast_equivalent),
+        one(total.bus_broadcast_equivalent),
+    );
+    metric(
+        "bus_room_messages_received_total",
+        "counter",
+        "Room messages each worker received from other workers (interest routing: a worker with no member of a room receives none of its messages).",
+        global
+            .received_by_worker
+            .iter()
+            .map(|(w, n)| (format!("{{worker=\"{w}\"}}"), *n))
+            .collect(),
     );
     s
 }

@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;
+pub mod peers;
 pub mod protocol;
 pub mod rooms;
 pub mod sys;
@@ -47,6 +48,11 @@ pub struct Config {
     pub policy: handshake::Policy,
     /// Echo every message back instead of speaking the relay protocol (conformance testing).
     pub echo: bool,
+    /// This process's number among `workers` processes sharing the port.
+    pub worker: usize,
+    pub workers: usize,
+    /// Where the workers' bus sockets and metrics snapshots live (needed with workers > 1).
+    pub bus_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -63,6 +69,9 @@ impl Default for Config {
             max_rooms_per_conn: 64,
             policy: handshake::Policy::default(),
             echo: false,
+            worker: 0,
+            workers: 1,
+            bus_dir: None,
         }
     }
 }
@@ -75,6 +84,14 @@ impl Config {
         if self.ping_interval_ms == 0 || self.ping_timeout_ms == 0 {
             return Err("ping interval and timeout must be above 0".into());
         }
+        if self.workers == 0 || self.workers > MAX_WORKERS || self.worker >= self.workers {
+            return Err(format!(
+                "--worker must be below --workers, and --workers 1..={MAX_WORKERS}"
+            ));
+        }
+        if self.workers > 1 && self.bus_dir.is_none() {
+            return Err("--workers above 1 needs --bus-dir".into());
+        }
         if self.max_pending < self.max_message + 14 {
             return Err(format!(
                 "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
@@ -85,10 +102,16 @@ impl Config {
     }
 }
 
+/// Worker processes one server can have (8 bits of every connection id).
+pub const MAX_WORKERS: usize = 256;
+
 /// What the loops share.
 pub struct Shared {
     pub config: Config,
-    pub bus: Arc<LocalBus>,
+    /// The loops of this process (their inboxes).
+    pub local: Arc<LocalBus>,
+    /// The whole server: this process's loops, and the other workers when there are any.
+    pub bus: Arc<dyn Bus>,
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub accepting: AtomicBool,
     /// This process's worker number, encoded in connection ids.
@@ -114,15 +137,30 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     for _ in 1..config.threads {
         listeners.push(sys::listen(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
+    let local = Arc::new(LocalBus::new(config.threads)?);
+    let bus: Arc<dyn Bus> = match &config.bus_dir {
+        Some(dir) if config.workers > 1 => {
+            peers::WorkerBus::start(local.clone(), dir, config.worker, config.workers)
+                .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?
+        }
+        _ => local.clone(),
+    };
     let shared = Arc::new(Shared {
-        bus: Arc::new(LocalBus::new(config.threads)?),
+        local,
+        bus,
         metrics: (0..config.threads)
             .map(|_| Arc::new(LoopMetrics::default()))
             .collect(),
         accepting: AtomicBool::new(true),
-        worker: 0,
+        worker: config.worker as u8,
         config: config.clone(),
     });
+    if let Some(dir) = config.bus_dir.clone() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("tunegate-metrics".into())
+            .spawn(move || metrics_writer(&shared, &dir))?;
+    }
     let mut loops: Vec<std::thread::JoinHandle<std::io::Result<()>>> = Vec::new();
     for (node, listener) in listeners.into_iter().enumerate() {
         let l = event_loop::EventLoop::new(node, listener, shared.clone())?;
@@ -145,7 +183,9 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     }
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
     eprintln!(
-        "tunegate serve: listening on {addr} (threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
+        "tunegate serve: listening on {addr} (worker {}/{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
+        config.worker,
+        config.workers,
         config.threads,
         config.ping_interval_ms,
         config.ping_timeout_ms,
@@ -185,4 +225,59 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     }
     eprintln!("tunegate serve: drained, exiting");
     Ok(())
+}
+
+fn metrics_path(dir: &std::path::Path, worker: usize) -> std::path::PathBuf {
+    dir.join(format!("metrics-{worker}.json"))
+}
+
+/// Publishes this worker's counters for the others every half second (temp file and rename:
+/// readers see a whole snapshot or the previous one).
+fn metrics_writer(shared: &Shared, dir: &std::path::Path) {
+    let path = metrics_path(dir, shared.config.worker);
+    let tmp = dir.join(format!(".metrics-{}.tmp", shared.config.worker));
+    loop {
+        let snap = own_snapshot(shared);
+        if let Ok(text) = serde_json::to_vec(&snap)
+            && std::fs::write(&tmp, text).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The whole server's counters: this process's, live, plus every other worker's last snapshot
+/// (at most half a second old) whose process is still alive.
+pub fn server_snapshot(shared: &Shared) -> (metrics::Snapshot, Vec<(usize, u64)>) {
+    let mut total = own_snapshot(shared);
+    let mut received = vec![(shared.config.worker, total.bus_received)];
+    if let Some(dir) = &shared.config.bus_dir {
+        for w in (0..shared.config.workers).filter(|&w| w != shared.config.worker) {
+            let Ok(text) = std::fs::read(metrics_path(dir, w)) else {
+                continue;
+            };
+            let Ok(snap) = serde_json::from_slice::<metrics::Snapshot>(&text) else {
+                continue;
+            };
+            let pid = nix::unistd::Pid::from_raw(snap.pid as i32);
+            if nix::sys::signal::kill(pid, None).is_ok() {
+                received.push((w, snap.bus_received));
+                total.add(&snap);
+            }
+        }
+    }
+    received.sort_unstable();
+    (total, received)
+}
+
+/// This process's counters, bus included.
+fn own_snapshot(shared: &Shared) -> metrics::Snapshot {
+    let mut snap = metrics::Snapshot::of(&shared.metrics);
+    let (routed, all) = shared.bus.traffic();
+    snap.worker = shared.config.worker;
+    snap.bus_routed = routed;
+    snap.bus_broadcast_equivalent = all;
+    snap.bus_received = shared.bus.received();
+    snap
 }

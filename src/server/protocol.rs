@@ -164,10 +164,11 @@ pub fn json_safe(v: &rmpv::Value) -> serde_json::Value {
     }
 }
 
-/// A reply sent to many receivers: encoded at most once per encoding.
+/// A reply sent to many receivers: encoded at most once per encoding, lazily. One that came
+/// from another worker holds only its MsgPack form; JSON is derived from it when needed.
 #[derive(Debug)]
 pub struct Outgoing {
-    pub reply: Reply,
+    pub reply: Option<Reply>,
     json: OnceLock<Vec<u8>>,
     msgpack: OnceLock<Vec<u8>>,
 }
@@ -175,17 +176,49 @@ pub struct Outgoing {
 impl Outgoing {
     pub fn new(reply: Reply) -> Arc<Outgoing> {
         Arc::new(Outgoing {
-            reply,
+            reply: Some(reply),
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
         })
     }
 
+    /// A message received from another worker as the MsgPack payload of a reply.
+    pub fn from_msgpack(payload: Vec<u8>) -> Arc<Outgoing> {
+        let msgpack = OnceLock::new();
+        let _ = msgpack.set(frame::frame(OP_BINARY, &payload));
+        Arc::new(Outgoing {
+            reply: None,
+            json: OnceLock::new(),
+            msgpack,
+        })
+    }
+
     pub fn frame(&self, enc: Encoding) -> &[u8] {
-        match enc {
-            Encoding::Json => self.json.get_or_init(|| self.reply.frame(enc)),
-            Encoding::MsgPack => self.msgpack.get_or_init(|| self.reply.frame(enc)),
+        match (enc, &self.reply) {
+            (Encoding::Json, Some(r)) => self.json.get_or_init(|| r.frame(enc)),
+            (Encoding::MsgPack, Some(r)) => self.msgpack.get_or_init(|| r.frame(enc)),
+            (Encoding::Json, None) => self.json.get_or_init(|| {
+                let value = rmpv::decode::read_value(&mut self.payload(Encoding::MsgPack))
+                    .unwrap_or(rmpv::Value::Nil);
+                frame::frame(
+                    OP_TEXT,
+                    &serde_json::to_vec(&json_safe(&value)).unwrap_or_default(),
+                )
+            }),
+            (Encoding::MsgPack, None) => self.msgpack.get().map_or(&[][..], Vec::as_slice),
         }
+    }
+
+    /// The frame's payload, without the WebSocket header.
+    pub fn payload(&self, enc: Encoding) -> &[u8] {
+        let f = self.frame(enc);
+        let at = match f.get(1).map(|b| b & 0x7F) {
+            Some(126) => 4,
+            Some(127) => 10,
+            Some(_) => 2,
+            None => return f,
+        };
+        &f[at.min(f.len())..]
     }
 }
 

@@ -1,0 +1,223 @@
+//! Several `tunegate serve` worker processes on one port (SO_REUSEPORT) joined by the
+//! interest-routed bus: room semantics stay exact across workers, and workers holding no member
+//! of a room receive none of its messages.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ws::Ws;
+use common::*;
+use serde_json::json;
+
+struct Workers {
+    procs: Vec<Child>,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl Workers {
+    fn start(n: usize) -> Workers {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut w = Workers {
+            procs: Vec::new(),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            n,
+        };
+        for i in 0..n {
+            let p = w.spawn(i);
+            w.procs.push(p);
+        }
+        w
+    }
+
+    fn spawn(&self, i: usize) -> Child {
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "--listen",
+                &self.addr.to_string(),
+                "--threads",
+                "1",
+            ])
+            .args(["--workers", &self.n.to_string(), "--worker", &i.to_string()])
+            .arg("--bus-dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on"), "{line}");
+        child
+    }
+
+    /// Connects until the kernel's SO_REUSEPORT spread has given every worker `per` clients.
+    fn clients(&self, per: usize) -> HashMap<usize, Vec<(Ws, u64)>> {
+        let mut by_worker: HashMap<usize, Vec<(Ws, u64)>> = HashMap::new();
+        let start = Instant::now();
+        while (0..self.n).any(|w| by_worker.get(&w).map_or(0, Vec::len) < per) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "spread too uneven"
+            );
+            let mut ws = Ws::connect(self.addr);
+            let h = ws.recv_json();
+            let id = h["id"].as_u64().unwrap();
+            let w = worker_of(id);
+            let list = by_worker.entry(w).or_default();
+            if list.len() < per {
+                list.push((ws, id));
+            }
+        }
+        by_worker
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (status, body) =
+            common::ws::http(self.addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn worker_of(id: u64) -> usize {
+    ((id >> 30) & 0xff) as usize
+}
+
+/// Waits until `ws` sees `room` with `want` members on the whole server (counts travel the bus).
+fn await_count(ws: &mut Ws, room: &str, want: u64) {
+    let start = Instant::now();
+    loop {
+        ws.send_json(json!({"op": "count", "room": room}));
+        let c = ws.recv_json();
+        assert_eq!(c["op"], "count", "{c}");
+        if c["members"] == want {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{room}: {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
+    let w = Workers::start(3);
+    let mut c = w.clients(4);
+    // Room "all": every client of workers 0 and 1. Room "w2": only worker 2's clients.
+    for worker in [0, 1] {
+        for (ws, _) in c.get_mut(&worker).unwrap() {
+            ws.send_json(json!({"op": "join", "room": "all"}));
+            assert_eq!(ws.recv_json()["op"], "joined");
+        }
+    }
+    for (ws, _) in c.get_mut(&2).unwrap() {
+        ws.send_json(json!({"op": "join", "room": "w2"}));
+        assert_eq!(ws.recv_json()["op"], "joined");
+    }
+    await_count(&mut c.get_mut(&2).unwrap()[0].0, "all", 8);
+    await_count(&mut c.get_mut(&0).unwrap()[0].0, "w2", 4);
+
+    // Publishers on every worker (worker 2's is not a member of "all": allowed).
+    let publishers: Vec<(usize, usize)> = vec![(0, 0), (1, 0), (2, 0)];
+    for seq in 0..40 {
+        for &(wk, i) in &publishers {
+            let (ws, id) = &mut c.get_mut(&wk).unwrap()[i];
+            ws.send_json(json!({"op": "publish", "room": "all", "data": {"seq": seq, "p": *id}}));
+        }
+    }
+    for worker in [0, 1] {
+        for (i, (ws, me)) in c.get_mut(&worker).unwrap().iter_mut().enumerate() {
+            let own = publishers.contains(&(worker, i));
+            let mut next: HashMap<u64, u64> = HashMap::new();
+            for _ in 0..(if own { 80 } else { 120 }) {
+                let m = ws.recv_json();
+                assert_eq!(m["op"], "message", "{m}");
+                let from = m["from"].as_u64().unwrap();
+                assert_ne!(from, *me, "got its own message without echo");
+                let seq = m["data"]["seq"].as_u64().unwrap();
+                let want = next.entry(from).or_insert(0);
+                assert_eq!(
+                    seq, *want,
+                    "worker {worker} client {i}: publisher {from} out of order"
+                );
+                *want += 1;
+            }
+            ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
+            let r = ws.recv_json();
+            assert_eq!(r["ref"], "sync", "extra message: {r}");
+        }
+    }
+    // Worker 2 holds no member of "all": it received none of its 80 remote messages.
+    for (ws, _) in c.get_mut(&2).unwrap() {
+        ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
+        assert_eq!(ws.recv_json()["ref"], "sync", "a non-member got a message");
+    }
+    std::thread::sleep(Duration::from_millis(1200)); // metrics snapshots are 0.5 s old at most
+    assert_eq!(
+        w.metric("tunegate_bus_room_messages_received_total{worker=\"2\"}"),
+        0
+    );
+    assert!(w.metric("tunegate_bus_room_messages_received_total{worker=\"0\"}") >= 80);
+    let routed = w.metric("tunegate_bus_room_deliveries_total");
+    let all = w.metric("tunegate_bus_broadcast_equivalent_total");
+    assert_eq!(
+        all,
+        120 * 2,
+        "send-to-all would hand each message to the 2 other workers"
+    );
+    assert_eq!(
+        routed,
+        40 * (1 + 1 + 2),
+        "only interested workers get each message"
+    );
+    // Whole-server gauges, whichever worker answers.
+    assert_eq!(w.metric("tunegate_websockets_open"), 12);
+
+    // Direct messages across workers.
+    let to = c[&2][1].1;
+    let from = c[&0][1].1;
+    let ws = &mut c.get_mut(&0).unwrap()[1].0;
+    ws.send_json(json!({"op": "send", "to": to, "data": "hi w2", "ref": 1}));
+    assert_eq!(ws.recv_json()["op"], "sent");
+    let d = c.get_mut(&2).unwrap()[1].0.recv_json();
+    assert_eq!(
+        (d["op"].as_str(), d["from"].as_u64()),
+        (Some("direct"), Some(from))
+    );
+    // And to a connection that is gone, on another worker: a bounce comes back.
+    let ghost = to ^ (1 << 40);
+    let (ws, _) = &mut c.get_mut(&0).unwrap()[1];
+    ws.send_json(json!({"op": "send", "to": ghost, "data": 1, "ref": 2}));
+    assert_eq!(ws.recv_json()["op"], "sent");
+    let e = ws.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_u64()),
+        (Some("no_such_connection"), Some(2))
+    );
+}
