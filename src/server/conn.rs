@@ -332,16 +332,11 @@ fn bad_utf8() -> Fail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::frame::{OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT, put_header};
+    use crate::server::frame::tests::client_frame;
+    use crate::server::frame::{OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT};
 
     fn client(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [9, 8, 7, 6];
-        let mut out = Vec::new();
-        put_header(&mut out, fin, op, payload.len());
-        out[1] |= 0x80;
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        client_frame(fin, op, payload, [9, 8, 7, 6])
     }
 
     fn run(wire: &[u8], cut: usize) -> Result<Vec<(u8, Vec<u8>)>, Fail> {

@@ -565,19 +565,7 @@ impl EventLoop {
                 None => self.reply_error(slot, "bad_request", "send needs \"to\"", reference),
             },
             "count" => match need_room(req.room) {
-                Ok(room) => {
-                    let members = self.bus.members(&room);
-                    self.send_reply(
-                        slot,
-                        &Reply {
-                            op: "count",
-                            room: Some(room.into()),
-                            members: Some(members),
-                            reference,
-                            ..Reply::default()
-                        },
-                    );
-                }
+                Ok(room) => self.reply_members(slot, "count", &room, reference),
                 Err(m) => self.reply_error(slot, "bad_request", m, reference),
             },
             other => {
@@ -610,11 +598,22 @@ impl EventLoop {
             let name = self.rooms.name(id).clone();
             self.bus.joined(&name, self.node);
         }
+        self.reply_members(slot, "joined", room, reference);
+    }
+
+    /// Answers a room op with the room's whole-server member count.
+    fn reply_members(
+        &mut self,
+        slot: usize,
+        op: &'static str,
+        room: &str,
+        reference: Option<rmpv::Value>,
+    ) {
         let members = self.bus.members(room);
         self.send_reply(
             slot,
             &Reply {
-                op: "joined",
+                op,
                 room: Some(room.into()),
                 members: Some(members),
                 reference,
@@ -637,17 +636,7 @@ impl EventLoop {
             );
         };
         self.drop_membership(slot, id);
-        let members = self.bus.members(room);
-        self.send_reply(
-            slot,
-            &Reply {
-                op: "left",
-                room: Some(room.into()),
-                members: Some(members),
-                reference,
-                ..Reply::default()
-            },
-        );
+        self.reply_members(slot, "left", room, reference);
     }
 
     fn drop_membership(&mut self, slot: usize, id: super::rooms::RoomId) {

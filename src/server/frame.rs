@@ -296,7 +296,7 @@ pub fn check_close(payload: &[u8]) -> Result<u16, Fail> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
