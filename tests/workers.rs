@@ -56,20 +56,37 @@ impl Workers {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Wait for "listening on", then keep draining (and showing) the worker's log.
         use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening on"), "{line}");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("worker exited").unwrap();
+            eprintln!("worker {i}: {line}");
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("worker {i}: {line}");
+            }
+        });
         child
     }
 
     /// Connects until the kernel's SO_REUSEPORT spread has given every worker `per` clients.
     fn clients(&self, per: usize) -> HashMap<usize, Vec<(Ws, u64)>> {
+        self.clients_on(&(0..self.n).collect::<Vec<_>>(), per)
+    }
+
+    /// Connects until each of `workers` holds `per` of our clients; the rest are closed.
+    fn clients_on(&self, workers: &[usize], per: usize) -> HashMap<usize, Vec<(Ws, u64)>> {
         let mut by_worker: HashMap<usize, Vec<(Ws, u64)>> = HashMap::new();
         let start = Instant::now();
-        while (0..self.n).any(|w| by_worker.get(&w).map_or(0, Vec::len) < per) {
+        while workers
+            .iter()
+            .any(|w| by_worker.get(w).map_or(0, Vec::len) < per)
+        {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "spread too uneven"
@@ -79,7 +96,7 @@ impl Workers {
             let id = h["id"].as_u64().unwrap();
             let w = worker_of(id);
             let list = by_worker.entry(w).or_default();
-            if list.len() < per {
+            if workers.contains(&w) && list.len() < per {
                 list.push((ws, id));
             }
         }
@@ -140,7 +157,9 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
         ws.send_json(json!({"op": "join", "room": "w2"}));
         assert_eq!(ws.recv_json()["op"], "joined");
     }
-    await_count(&mut c.get_mut(&2).unwrap()[0].0, "all", 8);
+    for worker in [0, 1, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 8);
+    }
     await_count(&mut c.get_mut(&0).unwrap()[0].0, "w2", 4);
 
     // Publishers on every worker (worker 2's is not a member of "all": allowed).
@@ -220,4 +239,96 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
         (e["code"].as_str(), e["ref"].as_u64()),
         (Some("no_such_connection"), Some(2))
     );
+}
+
+/// Every client joins `room` (and reads its reply).
+fn join_all<'a>(clients: impl IntoIterator<Item = &'a mut (Ws, u64)>, room: &str) {
+    for (ws, _) in clients {
+        ws.send_json(json!({"op": "join", "room": room}));
+        assert_eq!(ws.recv_json()["op"], "joined");
+    }
+}
+
+/// `publisher` publishes `n` messages tagged `tag`; every other client in `members` receives
+/// each exactly once, in order, and nothing else.
+fn publish_and_check(
+    c: &mut HashMap<usize, Vec<(Ws, u64)>>,
+    publisher: (usize, usize),
+    members: &[usize],
+    tag: &str,
+    n: u64,
+) {
+    let pws = &mut c.get_mut(&publisher.0).unwrap()[publisher.1].0;
+    for seq in 0..n {
+        pws.send_json(json!({"op": "publish", "room": "all", "data": {"seq": seq, "tag": tag}}));
+    }
+    for &w in members {
+        for (i, (ws, _)) in c.get_mut(&w).unwrap().iter_mut().enumerate() {
+            if (w, i) == publisher {
+                continue;
+            }
+            for seq in 0..n {
+                let m = ws.recv_json();
+                assert_eq!(
+                    (
+                        m["op"].as_str(),
+                        m["data"]["tag"].as_str(),
+                        m["data"]["seq"].as_u64()
+                    ),
+                    (Some("message"), Some(tag), Some(seq)),
+                    "worker {w} client {i}"
+                );
+            }
+            ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
+            assert_eq!(
+                ws.recv_json()["ref"],
+                "sync",
+                "worker {w} client {i}: extra message"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_killed_worker_comes_back_and_the_others_never_notice() {
+    let mut w = Workers::start(3);
+    let mut c = w.clients(3);
+    for list in c.values_mut() {
+        join_all(list.iter_mut(), "all");
+    }
+    for worker in [0, 1, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
+    }
+    publish_and_check(&mut c, (2, 0), &[0, 1, 2], "before", 20);
+
+    // SIGKILL worker 1: no goodbye on the bus, its sockets just end.
+    w.procs[1].kill().unwrap();
+    w.procs[1].wait().unwrap();
+    for (ws, _) in c.get_mut(&1).unwrap().iter_mut() {
+        assert!(
+            ws.ends_within(Duration::from_secs(2)),
+            "worker 1's client still open"
+        );
+    }
+    c.remove(&1);
+    // The others drop its members at once, and keep relaying among themselves.
+    for worker in [0, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 6);
+    }
+    publish_and_check(&mut c, (0, 1), &[0, 2], "while-down", 20);
+
+    // Restarted (as the daemon's supervisor does), its clients reconnect and join again.
+    w.procs[1] = w.spawn(1);
+    let back = w.clients_on(&[1], 3).remove(&1).unwrap();
+    c.insert(1, back);
+    join_all(c.get_mut(&1).unwrap().iter_mut(), "all");
+    for worker in [0, 1, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
+    }
+    // Publishers on the restarted worker and on a survivor reach everyone, once, in order.
+    publish_and_check(&mut c, (1, 2), &[0, 1, 2], "after-1", 20);
+    publish_and_check(&mut c, (0, 0), &[0, 1, 2], "after-0", 20);
+    // The survivors' original connections never closed: 9 open on the whole server.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(w.metric("tunegate_websockets_open"), 9);
 }

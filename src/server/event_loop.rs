@@ -200,10 +200,7 @@ impl EventLoop {
             match sys::accept(listener.as_fd()) {
                 Ok(fd) => {
                     if let Err(e) = self.register(fd) {
-                        eprintln!(
-                            "tunegate serve: loop {}: cannot register a connection: {e}",
-                            self.node
-                        );
+                        log!("loop {}: cannot register a connection: {e}", self.node);
                     }
                 }
                 Err(Errno::EAGAIN) => return,

@@ -5,6 +5,21 @@
 //! (local membership) -> `bus` (other loops). `sys` is the only module that talks to the kernel.
 //! Nothing here imports the tuning side of tunegate.
 
+/// One line on stderr, prefixed `tunegate serve:`. A closed or broken stderr (the journal
+/// restarting, a parent that stopped reading) must never take a thread down, so write errors
+/// are ignored where `eprintln!` would panic.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        $crate::server::log_line(format_args!($($arg)*))
+    };
+}
+
+pub fn log_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let line = format!("tunegate serve: {args}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 pub mod bus;
 pub mod conn;
 pub mod event_loop;
@@ -176,14 +191,14 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
                         Ok(Err(e)) => e.to_string(),
                         Err(_) => "panicked (message above)".to_string(),
                     };
-                    eprintln!("tunegate serve: event loop {node} failed: {why}; exiting");
+                    log!("event loop {node} failed: {why}; exiting");
                     std::process::exit(70);
                 })?,
         );
     }
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
-    eprintln!(
-        "tunegate serve: listening on {addr} (worker {}/{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
+    log!(
+        "listening on {addr} (worker {}/{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
         config.worker,
         config.workers,
         config.threads,
@@ -197,11 +212,11 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     loop {
         match signals.read_signal() {
             Ok(Some(info)) if info.ssi_signo == nix::sys::signal::Signal::SIGHUP as u32 => {
-                eprintln!("tunegate serve: SIGHUP ignored (serve has no configuration to reload)");
+                log!("SIGHUP ignored (serve has no configuration to reload)");
             }
             Ok(Some(info)) => {
-                eprintln!(
-                    "tunegate serve: signal {}: closing connections with 1001 and draining",
+                log!(
+                    "signal {}: closing connections with 1001 and draining",
                     info.ssi_signo
                 );
                 break;
@@ -223,7 +238,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             Err(_) => anyhow::bail!("an event loop panicked"),
         }
     }
-    eprintln!("tunegate serve: drained, exiting");
+    log!("drained, exiting");
     Ok(())
 }
 

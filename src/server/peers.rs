@@ -1,23 +1,29 @@
 //! The bus between worker processes on one host: `WorkerBus` implements `Bus` on top of the
-//! in-process `LocalBus`, adding unix-domain-socket links to the other workers.
+//! in-process `LocalBus`, adding one unix-domain-socket link to every other worker.
 //!
-//! Each worker listens on `DIR/worker-N.sock` and keeps one outgoing stream to every other
-//! worker (so each pair has one FIFO per direction: per-publisher order holds). Workers tell
-//! each other how many members they hold per room (`Count`, absolute and versioned, so a
-//! snapshot after a reconnect can never be overtaken by an older update); a room message goes
-//! only to workers holding at least one member (interest routing, the article's 94 %). A worker
-//! that dies drops out of every count the moment its stream ends; when it comes back it connects
-//! again, and each peer resends its whole table.
+//! Each worker listens on `DIR/worker-N.sock`; the higher-numbered worker of each pair dials
+//! the lower one, so every pair shares exactly one stream (one FIFO per direction: per-publisher
+//! order holds, and nothing is delivered twice). On a new link both sides send their whole
+//! member table (`Count` per room); afterwards every join or leave sends the room's new count.
+//! A room message goes only to workers whose count for the room is above zero (interest
+//! routing, the article's 94 %).
 //!
-//! Nothing here knows about sockets of clients, frames or rooms' members: the event loop talks
-//! to `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
+//! A link is the unit of truth about a peer: counts learned on a link are valid exactly as long
+//! as that link lives. When it ends (the peer died, or stalled past `MAX_QUEUED`), the peer's
+//! counts drop to zero at once; when the peer comes back a new link replaces the old one, and
+//! anything still arriving on the old one can no longer change a count. Messages for a peer with
+//! no link are dropped: it holds no members then.
+//!
+//! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
+//! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -29,18 +35,23 @@ use super::protocol::{Encoding, Outgoing};
 
 /// Largest bus frame accepted (a room message carries at most one client message).
 const MAX_WIRE: usize = 64 << 20;
+/// Bytes queued for one peer beyond this mean it has stopped reading: the link is cut (its
+/// members stop counting) rather than letting this process's memory grow without bound.
+const MAX_QUEUED: usize = 256 << 20;
+/// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
+const PROTOCOL: u32 = 1;
+/// How often a worker retries dialling a peer that is down.
+const REDIAL: Duration = Duration::from_millis(50);
 
 #[derive(Serialize, Deserialize)]
 enum Wire {
     Hello {
+        protocol: u32,
         worker: u32,
+        workers: u32,
     },
-    /// `worker` now holds `count` members of `room`; `version` orders updates.
-    Count {
-        room: String,
-        count: u64,
-        version: u64,
-    },
+    /// The sender now holds `count` members of `room`.
+    Count { room: String, count: u64 },
     Room {
         room: String,
         skip: Option<u64>,
@@ -61,19 +72,59 @@ enum Wire {
     },
 }
 
-#[derive(Default)]
-struct Remote {
-    /// Per worker: (members, version of the update that said so).
-    counts: Vec<(u64, u64)>,
+/// The live stream to one peer.
+struct Link {
+    /// Which link this is (a peer that restarts gets a new one).
+    generation: u64,
+    tx: Sender<Arc<Vec<u8>>>,
+    /// Bytes handed to `tx` and not yet written.
+    queued: Arc<AtomicUsize>,
+    stream: UnixStream,
+}
+
+impl Link {
+    fn send(&self, bytes: Arc<Vec<u8>>) {
+        let n = bytes.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED {
+            // The peer stopped reading; the reader sees the shutdown and retires the link.
+            let _ = self.stream.shutdown(Shutdown::Both);
+            return;
+        }
+        let _ = self.tx.send(bytes);
+    }
+}
+
+/// What this worker knows about its peers; one lock, so a count can never be applied from, or
+/// a message routed to, a link that has been replaced.
+struct Peers {
+    links: Vec<Option<Link>>,
+    /// Per room with remote members: the members each worker holds.
+    counts: FxHashMap<Arc<str>, Box<[u64]>>,
+    generations: u64,
+}
+
+impl Peers {
+    /// Whether link `generation` is still the live link to `worker`.
+    fn is_current(&self, worker: usize, generation: u64) -> bool {
+        self.links[worker]
+            .as_ref()
+            .is_some_and(|l| l.generation == generation)
+    }
+
+    fn forget(&mut self, worker: usize) {
+        self.links[worker] = None;
+        self.counts.retain(|_, per| {
+            per[worker] = 0;
+            per.iter().any(|&c| c > 0)
+        });
+    }
 }
 
 pub struct WorkerBus {
     local: Arc<LocalBus>,
     me: usize,
     workers: usize,
-    outboxes: Vec<Option<Sender<Arc<Vec<u8>>>>>,
-    remote: Mutex<FxHashMap<Arc<str>, Remote>>,
-    version: AtomicU64,
+    peers: Mutex<Peers>,
     /// Room messages sent to other workers, and how many a send-to-all bus would have sent.
     routed: AtomicU64,
     broadcast_equivalent: AtomicU64,
@@ -85,8 +136,29 @@ pub fn socket_path(dir: &Path, worker: usize) -> PathBuf {
     dir.join(format!("worker-{worker}.sock"))
 }
 
+fn encode(w: &Wire) -> Arc<Vec<u8>> {
+    let body = rmp_serde::to_vec(w).expect("bus messages serialise");
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Arc::new(out)
+}
+
+/// Reads one length-prefixed message; `None` at the end of the stream or on garbage.
+fn read_wire(input: &mut impl Read) -> Option<Wire> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len).ok()?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_WIRE {
+        return None;
+    }
+    let mut body = vec![0u8; n];
+    input.read_exact(&mut body).ok()?;
+    rmp_serde::from_slice(&body).ok()
+}
+
 impl WorkerBus {
-    /// Binds this worker's socket and starts the link threads.
+    /// Binds this worker's socket and starts dialling the lower-numbered workers.
     pub fn start(
         local: Arc<LocalBus>,
         dir: &Path,
@@ -97,170 +169,150 @@ impl WorkerBus {
         let path = socket_path(dir, me);
         let _ = std::fs::remove_file(&path); // a previous life of this worker
         let listener = UnixListener::bind(&path)?;
-        let mut outboxes = Vec::new();
-        let mut receivers = Vec::new();
-        for w in 0..workers {
-            if w == me {
-                outboxes.push(None);
-                receivers.push(None);
-            } else {
-                let (tx, rx) = channel();
-                outboxes.push(Some(tx));
-                receivers.push(Some(rx));
-            }
-        }
         let bus = Arc::new(WorkerBus {
             local,
             me,
             workers,
-            outboxes,
-            remote: Mutex::new(FxHashMap::default()),
-            version: AtomicU64::new(1),
+            peers: Mutex::new(Peers {
+                links: (0..workers).map(|_| None).collect(),
+                counts: FxHashMap::default(),
+                generations: 0,
+            }),
             routed: AtomicU64::new(0),
             broadcast_equivalent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
-        for (w, rx) in receivers.into_iter().enumerate() {
-            if let Some(rx) = rx {
-                let b = bus.clone();
-                let dir = dir.to_path_buf();
-                std::thread::Builder::new()
-                    .name(format!("tunegate-bus-to-{w}"))
-                    .spawn(move || b.writer(w, &dir, rx))?;
-            }
+        for peer in 0..me {
+            let b = bus.clone();
+            let dir = dir.to_path_buf();
+            std::thread::Builder::new()
+                .name(format!("tunegate-bus-dial-{peer}"))
+                .spawn(move || b.dial(peer, &dir))?;
         }
         let b = bus.clone();
         std::thread::Builder::new()
             .name("tunegate-bus-accept".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let b = b.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("tunegate-bus-from".into())
-                        .spawn(move || b.reader(stream));
+                    b.accept(stream);
                 }
             })?;
         Ok(bus)
     }
 
-    fn encode(w: &Wire) -> Arc<Vec<u8>> {
-        let body = rmp_serde::to_vec(w).expect("bus messages serialise");
-        let mut out = Vec::with_capacity(body.len() + 4);
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        Arc::new(out)
+    fn lock(&self) -> MutexGuard<'_, Peers> {
+        self.peers.lock().expect("bus peers lock")
     }
 
-    fn to(&self, worker: usize, bytes: Arc<Vec<u8>>) {
-        if let Some(Some(tx)) = self.outboxes.get(worker) {
-            let _ = tx.send(bytes);
-        }
+    fn hello(&self) -> Arc<Vec<u8>> {
+        encode(&Wire::Hello {
+            protocol: PROTOCOL,
+            worker: self.me as u32,
+            workers: self.workers as u32,
+        })
     }
 
-    fn to_all(&self, bytes: Arc<Vec<u8>>) {
-        for w in 0..self.workers {
-            self.to(w, bytes.clone());
-        }
-    }
-
-    /// Tells every peer how many members of `room` this worker holds now.
-    fn announce(&self, room: &str) {
-        let count = self.local.members(room);
-        let version = self.version.fetch_add(1, Ordering::Relaxed);
-        self.to_all(Self::encode(&Wire::Count {
-            room: room.to_string(),
-            count,
-            version,
-        }));
-    }
-
-    /// One outgoing link: connect (retrying while the peer is down), send our whole table,
-    /// then stream queued messages. While the peer is down its messages are dropped: it holds
-    /// no members then, and gets the whole table when it is back.
-    fn writer(&self, peer: usize, dir: &Path, rx: Receiver<Arc<Vec<u8>>>) {
+    /// Keeps a link to `peer` (a lower-numbered worker) up: whenever there is none, connect.
+    fn dial(self: &Arc<Self>, peer: usize, dir: &Path) {
         let path = socket_path(dir, peer);
         loop {
-            let stream = match UnixStream::connect(&path) {
-                Ok(s) => s,
-                Err(_) => {
-                    // Drain what piled up while the peer is away, then retry.
-                    while rx.try_recv().is_ok() {}
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            let mut out = BufWriter::new(stream);
-            let mut hello = vec![Self::encode(&Wire::Hello {
-                worker: self.me as u32,
-            })];
-            for (room, count) in self.local.snapshot() {
-                let version = self.version.fetch_add(1, Ordering::Relaxed);
-                hello.push(Self::encode(&Wire::Count {
-                    room: room.to_string(),
-                    count,
-                    version,
-                }));
+            if self.lock().links[peer].is_none()
+                && let Ok(mut stream) = UnixStream::connect(&path)
+                && stream.write_all(&self.hello()).is_ok()
+            {
+                self.install(peer, stream);
             }
-            if hello.iter().any(|m| out.write_all(m).is_err()) || out.flush().is_err() {
-                continue;
-            }
-            loop {
-                let Ok(msg) = rx.recv() else { return };
-                if out.write_all(&msg).is_err() {
-                    break;
-                }
-                // Batch whatever else is queued into the same flush.
-                while let Ok(more) = rx.try_recv() {
-                    if out.write_all(&more).is_err() {
-                        break;
-                    }
-                }
-                if out.flush().is_err() {
-                    break;
-                }
-            }
+            std::thread::sleep(REDIAL);
         }
     }
 
-    /// One incoming link, until the peer goes away; then its members no longer count.
-    fn reader(&self, stream: UnixStream) {
-        let mut input = BufReader::new(stream);
-        let mut peer = None;
-        let mut len = [0u8; 4];
-        while input.read_exact(&mut len).is_ok() {
-            let n = u32::from_le_bytes(len) as usize;
-            if n > MAX_WIRE {
-                break;
+    /// A higher-numbered worker connected: learn who it is, then link.
+    fn accept(self: &Arc<Self>, mut stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let who = match read_wire(&mut stream) {
+            Some(Wire::Hello {
+                protocol,
+                worker,
+                workers,
+            }) if protocol == PROTOCOL
+                && workers as usize == self.workers
+                && (worker as usize) > self.me
+                && (worker as usize) < self.workers =>
+            {
+                worker as usize
             }
-            let mut body = vec![0u8; n];
-            if input.read_exact(&mut body).is_err() {
-                break;
+            _ => {
+                log!(
+                    "bus: refused a link that did not introduce itself as a worker of this build and size"
+                );
+                return;
             }
-            let Ok(msg) = rmp_serde::from_slice::<Wire>(&body) else {
-                break;
+        };
+        let _ = stream.set_read_timeout(None);
+        self.install(who, stream);
+    }
+
+    /// Makes `stream` the link to `peer`: it replaces any older one (whose counts are void
+    /// from now on), carries our whole table first, then every update in order.
+    fn install(self: &Arc<Self>, peer: usize, stream: UnixStream) {
+        let (Ok(for_writer), Ok(for_link)) = (stream.try_clone(), stream.try_clone()) else {
+            return;
+        };
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let generation = {
+            let mut peers = self.lock();
+            peers.forget(peer);
+            peers.generations += 1;
+            let link = Link {
+                generation: peers.generations,
+                tx,
+                queued: queued.clone(),
+                stream: for_link,
             };
-            match msg {
-                Wire::Hello { worker } => {
-                    let w = worker as usize;
-                    if w >= self.workers || w == self.me {
-                        break;
-                    }
-                    peer = Some(w);
-                }
-                Wire::Count {
-                    room,
+            // Under the lock: no count update can slip in ahead of the table.
+            for (room, count) in self.local.snapshot() {
+                link.send(encode(&Wire::Count {
+                    room: room.to_string(),
                     count,
-                    version,
-                } => {
-                    let Some(w) = peer else { break };
-                    let mut remote = self.remote.lock().expect("remote lock");
-                    let entry = remote.entry(Arc::from(room.as_str())).or_default();
-                    entry.counts.resize(self.workers, (0, 0));
-                    if version >= entry.counts[w].1 {
-                        entry.counts[w] = (count, version);
+                }));
+            }
+            peers.links[peer] = Some(link);
+            peers.generations
+        };
+        log!("bus: link to worker {peer} up");
+        let spawned = std::thread::Builder::new()
+            .name(format!("tunegate-bus-to-{peer}"))
+            .spawn(move || write_link(for_writer, &rx, &queued));
+        if spawned.is_err() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let bus = self.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("tunegate-bus-from-{peer}"))
+            .spawn(move || bus.read_link(peer, generation, stream));
+    }
+
+    /// Everything `peer` says on one link, until the link ends; then, unless a newer link
+    /// replaced it meanwhile, the peer's members stop counting.
+    fn read_link(&self, peer: usize, generation: u64, stream: UnixStream) {
+        let mut input = BufReader::new(&stream);
+        while let Some(msg) = read_wire(&mut input) {
+            match msg {
+                Wire::Hello { .. } => break,
+                Wire::Count { room, count } => {
+                    let mut peers = self.lock();
+                    if !peers.is_current(peer, generation) {
+                        continue; // a replaced link: its counts are void
                     }
-                    if entry.counts.iter().all(|c| c.0 == 0) {
-                        remote.remove(room.as_str());
+                    let workers = self.workers;
+                    let per = peers
+                        .counts
+                        .entry(Arc::from(room.as_str()))
+                        .or_insert_with(|| vec![0; workers].into_boxed_slice());
+                    per[peer] = count;
+                    if per.iter().all(|&c| c == 0) {
+                        peers.counts.remove(room.as_str());
                     }
                 }
                 Wire::Room { room, skip, msg } => {
@@ -276,12 +328,13 @@ impl WorkerBus {
                     msg,
                 } => {
                     let (_, node, _, _) = EventLoop::split_id(to);
+                    let msg = Outgoing::from_msgpack(msg);
                     self.local.send(
                         node,
                         Item::Direct {
                             to,
                             from,
-                            msg: Outgoing::from_msgpack(msg),
+                            msg,
                             reference,
                         },
                     );
@@ -303,23 +356,57 @@ impl WorkerBus {
                 }
             }
         }
-        if let Some(w) = peer {
-            let mut remote = self.remote.lock().expect("remote lock");
-            remote.retain(|_, e| {
-                if let Some(c) = e.counts.get_mut(w) {
-                    c.0 = 0;
-                }
-                e.counts.iter().any(|c| c.0 > 0)
-            });
+        let _ = stream.shutdown(Shutdown::Both);
+        let mut peers = self.lock();
+        if peers.is_current(peer, generation) {
+            peers.forget(peer);
+            drop(peers);
+            log!("bus: link to worker {peer} down; its members no longer count");
+        }
+    }
+
+    /// Tells every peer how many members of `room` this worker holds now. Reading the count and
+    /// queueing it happen under the peers lock, so the last count queued is the latest.
+    fn announce(&self, room: &str) {
+        let peers = self.lock();
+        let bytes = encode(&Wire::Count {
+            room: room.to_string(),
+            count: self.local.members(room),
+        });
+        for link in peers.links.iter().flatten() {
+            link.send(bytes.clone());
         }
     }
 
     fn remote_members(&self, room: &str) -> u64 {
-        let remote = self.remote.lock().expect("remote lock");
-        remote
+        self.lock()
+            .counts
             .get(room)
-            .map_or(0, |e| e.counts.iter().map(|c| c.0).sum())
+            .map_or(0, |per| per.iter().sum())
     }
+}
+
+/// Writes what is queued for one peer, batching whatever piled up into one flush, until the
+/// link is retired (the sender is dropped) or the stream breaks.
+fn write_link(stream: UnixStream, rx: &Receiver<Arc<Vec<u8>>>, queued: &AtomicUsize) {
+    let mut out = BufWriter::with_capacity(64 << 10, &stream);
+    'link: while let Ok(msg) = rx.recv() {
+        let mut written = msg.len();
+        if out.write_all(&msg).is_err() {
+            break;
+        }
+        while let Ok(more) = rx.try_recv() {
+            written += more.len();
+            if out.write_all(&more).is_err() {
+                break 'link;
+            }
+        }
+        if out.flush().is_err() {
+            break;
+        }
+        queued.fetch_sub(written, Ordering::Relaxed);
+    }
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 impl Bus for WorkerBus {
@@ -341,8 +428,7 @@ impl Bus for WorkerBus {
 
     fn rooms(&self) -> u64 {
         let mut names: Vec<Arc<str>> = self.local.snapshot().into_iter().map(|(r, _)| r).collect();
-        let remote = self.remote.lock().expect("remote lock");
-        names.extend(remote.keys().cloned());
+        names.extend(self.lock().counts.keys().cloned());
         names.sort_unstable();
         names.dedup();
         names.len() as u64
@@ -350,29 +436,27 @@ impl Bus for WorkerBus {
 
     fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
         self.local.publish(from_node, room, msg, skip);
-        let interested: Vec<usize> = {
-            let remote = self.remote.lock().expect("remote lock");
-            match remote.get(&**room) {
-                Some(e) => (0..self.workers)
-                    .filter(|&w| w != self.me && e.counts.get(w).is_some_and(|c| c.0 > 0))
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
         self.broadcast_equivalent
             .fetch_add(self.workers as u64 - 1, Ordering::Relaxed);
-        if interested.is_empty() {
+        let peers = self.lock();
+        let Some(per) = peers.counts.get(&**room) else {
             return;
-        }
-        self.routed
-            .fetch_add(interested.len() as u64, Ordering::Relaxed);
-        let bytes = Self::encode(&Wire::Room {
-            room: room.to_string(),
-            skip,
-            msg: msg.payload(Encoding::MsgPack).to_vec(),
-        });
-        for w in interested {
-            self.to(w, bytes.clone());
+        };
+        let mut bytes = None;
+        for (w, link) in peers.links.iter().enumerate() {
+            if let Some(link) = link
+                && per[w] > 0
+            {
+                let bytes = bytes.get_or_insert_with(|| {
+                    encode(&Wire::Room {
+                        room: room.to_string(),
+                        skip,
+                        msg: msg.payload(Encoding::MsgPack).to_vec(),
+                    })
+                });
+                self.routed.fetch_add(1, Ordering::Relaxed);
+                link.send(bytes.clone());
+            }
         }
     }
 
@@ -385,6 +469,29 @@ impl Bus for WorkerBus {
         if w == self.me {
             return self.local.send(node, item);
         }
+        let peers = self.lock();
+        let Some(Some(link)) = peers.links.get(w) else {
+            drop(peers);
+            // That worker is down, so the connection is gone: tell the sender now.
+            if let Item::Direct {
+                to,
+                from,
+                reference,
+                ..
+            } = item
+            {
+                let (_, node, _, _) = EventLoop::split_id(from);
+                self.local.send(
+                    node,
+                    Item::Bounce {
+                        to: from,
+                        target: to,
+                        reference,
+                    },
+                );
+            }
+            return;
+        };
         let wire = match item {
             Item::Direct {
                 to,
@@ -408,7 +515,7 @@ impl Bus for WorkerBus {
             },
             _ => return,
         };
-        self.to(w, Self::encode(&wire));
+        link.send(encode(&wire));
     }
 
     fn workers(&self) -> usize {

@@ -283,6 +283,26 @@ impl Ws {
     }
 
     /// Waits up to `limit` for a frame; None if none came (the connection stays usable).
+    /// True when the server's end of the stream closes (EOF or reset) within `limit`, whatever
+    /// frames come first; false if it is still open then.
+    pub fn ends_within(&mut self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut chunk = [0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn try_recv(&mut self, limit: Duration) -> Option<Frame> {
         self.stream.set_read_timeout(Some(limit)).unwrap();
         let out = loop {
