@@ -548,5 +548,104 @@ fn log_lines_carry_priorities_when_stderr_is_the_journal() {
         ours.iter().any(|l| l.starts_with("<3>crash loop")),
         "{text}"
     );
-    assert!(ours.iter().any(|l| l.starts_with("<4>child")), "{text}");
+    assert!(ours.iter().any(|l| l.starts_with("<4>the child")), "{text}");
+}
+
+/// The bundled server as several workers: the daemon sizes them from the descriptor limit it
+/// really has and the profile's target_connections, and restarts a killed worker alone while
+/// the other workers' clients stay connected and keep receiving.
+#[test]
+fn workers_are_sized_from_the_limit_and_restarted_one_by_one() {
+    use common::ws::{Ws, await_count, join_all, publish_and_check, spread};
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().1;
+    // Three workers' worth of connections at this machine's hard limit.
+    let target = (hard - 256) * 2 + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let prof = profile(
+        dir.path(),
+        "three.yaml",
+        &format!("extends: default\ntarget_connections: {target}\nlimits:\n  nofile: {hard}\n"),
+    );
+    let d = Daemon::start(
+        &format!(
+            "profile: {}\nserver:\n  ping_interval_ms: 60000\n",
+            prof.display()
+        ),
+        None,
+    );
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let st = d.status();
+    assert_eq!(st["sizing"]["workers"], 3, "{st}");
+    assert_eq!(st["workers"].as_array().unwrap().len(), 3);
+    assert!(
+        d.log().contains(&format!(
+            "sizing: 3 worker(s): RLIMIT_NOFILE {hard} leaves {} connections per worker",
+            hard - 256
+        )),
+        "{}",
+        d.log()
+    );
+    let pids: Vec<i64> = (0..3)
+        .map(|i| st["workers"][i]["pid"].as_i64().unwrap())
+        .collect();
+    let addr: std::net::SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let connect = || Ws::handshake(d.ns.connect(addr), "/").unwrap();
+    let mut c = spread(connect, &[0, 1, 2], 2);
+    for list in c.values_mut() {
+        join_all(list.iter_mut(), "all");
+    }
+    for w in [0, 1, 2] {
+        await_count(&mut c.get_mut(&w).unwrap()[0].0, "all", 6);
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[1] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for (ws, _) in c.get_mut(&1).unwrap().iter_mut() {
+        assert!(ws.ends_within(Duration::from_secs(5)));
+    }
+    c.remove(&1);
+    d.wait_for(Duration::from_secs(10), "worker 1 back", |d| {
+        let w = &d.status()["workers"][1];
+        w["listening"] == true && w["pid"].as_i64() != Some(pids[1])
+    });
+    let st = d.status();
+    for i in [0, 2] {
+        assert_eq!(
+            st["workers"][i]["pid"], pids[i],
+            "worker {i} was restarted too"
+        );
+        assert_eq!(st["workers"][i]["restarts"], 0);
+    }
+    assert_eq!(st["workers"][1]["restarts"], 1);
+    assert_eq!(st["workers"][1]["last_exit"], "was killed by SIGKILL");
+    assert!(
+        d.log().contains("the other 2 worker(s) keep serving"),
+        "{}",
+        d.log()
+    );
+    // The survivors' clients never noticed: still open, still relaying to each other.
+    publish_and_check(&mut c, (0, 0), &[0, 2], "survivors", 10);
+    // The restarted worker's clients come back and are members again.
+    c.extend(spread(connect, &[1], 2));
+    join_all(c.get_mut(&1).unwrap().iter_mut(), "all");
+    for w in [0, 1, 2] {
+        await_count(&mut c.get_mut(&w).unwrap()[0].0, "all", 6);
+    }
+    publish_and_check(&mut c, (1, 1), &[0, 1, 2], "after", 10);
+
+    let out = Command::new(bin())
+        .args(["status", "--status-file"])
+        .arg(d.dir.path().join("status.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sizing: 3 worker(s)"), "{text}");
+    assert!(text.contains("worker 1: pid"), "{text}");
+    assert!(
+        text.contains("restarts 1, last was killed by SIGKILL"),
+        "{text}"
+    );
 }

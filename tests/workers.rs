@@ -7,9 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::ws::Ws;
+use common::ws::{Clients, Ws, await_count, join_all, publish_and_check, spread};
 use common::*;
 use serde_json::json;
 
@@ -75,32 +75,13 @@ impl Workers {
     }
 
     /// Connects until the kernel's SO_REUSEPORT spread has given every worker `per` clients.
-    fn clients(&self, per: usize) -> HashMap<usize, Vec<(Ws, u64)>> {
+    fn clients(&self, per: usize) -> Clients {
         self.clients_on(&(0..self.n).collect::<Vec<_>>(), per)
     }
 
     /// Connects until each of `workers` holds `per` of our clients; the rest are closed.
-    fn clients_on(&self, workers: &[usize], per: usize) -> HashMap<usize, Vec<(Ws, u64)>> {
-        let mut by_worker: HashMap<usize, Vec<(Ws, u64)>> = HashMap::new();
-        let start = Instant::now();
-        while workers
-            .iter()
-            .any(|w| by_worker.get(w).map_or(0, Vec::len) < per)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "spread too uneven"
-            );
-            let mut ws = Ws::connect(self.addr);
-            let h = ws.recv_json();
-            let id = h["id"].as_u64().unwrap();
-            let w = worker_of(id);
-            let list = by_worker.entry(w).or_default();
-            if workers.contains(&w) && list.len() < per {
-                list.push((ws, id));
-            }
-        }
-        by_worker
+    fn clients_on(&self, workers: &[usize], per: usize) -> Clients {
+        spread(|| Ws::connect(self.addr), workers, per)
     }
 
     fn metric(&self, name: &str) -> u64 {
@@ -120,25 +101,6 @@ impl Drop for Workers {
             let _ = p.kill();
             let _ = p.wait();
         }
-    }
-}
-
-fn worker_of(id: u64) -> usize {
-    ((id >> 30) & 0xff) as usize
-}
-
-/// Waits until `ws` sees `room` with `want` members on the whole server (counts travel the bus).
-fn await_count(ws: &mut Ws, room: &str, want: u64) {
-    let start = Instant::now();
-    loop {
-        ws.send_json(json!({"op": "count", "room": room}));
-        let c = ws.recv_json();
-        assert_eq!(c["op"], "count", "{c}");
-        if c["members"] == want {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{room}: {c}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -239,54 +201,6 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
         (e["code"].as_str(), e["ref"].as_u64()),
         (Some("no_such_connection"), Some(2))
     );
-}
-
-/// Every client joins `room` (and reads its reply).
-fn join_all<'a>(clients: impl IntoIterator<Item = &'a mut (Ws, u64)>, room: &str) {
-    for (ws, _) in clients {
-        ws.send_json(json!({"op": "join", "room": room}));
-        assert_eq!(ws.recv_json()["op"], "joined");
-    }
-}
-
-/// `publisher` publishes `n` messages tagged `tag`; every other client in `members` receives
-/// each exactly once, in order, and nothing else.
-fn publish_and_check(
-    c: &mut HashMap<usize, Vec<(Ws, u64)>>,
-    publisher: (usize, usize),
-    members: &[usize],
-    tag: &str,
-    n: u64,
-) {
-    let pws = &mut c.get_mut(&publisher.0).unwrap()[publisher.1].0;
-    for seq in 0..n {
-        pws.send_json(json!({"op": "publish", "room": "all", "data": {"seq": seq, "tag": tag}}));
-    }
-    for &w in members {
-        for (i, (ws, _)) in c.get_mut(&w).unwrap().iter_mut().enumerate() {
-            if (w, i) == publisher {
-                continue;
-            }
-            for seq in 0..n {
-                let m = ws.recv_json();
-                assert_eq!(
-                    (
-                        m["op"].as_str(),
-                        m["data"]["tag"].as_str(),
-                        m["data"]["seq"].as_u64()
-                    ),
-                    (Some("message"), Some(tag), Some(seq)),
-                    "worker {w} client {i}"
-                );
-            }
-            ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
-            assert_eq!(
-                ws.recv_json()["ref"],
-                "sync",
-                "worker {w} client {i}: extra message"
-            );
-        }
-    }
 }
 
 #[test]

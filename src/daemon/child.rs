@@ -11,9 +11,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::config::Config;
+use super::sizing::Sizing;
 
-/// The argv the child runs.
-pub fn argv(config: &Config, exe: &Path) -> Vec<String> {
+/// The argv worker `worker` of `sizing.workers` runs (a custom command is one child).
+pub fn argv(config: &Config, exe: &Path, sizing: &Sizing, worker: usize) -> Vec<String> {
     if let Some(cmd) = &config.child.command {
         return cmd.clone();
     }
@@ -30,8 +31,16 @@ pub fn argv(config: &Config, exe: &Path) -> Vec<String> {
         "--max-message-size".into(),
         s.max_message_size.to_string(),
     ];
-    if let Some(t) = s.threads {
-        v.extend(["--threads".into(), t.to_string()]);
+    v.extend(["--threads".into(), sizing.threads.to_string()]);
+    if sizing.workers > 1 {
+        v.extend([
+            "--workers".into(),
+            sizing.workers.to_string(),
+            "--worker".into(),
+            worker.to_string(),
+            "--bus-dir".into(),
+            config.bus_dir().display().to_string(),
+        ]);
     }
     v
 }

@@ -76,7 +76,13 @@ pub struct Child {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerOptions {
+    /// Worker processes; `None` sizes them from RLIMIT_NOFILE, target_connections and cores.
+    pub workers: Option<usize>,
+    /// Event loops per worker; `None`: one per core in total.
     pub threads: Option<usize>,
+    /// Where workers keep their bus sockets and metrics snapshots; default: `bus/` next to
+    /// the status file (under the unit: /run/tunegate/bus).
+    pub bus_dir: Option<PathBuf>,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub max_message_size: usize,
@@ -128,7 +134,9 @@ impl Default for Config {
 impl Default for ServerOptions {
     fn default() -> ServerOptions {
         ServerOptions {
+            workers: None,
             threads: None,
+            bus_dir: None,
             ping_interval_ms: 25_000,
             ping_timeout_ms: 20_000,
             max_message_size: 1 << 20,
@@ -158,6 +166,16 @@ impl Default for Drift {
 }
 
 impl Config {
+    /// Where the bundled server's workers meet.
+    pub fn bus_dir(&self) -> PathBuf {
+        self.server.bus_dir.clone().unwrap_or_else(|| {
+            self.status_file
+                .parent()
+                .unwrap_or(Path::new("/run/tunegate"))
+                .join("bus")
+        })
+    }
+
     /// The mode in force after `auto` is resolved.
     pub fn effective_mode(&self) -> Mode {
         match self.mode {
@@ -243,6 +261,30 @@ impl Config {
                 "restart: max_crashes and crash_window_s must be above 0".into(),
             ));
         }
+        let max_workers = crate::server::MAX_WORKERS;
+        if self
+            .server
+            .workers
+            .is_some_and(|w| w == 0 || w > max_workers)
+        {
+            return Err(at(
+                &["server", "workers"],
+                format!(
+                    "server.workers must be 1..={max_workers} (or absent: sized automatically)"
+                ),
+            ));
+        }
+        let max_threads = crate::server::event_loop::MAX_NODES;
+        if self
+            .server
+            .threads
+            .is_some_and(|t| t == 0 || t > max_threads)
+        {
+            return Err(at(
+                &["server", "threads"],
+                format!("server.threads must be 1..={max_threads} (or absent: one per core)"),
+            ));
+        }
         if self.server.ping_interval_ms == 0 || self.server.ping_timeout_ms == 0 {
             return Err(at(
                 &["server"],
@@ -281,6 +323,9 @@ mod tests {
         let e = Config::parse("t.yaml", "profile: default\nignore: [all]\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("one by one"), "{e}");
+        let e = Config::parse("t.yaml", "server:\n  workers: 0\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("server.workers"), "{e}");
         let e = Config::parse("t.yaml", "restart:\n  max_crashes: 0\n").unwrap_err();
         assert!(e.message.contains("max_crashes"), "{e}");
     }

@@ -1,9 +1,10 @@
 //! `tunegate run`: the service. The only module that knows both sides of tunegate.
 //!
 //! load config and profile -> preflight -> apply what is missing (raise-only, journaled) ->
-//! preflight again -> gate (enforce or warn) -> start the child -> wait until it listens ->
-//! check what it really got (limits, accept queue) -> READY=1 -> supervise: restart with
-//! backoff, stop on SIGTERM, reload on SIGHUP, re-check for drift.
+//! preflight again -> gate (enforce or warn) -> size the workers (`sizing`) -> start them ->
+//! wait until every one listens -> check what they really got (limits, accept queue) ->
+//! READY=1 -> supervise: a worker that dies is restarted alone, with backoff, while the others
+//! keep their connections; stop on SIGTERM, reload on SIGHUP, re-check for drift.
 //!
 //! One thread (tokio's current-thread runtime): children must be forked from a thread that
 //! lives as long as the daemon, or PR_SET_PDEATHSIG would kill them when a worker thread exits.
@@ -12,14 +13,17 @@ pub mod child;
 pub mod config;
 pub mod log;
 pub mod notify;
+pub mod sizing;
 pub mod status;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 use crate::apply::{self, Paths, Plan};
 use crate::host::{self, Host};
@@ -29,7 +33,8 @@ use crate::tunables::SysctlKey;
 use config::{Config, Mode, RestartPolicy};
 use log::Log;
 use notify::Notifier;
-use status::{Status, now};
+use sizing::{Fixed, Sizing};
+use status::{Status, WorkerStatus, now};
 
 pub struct Options {
     pub config_path: PathBuf,
@@ -57,15 +62,43 @@ struct Daemon {
     notify: Notifier,
     status: Status,
     exe: PathBuf,
-    crashes: VecDeque<Instant>,
-    consecutive_failures: u32,
+    sizing: Sizing,
+    slots: Vec<Slot>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    ready_sent: bool,
     last_values: HashMap<String, String>,
 }
 
-enum Event {
-    Exited(std::process::ExitStatus),
-    Stop(&'static str),
-    Reload,
+/// One worker process (or the one custom child) and its history.
+#[derive(Default)]
+struct Slot {
+    pid: Option<u32>,
+    started: Option<Instant>,
+    listening: bool,
+    /// It must listen by then, or it is stopped and counted as failed.
+    ready_by: Option<Instant>,
+    /// It was stopped for never listening: a failure, whatever status it exits with.
+    not_ready: bool,
+    /// We asked it to stop so it can be replaced (reload); its exit is not a failure.
+    replacing: bool,
+    /// Marked for a rolling replacement once every worker listens.
+    stale: bool,
+    /// SIGKILL it if it is still there then (it ignored our SIGTERM).
+    kill_at: Option<Instant>,
+    restart_at: Option<Instant>,
+    restarts: u64,
+    crashes: VecDeque<Instant>,
+    consecutive_failures: u32,
+    last_exit: Option<String>,
+}
+
+/// A child ended: (slot, pid, how).
+type Exit = (usize, u32, std::io::Result<std::process::ExitStatus>);
+
+/// What ends the daemon.
+enum End {
+    Code(u8),
 }
 
 impl Daemon {
@@ -79,6 +112,7 @@ impl Daemon {
             listen: config.listen.to_string(),
             ..Status::default()
         };
+        let (exits_tx, exits) = mpsc::unbounded_channel();
         Daemon {
             opts,
             config,
@@ -87,8 +121,11 @@ impl Daemon {
             notify: Notifier::from_env(),
             status,
             exe: std::env::current_exe().unwrap_or_else(|_| "tunegate".into()),
-            crashes: VecDeque::new(),
-            consecutive_failures: 0,
+            sizing: Sizing::default(),
+            slots: Vec::new(),
+            exits_tx,
+            exits,
+            ready_sent: false,
             last_values: HashMap::new(),
         }
     }
@@ -96,10 +133,43 @@ impl Daemon {
     fn save_status(&mut self, state: &str, message: &str) {
         self.status.state = state.into();
         self.status.message = message.into();
+        self.refresh_status();
         if let Err(e) = self.status.save(&self.config.status_file) {
             self.log.warn(&format!("cannot write status file: {e:#}"));
         }
         self.notify.status(&format!("{state}: {message}"));
+    }
+
+    /// Copies the slots into the status (saved by the caller).
+    fn refresh_status(&mut self) {
+        self.status.workers = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, s)| WorkerStatus {
+                index,
+                pid: s.pid,
+                started_at: s
+                    .started
+                    .map(|t| now().saturating_sub(t.elapsed().as_secs())),
+                listening: s.listening,
+                restarts: s.restarts,
+                last_exit: s.last_exit.clone(),
+            })
+            .collect();
+        self.status.child_pid = self.slots.first().and_then(|s| s.pid);
+        self.status.child_started_at = self.status.workers.first().and_then(|w| w.started_at);
+        self.status.restarts = self.slots.iter().map(|s| s.restarts).sum();
+        self.status.ready = self.ready_sent && self.slots.iter().all(|s| s.listening);
+    }
+
+    /// "the child" when there is one, "worker N" among several.
+    fn name(&self, i: usize) -> String {
+        if self.slots.len() == 1 {
+            "the child".into()
+        } else {
+            format!("worker {i}")
+        }
     }
 
     async fn main(mut self) -> anyhow::Result<u8> {
@@ -126,188 +196,398 @@ impl Daemon {
             self.save_status("gated", &msg);
             return Ok(1);
         }
+        self.size_workers();
+        if let Err(e) = self.prepare_bus_dir() {
+            let msg = format!("{e:#}");
+            self.log.err(&msg);
+            self.save_status("failed", &msg);
+            return Ok(1);
+        }
+        self.slots = (0..self.sizing.workers).map(|_| Slot::default()).collect();
+        for i in 0..self.slots.len() {
+            if let Err(code) = self.start_worker(i).await {
+                return Ok(code);
+            }
+        }
 
         let mut drift =
             tokio::time::interval(Duration::from_secs(self.config.drift.interval_s.max(1)));
         drift.reset();
         let mut watchdog =
             tokio::time::interval(self.notify.watchdog.unwrap_or(Duration::from_secs(3600)));
-        let mut ready_sent = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
-            let argv = child::argv(&self.config, &self.exe);
-            let mut kid = match child::spawn(&self.config, &argv) {
-                Ok(k) => k,
-                Err(e) => {
-                    self.log.err(&format!("{e:#}"));
-                    self.save_status("failed", &format!("{e:#}"));
-                    return Ok(1);
+            let ended = tokio::select! {
+                Some((i, pid, st)) = self.exits.recv() => self.on_exit(i, pid, st?).await,
+                _ = term.recv() => Some(self.stop_all("SIGTERM").await),
+                _ = int.recv() => Some(self.stop_all("SIGINT").await),
+                _ = hup.recv() => self.reload().await,
+                _ = watchdog.tick() => { self.notify.send("WATCHDOG=1"); None }
+                _ = drift.tick() => {
+                    if self.config.drift.interval_s > 0 && self.ready_sent {
+                        self.check_drift();
+                    }
+                    None
                 }
+                _ = tick.tick() => self.on_tick().await,
             };
-            let pid = kid.id().unwrap_or(0);
-            let started = Instant::now();
-            self.status.child_pid = Some(pid);
-            self.status.child_started_at = Some(now());
-            self.status.child_command = argv.clone();
-            self.status.ready = false;
-            self.log
-                .info(&format!("child started: pid {pid}: {}", argv.join(" ")));
-            self.save_status(
-                "starting",
-                &format!(
-                    "child {pid} started, waiting for it to listen on {}",
-                    self.config.listen
-                ),
-            );
-
-            // Wait until it listens, it dies, or we are told to stop.
-            let ready_by = Instant::now() + Duration::from_millis(self.config.ready_timeout_ms);
-            let mut poll = tokio::time::interval(Duration::from_millis(50));
-            let mut event = None;
-            let mut listening = false;
-            // A child stopped for never listening has failed, whatever status it exits with.
-            let mut not_ready = false;
-            while !listening && event.is_none() {
-                tokio::select! {
-                    st = kid.wait() => event = Some(Event::Exited(st?)),
-                    _ = term.recv() => event = Some(Event::Stop("SIGTERM")),
-                    _ = int.recv() => event = Some(Event::Stop("SIGINT")),
-                    _ = watchdog.tick() => self.notify.send("WATCHDOG=1"),
-                    _ = poll.tick() => {
-                        listening = self.check_listening(pid);
-                        if !listening && Instant::now() > ready_by {
-                            self.log.err(&format!(
-                                "child {pid} did not listen on {} within {} ms; stopping it",
-                                self.config.listen, self.config.ready_timeout_ms
-                            ));
-                            self.stop_child(&mut kid, pid).await;
-                            not_ready = true;
-                            event = Some(Event::Exited(kid.wait().await?));
-                        }
-                    }
-                }
-            }
-            if listening {
-                self.verify_child(pid);
-                self.status.ready = true;
-                let msg = format!(
-                    "serving on {} (child {pid}, profile {}, {} failing check(s))",
-                    self.config.listen,
-                    self.profile.name,
-                    self.status.failing_checks.len()
-                );
-                self.log.notice(&msg);
-                // The status file first, so `tunegate status` agrees with systemd at once.
-                self.save_status("running", &msg);
-                if !ready_sent {
-                    self.notify
-                        .send(&format!("READY=1\nMAINPID={}", std::process::id()));
-                    ready_sent = true;
-                }
-                while event.is_none() {
-                    tokio::select! {
-                        st = kid.wait() => event = Some(Event::Exited(st?)),
-                        _ = term.recv() => event = Some(Event::Stop("SIGTERM")),
-                        _ = int.recv() => event = Some(Event::Stop("SIGINT")),
-                        _ = hup.recv() => event = Some(Event::Reload),
-                        _ = watchdog.tick() => self.notify.send("WATCHDOG=1"),
-                        _ = drift.tick() => {
-                            if self.config.drift.interval_s > 0 {
-                                self.check_drift();
-                            }
-                        }
-                    }
-                    if let Some(Event::Reload) = event {
-                        event = self.reload(pid);
-                    }
-                }
-            }
-
-            match event.expect("loop ends with an event") {
-                Event::Stop(why) => {
-                    self.log.notice(&format!("{why}: stopping child {pid}"));
-                    self.notify.send("STOPPING=1");
-                    self.save_status("stopping", why);
-                    self.stop_child(&mut kid, pid).await;
-                    self.status.child_pid = None;
-                    self.save_status("stopped", why);
-                    return Ok(0);
-                }
-                Event::Reload => unreachable!("handled in the loop"),
-                Event::Exited(st) => {
-                    let ran = started.elapsed();
-                    self.status.child_pid = None;
-                    let how = if not_ready {
-                        format!("never listened ({})", describe(&st))
-                    } else {
-                        describe(&st)
-                    };
-                    let failed = !st.success() || not_ready;
-                    match (self.config.restart.policy, failed) {
-                        (RestartPolicy::Never, _) | (RestartPolicy::OnFailure, false) => {
-                            self.log.notice(&format!(
-                                "child {pid} {how}; not restarting ({:?})",
-                                self.config.restart.policy
-                            ));
-                            self.save_status("stopped", &format!("child {how}"));
-                            return Ok(if failed { 1 } else { 0 });
-                        }
-                        _ => {}
-                    }
-                    if ran > Duration::from_secs(self.config.restart.crash_window_s) {
-                        self.consecutive_failures = 0;
-                    }
-                    if failed {
-                        self.consecutive_failures += 1;
-                        let window = Duration::from_secs(self.config.restart.crash_window_s);
-                        self.crashes.push_back(Instant::now());
-                        while self.crashes.front().is_some_and(|t| t.elapsed() > window) {
-                            self.crashes.pop_front();
-                        }
-                        if self.crashes.len() as u32 >= self.config.restart.max_crashes {
-                            let msg = format!(
-                                "crash loop: the child failed {} times within {} s (last: {how}); giving up",
-                                self.crashes.len(),
-                                self.config.restart.crash_window_s
-                            );
-                            self.log.err(&msg);
-                            self.save_status("failed", &msg);
-                            return Ok(1);
-                        }
-                    }
-                    let delay = self.backoff();
-                    self.status.restarts += 1;
-                    self.log.warn(&format!(
-                        "child {pid} {how} after {:.1} s; restarting in {} ms",
-                        ran.as_secs_f64(),
-                        delay.as_millis()
-                    ));
-                    self.save_status(
-                        "restarting",
-                        &format!("child {how}; restart in {} ms", delay.as_millis()),
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = term.recv() => { self.save_status("stopped", "SIGTERM while restarting"); return Ok(0); }
-                        _ = int.recv() => { self.save_status("stopped", "SIGINT while restarting"); return Ok(0); }
-                    }
-                }
+            if let Some(End::Code(code)) = ended {
+                return Ok(code);
             }
         }
     }
 
-    /// Exponential backoff with ±20 % jitter, so a fleet does not restart in lockstep.
-    fn backoff(&self) -> Duration {
-        let r = &self.config.restart;
-        let exp = self.consecutive_failures.saturating_sub(1).min(20);
-        let base = r
-            .initial_backoff_ms
-            .saturating_mul(1 << exp)
-            .min(r.max_backoff_ms);
-        let mut seed = [0u8; 2];
-        let _ = std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
-        let jitter = u16::from_ne_bytes(seed) as f64 / u16::MAX as f64 * 0.4 - 0.2;
-        Duration::from_millis(((base as f64) * (1.0 + jitter)).max(1.0) as u64)
+    /// Decides the worker count and event loops (docs/daemon.md, "Workers").
+    fn size_workers(&mut self) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let custom = self.config.child.command.is_some();
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
+        let fixed = Fixed {
+            workers: if custom {
+                Some(1)
+            } else {
+                self.config.server.workers
+            },
+            threads: self.config.server.threads,
+        };
+        self.sizing = sizing::size(
+            nofile,
+            self.profile.target_connections,
+            cores,
+            fixed,
+            crate::server::MAX_WORKERS,
+        );
+        if custom {
+            self.sizing.explanation = "1 child: a custom command runs as configured".into();
+        } else {
+            self.log
+                .notice(&format!("sizing: {}", self.sizing.explanation));
+            if let Some(short) = &self.sizing.shortfall {
+                self.log.warn(&format!("sizing: {short}"));
+            }
+        }
+        self.status.sizing = Some(self.sizing.clone());
+    }
+
+    /// The workers' meeting place: ours alone, emptied of any earlier run's sockets and
+    /// snapshots, owned by the user the workers run as.
+    fn prepare_bus_dir(&self) -> anyhow::Result<()> {
+        if self.sizing.workers < 2 || self.config.child.command.is_some() {
+            return Ok(());
+        }
+        let dir = self.config.bus_dir();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the bus directory {}", dir.display()))?;
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = (name.starts_with("worker-") && name.ends_with(".sock"))
+                || (name.starts_with("metrics-") && name.ends_with(".json"))
+                || (name.starts_with(".metrics-") && name.ends_with(".tmp"));
+            if ours {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(user) = &self.config.child.user
+            && host::running_as_root()
+            && let Ok(Some(u)) = nix::unistd::User::from_name(user)
+        {
+            nix::unistd::chown(&dir, Some(u.uid), Some(u.gid))
+                .with_context(|| format!("cannot hand {} to {user}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Starts worker `i`; a failure to start at all ends the daemon (`Err(exit code)`).
+    async fn start_worker(&mut self, i: usize) -> Result<(), u8> {
+        let argv = child::argv(&self.config, &self.exe, &self.sizing, i);
+        let mut kid = match child::spawn(&self.config, &argv) {
+            Ok(k) => k,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.log.err(&msg);
+                self.stop_all_quietly().await;
+                self.save_status("failed", &msg);
+                return Err(1);
+            }
+        };
+        let pid = kid.id().unwrap_or(0);
+        let tx = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let st = kid.wait().await;
+            let _ = tx.send((i, pid, st));
+        });
+        let ready_timeout = Duration::from_millis(self.config.ready_timeout_ms);
+        let slot = &mut self.slots[i];
+        slot.pid = Some(pid);
+        slot.started = Some(Instant::now());
+        slot.listening = false;
+        slot.not_ready = false;
+        slot.replacing = false;
+        slot.kill_at = None;
+        slot.restart_at = None;
+        slot.ready_by = Some(Instant::now() + ready_timeout);
+        self.status.child_command = argv.clone();
+        let name = self.name(i);
+        self.log
+            .info(&format!("{name} started: pid {pid}: {}", argv.join(" ")));
+        self.save_status(
+            if self.ready_sent {
+                "running"
+            } else {
+                "starting"
+            },
+            &format!(
+                "{name} ({pid}) started, waiting for it to listen on {}",
+                self.config.listen
+            ),
+        );
+        Ok(())
+    }
+
+    /// Every 50 ms: readiness of new workers, due restarts, overdue stops, rolling replacement.
+    async fn on_tick(&mut self) -> Option<End> {
+        let now_i = Instant::now();
+        for i in 0..self.slots.len() {
+            let Some(pid) = self.slots[i].pid else {
+                if self.slots[i].restart_at.is_some_and(|t| t <= now_i)
+                    && let Err(code) = self.start_worker(i).await
+                {
+                    return Some(End::Code(code));
+                }
+                continue;
+            };
+            if self.slots[i].kill_at.is_some_and(|t| t <= now_i) {
+                self.log.warn(&format!(
+                    "{} ({pid}) ignored SIGTERM for {} ms: SIGKILL",
+                    self.name(i),
+                    self.config.stop_grace_ms
+                ));
+                child::signal_group(pid, Signal::SIGKILL);
+                self.slots[i].kill_at = None;
+            }
+            if self.slots[i].listening || self.slots[i].not_ready {
+                continue;
+            }
+            if self.check_listening(pid) {
+                self.slots[i].listening = true;
+                self.verify_child(pid);
+                if self.ready_sent {
+                    let msg = format!("{} ({pid}) listens again", self.name(i));
+                    self.log.notice(&msg);
+                    self.save_status("running", &msg);
+                }
+            } else if self.slots[i].ready_by.is_some_and(|t| t < now_i) {
+                self.log.err(&format!(
+                    "{} ({pid}) did not listen on {} within {} ms; stopping it",
+                    self.name(i),
+                    self.config.listen,
+                    self.config.ready_timeout_ms
+                ));
+                self.slots[i].not_ready = true;
+                self.terminate(i);
+            }
+        }
+        if !self.ready_sent && self.slots.iter().all(|s| s.listening) {
+            self.ready_sent = true;
+            let pids: Vec<String> = self
+                .slots
+                .iter()
+                .filter_map(|s| s.pid.map(|p| p.to_string()))
+                .collect();
+            let msg = format!(
+                "serving on {} ({} {}, profile {}, {} failing check(s))",
+                self.config.listen,
+                if pids.len() == 1 { "child" } else { "workers" },
+                pids.join(", "),
+                self.profile.name,
+                self.status.failing_checks.len()
+            );
+            self.log.notice(&msg);
+            // The status file first, so `tunegate status` agrees with systemd at once.
+            self.save_status("running", &msg);
+            self.notify
+                .send(&format!("READY=1\nMAINPID={}", std::process::id()));
+        }
+        // A reload replaces workers one at a time, each once all the others listen, so the
+        // port never stops answering.
+        if self
+            .slots
+            .iter()
+            .all(|s| s.listening && !s.replacing && s.pid.is_some())
+            && let Some(i) = self.slots.iter().position(|s| s.stale)
+        {
+            self.slots[i].stale = false;
+            self.slots[i].replacing = true;
+            self.log
+                .notice(&format!("replacing {} for the new settings", self.name(i)));
+            self.terminate(i);
+        }
+        None
+    }
+
+    /// SIGTERM to slot `i`'s process group; SIGKILL follows after the grace period.
+    fn terminate(&mut self, i: usize) {
+        if let Some(pid) = self.slots[i].pid {
+            child::signal_group(pid, Signal::SIGTERM);
+            self.slots[i].kill_at =
+                Some(Instant::now() + Duration::from_millis(self.config.stop_grace_ms));
+        }
+    }
+
+    /// A child ended. Restarts it alone (the others keep their connections), or ends the
+    /// daemon when the policy says so or it is crash-looping.
+    async fn on_exit(&mut self, i: usize, pid: u32, st: std::process::ExitStatus) -> Option<End> {
+        if self.slots[i].pid != Some(pid) {
+            return None;
+        }
+        // Anything it left in its group goes too.
+        child::signal_group(pid, Signal::SIGKILL);
+        let name = self.name(i);
+        let slot = &mut self.slots[i];
+        let ran = slot.started.map_or(Duration::ZERO, |t| t.elapsed());
+        slot.pid = None;
+        slot.listening = false;
+        slot.kill_at = None;
+        let how = if slot.not_ready {
+            format!("never listened ({})", describe(&st))
+        } else {
+            describe(&st)
+        };
+        slot.last_exit = Some(how.clone());
+        if slot.replacing {
+            slot.replacing = false;
+            slot.restart_at = Some(Instant::now());
+            self.log
+                .info(&format!("{name} ({pid}) {how}; starting its replacement"));
+            return None;
+        }
+        let failed = !st.success() || slot.not_ready;
+        match (self.config.restart.policy, failed) {
+            (RestartPolicy::Never, _) | (RestartPolicy::OnFailure, false) => {
+                self.log.notice(&format!(
+                    "{name} ({pid}) {how}; not restarting ({:?})",
+                    self.config.restart.policy
+                ));
+                self.stop_all_quietly().await;
+                self.save_status("stopped", &format!("{name} {how}"));
+                return Some(End::Code(if failed { 1 } else { 0 }));
+            }
+            _ => {}
+        }
+        let window = Duration::from_secs(self.config.restart.crash_window_s);
+        if ran > window {
+            slot.consecutive_failures = 0;
+        }
+        if failed {
+            slot.consecutive_failures += 1;
+            slot.crashes.push_back(Instant::now());
+            while slot.crashes.front().is_some_and(|t| t.elapsed() > window) {
+                slot.crashes.pop_front();
+            }
+            if slot.crashes.len() as u32 >= self.config.restart.max_crashes {
+                let msg = format!(
+                    "crash loop: {name} failed {} times within {} s (last: {how}); giving up",
+                    slot.crashes.len(),
+                    self.config.restart.crash_window_s
+                );
+                self.log.err(&msg);
+                self.stop_all_quietly().await;
+                self.save_status("failed", &msg);
+                return Some(End::Code(1));
+            }
+        }
+        let delay = backoff(&self.config.restart, slot.consecutive_failures);
+        slot.restarts += 1;
+        slot.restart_at = Some(Instant::now() + delay);
+        let others = self.slots.iter().filter(|s| s.pid.is_some()).count();
+        let msg = format!(
+            "{name} ({pid}) {how} after {:.1} s; restarting in {} ms{}",
+            ran.as_secs_f64(),
+            delay.as_millis(),
+            if self.slots.len() > 1 {
+                format!("; the other {others} worker(s) keep serving")
+            } else {
+                String::new()
+            }
+        );
+        self.log.warn(&msg);
+        self.save_status(
+            if self.slots.len() > 1 && self.ready_sent {
+                "running"
+            } else {
+                "restarting"
+            },
+            &msg,
+        );
+        None
+    }
+
+    /// SIGTERM or SIGINT: stop every child (grace, then SIGKILL) and end with 0.
+    async fn stop_all(&mut self, why: &'static str) -> End {
+        self.log.notice(&format!("{why}: stopping the children"));
+        self.notify.send("STOPPING=1");
+        self.save_status("stopping", why);
+        self.stop_all_quietly().await;
+        self.save_status("stopped", why);
+        End::Code(0)
+    }
+
+    /// SIGTERM to every child's group, the grace period, SIGKILL to what is left; reaps all.
+    async fn stop_all_quietly(&mut self) {
+        let groups: Vec<u32> = self.slots.iter().filter_map(|s| s.pid).collect();
+        for &pid in &groups {
+            child::signal_group(pid, Signal::SIGTERM);
+        }
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        let grace = Duration::from_millis(self.config.stop_grace_ms);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.slots.iter().any(|s| s.pid.is_some()) {
+            match tokio::time::timeout_at(deadline, self.exits.recv()).await {
+                Ok(Some((i, pid, st))) => {
+                    if self.slots[i].pid == Some(pid) {
+                        let how = st.map(|s| describe(&s)).unwrap_or_else(|e| e.to_string());
+                        self.log.info(&format!("{} ({pid}) {how}", self.name(i)));
+                        self.slots[i].pid = None;
+                        self.slots[i].listening = false;
+                        self.slots[i].last_exit = Some(how);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    for (i, s) in self.slots.iter().enumerate() {
+                        if let Some(pid) = s.pid {
+                            self.log.warn(&format!(
+                                "{} ({pid}) ignored SIGTERM for {} ms: SIGKILL",
+                                self.name(i),
+                                grace.as_millis()
+                            ));
+                            child::signal_group(pid, Signal::SIGKILL);
+                        }
+                    }
+                    // SIGKILL cannot be ignored: the exits follow promptly.
+                    let more = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while self.slots.iter().any(|s| s.pid.is_some()) {
+                        match tokio::time::timeout_at(more, self.exits.recv()).await {
+                            Ok(Some((i, pid, _))) if self.slots[i].pid == Some(pid) => {
+                                self.slots[i].pid = None;
+                                self.slots[i].listening = false;
+                            }
+                            Ok(Some(_)) => {}
+                            _ => break,
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        // Anything left in their groups goes too.
+        for pid in groups {
+            child::signal_group(pid, Signal::SIGKILL);
+        }
     }
 
     /// Preflight, apply what is missing, preflight again, and log the gate's view.
@@ -464,44 +744,78 @@ impl Daemon {
         let _ = self.status.save(&self.config.status_file);
     }
 
-    /// SIGHUP: re-read config and profile, re-apply, pass HUP on. Returns an event when the
-    /// child has to be restarted for the new configuration to take effect.
-    fn reload(&mut self, pid: u32) -> Option<Event> {
+    /// SIGHUP: re-read config and profile, re-apply, pass HUP on. Workers whose command line
+    /// changed are replaced one at a time (the port keeps answering); a changed worker count
+    /// needs all of them replaced together, since the bus is sized for one count.
+    async fn reload(&mut self) -> Option<End> {
         self.notify.send("RELOADING=1");
         let root = host::running_as_root();
         let loaded = Config::load(&self.opts.config_path, self.opts.explicit, root)
             .map_err(anyhow::Error::from)
             .and_then(|c| Ok((profile::load(&c.profile, root)?, c)));
-        match loaded {
-            Ok((profile, config)) => {
-                let restart =
-                    child::argv(&config, &self.exe) != child::argv(&self.config, &self.exe);
-                self.config = config;
-                self.profile = profile;
-                self.status.profile = self.profile.name.clone();
-                if let Err(e) = self.tune_and_gate() {
-                    self.log.err(&format!("reload: {e:#}"));
-                }
-                self.log.notice(&format!(
-                    "reloaded configuration and profile {}",
-                    self.profile.name
-                ));
-                child::signal_group(pid, Signal::SIGHUP);
-                self.notify.send("READY=1");
-                let _ = self.status.save(&self.config.status_file);
-                if restart {
-                    self.log
-                        .notice("child settings changed: restarting the child");
-                    child::signal_group(pid, Signal::SIGTERM);
-                }
-            }
+        let (profile, config) = match loaded {
+            Ok(l) => l,
             Err(e) => {
                 self.log.err(&format!(
                     "reload refused, keeping the running configuration: {e:#}"
                 ));
                 self.notify.send("READY=1");
+                return None;
+            }
+        };
+        let old_argv: Vec<Vec<String>> = (0..self.slots.len())
+            .map(|i| child::argv(&self.config, &self.exe, &self.sizing, i))
+            .collect();
+        let old_workers = self.sizing.workers;
+        self.config = config;
+        self.profile = profile;
+        self.status.profile = self.profile.name.clone();
+        if let Err(e) = self.tune_and_gate() {
+            self.log.err(&format!("reload: {e:#}"));
+        }
+        self.size_workers();
+        self.log.notice(&format!(
+            "reloaded configuration and profile {}",
+            self.profile.name
+        ));
+        for s in &self.slots {
+            if let Some(pid) = s.pid {
+                child::signal_group(pid, Signal::SIGHUP);
             }
         }
+        if self.sizing.workers != old_workers {
+            self.log.notice(&format!(
+                "worker count changes from {old_workers} to {}: restarting all workers",
+                self.sizing.workers
+            ));
+            self.stop_all_quietly().await;
+            if let Err(e) = self.prepare_bus_dir() {
+                let msg = format!("{e:#}");
+                self.log.err(&msg);
+                self.save_status("failed", &msg);
+                return Some(End::Code(1));
+            }
+            self.slots = (0..self.sizing.workers).map(|_| Slot::default()).collect();
+            self.ready_sent = false;
+            for i in 0..self.slots.len() {
+                if let Err(code) = self.start_worker(i).await {
+                    return Some(End::Code(code));
+                }
+            }
+        } else {
+            for (i, old) in old_argv.iter().enumerate() {
+                if &child::argv(&self.config, &self.exe, &self.sizing, i) != old {
+                    self.slots[i].stale = true;
+                }
+            }
+            if self.slots.iter().any(|s| s.stale) {
+                self.log
+                    .notice("child settings changed: replacing the child(ren) one at a time");
+            }
+            self.notify.send("READY=1");
+        }
+        self.refresh_status();
+        let _ = self.status.save(&self.config.status_file);
         None
     }
 
@@ -553,28 +867,20 @@ impl Daemon {
             }
         }
     }
+}
 
-    /// SIGTERM to the child's group, a grace period, then SIGKILL; reaps it.
-    async fn stop_child(&mut self, kid: &mut tokio::process::Child, pid: u32) {
-        child::signal_group(pid, Signal::SIGTERM);
-        let grace = Duration::from_millis(self.config.stop_grace_ms);
-        match tokio::time::timeout(grace, kid.wait()).await {
-            Ok(st) => {
-                let how = st.map(|s| describe(&s)).unwrap_or_else(|e| e.to_string());
-                self.log.info(&format!("child {pid} {how}"));
-            }
-            Err(_) => {
-                self.log.warn(&format!(
-                    "child {pid} ignored SIGTERM for {} ms: SIGKILL",
-                    grace.as_millis()
-                ));
-                child::signal_group(pid, Signal::SIGKILL);
-                let _ = kid.wait().await;
-            }
-        }
-        // Anything left in its group goes too.
-        child::signal_group(pid, Signal::SIGKILL);
-    }
+/// Exponential backoff with ±20 % jitter, so a fleet does not restart in lockstep.
+fn backoff(r: &config::Restart, consecutive_failures: u32) -> Duration {
+    let exp = consecutive_failures.saturating_sub(1).min(20);
+    let base = r
+        .initial_backoff_ms
+        .saturating_mul(1 << exp)
+        .min(r.max_backoff_ms);
+    let mut seed = [0u8; 2];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+    let jitter = u16::from_ne_bytes(seed) as f64 / u16::MAX as f64 * 0.4 - 0.2;
+    Duration::from_millis(((base as f64) * (1.0 + jitter)).max(1.0) as u64)
 }
 
 fn describe(st: &std::process::ExitStatus) -> String {

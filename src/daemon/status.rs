@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::sizing::Sizing;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
@@ -17,6 +19,11 @@ pub struct Status {
     pub ready: bool,
     pub failing_checks: Vec<String>,
     pub warnings: Vec<String>,
+    /// How many workers and why (the bundled server).
+    pub sizing: Option<Sizing>,
+    /// One entry per worker process (one for a custom command).
+    pub workers: Vec<WorkerStatus>,
+    /// The first worker's pid (the only child's, for a custom command).
     pub child_pid: Option<u32>,
     pub child_started_at: Option<u64>,
     pub child_command: Vec<String>,
@@ -24,6 +31,17 @@ pub struct Status {
     pub drifts: u64,
     pub last_drift_check: Option<u64>,
     pub message: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub index: usize,
+    pub pid: Option<u32>,
+    pub started_at: Option<u64>,
+    pub listening: bool,
+    pub restarts: u64,
+    /// How its last process ended.
+    pub last_exit: Option<String>,
 }
 
 pub fn now() -> u64 {
@@ -79,6 +97,27 @@ impl Status {
             self.restarts,
             self.child_command.join(" ")
         ));
+        if let Some(z) = &self.sizing {
+            s.push_str(&format!("sizing: {}\n", z.explanation));
+            if let Some(short) = &z.shortfall {
+                s.push_str(&format!("WARN {short}\n"));
+            }
+        }
+        if self.workers.len() > 1 {
+            for w in &self.workers {
+                s.push_str(&format!(
+                    "worker {}: pid {}, up {}, listening {}, restarts {}{}\n",
+                    w.index,
+                    w.pid.map_or("-".into(), |p| p.to_string()),
+                    age(w.started_at),
+                    w.listening,
+                    w.restarts,
+                    w.last_exit
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(", last {e}"))
+                ));
+            }
+        }
         s.push_str(&format!(
             "drifts {}, last drift check {} ago\n",
             self.drifts,

@@ -124,6 +124,21 @@ impl Netns {
             .expect("run tunegate in the namespace")
     }
 
+    /// A TCP connection made inside the namespace. A fresh thread joins the namespace,
+    /// connects and ends, so no test thread ever changes namespace; the socket stays in the
+    /// namespace it was made in, usable from any thread.
+    pub fn connect(&self, addr: std::net::SocketAddr) -> std::net::TcpStream {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            std::net::TcpStream::connect(addr)
+        })
+        .join()
+        .expect("connect thread")
+        .expect("connect inside the namespace")
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state.path().join("state")
     }

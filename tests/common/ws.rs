@@ -9,6 +9,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use super::bin;
 
 /// `tunegate serve` on a free loopback port; SIGKILLed on drop if still running.
@@ -356,4 +358,101 @@ fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
         },
         at + len,
     ))
+}
+
+/// Test clients by the worker that holds them: (client, its connection id).
+pub type Clients = std::collections::HashMap<usize, Vec<(Ws, u64)>>;
+
+/// The worker a connection id belongs to (bits 30..38, docs/protocol.md).
+pub fn worker_of(id: u64) -> usize {
+    ((id >> 30) & 0xff) as usize
+}
+
+/// Connects with `connect` until the kernel's SO_REUSEPORT spread has given each of `workers`
+/// `per` clients; connections landing elsewhere are closed. Bounded: 10 s.
+pub fn spread(connect: impl Fn() -> Ws, workers: &[usize], per: usize) -> Clients {
+    let mut by_worker = Clients::new();
+    let start = Instant::now();
+    while workers
+        .iter()
+        .any(|w| by_worker.get(w).map_or(0, Vec::len) < per)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "spread too uneven"
+        );
+        let mut ws = connect();
+        let id = ws.recv_json()["id"].as_u64().unwrap();
+        let w = worker_of(id);
+        if workers.contains(&w) {
+            let list = by_worker.entry(w).or_default();
+            if list.len() < per {
+                list.push((ws, id));
+            }
+        }
+    }
+    by_worker
+}
+
+/// Waits until `ws` sees `room` with `want` members on the whole server (counts travel the bus).
+pub fn await_count(ws: &mut Ws, room: &str, want: u64) {
+    let start = Instant::now();
+    loop {
+        ws.send_json(json!({"op": "count", "room": room}));
+        let c = ws.recv_json();
+        assert_eq!(c["op"], "count", "{c}");
+        if c["members"] == want {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{room}: {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every client joins `room` (and reads its reply).
+pub fn join_all<'a>(clients: impl IntoIterator<Item = &'a mut (Ws, u64)>, room: &str) {
+    for (ws, _) in clients {
+        ws.send_json(json!({"op": "join", "room": room}));
+        assert_eq!(ws.recv_json()["op"], "joined");
+    }
+}
+
+/// `publisher` publishes `n` messages tagged `tag`; every other client in `members` receives
+/// each exactly once, in order, and nothing else.
+pub fn publish_and_check(
+    c: &mut Clients,
+    publisher: (usize, usize),
+    members: &[usize],
+    tag: &str,
+    n: u64,
+) {
+    let pws = &mut c.get_mut(&publisher.0).unwrap()[publisher.1].0;
+    for seq in 0..n {
+        pws.send_json(json!({"op": "publish", "room": "all", "data": {"seq": seq, "tag": tag}}));
+    }
+    for &w in members {
+        for (i, (ws, _)) in c.get_mut(&w).unwrap().iter_mut().enumerate() {
+            if (w, i) == publisher {
+                continue;
+            }
+            for seq in 0..n {
+                let m = ws.recv_json();
+                assert_eq!(
+                    (
+                        m["op"].as_str(),
+                        m["data"]["tag"].as_str(),
+                        m["data"]["seq"].as_u64()
+                    ),
+                    (Some("message"), Some(tag), Some(seq)),
+                    "worker {w} client {i}"
+                );
+            }
+            ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
+            assert_eq!(
+                ws.recv_json()["ref"],
+                "sync",
+                "worker {w} client {i}: extra message"
+            );
+        }
+    }
 }
