@@ -28,6 +28,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+bench_name=idle-memory
+client_prefix=()
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 threads=${TUNEGATE_THREADS:-1}
@@ -48,9 +52,6 @@ quiet_samples=3
 # Ping interval far beyond the run, so no heartbeat traffic touches the idle connections.
 ping_interval_ms=600000
 
-log() { printf 'idle-memory: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 [[ -x $bin ]] || die "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 [[ $conns =~ ^[0-9]+$ && $warmup =~ ^[0-9]+$ && $threads =~ ^[0-9]+$ ]] \
@@ -68,18 +69,6 @@ nofile=$(ulimit -n)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-idle-memory.XXXXXX")
 pids=()
-
-stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the grace period
-    local pid=$1 grace=${2:-10} i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "pid $pid ignored SIGTERM for ${grace}s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-}
 
 cleanup() {
     local pid
@@ -114,7 +103,6 @@ for peer in $peers; do
 done
 
 # ---- readings ------------------------------------------------------------------------------
-kb_field() { awk -v k="$2:" '$1 == k { print $2; f = 1 } END { if (!f) print 0 }' "$1"; }
 # VmRSS is the headline number (what `ps`/`top` show and what an operator budgets); RssAnon and
 # smaps_rollup's Private_Dirty/Anonymous go into the JSON: they leave out file-backed pages
 # (the binary, libnode, libpython) that could be shared or dropped.
@@ -163,51 +151,6 @@ start_server() {  # start_server NAME CMD...: sets server_pid and port
     cat "$work/$name.log" >&2
     die "$name did not print its listening address within 10 s"
 }
-
-# status_field FILE KEY: one value from a client's status line; empty if the client has not
-# written its file yet (never a failure: callers run under set -e and pipefail).
-status_field() {
-    [[ -f $1 ]] || return 0
-    sed -n "s/.* $2=\([^ ]*\).*/\1/p; s/^$2=\([^ ]*\).*/\1/p" "$1" | head -n1 || true
-}
-
-# run_clients NAME COUNT FIRST_INDEX HOLD EXPECT_HELLO: starts ceil(COUNT/per_client) clients
-# in the background; their ids go to client_pids, their status files to client_status.
-run_clients() {
-    local name=$1 count=$2 first=$3 hold=$4 hello=$5 i n
-    client_pids=() client_status=()
-    for ((i = 0; i * per_client < count; i++)); do
-        n=$((count - i * per_client < per_client ? count - i * per_client : per_client))
-        client_status+=("$work/$name.client$i.status")
-        python3 "$root/bench/hold_idle.py" --port "$port" -n "$n" \
-            --first-index $((first + i * per_client)) $hello --hold "$hold" \
-            --connect-timeout "$connect_timeout" --status "${client_status[-1]}" \
-            2>>"$work/$name.clients.log" &
-        client_pids+=($!)
-        pids+=($!)
-    done
-}
-
-# wait_clients PHASE TIMEOUT: until every client reports PHASE (or "done"); prints the open
-# connections summed over clients. Returns 1 on timeout.
-wait_clients() {
-    local want=$1 timeout=$2 i f ph all open=0 v
-    for ((i = 0; i < timeout * 5; i++)); do
-        all=1 open=0
-        for f in "${client_status[@]}"; do
-            ph=$(status_field "$f" phase)
-            [[ $ph == "$want" || $ph == done ]] || all=0
-            v=$(status_field "$f" open)
-            open=$((open + ${v:-0}))
-        done
-        ((all)) && { echo "$open"; return 0; }
-        sleep 0.2
-    done
-    echo "$open"
-    return 1
-}
-
-client_errors() { local f; for f in "${client_status[@]}"; do status_field "$f" errors; done | paste -sd' '; }
 
 tunegate_metric() { curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 
