@@ -47,6 +47,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+bench_name=bus-traffic
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 invocation="$(env | grep -E '^(BENCH_|TUNEGATE_BIN=)' | sort | sed "s/=\(.*\)/='\1'/" | paste -sd' ' || true)"
 invocation="${invocation:+$invocation }bench/bus-traffic.sh"
 
@@ -64,9 +67,6 @@ total_timeout=${BENCH_TIMEOUT:-180}
 out=${BENCH_OUT:-bench/results/bus-traffic}
 # Ping interval far beyond the run: no heartbeat traffic.
 ping_interval_ms=600000
-
-log() { printf 'bus-traffic: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 [[ -x $bin ]] || die "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
@@ -89,18 +89,6 @@ ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-bus-traffic.XXXXXX")
 pids=()
 
-stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the grace period
-    local pid=$1 grace=${2:-10} i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "pid $pid ignored SIGTERM for ${grace}s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local pid
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -111,21 +99,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-start_server() {  # start_server NAME CMD...: sets server_pid and port (from its stderr)
-    local name=$1 i
-    shift
-    "$@" 2>"$work/$name.log" &
-    server_pid=$!
-    pids+=("$server_pid")
-    for ((i = 0; i < 100; i++)); do
-        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -n1)
-        [[ -n $port ]] && return 0
-        kill -0 "$server_pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited before listening"; }
-        sleep 0.1
-    done
-    cat "$work/$name.log" >&2
-    die "$name did not print its listening address within 10 s"
-}
 
 links_up() { grep -c 'bus: link to worker [0-9]* up' "$1" || true; }
 links_down() { grep -h 'bus: link to worker [0-9]* down' "$work"/worker-*.log || true; }

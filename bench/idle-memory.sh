@@ -136,21 +136,6 @@ wait_quiet() {  # wait_quiet PID: 0 once quiet, 1 on timeout (the reading is tak
     return 1
 }
 
-start_server() {  # start_server NAME CMD...: sets server_pid and port
-    local name=$1 i
-    shift
-    "$@" 2>"$work/$name.log" &
-    server_pid=$!
-    pids+=("$server_pid")
-    for ((i = 0; i < 100; i++)); do
-        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -n1)
-        [[ -n $port ]] && return 0
-        kill -0 "$server_pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited before listening"; }
-        sleep 0.1
-    done
-    cat "$work/$name.log" >&2
-    die "$name did not print its listening address within 10 s"
-}
 
 tunegate_metric() { curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 

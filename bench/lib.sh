@@ -64,3 +64,21 @@ wait_clients() {
 
 client_errors() { local f; for f in "${client_status[@]}"; do status_field "$f" errors; done | paste -sd' '; }
 
+start_server() {  # start_server NAME CMD...: sets server_pid and port (from its stderr)
+    local name=$1 i
+    shift
+    # The file exists before the server does: a sed racing the redirection below must not
+    # fail (under set -e and pipefail that would end the run).
+    : >"$work/$name.log"
+    "$@" 2>>"$work/$name.log" &
+    server_pid=$!
+    pids+=("$server_pid")
+    for ((i = 0; i < 100; i++)); do
+        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -n1 || true)
+        [[ -n $port ]] && return 0
+        kill -0 "$server_pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited before listening"; }
+        sleep 0.1
+    done
+    cat "$work/$name.log" >&2
+    die "$name did not print its listening address within 10 s"
+}

@@ -649,3 +649,79 @@ fn workers_are_sized_from_the_limit_and_restarted_one_by_one() {
         "{text}"
     );
 }
+
+/// A reload that changes the workers' command line replaces them one at a time, each once the
+/// others listen: a client connecting all through the reload is always answered.
+#[test]
+fn reload_replaces_workers_one_at_a_time_and_the_port_keeps_answering() {
+    use common::ws::Ws;
+    let mut d = Daemon::start(
+        &format!("server:\n  workers: 3\n  ping_interval_ms: 60000\n{FAST}"),
+        None,
+    );
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let before: Vec<i64> = (0..3)
+        .map(|i| d.status()["workers"][i]["pid"].as_i64().unwrap())
+        .collect();
+    // Keep connecting (and waiting for hello) from inside the namespace through the reload.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, ns) = (stop.clone(), d.ns.name.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let addr = "127.0.0.1:18080".parse().unwrap();
+                let hello = connect_in(&ns, addr)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| Ws::handshake(s, "/"))
+                    .map(|mut ws| ws.recv_json()["op"].clone());
+                match hello {
+                    Ok(op) if op == "hello" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let cfg = d.dir.path().join("tunegate.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("ping_interval_ms: 60000", "ping_interval_ms: 50000"),
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_for(Duration::from_secs(20), "all three replaced", |d| {
+        let st = d.status();
+        (0..3).all(|i| {
+            let w = &st["workers"][i];
+            w["listening"] == true && w["pid"].as_i64() != Some(before[i])
+        })
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().unwrap();
+    assert!(ok > 20, "only {ok} probes");
+    assert!(
+        failed.is_empty(),
+        "{} of {} connects failed during the reload: {failed:?}\n{}",
+        failed.len(),
+        ok + failed.len(),
+        d.log()
+    );
+    let log = d.log();
+    let order: Vec<usize> = (0..3)
+        .map(|i| {
+            log.find(&format!("replacing worker {i} for the new settings"))
+                .expect("replaced")
+        })
+        .collect();
+    assert!(order[0] < order[1] && order[1] < order[2], "{log}");
+    assert!(log.contains("--ping-interval 50000"), "{log}");
+    assert_eq!(d.status()["restarts"], 0, "a replacement is not a restart");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(10)), 0);
+}

@@ -156,6 +156,40 @@ impl LocalBus {
         }
         total
     }
+
+    /// A room message that came from another worker: to every loop of this process holding
+    /// members. Not counted as a hand-off between loops (the worker bus counts it).
+    pub fn deliver(&self, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
+        self.hand(None, room, msg, skip);
+    }
+
+    /// Queues the message for every loop holding members of `room`, except `from_node`;
+    /// returns how many loops got it.
+    fn hand(
+        &self,
+        from_node: Option<usize>,
+        room: &Arc<str>,
+        msg: &Arc<Outgoing>,
+        skip: Option<u64>,
+    ) -> u64 {
+        let targets: Vec<usize> = {
+            let dir = self.directory.lock().expect("directory lock");
+            match dir.get(room) {
+                Some(e) => (0..self.inboxes.len())
+                    .filter(|&n| Some(n) != from_node && e.per_node[n] > 0)
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for &n in &targets {
+            self.inboxes[n].push(Item::Room {
+                room: room.clone(),
+                msg: msg.clone(),
+                skip,
+            });
+        }
+        targets.len() as u64
+    }
 }
 
 impl Bus for LocalBus {
@@ -177,26 +211,10 @@ impl Bus for LocalBus {
     }
 
     fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
-        let targets: Vec<usize> = {
-            let dir = self.directory.lock().expect("directory lock");
-            match dir.get(room) {
-                Some(e) => (0..self.inboxes.len())
-                    .filter(|&n| n != from_node && e.per_node[n] > 0)
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
+        let handed = self.hand(Some(from_node), room, msg, skip);
         self.broadcast_equivalent
             .fetch_add(self.inboxes.len() as u64 - 1, Ordering::Relaxed);
-        self.routed
-            .fetch_add(targets.len() as u64, Ordering::Relaxed);
-        for n in targets {
-            self.inboxes[n].push(Item::Room {
-                room: room.clone(),
-                msg: msg.clone(),
-                skip,
-            });
-        }
+        self.routed.fetch_add(handed, Ordering::Relaxed);
     }
 
     fn send(&self, node: usize, item: Item) {

@@ -319,7 +319,7 @@ impl WorkerBus {
                     self.received.fetch_add(1, Ordering::Relaxed);
                     let room: Arc<str> = Arc::from(room.as_str());
                     let msg = Outgoing::from_msgpack(msg);
-                    self.local.publish(usize::MAX, &room, &msg, skip);
+                    self.local.deliver(&room, &msg, skip);
                 }
                 Wire::Direct {
                     to,
@@ -526,10 +526,13 @@ impl Bus for WorkerBus {
         self.local.nodes()
     }
 
+    /// Hand-offs to this process's other loops plus to other workers, so the counters mean
+    /// the same whatever the mix of loops and workers.
     fn traffic(&self) -> (u64, u64) {
+        let (loops, loops_all) = self.local.traffic();
         (
-            self.routed.load(Ordering::Relaxed),
-            self.broadcast_equivalent.load(Ordering::Relaxed),
+            loops + self.routed.load(Ordering::Relaxed),
+            loops_all + self.broadcast_equivalent.load(Ordering::Relaxed),
         )
     }
 

@@ -96,6 +96,14 @@ pub static CATALOGUE: &[Tunable] = &[
               can queue in the kernel per connection.",
     },
     Tunable {
+        key: "net.ipv4.tcp_migrate_req",
+        shape: Shape::Int { max: 1 },
+        scope: Scope::NetNamespace,
+        why: "With several processes on one port (SO_REUSEPORT workers), a listener that closes \
+              hands the connections waiting in its accept queue to another listener of the port \
+              instead of resetting them: restarting one worker loses no connect.",
+    },
+    Tunable {
         key: "net.ipv4.tcp_tw_reuse",
         shape: Shape::Text,
         scope: Scope::NetNamespace,

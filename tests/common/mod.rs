@@ -24,6 +24,7 @@ pub const NETNS_KEYS: &[&str] = &[
     "net/ipv4/tcp_wmem",
     "net/ipv4/tcp_fin_timeout",
     "net/ipv4/ping_group_range",
+    "net/ipv4/tcp_migrate_req",
 ];
 
 /// Host-global keys the profiles under test name; tests must never change them.
@@ -128,15 +129,7 @@ impl Netns {
     /// connects and ends, so no test thread ever changes namespace; the socket stays in the
     /// namespace it was made in, usable from any thread.
     pub fn connect(&self, addr: std::net::SocketAddr) -> std::net::TcpStream {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            std::net::TcpStream::connect(addr)
-        })
-        .join()
-        .expect("connect thread")
-        .expect("connect inside the namespace")
+        connect_in(&self.name, addr).expect("connect inside the namespace")
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -165,6 +158,18 @@ impl Netns {
             .map(|k| (k.to_string(), self.read(k)))
             .collect()
     }
+}
+
+/// Connects to `addr` from inside the named namespace (see `Netns::connect`).
+pub fn connect_in(netns: &str, addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        std::net::TcpStream::connect(addr)
+    })
+    .join()
+    .expect("connect thread")
 }
 
 impl Drop for Netns {
