@@ -84,6 +84,14 @@ impl Workers {
         spread(|| Ws::connect(self.addr), workers, per)
     }
 
+    /// The body of GET /healthz (200 expected), from whichever worker the kernel picks.
+    fn healthz(&self) -> String {
+        let (status, body) =
+            common::ws::http(self.addr, "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(status, 200, "{body}");
+        body.split_once("\r\n\r\n").expect("a body").1.to_string()
+    }
+
     fn metric(&self, name: &str) -> u64 {
         let (status, body) =
             common::ws::http(self.addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
@@ -214,6 +222,7 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
     }
     publish_and_check(&mut c, (2, 0), &[0, 1, 2], "before", 20);
+    assert_eq!(w.healthz(), "ok: 3 of 3 workers up\n");
 
     // SIGKILL worker 1: no goodbye on the bus, its sockets just end.
     w.procs[1].kill().unwrap();
@@ -230,6 +239,8 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 6);
     }
     publish_and_check(&mut c, (0, 1), &[0, 2], "while-down", 20);
+    assert_eq!(w.healthz(), "ok: 2 of 3 workers up\n");
+    assert_eq!(w.metric("tunegate_workers_up"), 2);
 
     // Restarted (as the daemon's supervisor does), its clients reconnect and join again.
     w.procs[1] = w.spawn(1);
@@ -245,4 +256,5 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     // The survivors' original connections never closed: 9 open on the whole server.
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(w.metric("tunegate_websockets_open"), 9);
+    assert_eq!(w.healthz(), "ok: 3 of 3 workers up\n");
 }

@@ -68,6 +68,10 @@ pub trait Bus: Send + Sync {
     fn received(&self) -> u64 {
         0
     }
+    /// Worker processes up: this one and every one it has a live link to.
+    fn workers_up(&self) -> usize {
+        1
+    }
 }
 
 struct Entry {

@@ -407,7 +407,13 @@ impl EventLoop {
                 let route = path.split('?').next().unwrap_or("");
                 let response = match route {
                     "/healthz" if self.shared.accepting.load(Ordering::Relaxed) => {
-                        handshake::response(200, "", "text/plain; charset=utf-8", "ok\n")
+                        let (up, of) = (self.bus.workers_up(), self.bus.workers());
+                        let body = if of > 1 {
+                            format!("ok: {up} of {of} workers up\n")
+                        } else {
+                            "ok\n".to_string()
+                        };
+                        handshake::response(200, "", "text/plain; charset=utf-8", &body)
                     }
                     "/healthz" => {
                         handshake::response(503, "", "text/plain; charset=utf-8", "draining\n")
@@ -419,6 +425,8 @@ impl EventLoop {
                             &Global {
                                 rooms: self.bus.rooms(),
                                 accepting: self.shared.accepting.load(Ordering::Relaxed),
+                                workers_up: self.bus.workers_up(),
+                                workers: self.bus.workers(),
                                 received_by_worker,
                             },
                         );

@@ -193,6 +193,9 @@ impl LoopMetrics {
 pub struct Global {
     pub rooms: u64,
     pub accepting: bool,
+    /// Worker processes up (this one, and every other one its bus link reaches), of `workers`.
+    pub workers_up: usize,
+    pub workers: usize,
     /// (worker, room messages it received from other workers), one entry per live worker.
     pub received_by_worker: Vec<(usize, u64)>,
 }
@@ -315,15 +318,27 @@ pub fn render(total: &Snapshot, global: &Global) -> String {
         one(global.accepting as u64),
     );
     metric(
+        "workers",
+        "gauge",
+        "Worker processes the server is configured with.",
+        one(global.workers as u64),
+    );
+    metric(
+        "workers_up",
+        "gauge",
+        "Worker processes up: the one answering and every one its bus links reach.",
+        one(global.workers_up as u64),
+    );
+    metric(
         "bus_room_deliveries_total",
         "counter",
-        "Room messages handed to other loops (routed by interest).",
+        "Room messages handed to other loops or workers (routed by interest).",
         one(total.bus_routed),
     );
     metric(
         "bus_broadcast_equivalent_total",
         "counter",
-        "Room messages a send-to-every-loop bus would have handed over.",
+        "Room messages a send-to-all bus would have handed to other loops or workers.",
         one(total.bus_broadcast_equivalent),
     );
     metric(

@@ -539,4 +539,8 @@ impl Bus for WorkerBus {
     fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+
+    fn workers_up(&self) -> usize {
+        1 + self.lock().links.iter().flatten().count()
+    }
 }
