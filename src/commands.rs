@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => serve(&args),
         Command::Run(args) => run_daemon(host, &args),
         Command::Status(args) => status(&args),
+        Command::Load(args) => crate::load::run(&args),
     }
 }
 

@@ -1,0 +1,423 @@
+//! `tunegate load`: a WebSocket load generator (docs/load.md).
+//!
+//! The first process plans and coordinates; the connections live in shard processes (this
+//! binary re-executed with `--shard I/K`), as many as the descriptor limit requires, since a
+//! process holds only RLIMIT_NOFILE sockets. Phases, each started by the coordinator once
+//! every shard finished the one before: connect (ramped, capped in flight) -> join -> verify
+//! member counts -> hold -> publish -> drain -> finish. Shards report progress and results as
+//! JSON lines on stdout; the coordinator merges them (counts, HDR histograms) into one
+//! `Outcome`.
+//!
+//! It is a client from the outside: nothing here imports the server or the tuning side.
+
+mod plan;
+pub mod report;
+mod shard;
+mod wire;
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cli::{LoadArgs, LoadProtocol};
+use crate::error::UsageError;
+use report::{Outcome, Tally};
+use shard::Event;
+
+/// Where to connect: the address, the Host header, the request path.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Target {
+    /// `ws://IP:PORT/PATH`; with the MsgPack encoding `encoding=msgpack` is added to the query,
+    /// so even the first message (hello) comes as MsgPack.
+    pub fn parse(url: &str, msgpack: bool) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: SocketAddr = hostport.parse().map_err(|_| {
+            format!("{url:?}: expected ws://IP:PORT/PATH (an IP address, not a name)")
+        })?;
+        let mut path = path.to_string();
+        if msgpack && !path.contains("encoding=msgpack") {
+            path.push(if path.contains('?') { '&' } else { '?' });
+            path.push_str("encoding=msgpack");
+        }
+        Ok(Target {
+            addr,
+            host: hostport.to_string(),
+            path,
+        })
+    }
+}
+
+/// Microseconds on CLOCK_MONOTONIC: one clock for every process on the host, so a message
+/// stamped by one shard can be timed by another.
+pub fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
+}
+
+pub fn run(args: &LoadArgs) -> anyhow::Result<u8> {
+    let msgpack = args.encoding == crate::cli::LoadEncoding::Msgpack;
+    let target = Target::parse(&args.url, msgpack).map_err(UsageError)?;
+    validate(args)?;
+    if let Some(spec) = &args.shard {
+        let (i, k) = spec
+            .split_once('/')
+            .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
+            .filter(|&(i, k): &(u64, u64)| i < k)
+            .ok_or_else(|| UsageError(format!("--shard {spec:?}: expected I/K with I < K")))?;
+        return shard::run(args, target, i, k);
+    }
+    Coordinator::new(args.clone(), target)?.run()
+}
+
+fn validate(args: &LoadArgs) -> Result<(), UsageError> {
+    let bad = |m: &str| Err(UsageError(m.to_string()));
+    if args.connections == 0 {
+        return bad("-n must be at least 1");
+    }
+    if args.connect_rate == 0 || args.max_inflight == 0 || args.per_source == 0 {
+        return bad("--connect-rate, --max-inflight and --per-source must be above 0");
+    }
+    for (name, v) in [
+        ("--publish-seconds", args.publish_seconds),
+        ("--hold", args.hold),
+        ("--connect-timeout", args.connect_timeout),
+        ("--max-time", args.max_time),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return bad(&format!("{name} must be a number of seconds >= 0"));
+        }
+    }
+    if args.publish_rate > 0 && args.protocol == LoadProtocol::Plain {
+        return bad("--publish-rate needs --protocol relay (plain WebSocket has no rooms)");
+    }
+    if args.protocol == LoadProtocol::Relay {
+        plan::Spread::parse(&args.rooms, args.connections).map_err(UsageError)?;
+    }
+    Ok(())
+}
+
+struct ShardProc {
+    child: Child,
+    stdin: ChildStdin,
+    last: Option<Event>,
+    /// Latest progress numbers: opened, failed, dropped, sent, expected, received.
+    progress: [u64; 6],
+}
+
+struct Coordinator {
+    args: LoadArgs,
+    target: Target,
+    shards: Vec<ShardProc>,
+    events: mpsc::Receiver<(usize, Option<Event>)>,
+    deadline: Instant,
+    tty: bool,
+    last_line: Instant,
+}
+
+impl Coordinator {
+    fn new(args: LoadArgs, target: Target) -> anyhow::Result<Coordinator> {
+        let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+        // Each shard holds its connections plus stdio, the runtime's epoll and a few spare.
+        let per_process = hard.saturating_sub(64).max(1);
+        let needed = args.connections.div_ceil(per_process) as usize;
+        let k = args.processes.unwrap_or(1).max(needed).max(1);
+        let exe = std::env::current_exe().context("cannot find this binary to start shards")?;
+        let (tx, events) = mpsc::channel();
+        let mut shards = Vec::new();
+        for i in 0..k {
+            let mut cmd = Command::new(&exe);
+            cmd.args(std::env::args_os().skip(1))
+                .arg("--shard")
+                .arg(format!("{i}/{k}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start load process {i}"))?;
+            let stdin = child.stdin.take().expect("piped stdin");
+            let stdout = child.stdout.take().expect("piped stdout");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(e) = serde_json::from_str::<Event>(&line) {
+                        let _ = tx.send((i, Some(e)));
+                    }
+                }
+                let _ = tx.send((i, None));
+            });
+            shards.push(ShardProc {
+                child,
+                stdin,
+                last: None,
+                progress: [0; 6],
+            });
+        }
+        use std::io::IsTerminal;
+        Ok(Coordinator {
+            deadline: Instant::now() + Duration::from_secs_f64(args.max_time),
+            args,
+            target,
+            shards,
+            events,
+            tty: std::io::stderr().is_terminal(),
+            last_line: Instant::now(),
+        })
+    }
+
+    fn run(mut self) -> anyhow::Result<u8> {
+        let n = self.args.connections;
+        eprintln!(
+            "tunegate load: {n} connection(s) to {} from {} process(es), {} connects/s, at most {} in flight",
+            self.args.url,
+            self.shards.len(),
+            self.args.connect_rate,
+            self.args.max_inflight
+        );
+        let result = self.phases();
+        for s in &mut self.shards {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let mut outcome = result?;
+        outcome.judge();
+        if self.tty {
+            eprintln!();
+        }
+        eprint!("{}", outcome.human());
+        if self.args.json {
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+        }
+        Ok(if outcome.ok { 0 } else { 1 })
+    }
+
+    fn phases(&mut self) -> anyhow::Result<Outcome> {
+        let n = self.args.connections;
+        let relay = self.args.protocol == LoadProtocol::Relay;
+        let mut outcome = Outcome {
+            target: self.args.url.clone(),
+            connections: n,
+            processes: self.shards.len(),
+            ..Outcome::default()
+        };
+
+        let (mut first_us, mut last_us) = (u64::MAX, 0);
+        self.until_all("connect", |e| match e {
+            Event::Connected {
+                first_us: f,
+                last_open_us: l,
+            } => {
+                first_us = first_us.min(*f);
+                last_us = last_us.max(*l);
+                true
+            }
+            _ => false,
+        })?;
+        outcome.connect_seconds = last_us.saturating_sub(first_us) as f64 / 1e6;
+        let opened: u64 = self.shards.iter().map(|s| s.progress[0]).sum();
+        outcome.connects_per_second = opened as f64 / outcome.connect_seconds.max(1e-6);
+
+        if relay {
+            self.command("join")?;
+            self.until_all("join", |e| matches!(e, Event::Joined))?;
+            self.command("verify")?;
+            self.until_all("verify", |e| matches!(e, Event::Verified))?;
+        }
+        let hold_start = Instant::now();
+        let hold_end = hold_start + Duration::from_secs_f64(self.args.hold);
+        while Instant::now() < hold_end {
+            self.pump(Duration::from_millis(100), "hold")?;
+        }
+        if relay && self.args.publish_rate > 0 {
+            let mut seconds: f64 = 0.0;
+            self.command("publish")?;
+            self.until_all("publish", |e| match e {
+                Event::Published { seconds: s } => {
+                    seconds = seconds.max(*s);
+                    true
+                }
+                _ => false,
+            })?;
+            outcome.publish_seconds = seconds;
+            // Drain: until every expected delivery arrived, or nothing moved for 2 s (at most
+            // 10 s).
+            let drain_end = Instant::now() + Duration::from_secs(10);
+            let mut last = (0, Instant::now());
+            loop {
+                let expected: u64 = self.shards.iter().map(|s| s.progress[4]).sum();
+                let received: u64 = self.shards.iter().map(|s| s.progress[5]).sum();
+                if received >= expected || Instant::now() > drain_end {
+                    break;
+                }
+                if received != last.0 {
+                    last = (received, Instant::now());
+                } else if last.1.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+                self.pump(Duration::from_millis(100), "drain")?;
+            }
+        }
+        outcome.held_seconds = hold_start.elapsed().as_secs_f64();
+
+        self.command("finish")?;
+        let mut tally = Tally::default();
+        let mut connect = report::histogram();
+        let mut latency = report::histogram();
+        let mut open_at_end = 0;
+        self.until_all("finish", |e| match e {
+            Event::Result {
+                tally: t,
+                open_at_end: o,
+            } => {
+                tally.add(t);
+                for &(v, c) in &t.connect_us {
+                    let _ = connect.record_n(v, c);
+                }
+                for &(v, c) in &t.latency_us {
+                    let _ = latency.record_n(v, c);
+                }
+                open_at_end += o;
+                true
+            }
+            _ => false,
+        })?;
+        outcome.tally = tally;
+        outcome.open_at_end = open_at_end;
+        outcome.connect_time = report::Percentiles::of(&connect);
+        outcome.latency = report::Percentiles::of(&latency);
+        if outcome.publish_seconds > 0.0 {
+            outcome.publish_rate_achieved = outcome.tally.sent as f64 / outcome.publish_seconds;
+        }
+        Ok(outcome)
+    }
+
+    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+        for (i, s) in self.shards.iter_mut().enumerate() {
+            s.last = None;
+            writeln!(s.stdin, "{cmd}")
+                .and_then(|_| s.stdin.flush())
+                .with_context(|| format!("load process {i} went away"))?;
+        }
+        Ok(())
+    }
+
+    /// Pumps events until every shard's last event satisfies `done`.
+    fn until_all(
+        &mut self,
+        phase: &str,
+        mut done: impl FnMut(&Event) -> bool,
+    ) -> anyhow::Result<()> {
+        let mut finished = vec![false; self.shards.len()];
+        while finished.iter().any(|f| !f) {
+            self.pump(Duration::from_millis(100), phase)?;
+            for (i, s) in self.shards.iter_mut().enumerate() {
+                if !finished[i]
+                    && let Some(e) = s.last.take()
+                {
+                    finished[i] = done(&e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes events for up to `wait`, keeps each shard's progress, redraws the progress line.
+    fn pump(&mut self, wait: Duration, phase: &str) -> anyhow::Result<()> {
+        if Instant::now() > self.deadline {
+            anyhow::bail!(
+                "--max-time {} s reached during the {phase} phase; stopped",
+                self.args.max_time
+            );
+        }
+        let until = Instant::now() + wait;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok((
+                    i,
+                    Some(Event::Progress {
+                        opened,
+                        failed,
+                        dropped,
+                        sent,
+                        expected,
+                        received,
+                        ..
+                    }),
+                )) => {
+                    self.shards[i].progress = [opened, failed, dropped, sent, expected, received];
+                }
+                Ok((i, Some(e))) => self.shards[i].last = Some(e),
+                // A shard ends by itself only after its result.
+                Ok((_, None)) if phase == "finish" => {}
+                Ok((i, None)) => {
+                    let st = self.shards[i].child.wait().ok();
+                    anyhow::bail!("load process {i} ended during the {phase} phase ({st:?})");
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) if phase == "finish" => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("load processes gone"),
+            }
+        }
+        self.progress_line(phase);
+        Ok(())
+    }
+
+    fn progress_line(&mut self, phase: &str) {
+        let sum = |k: usize| -> u64 { self.shards.iter().map(|s| s.progress[k]).sum() };
+        let (opened, failed, dropped) = (sum(0), sum(1), sum(2));
+        let (sent, received, expected) = (sum(3), sum(5), sum(4));
+        let n = self.args.connections;
+        if self.tty {
+            let width = 30usize;
+            let done = ((opened + failed) as f64 / n as f64 * width as f64) as usize;
+            eprint!(
+                "\r[{}{}] {phase:8} open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}   ",
+                "#".repeat(done.min(width)),
+                " ".repeat(width - done.min(width)),
+            );
+        } else if self.last_line.elapsed() >= Duration::from_secs(1) {
+            self.last_line = Instant::now();
+            eprintln!(
+                "tunegate load: {phase}: open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
+            );
+        }
+        let _ = &self.target;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("ws://127.0.0.1:8080/chat", false).unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            (t.host.as_str(), t.path.as_str()),
+            ("127.0.0.1:8080", "/chat")
+        );
+        let t = Target::parse("ws://127.0.0.1:8080", true).unwrap();
+        assert_eq!(t.path, "/?encoding=msgpack");
+        assert!(Target::parse("wss://127.0.0.1:1/", false).is_err());
+        assert!(Target::parse("ws://localhost:1/", false).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! The client end of RFC 6455, as little as a load generator needs: the upgrade request and
+//! the check of its answer, masked frames out, unmasked frames in. Written apart from the
+//! server's codec (src/server/frame.rs), so a load run is a second opinion on the server.
+
+use base64::Engine;
+
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+pub const TEXT: u8 = 1;
+pub const BINARY: u8 = 2;
+pub const CLOSE: u8 = 8;
+pub const PING: u8 = 9;
+pub const PONG: u8 = 10;
+
+/// A cheap generator for masking keys and handshake nonces (xorshift64*). RFC 6455 asks for
+/// unpredictable masks to protect intermediaries from cache poisoning by browser scripts; a
+/// load generator talking to a server its operator runs has no such adversary.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// The upgrade request, and the Sec-WebSocket-Accept the server must answer with.
+pub fn request(host: &str, path: &str, rng: &mut Rng) -> (Vec<u8>, String) {
+    let mut nonce = [0u8; 16];
+    nonce[..8].copy_from_slice(&rng.next().to_le_bytes());
+    nonce[8..].copy_from_slice(&rng.next().to_le_bytes());
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    (req.into_bytes(), accept_for(&key))
+}
+
+pub fn accept_for(key: &str) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+/// Checks a complete response head (through the blank line): `Ok` for a 101 with the right
+/// accept value, else the cause ("http 503", "bad accept").
+pub fn check_response(head: &[u8], accept: &str) -> Result<(), String> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or("");
+    let code = status.split(' ').nth(1).unwrap_or("?");
+    if code != "101" {
+        return Err(format!("http {code}"));
+    }
+    let ok = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
+        })
+    });
+    if ok { Ok(()) } else { Err("bad accept".into()) }
+}
+
+/// Appends one masked frame (FIN set) to `out`.
+pub fn frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: u32) {
+    out.push(0x80 | opcode);
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    let key = mask.to_be_bytes();
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
+}
+
+/// One frame from the server at the start of `buf`: (fin, opcode, payload range, frame
+/// length), `Ok(None)` if incomplete, `Err` if the server masked it or it is too large.
+#[allow(clippy::type_complexity)]
+pub fn parse(
+    buf: &[u8],
+    max: usize,
+) -> Result<Option<(bool, u8, std::ops::Range<usize>, usize)>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let fin = buf[0] & 0x80 != 0;
+    let opcode = buf[0] & 0x0f;
+    if buf[1] & 0x80 != 0 {
+        return Err("masked frame from the server".into());
+    }
+    let (len, head) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (n as usize, 2),
+    };
+    if len > max {
+        return Err(format!("frame of {len} bytes"));
+    }
+    if buf.len() < head + len {
+        return Ok(None);
+    }
+    Ok(Some((fin, opcode, head..head + len, head + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc_6455_accept_example() {
+        // RFC 6455 section 1.3.
+        assert_eq!(
+            accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn frames_round_trip_and_lengths() {
+        let mut out = Vec::new();
+        frame(&mut out, TEXT, b"Hello", 0x37fa213d);
+        // RFC 6455 section 5.7: a masked "Hello".
+        assert_eq!(
+            out,
+            [
+                0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58
+            ]
+        );
+        let server = [0x81, 0x05, b'H', b'e', b'l', b'l', b'o'];
+        assert_eq!(parse(&server, 100), Ok(Some((true, TEXT, 2..7, 7))));
+        assert_eq!(parse(&server[..4], 100), Ok(None));
+        let mut big = vec![0x82, 126, 0x01, 0x00];
+        big.extend(std::iter::repeat_n(0u8, 256));
+        assert_eq!(parse(&big, 1000), Ok(Some((true, BINARY, 4..260, 260))));
+        assert!(parse(&big, 100).is_err());
+        assert!(
+            parse(&out, 100).is_err(),
+            "masked frames from a server are refused"
+        );
+    }
+
+    #[test]
+    fn responses() {
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: abc\r\n\r\n";
+        assert_eq!(check_response(ok.as_bytes(), "abc"), Ok(()));
+        assert_eq!(
+            check_response(ok.as_bytes(), "xyz"),
+            Err("bad accept".into())
+        );
+        let busy = "HTTP/1.1 503 Service Unavailable\r\n\r\n";
+        assert_eq!(
+            check_response(busy.as_bytes(), "abc"),
+            Err("http 503".into())
+        );
+    }
+}
