@@ -8,6 +8,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v curl >/dev/null || need_apt+=(curl)
 if ((${#need_apt[@]})); then
     echo "deps: installing ${need_apt[*]}"
     [[ $(id -u) == 0 ]] || { echo "deps: need root to apt-get install ${need_apt[*]}" >&2; exit 1; }

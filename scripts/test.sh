@@ -26,3 +26,12 @@ for _ in $(seq 50); do grep -q "listening on" "$log" && break; sleep 0.1; done
 addr=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$log")
 [[ -n $addr ]] || { echo "test: the echo server did not start:" >&2; cat "$log" >&2; exit 1; }
 bash scripts/autobahn.sh "ws://$addr" target/autobahn
+
+echo "== scaled-down proof: 20,000 connections through heartbeats and a message phase (bench/c100k.sh)"
+# Fails on any connection that does not open or does not stay open, on fewer than two heartbeat
+# rounds answered, and on any room message that does not reach every member.
+kill "$server" 2>/dev/null || true
+proof=$(mktemp -d)
+BENCH_CONNS=20000 BENCH_PING_MS=2000 BENCH_PUBLISH_RATE=2000 BENCH_PUBLISH_SECONDS=3 \
+    BENCH_OUT="$proof/c20k" bash bench/c100k.sh
+rm -rf "$proof"

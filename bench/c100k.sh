@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The C100k proof: 100,000 live WebSocket connections on this machine, through heartbeats and a
+# room-message phase, with nothing lost.
+#
+# In a network namespace this script creates (nothing on the host changes):
+#   1. `tunegate apply --profile c100k` (somaxconn, port range, buffers: the per-namespace part);
+#   2. `tunegate run` with the c100k profile: the bundled server, workers sized automatically
+#      from the RLIMIT_NOFILE it really has, heartbeats shortened to BENCH_PING_MS so the hold
+#      crosses at least two rounds;
+#   3. `tunegate load -n BENCH_CONNS` (sharded itself): connect, join rooms of BENCH_ROOMS, hold
+#      BENCH_HOLD seconds, publish BENCH_PUBLISH_RATE messages/s for BENCH_PUBLISH_SECONDS.
+# Readings while it runs: the workers' RSS and CPU and the kernel's Slab before the load,
+# once every connection is up (hold start), and at the end of the hold; the server's /metrics
+# (pings sent, connections closed by reason). Results: stdout, BENCH_OUT.md and .json.
+# Exit status 0 only if every connection opened and stayed open, at least two heartbeat rounds
+# were answered, and every message reached every member.
+#
+# Environment (all optional):
+#   TUNEGATE_BIN          binary (default target/release/tunegate; build it first)
+#   BENCH_CONNS           connections (default 100000)
+#   BENCH_PING_MS         server ping interval and timeout, ms (default 5000; the article's are
+#                         25000/20000, shortened so a short hold crosses two rounds)
+#   BENCH_HOLD            seconds held idle after all are up (default 2.5 x ping + 1)
+#   BENCH_ROOMS           room spread for tunegate load --rooms (default 10)
+#   BENCH_PUBLISH_RATE    room messages per second (default 10000)
+#   BENCH_PUBLISH_SECONDS message phase length (default 10)
+#   BENCH_CONNECT_RATE    connects started per second (default 30000)
+#   BENCH_LOAD_PROCESSES  load processes (default: tunegate load decides, at least 2)
+#   BENCH_OUT             results path without extension (default bench/results/c100k)
+#
+# Bounded: every wait has a timeout, tunegate load has --max-time, and the trap stops every
+# process and deletes the namespace on any exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+bench_name=c100k
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+
+bin=${TUNEGATE_BIN:-target/release/tunegate}
+conns=${BENCH_CONNS:-100000}
+ping_ms=${BENCH_PING_MS:-5000}
+hold=${BENCH_HOLD:-$(python3 -c "print(round(2.5 * $ping_ms / 1000 + 1, 1))")}
+rooms=${BENCH_ROOMS:-10}
+publish_rate=${BENCH_PUBLISH_RATE:-10000}
+publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
+connect_rate=${BENCH_CONNECT_RATE:-30000}
+load_processes=${BENCH_LOAD_PROCESSES:-}
+out=${BENCH_OUT:-bench/results/c100k}
+port=18080
+
+[[ $(id -u) == 0 ]] || die "run as root (it creates a network namespace)"
+[[ -x $bin ]] || die "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+[[ $conns =~ ^[0-9]+$ && $ping_ms =~ ^[0-9]+$ && $publish_rate =~ ^[0-9]+$ ]] \
+    || die "BENCH_CONNS, BENCH_PING_MS and BENCH_PUBLISH_RATE must be whole numbers"
+for tool in ip python3 curl; do command -v $tool >/dev/null || die "$tool is needed"; done
+ulimit -n "$(ulimit -Hn)"
+limit=$(ulimit -Hn)
+if [[ -z $load_processes ]]; then
+    load_processes=$(((conns + limit - 65) / (limit - 64)))
+    ((load_processes < 2)) && load_processes=2
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-c100k.XXXXXX")
+ns=tgc100k-$$
+pids=()
+daemon_pid=""
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
+    [[ -n $daemon_pid ]] && stop_pid "$daemon_pid" 20
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+metric() {  # metric NAME: the whole server's value (summed over label sets)
+    ip netns exec "$ns" curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" \
+        | awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }'
+}
+status_json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/status.json" "$1"; }
+workers_sum() {  # workers_sum rss|cpu: summed over the worker processes
+    local pid total=0
+    for pid in "${worker_pids[@]}"; do
+        if [[ $1 == rss ]]; then
+            total=$((total + $(kb_field /proc/"$pid"/status VmRSS)))
+        else
+            total=$((total + $(sed 's/.*) //' /proc/"$pid"/stat | awk '{ print $12 + $13 }')))
+        fi
+    done
+    echo "$total"
+}
+
+# 1. apply (the per-namespace part of c100k; host-global keys are reported, not touched)
+log "tunegate apply --profile c100k in namespace $ns"
+ip netns exec "$ns" env TUNEGATE_STATE_DIR="$work/apply-state" TUNEGATE_SYSCTL_DIR="$work/sysctl.d" \
+    "$bin" apply --profile c100k >"$work/apply.txt" 2>&1 || true
+grep -E '^(SET|set|  set|->)|somaxconn|ip_local_port_range' "$work/apply.txt" | head -n 5 >&2 || true
+
+# 2. tunegate run
+cat >"$work/tunegate.yaml" <<EOF
+profile: c100k
+listen: 127.0.0.1:$port
+state_dir: $work/state
+status_file: $work/status.json
+server:
+  ping_interval_ms: $ping_ms
+  ping_timeout_ms: $ping_ms
+drift:
+  interval_s: 0
+EOF
+ip netns exec "$ns" "$bin" run --config "$work/tunegate.yaml" 2>"$work/daemon.log" &
+daemon_pid=$!
+for ((i = 0; i < 600; i++)); do
+    [[ -f $work/status.json ]] && [[ $(status_json 'd["ready"]') == True ]] && break
+    kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/daemon.log" >&2; die "tunegate run exited"; }
+    sleep 0.1
+done
+[[ $(status_json 'd["ready"]') == True ]] || { cat "$work/daemon.log" >&2; die "not ready within 60 s"; }
+sizing=$(status_json 'd["sizing"]["explanation"]')
+mapfile -t worker_pids < <(status_json '"\n".join(str(w["pid"]) for w in d["workers"])')
+log "sizing: $sizing"
+sleep 1
+rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab)
+
+# 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
+max_time=$(python3 -c "print(int(300 + $hold + $publish_seconds))")
+log "tunegate load -n $conns ($load_processes processes), hold ${hold}s, $publish_rate msg/s for ${publish_seconds}s"
+ip netns exec "$ns" "$bin" load "ws://127.0.0.1:$port/" -n "$conns" --processes "$load_processes" \
+    --connect-rate "$connect_rate" --max-inflight 2000 --rooms "$rooms" --hold "$hold" \
+    --publish-rate "$publish_rate" --publish-seconds "$publish_seconds" --max-time "$max_time" \
+    --json >"$work/load.json" 2>"$work/load.log" &
+load_pid=$!
+pids+=("$load_pid")
+phase_seen() { grep -q "tunegate load: $1:" "$work/load.log"; }
+wait_phase() {  # wait_phase NAME SECONDS
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        phase_seen "$1" && return 0
+        kill -0 "$load_pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+wait_phase hold 300 || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
+rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
+pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
+wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
+cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
+rss2=$(workers_sum rss)
+wait "$load_pid" && load_rc=0 || load_rc=$?
+sleep 1.2
+closed_heartbeat=$(metric 'tunegate_connections_closed_total{reason="heartbeat_timeout"}')
+accepted=$(metric tunegate_connections_accepted_total)
+tail -n 8 "$work/load.log" >&2
+
+python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "$rss2" "$slab0" "$slab1" \
+    "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
+    "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" <<'PY'
+import json, os, sys, datetime
+(load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
+ pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs) = sys.argv[1:]
+conns, limit, workers = int(conns), int(limit), int(workers)
+try:
+    r = json.load(open(load_json))
+except Exception as e:
+    r = {"ok": False, "problems": ["no result from tunegate load: %s" % e]}
+hz = os.sysconf("SC_CLK_TCK")
+held_s = float(t2) - float(t1)
+hb_cpu = (int(cpu2) - int(cpu1)) / hz
+pings = int(pings2) - int(pings1)
+rss_per = (int(rss1) - int(rss0)) * 1024 / conns
+slab_per = (int(slab1) - int(slab0)) * 1024 / conns
+problems = list(r.get("problems", []))
+rounds = pings / conns if conns else 0
+if rounds < 2:
+    problems.append("only %.2f heartbeat rounds during the hold (%d pings)" % (rounds, pings))
+if int(closed_hb) > 0:
+    problems.append("%s connections closed for missing heartbeats" % closed_hb)
+if int(load_rc) != 0 and not problems:
+    problems.append("tunegate load exited %s" % load_rc)
+lat = r.get("latency", {})
+res = {
+    "date": datetime.date.today().isoformat(), "connections": conns, "rlimit_nofile": limit,
+    "workers": workers, "sizing": sizing, "load_processes": int(procs),
+    "opened": r.get("opened"), "open_at_end": r.get("open_at_end"),
+    "disconnects": r.get("disconnects"), "connect_errors": r.get("connect_errors"),
+    "connect_seconds": r.get("connect_seconds"), "connects_per_second": r.get("connects_per_second"),
+    "rss_before_kb": int(rss0), "rss_connected_kb": int(rss1), "rss_after_hold_kb": int(rss2),
+    "server_rss_bytes_per_connection": round(rss_per, 1),
+    "kernel_slab_bytes_per_connection": round(slab_per, 1),
+    "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
+    "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
+    "heartbeat_cpu_seconds": round(hb_cpu, 2),
+    "heartbeat_cpu_share_of_one_core": round(hb_cpu / held_s, 4) if held_s else None,
+    "pings_answered_by_clients": r.get("pings_answered"),
+    "rooms": rooms, "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
+    "sent": r.get("sent"), "expected": r.get("expected"), "received": r.get("received"),
+    "lost": r.get("lost"), "latency": lat, "accepted_total": int(accepted),
+    "ok": not problems, "problems": problems,
+}
+os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+json.dump(res, open(out + ".json", "w"), indent=2)
+md = [
+    "Proof run, %s: %d connections on %d workers (RLIMIT_NOFILE %d per process), %d load processes."
+    % (res["date"], conns, workers, limit, int(procs)),
+    "",
+    "Sizing: " + sizing,
+    "",
+    "| | |",
+    "|:---|---:|",
+    "| connections opened / still open at the end | %s / %s |" % (r.get("opened"), r.get("open_at_end")),
+    "| time to connect all | %.2f s (%.0f/s) |" % (r.get("connect_seconds") or 0, r.get("connects_per_second") or 0),
+    "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
+    "| server user-space RSS per connection | %.0f bytes |" % rss_per,
+    "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
+    "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
+    "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
+    "| room messages (rooms %s) | %s sent at %.0f/s |" % (rooms, r.get("sent"), r.get("publish_rate_achieved") or 0),
+    "| deliveries received / expected | %s / %s (lost %s) |" % (r.get("received"), r.get("expected"), r.get("lost")),
+    "| delivery latency p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % (lat.get("p50_ms"), lat.get("p99_ms"), lat.get("p999_ms"), lat.get("max_ms")),
+]
+if problems:
+    md += [""] + ["PROBLEM: " + p for p in problems]
+open(out + ".md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+sys.exit(0 if not problems else 1)
+PY
