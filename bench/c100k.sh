@@ -5,8 +5,8 @@
 # In a network namespace this script creates (nothing on the host changes):
 #   1. `tunegate apply --profile c100k` (somaxconn, port range, buffers: the per-namespace part);
 #   2. `tunegate run` with the c100k profile: the bundled server, workers sized automatically
-#      from the RLIMIT_NOFILE it really has, heartbeats shortened to BENCH_PING_MS so the hold
-#      crosses at least two rounds;
+#      from the RLIMIT_NOFILE it really has, heartbeats every BENCH_PING_MS (the article's 25 s;
+#      CI shortens it), and a hold long enough for at least two rounds;
 #   3. `tunegate load -n BENCH_CONNS` (sharded itself): connect, join rooms of BENCH_ROOMS, hold
 #      BENCH_HOLD seconds, publish BENCH_PUBLISH_RATE messages/s for BENCH_PUBLISH_SECONDS.
 # Readings while it runs: the workers' RSS and CPU and the kernel's Slab before the load,
@@ -18,9 +18,10 @@
 # Environment (all optional):
 #   TUNEGATE_BIN          binary (default target/release/tunegate; build it first)
 #   BENCH_CONNS           connections (default 100000)
-#   BENCH_PING_MS         server ping interval and timeout, ms (default 5000; the article's are
-#                         25000/20000, shortened so a short hold crosses two rounds)
-#   BENCH_HOLD            seconds held idle after all are up (default 2.5 x ping + 1)
+#   BENCH_PING_MS         server ping interval, ms (default 25000, the article's pingInterval;
+#                         the timeout is 20000 or the interval if shorter; CI shortens both)
+#   BENCH_HOLD            seconds held idle after all are up (default 2.2 x ping + 1: two
+#                         rounds for every connection)
 #   BENCH_ROOMS           room spread for tunegate load --rooms (default 10)
 #   BENCH_PUBLISH_RATE    room messages per second (default 10000)
 #   BENCH_PUBLISH_SECONDS message phase length (default 10)
@@ -39,8 +40,9 @@ source bench/lib.sh
 
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 conns=${BENCH_CONNS:-100000}
-ping_ms=${BENCH_PING_MS:-5000}
-hold=${BENCH_HOLD:-$(python3 -c "print(round(2.5 * $ping_ms / 1000 + 1, 1))")}
+ping_ms=${BENCH_PING_MS:-25000}
+ping_timeout_ms=$((ping_ms < 20000 ? ping_ms : 20000))
+hold=${BENCH_HOLD:-$(python3 -c "print(round(2.2 * $ping_ms / 1000 + 1, 1))")}
 rooms=${BENCH_ROOMS:-10}
 publish_rate=${BENCH_PUBLISH_RATE:-10000}
 publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
@@ -110,7 +112,7 @@ state_dir: $work/state
 status_file: $work/status.json
 server:
   ping_interval_ms: $ping_ms
-  ping_timeout_ms: $ping_ms
+  ping_timeout_ms: $ping_timeout_ms
 drift:
   interval_s: 0
 EOF

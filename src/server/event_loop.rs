@@ -67,6 +67,16 @@ pub struct EventLoop {
     drain_deadline: u32,
 }
 
+/// How much earlier than the full interval `slot` is pinged: a fixed share of up to a quarter
+/// of the interval, different per slot. Connections that went quiet together (a reconnect
+/// storm, a load test's cohort) would otherwise all be pinged, and all answer, in the same few
+/// ticks; with this their pings spread over a quarter of the interval, and stay spread, since
+/// each pong restarts its own connection's clock.
+fn spread(slot: usize, interval: u32) -> u32 {
+    let h = (slot as u32).wrapping_mul(0x9E37_79B9) >> 16; // Fibonacci hashing: 0..65535
+    ((interval as u64 / 4) * h as u64 / 65536) as u32
+}
+
 fn ticks(ms: u64) -> u32 {
     ms.div_ceil(TICK_MS).max(1) as u32
 }
@@ -1051,7 +1061,9 @@ impl EventLoop {
                     self.close(slot, CloseReason::HeartbeatTimeout);
                 }
                 State::Open if c.flags & AWAIT_PONG != 0 => {} // pong not due yet
-                State::Open if now.saturating_sub(c.last_rx) >= interval => {
+                State::Open
+                    if now.saturating_sub(c.last_rx) >= interval - spread(slot, interval) =>
+                {
                     c.flags |= AWAIT_PONG;
                     c.mark = now;
                     LoopMetrics::add(&self.metrics.pings, 1);

@@ -17,13 +17,14 @@
 //! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::collections::VecDeque;
+use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::bus::{Bus, Item, LocalBus};
 use super::event_loop::EventLoop;
 use super::protocol::{Encoding, Outgoing};
+use super::sys;
 
 /// Largest bus frame accepted (a room message carries at most one client message).
 const MAX_WIRE: usize = 64 << 20;
@@ -76,21 +78,75 @@ enum Wire {
 struct Link {
     /// Which link this is (a peer that restarts gets a new one).
     generation: u64,
-    tx: Sender<Arc<Vec<u8>>>,
-    /// Bytes handed to `tx` and not yet written.
-    queued: Arc<AtomicUsize>,
+    out: Arc<Outbox>,
     stream: UnixStream,
+}
+
+/// What waits to be written to one peer, shared by the senders and the link's writer thread.
+/// A sender with nothing ahead of it writes straight to the socket (no thread hop, no wake-up:
+/// the common case); only what the socket does not take at once is queued for the writer.
+#[derive(Default)]
+struct Outbox {
+    state: Mutex<Pending>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<Arc<Vec<u8>>>,
+    /// Bytes of the front item already written.
+    offset: usize,
+    bytes: usize,
+    /// The writer thread is writing what it took, outside the lock: later sends must queue.
+    writing: bool,
+    closed: bool,
 }
 
 impl Link {
     fn send(&self, bytes: Arc<Vec<u8>>) {
-        let n = bytes.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED {
-            // The peer stopped reading; the reader sees the shutdown and retires the link.
-            let _ = self.stream.shutdown(Shutdown::Both);
+        let mut p = self.out.state.lock().expect("outbox lock");
+        if p.closed {
             return;
         }
-        let _ = self.tx.send(bytes);
+        let mut offset = 0;
+        if p.queue.is_empty() && !p.writing {
+            match sys::send_nowait(self.stream.as_fd(), &bytes) {
+                Ok(n) if n == bytes.len() => return,
+                Ok(n) => offset = n,
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(_) => {
+                    // The peer is gone; the reader sees it too and retires the link.
+                    p.closed = true;
+                    return;
+                }
+            }
+        }
+        if p.bytes + bytes.len() > MAX_QUEUED {
+            // The peer stopped reading; the reader sees the shutdown and retires the link.
+            p.closed = true;
+            let _ = self.stream.shutdown(Shutdown::Both);
+            self.out.ready.notify_one();
+            return;
+        }
+        if p.queue.is_empty() {
+            p.offset = offset;
+        }
+        p.bytes += bytes.len();
+        p.queue.push_back(bytes);
+        drop(p);
+        self.out.ready.notify_one();
+    }
+}
+
+impl Drop for Link {
+    /// A link retired (its peer died, or a newer link replaced it): the writer stops, and the
+    /// stream's end wakes the reader.
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.out.state.lock() {
+            p.closed = true;
+        }
+        self.out.ready.notify_one();
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -258,16 +314,14 @@ impl WorkerBus {
         let (Ok(for_writer), Ok(for_link)) = (stream.try_clone(), stream.try_clone()) else {
             return;
         };
-        let (tx, rx) = channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let out = Arc::new(Outbox::default());
         let generation = {
             let mut peers = self.lock();
             peers.forget(peer);
             peers.generations += 1;
             let link = Link {
                 generation: peers.generations,
-                tx,
-                queued: queued.clone(),
+                out: out.clone(),
                 stream: for_link,
             };
             // Under the lock: no count update can slip in ahead of the table.
@@ -283,7 +337,7 @@ impl WorkerBus {
         log!("bus: link to worker {peer} up");
         let spawned = std::thread::Builder::new()
             .name(format!("tunegate-bus-to-{peer}"))
-            .spawn(move || write_link(for_writer, &rx, &queued));
+            .spawn(move || write_link(for_writer, &out));
         if spawned.is_err() {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -386,25 +440,37 @@ impl WorkerBus {
     }
 }
 
-/// Writes what is queued for one peer, batching whatever piled up into one flush, until the
-/// link is retired (the sender is dropped) or the stream breaks.
-fn write_link(stream: UnixStream, rx: &Receiver<Arc<Vec<u8>>>, queued: &AtomicUsize) {
-    let mut out = BufWriter::with_capacity(64 << 10, &stream);
-    'link: while let Ok(msg) = rx.recv() {
-        let mut written = msg.len();
-        if out.write_all(&msg).is_err() {
-            break;
-        }
-        while let Ok(more) = rx.try_recv() {
-            written += more.len();
-            if out.write_all(&more).is_err() {
-                break 'link;
+/// Writes what the senders could not write at once, everything queued in one write, until
+/// the link is retired or the stream breaks.
+fn write_link(stream: UnixStream, out: &Outbox) {
+    let mut batch = Vec::with_capacity(64 << 10);
+    loop {
+        {
+            let mut p = out.state.lock().expect("outbox lock");
+            while p.queue.is_empty() && !p.closed {
+                p = out.ready.wait(p).expect("outbox lock");
             }
+            if p.closed {
+                break;
+            }
+            batch.clear();
+            let offset = std::mem::take(&mut p.offset);
+            for (i, item) in p.queue.drain(..).enumerate() {
+                batch.extend_from_slice(if i == 0 { &item[offset..] } else { &item[..] });
+            }
+            p.bytes = 0;
+            p.writing = true;
         }
-        if out.flush().is_err() {
+        let written = (&stream).write_all(&batch);
+        let mut p = out.state.lock().expect("outbox lock");
+        p.writing = false;
+        if written.is_err() {
+            p.closed = true;
             break;
         }
-        queued.fetch_sub(written, Ordering::Relaxed);
+        if batch.capacity() > 1 << 20 {
+            batch = Vec::with_capacity(64 << 10);
+        }
     }
     let _ = stream.shutdown(Shutdown::Both);
 }

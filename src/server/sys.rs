@@ -119,6 +119,23 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
     }
 }
 
+/// Writes to a stream socket without blocking, whatever the descriptor's own mode (the bus
+/// shares one blocking socket between a writer thread and these direct writes), and without
+/// SIGPIPE.
+pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+    use nix::sys::socket::MsgFlags;
+    loop {
+        match nix::sys::socket::send(
+            fd.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Half-closes our side after a Close frame has been flushed.
 pub fn shutdown_write(fd: BorrowedFd<'_>) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), Shutdown::Write);
