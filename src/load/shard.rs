@@ -530,13 +530,15 @@ impl Shard {
     fn incoming(&self, m: Incoming, pending_count: &mut Option<oneshot::Sender<u64>>) {
         match m.op.as_str() {
             "message" => {
-                let now = monotonic_us();
-                let sent = m.data.map_or(now, |d| d.t);
-                let _ = self
-                    .latency_us
-                    .borrow_mut()
-                    .record(now.saturating_sub(sent).max(1));
-                self.tally.borrow_mut().received += 1;
+                // Only this run's messages (stamped) are timed and counted.
+                if let Some(DataIn::Stamp { t }) = m.data {
+                    let now = monotonic_us();
+                    let _ = self
+                        .latency_us
+                        .borrow_mut()
+                        .record(now.saturating_sub(t).max(1));
+                    self.tally.borrow_mut().received += 1;
+                }
             }
             "joined" => {
                 self.tally.borrow_mut().joined += 1;
@@ -549,7 +551,7 @@ impl Shard {
             }
             "error" => {
                 self.tally.borrow_mut().server_errors += 1;
-                if m.reference.as_deref() == Some("j") {
+                if matches!(&m.reference, Some(RefIn::Text(r)) if r == "j") {
                     self.join_answers.set(self.join_answers.get() + 1);
                 }
             }
@@ -614,21 +616,31 @@ fn io_cause(e: &std::io::Error) -> String {
     }
 }
 
+/// A server message, read leniently: `data` and `ref` of shapes this run did not send (another
+/// client's messages in a shared room) are accepted and ignored, not a broken connection.
 #[derive(Deserialize)]
 struct Incoming {
     op: String,
     #[serde(default)]
     members: Option<u64>,
     #[serde(default)]
-    data: Option<StampIn>,
+    data: Option<DataIn>,
     #[serde(default, rename = "ref")]
-    reference: Option<String>,
+    reference: Option<RefIn>,
 }
 
 #[derive(Deserialize)]
-struct StampIn {
-    #[serde(default)]
-    t: u64,
+#[serde(untagged)]
+enum DataIn {
+    Stamp { t: u64 },
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RefIn {
+    Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 #[derive(Serialize)]
