@@ -9,6 +9,11 @@ command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v curl >/dev/null || need_apt+=(curl)
+# The package test (packaging/test-deb.sh): lintian, and a Debian 12 root booted with nspawn.
+command -v lintian >/dev/null || need_apt+=(lintian)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
+command -v shellcheck >/dev/null || need_apt+=(shellcheck)
 if ((${#need_apt[@]})); then
     echo "deps: installing ${need_apt[*]}"
     [[ $(id -u) == 0 ]] || { echo "deps: need root to apt-get install ${need_apt[*]}" >&2; exit 1; }

@@ -11,6 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== shellcheck (the package's scripts and the test scripts)"
+shellcheck packaging/*.sh packaging/debian/* scripts/*.sh
 echo "== cargo test"
 cargo test --all-targets --locked
 
@@ -35,3 +37,6 @@ proof=$(mktemp -d)
 BENCH_CONNS=20000 BENCH_PING_MS=2000 BENCH_PUBLISH_RATE=2000 BENCH_PUBLISH_SECONDS=3 \
     BENCH_OUT="$proof/c20k" bash bench/c100k.sh
 rm -rf "$proof"
+
+echo "== the Debian package: lintian, then install/reload/restart/upgrade/purge under systemd (packaging/test-deb.sh)"
+bash packaging/test-deb.sh
