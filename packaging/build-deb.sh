@@ -21,7 +21,10 @@ cargo build --release --locked >&2
 rm -rf target/assets
 cargo run --release --locked --example assets -- target/assets >&2
 gzip -9n target/assets/man/*.1
-deb=$(cargo deb --no-build --locked 2>&1 | tee /dev/stderr | tail -n 1)
+# Not `tee /dev/stderr`: reopening /dev/stderr truncates it when it is a file (a CI log).
+out=$(cargo deb --no-build --locked 2>&1) || { printf '%s\n' "$out" >&2; log "cargo deb failed"; exit 1; }
+printf '%s\n' "$out" >&2
+deb=$(tail -n 1 <<<"$out")
 [[ -f $deb ]] || { log "cargo deb did not say where the package is"; exit 1; }
 log "lintian $deb"
 # --fail-on warning: a warning fails the build like an error (overrides, each with its reason,
