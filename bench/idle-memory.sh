@@ -83,7 +83,7 @@ trap 'exit 143' TERM
 for peer in $peers; do
     case $peer in
     node)
-        command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are needed"
+        { command -v node && command -v npm; } >/dev/null || die "node and npm are needed"
         if [[ $(node -p "try{require('$cache/bench-node/node_modules/ws/package.json').version}catch(e){''}") != "$ws_version" ]]; then
             log "installing ws@$ws_version into $cache/bench-node"
             mkdir -p "$cache/bench-node"
@@ -160,7 +160,7 @@ measure() {
     # default) of the result.
     if ((warmup > 0)); then
         run_clients "$name-warmup" "$warmup" "$base" 0 "$hello"
-        warm_open=$(wait_clients done 60) || problems+=("warm-up clients did not finish in 60 s")
+        warm_open=$(wait_clients "done" 60) || problems+=("warm-up clients did not finish in 60 s")
         ((warm_open == warmup)) || problems+=("warm-up: $warm_open of $warmup connections opened ($(client_errors))")
         for pid in "${client_pids[@]}"; do wait "$pid" || true; done
     fi
@@ -213,14 +213,16 @@ measure() {
         log "$label: PROBLEM: $p"
         probs_json+="${probs_json:+, }\"${p//\"/\'}\""
     done
-    printf '{"name": "%s", "server": "%s", "target": %d, "opened": %d, "held_fds": %d, ' \
-        "$name" "$label" "$conns" "$open" "$held" >>"$work/rows.jsonl"
-    printf '"established_on_port": %d, "metrics_websockets_open": %s, "metrics_connections_open": %s, ' \
-        "$((established_after - established_before))" "${metric_ws:-null}" "${metric_conn:-null}" >>"$work/rows.jsonl"
-    printf '"connect_seconds": %d, "quiet": %s, "exit_code": %d, "before": %s, "after": %s, ' \
-        "$connect_secs" "$quiet" "$rc" "$mem_before" "$mem_after" >>"$work/rows.jsonl"
-    printf '"slab_before_kb": %d, "slab_after_kb": %d, "sockstat_before": "%s", "sockstat_after": "%s", "problems": [%s]}\n' \
-        "$slab_before" "$slab_after" "$sockstat_before" "$sockstat_after" "$probs_json" >>"$work/rows.jsonl"
+    {
+        printf '{"name": "%s", "server": "%s", "target": %d, "opened": %d, "held_fds": %d, ' \
+            "$name" "$label" "$conns" "$open" "$held"
+        printf '"established_on_port": %d, "metrics_websockets_open": %s, "metrics_connections_open": %s, ' \
+            "$((established_after - established_before))" "${metric_ws:-null}" "${metric_conn:-null}"
+        printf '"connect_seconds": %d, "quiet": %s, "exit_code": %d, "before": %s, "after": %s, ' \
+            "$connect_secs" "$quiet" "$rc" "$mem_before" "$mem_after"
+        printf '"slab_before_kb": %d, "slab_after_kb": %d, "sockstat_before": "%s", "sockstat_after": "%s", "problems": [%s]}\n' \
+            "$slab_before" "$slab_after" "$sockstat_before" "$sockstat_after" "$probs_json"
+    } >>"$work/rows.jsonl"
     log "$label: done"
 }
 

@@ -1,3 +1,6 @@
+# shellcheck shell=bash
+# The variables below are the sourcing script's, so shellcheck cannot see them assigned here.
+# shellcheck disable=SC2154
 # Shell functions shared by the bench/ scripts (sourced, never run). The sourcing script sets
 # `bench_name` (log prefix), `work` (its temp dir), `root` (the repo), `port`, `per_client`,
 # `connect_timeout`, and the array `pids` (everything started, stopped by its cleanup trap);
@@ -35,7 +38,7 @@ run_clients() {
         n=$((count - i * per_client < per_client ? count - i * per_client : per_client))
         client_status+=("$work/$name.client$i.status")
         "${client_prefix[@]}" python3 "$root/bench/hold_idle.py" --port "$port" -n "$n" \
-            --first-index $((first + i * per_client)) $hello --hold "$hold" \
+            --first-index $((first + i * per_client)) ${hello:+"$hello"} --hold "$hold" \
             --connect-timeout "$connect_timeout" --status "${client_status[-1]}" \
             2>>"$work/$name.clients.log" &
         client_pids+=($!)
@@ -51,7 +54,7 @@ wait_clients() {
         all=1 open=0
         for f in "${client_status[@]}"; do
             ph=$(status_field "$f" phase)
-            [[ $ph == "$want" || $ph == done ]] || all=0
+            [[ $ph == "$want" || $ph == "done" ]] || all=0
             v=$(status_field "$f" open)
             open=$((open + ${v:-0}))
         done

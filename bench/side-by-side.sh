@@ -83,7 +83,7 @@ measure() {
     log "== $label"
     start_server "$name" "$@"
     sleep 1
-    local rss0 url load_pid
+    local rss0 load_pid
     rss0=$(kb_field /proc/"$server_pid"/status VmRSS)
     local plan=(-n "$conns" --rooms "$rooms" --hold "$hold" --publish-rate "$rate"
         --publish-seconds "$seconds" --per-source "$per_source" --max-inflight 1000

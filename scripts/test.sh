@@ -11,8 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
-echo "== shellcheck (the package's scripts and the test scripts)"
-shellcheck packaging/*.sh packaging/debian/* scripts/*.sh
+echo "== shellcheck (packaging, test and bench scripts)"
+shellcheck packaging/*.sh packaging/debian/* scripts/*.sh bench/*.sh
 echo "== cargo test"
 cargo test --all-targets --locked
 
