@@ -10,6 +10,7 @@ use crate::host::{self, Host};
 use crate::preflight;
 use crate::profile::{self, Profile};
 use crate::report::{self, Format};
+use crate::{out, outln};
 
 /// Runs the parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -38,8 +39,8 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     let profile = load(&args.profile)?;
     let report = preflight::run(&profile, host, &args.ports)?;
     match args.format {
-        Format::Human => print!("{}", report::preflight_human(&report)),
-        Format::Json => println!("{}", report::preflight_json(&report)),
+        Format::Human => out!("{}", report::preflight_human(&report)),
+        Format::Json => outln!("{}", report::preflight_json(&report)),
     }
     Ok(if report.passed() {
         exit::OK
@@ -55,20 +56,20 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     let human = args.check.format == Format::Human;
     if args.dry_run {
         if human {
-            println!(
+            outln!(
                 "tunegate apply --dry-run: profile {} (nothing will be changed)",
                 profile.name
             );
-            print!("{}", report::plan_human(&plan));
-            print!("{}", report::blocked_human(&plan));
+            out!("{}", report::plan_human(&plan));
+            out!("{}", report::blocked_human(&plan));
         } else {
-            println!("{}", report::apply_json(&plan, None, None, true));
+            outln!("{}", report::apply_json(&plan, None, None, true));
         }
         return Ok(exit::OK);
     }
     if human {
-        println!("tunegate apply: profile {}", profile.name);
-        print!("{}", report::plan_human(&plan));
+        outln!("tunegate apply: profile {}", profile.name);
+        out!("{}", report::plan_human(&plan));
     }
     let paths = Paths {
         state_dir: args.state.state_dir.clone(),
@@ -77,12 +78,12 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
     let after = preflight::run(&profile, host, &args.check.ports)?;
     if human {
-        print!("{}", report::outcome_human(&outcome));
-        print!("{}", report::blocked_human(&Plan::from_report(&after)));
-        println!();
-        print!("{}", report::preflight_human(&after));
+        out!("{}", report::outcome_human(&outcome));
+        out!("{}", report::blocked_human(&Plan::from_report(&after)));
+        outln!();
+        out!("{}", report::preflight_human(&after));
     } else {
-        println!(
+        outln!(
             "{}",
             report::apply_json(&plan, Some(&outcome), Some(&after), false)
         );
@@ -103,8 +104,8 @@ fn revert_cmd(host: &Host, args: &RevertArgs) -> anyhow::Result<u8> {
     };
     let out = apply::revert(host, &paths, args.force)?;
     match args.format {
-        Format::Human => print!("{}", report::revert_human(&out)),
-        Format::Json => println!("{}", report::revert_json(&out)),
+        Format::Human => out!("{}", report::revert_human(&out)),
+        Format::Json => outln!("{}", report::revert_json(&out)),
     }
     Ok(if out.failed.is_empty() {
         exit::OK
@@ -114,10 +115,10 @@ fn revert_cmd(host: &Host, args: &RevertArgs) -> anyhow::Result<u8> {
 }
 
 fn profile_list() -> anyhow::Result<u8> {
-    println!("{:<10} {:>12}  description", "name", "connections");
+    outln!("{:<10} {:>12}  description", "name", "connections");
     for name in profile::builtin_names() {
         let p = load(name)?;
-        println!(
+        outln!(
             "{:<10} {:>12}  {}",
             p.name,
             p.target_connections.map_or("-".into(), |t| t.to_string()),
@@ -130,8 +131,8 @@ fn profile_list() -> anyhow::Result<u8> {
 fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
     let p = load(name)?;
     match format {
-        ShowFormat::Yaml => print!("{}", report::profile_yaml(&p)),
-        ShowFormat::Json => println!("{}", report::profile_json(&p)),
+        ShowFormat::Yaml => out!("{}", report::profile_yaml(&p)),
+        ShowFormat::Json => outln!("{}", report::profile_json(&p)),
     }
     Ok(exit::OK)
 }
@@ -174,8 +175,8 @@ fn run_daemon(host: Host, args: &RunArgs) -> anyhow::Result<u8> {
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let st = crate::daemon::status::Status::load(&args.status_file)?;
     match args.format {
-        Format::Human => print!("{}", st.human()),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+        Format::Human => out!("{}", st.human()),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&st)?),
     }
     Ok(if st.alive() { exit::OK } else { exit::FAIL })
 }

@@ -18,4 +18,5 @@ pub mod preflight;
 pub mod profile;
 pub mod report;
 pub mod server;
+pub mod stdout;
 pub mod tunables;

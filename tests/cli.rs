@@ -58,29 +58,38 @@ fn usage_errors_exit_2() {
     assert_eq!(code(&tunegate(&["preflight", "--port", "70000"])), 2);
 }
 
-/// Host-global keys are written only from the initial network namespace. A fake tree that
-/// looks like one (it has net/core/netdev_max_backlog) lets us prove the write, the journal,
-/// the drop-in and the revert for them without touching the real host.
-#[test]
-fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
+/// The files of a fake tree that looks like the initial network namespace's /proc/sys (it has
+/// net/core/netdev_max_backlog), with their contents.
+const HOST_LIKE_FILES: [(&str, &str); 8] = [
+    ("net/core/netdev_max_backlog", "1000\n"),
+    ("net/core/rmem_max", "212992\n"),
+    ("fs/nr_open", "1048576\n"),
+    ("fs/file-max", "100000\n"),
+    ("net/ipv4/tcp_mem", "10000\t20000\t30000\n"),
+    ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
+    ("net/ipv4/ip_local_reserved_ports", "\n"),
+    ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
+];
+
+/// A fake root with [`HOST_LIKE_FILES`] under proc/sys, for TUNEGATE_HOST_ROOT.
+fn host_like_tree() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    let files = [
-        ("net/core/netdev_max_backlog", "1000\n"),
-        ("net/core/rmem_max", "212992\n"),
-        ("fs/nr_open", "1048576\n"),
-        ("fs/file-max", "100000\n"),
-        ("net/ipv4/tcp_mem", "10000\t20000\t30000\n"),
-        ("net/ipv4/ip_local_port_range", "32768\t60999\n"),
-        ("net/ipv4/ip_local_reserved_ports", "\n"),
-        ("net/ipv4/ip_unprivileged_port_start", "1024\n"),
-    ];
-    for (rel, content) in files {
+    for (rel, content) in HOST_LIKE_FILES {
         let p = root.path().join("proc/sys").join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, content).unwrap();
     }
     std::fs::create_dir_all(root.path().join("proc/self")).unwrap();
     std::fs::copy("/proc/self/status", root.path().join("proc/self/status")).unwrap();
+    root
+}
+
+/// Host-global keys are written only from the initial network namespace. A fake tree that
+/// looks like one (it has net/core/netdev_max_backlog) lets us prove the write, the journal,
+/// the drop-in and the revert for them without touching the real host.
+#[test]
+fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
+    let root = host_like_tree();
     let dir = tempfile::tempdir().unwrap();
     let prof = profile(
         dir.path(),
@@ -125,8 +134,52 @@ fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
 
     let rev = run(&["revert"]);
     assert_eq!(code(&rev), 0, "{}{}", stdout(&rev), stderr(&rev));
-    for (rel, content) in files {
+    for (rel, content) in HOST_LIKE_FILES {
         assert_eq!(read(rel), content, "{rel} not restored");
     }
     assert!(!dir.path().join("sysctl.d/60-tunegate.conf").exists());
+}
+
+/// `tunegate ... | head` must not panic when head exits, and an apply whose reader went away
+/// still does all its work: the pipe's read end is closed before the command starts, so every
+/// write it makes to stdout fails with EPIPE.
+#[test]
+fn a_closed_stdout_pipe_neither_panics_nor_stops_the_work() {
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let shown = Command::new(bin())
+        .args(["profile", "show", "c1m", "--format", "json"])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    assert_eq!(code(&shown), 0, "{}", stderr(&shown));
+    assert_eq!(
+        stderr(&shown),
+        "",
+        "a closed pipe is not an error to report"
+    );
+
+    let root = host_like_tree();
+    let dir = tempfile::tempdir().unwrap();
+    let prof = profile(dir.path(), "p.yaml", "sysctl:\n  fs.nr_open: 2097152\n");
+    let applied = Command::new(bin())
+        .args(["apply", "--profile", prof.to_str().unwrap(), "--persist"])
+        .env("TUNEGATE_HOST_ROOT", root.path())
+        .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
+        .env("TUNEGATE_SYSCTL_DIR", dir.path().join("sysctl.d"))
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    assert!(
+        !stderr(&applied).contains("panicked"),
+        "{}",
+        stderr(&applied)
+    );
+    let nr_open = std::fs::read_to_string(root.path().join("proc/sys/fs/nr_open")).unwrap();
+    assert_eq!(nr_open, "2097152\n", "the apply stopped with its output");
+    assert!(dir.path().join("state/journal.json").exists());
+    assert!(dir.path().join("sysctl.d/60-tunegate.conf").exists());
 }

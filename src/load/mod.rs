@@ -25,6 +25,7 @@ use anyhow::Context;
 
 use crate::cli::{LoadArgs, LoadProtocol};
 use crate::error::UsageError;
+use crate::outln;
 use report::{Outcome, Tally};
 use shard::Event;
 
@@ -204,7 +205,7 @@ impl Coordinator {
         }
         eprint!("{}", outcome.human());
         if self.args.json {
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            outln!("{}", serde_json::to_string_pretty(&outcome)?);
         }
         Ok(if outcome.ok { 0 } else { 1 })
     }
