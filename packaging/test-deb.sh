@@ -8,7 +8,8 @@
 #   - systemctl reload and systemctl restart work;
 #   - an upgrade (dpkg -i again) keeps an edited conffile and the apply journal;
 #   - dpkg --purge leaves no process, no unit, no state, and the namespace's net sysctls back at
-#     their values from before the install.
+#     their values from before the install;
+#   - a purge whose revert fails keeps the journal, and nothing else.
 # Exit 0 only if all of it holds. Bounded: every wait has a timeout; the container is powered
 # off and removed on any exit.
 set -euo pipefail
@@ -144,4 +145,25 @@ $before
 after
 $after"
 ok "purge: no process, no unit, no state; $(grep -c restored "$work/purge.txt") value(s) restored, every net key as before the install"
+
+# 7. a purge whose revert fails keeps the journal (the only record of the values from before)
+ct_exec dpkg -i /root/tunegate.deb >/dev/null 2>&1 || fail "install again after the purge"
+wait_active
+ct_exec test -s /var/lib/tunegate/journal.json || fail "no apply journal after the second install"
+# A journal from another network namespace: revert refuses it (exit 2) without --force.
+ct_exec python3 -c '
+import json
+p = "/var/lib/tunegate/journal.json"
+j = json.load(open(p))
+j["netns"] = "net:[1]"
+json.dump(j, open(p, "w"))
+'
+journal=$(ct_exec cat /var/lib/tunegate/journal.json)
+ct_exec dpkg --purge tunegate >"$work/purge2.txt" 2>&1 || { cat "$work/purge2.txt" >&2; fail "a failed revert failed the purge"; }
+grep -q "journal.json is kept" "$work/purge2.txt" || { cat "$work/purge2.txt" >&2; fail "the purge did not say the journal is kept"; }
+[[ $(ct_exec cat /var/lib/tunegate/journal.json) == "$journal" ]] || fail "the kept journal is not the one from before the purge"
+[[ $(ct_exec ls -A /var/lib/tunegate) == journal.json ]] || fail "more than the journal was kept: $(ct_exec ls -A /var/lib/tunegate)"
+if survivors=$(tunegate_processes); then fail "tunegate processes survived the second purge: $survivors"; fi
+[[ $(ct_exec systemctl show -p LoadState --value tunegate) == not-found ]] || fail "the unit is still known"
+ok "a purge whose revert fails keeps /var/lib/tunegate/journal.json, and only that"
 log "all checks passed"
