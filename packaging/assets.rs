@@ -45,11 +45,62 @@ fn write_man(cmd: &clap::Command, name: &str, dir: &Path) -> std::io::Result<()>
     // clap keeps names as &'static str; this short-lived program can afford to leak them.
     let title: &'static str = Box::leak(name.to_string().into_boxed_str());
     let cmd = cmd.clone().name(title).bin_name(title.replace('-', " "));
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd)
+    let man = clap_mangen::Man::new(cmd.clone())
         .section("1")
         .manual("tunegate manual")
-        .source(concat!("tunegate ", env!("CARGO_PKG_VERSION")))
-        .render(&mut page)?;
+        .source(concat!("tunegate ", env!("CARGO_PKG_VERSION")));
+    let mut page = Vec::new();
+    // clap_mangen's own render() puts the text after the options under one "EXTRA" heading; the
+    // standard sections a reader looks for (EXIT STATUS, FILES, SEE ALSO) are made from it here.
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut page)?;
+    }
+    if cmd.get_subcommands().any(|s| !s.is_hide_set()) {
+        man.render_subcommands_section(&mut page)?;
+    }
+    if let Some(more) = cmd.get_after_long_help() {
+        page.extend_from_slice(sections(&more.to_string()).as_bytes());
+    }
+    if cmd.get_version().is_some() {
+        man.render_version_section(&mut page)?;
+    }
     std::fs::write(dir.join(format!("{name}.1")), page)
+}
+
+/// Roff sections from a command's after-help text: each paragraph that starts with one of the
+/// labels below becomes that section; any other paragraph goes under NOTES.
+fn sections(text: &str) -> String {
+    const LABELS: [(&str, &str); 4] = [
+        ("Signals: ", "SIGNALS"),
+        ("Files: ", "FILES"),
+        ("Exit status: ", "EXIT STATUS"),
+        ("See also: ", "SEE ALSO"),
+    ];
+    let mut roff = String::new();
+    let mut current = "";
+    for paragraph in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+        let (heading, body) = LABELS
+            .iter()
+            .find_map(|(label, heading)| paragraph.strip_prefix(label).map(|b| (*heading, b)))
+            .unwrap_or(("NOTES", paragraph));
+        if heading != current {
+            roff.push_str(&format!(".SH \"{heading}\"\n"));
+            current = heading;
+        } else {
+            roff.push_str(".PP\n");
+        }
+        let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Roff: a backslash is an escape, and a line starting with . or ' a request.
+        let line = line.replace('\\', "\\e");
+        if line.starts_with(['.', '\'']) {
+            roff.push_str("\\&");
+        }
+        roff.push_str(&line);
+        roff.push('\n');
+    }
+    roff
 }

@@ -32,10 +32,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compare the host with a profile and print a checklist. Changes nothing.
+    #[command(after_long_help = PREFLIGHT_MORE)]
     Preflight(CheckArgs),
     /// Raise what the profile asks for (never lowering anything), journaled and verified.
+    #[command(after_long_help = APPLY_MORE)]
     Apply(ApplyArgs),
     /// Restore the values the journal recorded before tunegate changed them.
+    #[command(after_long_help = REVERT_MORE)]
     Revert(RevertArgs),
     /// List or show profiles.
     #[command(subcommand)]
@@ -44,13 +47,66 @@ pub enum Command {
     Serve(ServeArgs),
     /// The service: apply the profile, gate on preflight, then start and supervise the server
     /// (or the configured command). What systemd/tunegate.service runs.
+    #[command(after_long_help = RUN_MORE)]
     Run(RunArgs),
     /// Open many WebSocket connections to a server, join rooms, publish, and measure: connect
     /// rate and errors, delivery latency (p50/p99/p99.9/max), completeness, disconnects.
     Load(LoadArgs),
     /// Show the running daemon's state: profile, verdicts, child, restarts, drifts.
+    #[command(after_long_help = STATUS_MORE)]
     Status(StatusArgs),
 }
+
+// What `--help` (and so the man pages) add after the options, for the commands an operator
+// meets on a host. Kept short: the full story is in /usr/share/doc/tunegate (docs/ in the repo).
+
+const PREFLIGHT_MORE: &str = "\
+Exit status: 0 every check passes; 1 a check fails; 2 bad usage or a bad profile (its file,
+line, column and key are named).
+
+See also: tunegate-apply(1); docs/profiles.md for the keys and why each matters.";
+
+const APPLY_MORE: &str = "\
+Raise-only: a value the host already has above the profile is left alone. The previous values
+are journaled (atomically, fsynced) before the first write; every write is read back, and if
+one fails every value written in that run is put back. Per-network-namespace keys are written
+from here; host-global keys (fs.*, net.core.rmem_max, tcp_mem, ...) only from the host's own
+namespace, otherwise reported with the line to use there.
+
+Files: /var/lib/tunegate/journal.json (the journal); /etc/sysctl.d/60-tunegate.conf (--persist:
+systemd-sysctl applies it at boot; recent Debian does not read /etc/sysctl.conf).
+
+Exit status: 0 the host passes after the change; 1 something still fails (a host-global key,
+the hard RLIMIT_NOFILE without CAP_SYS_RESOURCE); 2 bad input, nothing changed; 3 a write
+failed and the run was rolled back.
+
+See also: tunegate-revert(1), tunegate-preflight(1).";
+
+const REVERT_MORE: &str = "\
+A key whose value someone changed after tunegate wrote it is left alone and reported (--force
+restores it anyway). Keys that cannot be put back stay in the journal. The --persist drop-in
+is removed.
+
+Exit status: 0 done (or nothing to do); 1 something could not be restored (still journaled);
+2 the journal belongs to another network namespace.";
+
+const RUN_MORE: &str = "\
+Signals: SIGHUP (systemctl reload) re-reads the configuration and the profile, re-applies, and
+replaces the server only if its command line changed (one worker at a time); a bad new
+configuration is refused and the running one kept. SIGTERM or SIGINT stops the server (its
+clients get Close 1001) and exits 0.
+
+Files: /etc/tunegate/tunegate.yaml (configuration; a missing default file means the defaults);
+/var/lib/tunegate/journal.json (what apply changed); /run/tunegate/status.json (read by
+tunegate status).
+
+Exit status: 0 stopped by a signal, or the server exited 0; 1 gated in enforce mode, or the
+server crashed too often; 2 bad configuration or profile.
+
+See also: tunegate-status(1), tunegate-serve(1); /usr/share/doc/tunegate/daemon.md.";
+
+const STATUS_MORE: &str = "\
+Exit status: 0 the daemon runs; 1 it does not (no status file, or its pid is gone).";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
