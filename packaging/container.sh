@@ -190,7 +190,10 @@ _ct_check_cache_location() {
 
 # Turns a fresh debootstrap into a quiet, self-contained container image.
 _ct_configure_rootfs() {
-    local root=$1 unit
+    local root=${1:-} unit
+    # It edits and empties directories under $root as root: never the host's own.
+    [[ -n $root && $(realpath -m "$root") != / && -x $root/usr/lib/systemd/systemd ]] ||
+        { _ct_err "_ct_configure_rootfs: '$root' is not a fresh rootfs"; return 1; }
     echo tunegate-ct >"$root/etc/hostname"
     cat >"$root/etc/hosts" <<'EOF'
 127.0.0.1	localhost
