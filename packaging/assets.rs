@@ -44,7 +44,12 @@ fn main() -> std::io::Result<()> {
 fn write_man(cmd: &clap::Command, name: &str, dir: &Path) -> std::io::Result<()> {
     // clap keeps names as &'static str; this short-lived program can afford to leak them.
     let title: &'static str = Box::leak(name.to_string().into_boxed_str());
-    let cmd = cmd.clone().name(title).bin_name(title.replace('-', " "));
+    // `tunegate help CMD` works, but has no page of its own: the pages do not list it.
+    let cmd = cmd
+        .clone()
+        .name(title)
+        .bin_name(title.replace('-', " "))
+        .disable_help_subcommand(true);
     let man = clap_mangen::Man::new(cmd.clone())
         .section("1")
         .manual("tunegate manual")
@@ -94,8 +99,9 @@ fn sections(text: &str) -> String {
             roff.push_str(".PP\n");
         }
         let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
-        // Roff: a backslash is an escape, and a line starting with . or ' a request.
-        let line = line.replace('\\', "\\e");
+        // Roff: a backslash is an escape, a line starting with . or ' a request, and a bare -
+        // may print as a typographic hyphen that breaks a copied command name or flag.
+        let line = line.replace('\\', "\\e").replace('-', "\\-");
         if line.starts_with(['.', '\'']) {
             roff.push_str("\\&");
         }

@@ -20,6 +20,10 @@ fi
 cargo build --release --locked >&2
 rm -rf target/assets
 cargo run --release --locked --example assets -- target/assets >&2
+# Every tunegate page a page refers to (SUBCOMMANDS, SEE ALSO) must exist.
+missing=$(grep -oh 'tunegate[a-z\\-]*(1)' target/assets/man/*.1 | sed 's/\\-/-/g; s/(1)$//' | sort -u |
+    while read -r page; do [[ -f target/assets/man/$page.1 ]] || echo "$page(1)"; done)
+[[ -z $missing ]] || { log "man pages refer to pages that are not generated: $missing"; exit 1; }
 gzip -9n target/assets/man/*.1
 # Not `tee /dev/stderr`: reopening /dev/stderr truncates it when it is a file (a CI log).
 out=$(cargo deb --no-build --locked 2>&1) || { printf '%s\n' "$out" >&2; log "cargo deb failed"; exit 1; }
