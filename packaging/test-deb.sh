@@ -5,7 +5,8 @@
 #   - dpkg -i prints the postinst preflight report and brings tunegate.service to
 #     active (running) through Type=notify;
 #   - the bundled server answers /healthz and a WebSocket handshake (with its hello) inside;
-#   - systemctl reload and systemctl restart work;
+#   - systemctl reload and systemctl restart work, and a reload to the c100k profile sizes and
+#     brings up its workers (6 here: 20,000 descriptors per process) in the same daemon;
 #   - an upgrade (dpkg -i again) keeps an edited conffile and the apply journal;
 #   - dpkg --purge leaves no process, no unit, no state, and the namespace's net sysctls back at
 #     their values from before the install;
@@ -108,22 +109,52 @@ pid2=$(ct_exec systemctl show -p MainPID --value tunegate)
 [[ $(ct_exec curl -s -m 5 http://127.0.0.1:8080/healthz) == ok ]] || fail "/healthz after restart"
 ok "systemctl restart: new daemon ($pid2), serving"
 
-# 4. upgrade: the operator's conffile edit and the journal survive
-ct_exec sh -c 'echo "# edited by the operator" >> /etc/tunegate/tunegate.yaml'
+# 4. the operator switches to the c100k profile and reloads. Where systemd cannot grant
+# LimitNOFILE (no CAP_SYS_RESOURCE, as here: 20,000 descriptors per process), 100,000
+# connections need several workers and the bus, started by the same daemon under the unit's
+# sandbox; with the limit granted, one process holds them.
+wait_healthz() {  # wait_healthz TEXT: until /healthz answers TEXT, at most 30 s
+    local i got=''
+    for ((i = 0; i < 300; i++)); do
+        got=$(ct_exec curl -s -m 2 http://127.0.0.1:8080/healthz) || true
+        [[ $got == "$1" ]] && return 0
+        sleep 0.1
+    done
+    ct_exec journalctl -u tunegate --no-pager -n 30 >&2 || true
+    fail "/healthz says '$got', not '$1'"
+}
+ct_exec sed -i 's/^profile: default$/profile: c100k  # edited by the operator/' /etc/tunegate/tunegate.yaml
+ct_exec systemctl reload tunegate
+sizing=''
+for ((i = 0; i < 300; i++)); do
+    sizing=$(ct_exec journalctl -u tunegate --no-pager -o cat | grep '^sizing: .*target_connections 100000' | tail -n 1) || true
+    [[ -n $sizing ]] && break
+    sleep 0.1
+done
+[[ $sizing =~ ^sizing:\ ([0-9]+)\ worker.*capacity\ ([0-9]+)\ connections ]] || fail "no sizing for c100k after the reload: '$sizing'"
+workers=${BASH_REMATCH[1]}
+((BASH_REMATCH[2] >= 100000)) || fail "sized below the profile's 100,000 connections: $sizing"
+wait_healthz "ok: $workers of $workers workers up"
+[[ $(ct_exec systemctl show -p MainPID --value tunegate) == "$pid2" ]] || fail "the reload to c100k restarted the daemon"
+ok "reload to c100k: same daemon, $workers of $workers workers up ($sizing)"
+
+# 5. upgrade: the operator's conffile edit and the journal survive, and the restarted daemon
+# runs with the edit
 ct_exec test -s /var/lib/tunegate/journal.json || fail "no apply journal after start"
 ct_exec dpkg -i /root/tunegate.deb >/dev/null 2>&1 || fail "upgrade (dpkg -i again)"
 wait_active
-ct_exec grep -q "edited by the operator" /etc/tunegate/tunegate.yaml || fail "upgrade lost the conffile edit"
+ct_exec grep -q "^profile: c100k  # edited by the operator" /etc/tunegate/tunegate.yaml || fail "upgrade lost the conffile edit"
 ct_exec test -s /var/lib/tunegate/journal.json || fail "upgrade lost the journal"
-ok "upgrade kept the edited conffile and the journal"
+wait_healthz "ok: $workers of $workers workers up"
+ok "upgrade kept the edited conffile and the journal; the daemon runs c100k with $workers worker(s)"
 
-# 5. an operator persists a bigger profile: the drop-in goes to sysctl.d, which purge removes
+# 6. an operator persists a bigger profile: the drop-in goes to sysctl.d, which purge removes
 ct_exec tunegate apply --profile c100k --persist >"$work/apply.txt" 2>&1 || true # rmem_max: host-global
 grep -q "persisted: /etc/sysctl.d/60-tunegate.conf" "$work/apply.txt" || { cat "$work/apply.txt" >&2; fail "apply --persist"; }
 ct_exec grep -q "net.core.somaxconn = 65535" /etc/sysctl.d/60-tunegate.conf || fail "no somaxconn in the drop-in"
 ok "apply --persist wrote /etc/sysctl.d/60-tunegate.conf"
 
-# 6. purge
+# 7. purge
 # tunegate processes, by name and by executable path (the pattern is anchored: ct_exec's own
 # `timeout` wrapper carries it in its command line). Must find the daemon now, so that finding
 # nothing after the purge means something.
@@ -146,7 +177,7 @@ after
 $after"
 ok "purge: no process, no unit, no state; $(grep -c restored "$work/purge.txt") value(s) restored, every net key as before the install"
 
-# 7. a purge whose revert fails keeps the journal (the only record of the values from before)
+# 8. a purge whose revert fails keeps the journal (the only record of the values from before)
 ct_exec dpkg -i /root/tunegate.deb >/dev/null 2>&1 || fail "install again after the purge"
 wait_active
 ct_exec test -s /var/lib/tunegate/journal.json || fail "no apply journal after the second install"
