@@ -25,7 +25,8 @@
 # Lower level: ct_build_rootfs, ct_new_root (sets CT_ROOT; ct_stop removes it), ct_copy_rootfs
 # DEST (a fresh copy at a path of yours; you remove it), ct_rootfs (prints the pristine root's
 # path), ct_boot DIR [nspawn args...], ct_pid (the container's PID 1 as the host sees it),
-# ct_copy_out, ct_log_tail, ct_attach NAME (adopt a container that `boot` started).
+# ct_copy_out, ct_log_tail, ct_attach NAME (adopt a container that `boot` started), ct_poll
+# SECONDS CMD... (bounded waiting).
 #
 # Environment:
 #   TUNEGATE_ROOTFS_CACHE     cache directory (default ~/.cache/tunegate/rootfs-bookworm); holds
@@ -67,6 +68,18 @@ _ct_err() { printf 'container: error: %s\n' "$*" >&2; }
 _ct_now() { printf '%s' "${EPOCHREALTIME:-$(date +%s.%N)}"; }
 # Seconds since $1 (a _ct_now value), one decimal.
 _ct_since() { awk -v a="$1" -v b="$(_ct_now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ct_poll SECONDS CMD...: runs CMD every 0.1 s until it succeeds (returns 0) or SECONDS have
+# passed (returns 1). Every wait in this file and in its users is bounded through it.
+ct_poll() {
+    local tenths=$(($1 * 10)) i
+    shift
+    for ((i = 0; i < tenths; i++)); do
+        "$@" && return 0
+        sleep 0.1
+    done
+    return 1
+}
 
 _ct_require_root() {
     [[ ${EUID:-$(id -u)} -eq 0 ]] || { _ct_err "must run as root (debootstrap, systemd-nspawn and nsenter need it)"; return 1; }
@@ -387,15 +400,14 @@ _ct_cgroup_prepare() {
         { _ct_err "no cgroup2 or name=systemd hierarchy is mounted; systemd in the container needs one"; return 1; }
 }
 
+_ct_cgroup_empty() { [[ -z $(find "$1" -name cgroup.procs -exec cat {} + 2>/dev/null) ]]; }
+
 _ct_cgroup_cleanup() {
-    local dir i
+    local dir
     for dir in "${CT_CGROUPS[@]}"; do
         [[ -d $dir ]] || continue
         # Zombies of the container may take a moment to leave the cgroup.
-        for ((i = 0; i < 50; i++)); do
-            [[ -z $(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null) ]] && break
-            sleep 0.1
-        done
+        ct_poll 5 _ct_cgroup_empty "$dir" || true
         find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null || true
         [[ -d $dir ]] && _ct_log "warning: could not remove cgroup $dir"
         rmdir "$(dirname "$dir")" 2>/dev/null || true # tunegate-ct/, if no other container uses it
@@ -440,6 +452,8 @@ _ct_is_our_nspawn() {
     [[ -n ${1:-} && -r /proc/$1/cmdline ]] || return 1
     tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qx -e "--machine=$CT_NAME" -e "$CT_NAME"
 }
+
+_ct_nspawn_gone() { ! _ct_is_our_nspawn "$CT_NSPAWN_PID"; }
 
 _ct_running() {
     [[ -n $CT_PID && -n $CT_PIDNS ]] && [[ $(readlink "/proc/$CT_PID/ns/pid" 2>/dev/null) == "$CT_PIDNS" ]]
@@ -662,10 +676,7 @@ ct_stop() {
         if _ct_is_our_nspawn "$CT_NSPAWN_PID"; then
             _ct_log "warning: $CT_NAME did not power off in ${tmo}s; terminating systemd-nspawn"
             kill -TERM "$CT_NSPAWN_PID" 2>/dev/null || true
-            for ((i = 0; i < 100; i++)); do
-                _ct_is_our_nspawn "$CT_NSPAWN_PID" || break
-                sleep 0.1
-            done
+            ct_poll 10 _ct_nspawn_gone || true
         fi
         if _ct_is_our_nspawn "$CT_NSPAWN_PID"; then
             # The init first, so that nspawn (its parent) reaps it and exits by itself; an
@@ -673,15 +684,9 @@ ct_stop() {
             _ct_log "warning: killing $CT_NAME"
             _ct_kill_execs
             if _ct_running; then kill -KILL "$CT_PID" 2>/dev/null || true; fi
-            for ((i = 0; i < 50; i++)); do
-                _ct_is_our_nspawn "$CT_NSPAWN_PID" || break
-                sleep 0.1
-            done
+            ct_poll 5 _ct_nspawn_gone || true
             kill -KILL "$CT_NSPAWN_PID" 2>/dev/null || true
-            for ((i = 0; i < 50; i++)); do
-                _ct_is_our_nspawn "$CT_NSPAWN_PID" || break
-                sleep 0.1
-            done
+            ct_poll 5 _ct_nspawn_gone || true
         fi
     fi
     if [[ -n $CT_NSPAWN_PID ]]; then

@@ -37,12 +37,9 @@ keys=(net.core.somaxconn net.ipv4.tcp_max_syn_backlog net.ipv4.tcp_migrate_req
     net.ipv4.ip_local_port_range net.ipv4.ip_local_reserved_ports net.ipv4.tcp_rmem net.ipv4.tcp_wmem)
 before=$(ct_exec sysctl "${keys[@]}")
 
+unit_active() { [[ $(ct_exec systemctl show -p ActiveState --value tunegate) == active ]]; }
 wait_active() {  # wait_active: until tunegate.service is active (running), at most 60 s
-    local i
-    for ((i = 0; i < 600; i++)); do
-        [[ $(ct_exec systemctl show -p ActiveState --value tunegate) == active ]] && return 0
-        sleep 0.1
-    done
+    ct_poll 60 unit_active && return 0
     ct_exec systemctl status tunegate --no-pager >&2 || true
     ct_exec journalctl -u tunegate --no-pager -n 40 >&2 || true
     fail "tunegate.service is not active after 60 s"
@@ -113,24 +110,24 @@ ok "systemctl restart: new daemon ($pid2), serving"
 # LimitNOFILE (no CAP_SYS_RESOURCE, as here: 20,000 descriptors per process), 100,000
 # connections need several workers and the bus, started by the same daemon under the unit's
 # sandbox; with the limit granted, one process holds them.
+healthz_says() {  # sets `got` (wait_healthz's) to what /healthz answers
+    got=$(ct_exec curl -s -m 2 http://127.0.0.1:8080/healthz) || true
+    [[ $got == "$1" ]]
+}
 wait_healthz() {  # wait_healthz TEXT: until /healthz answers TEXT, at most 30 s
-    local i got=''
-    for ((i = 0; i < 300; i++)); do
-        got=$(ct_exec curl -s -m 2 http://127.0.0.1:8080/healthz) || true
-        [[ $got == "$1" ]] && return 0
-        sleep 0.1
-    done
+    local got=''
+    ct_poll 30 healthz_says "$1" && return 0
     ct_exec journalctl -u tunegate --no-pager -n 30 >&2 || true
     fail "/healthz says '$got', not '$1'"
 }
 ct_exec sed -i 's/^profile: default$/profile: c100k  # edited by the operator/' /etc/tunegate/tunegate.yaml
 ct_exec systemctl reload tunegate
-sizing=''
-for ((i = 0; i < 300; i++)); do
+c100k_sized() {  # sets `sizing` to the daemon's sizing line for the c100k profile, if any
     sizing=$(ct_exec journalctl -u tunegate --no-pager -o cat | grep '^sizing: .*target_connections 100000' | tail -n 1) || true
-    [[ -n $sizing ]] && break
-    sleep 0.1
-done
+    [[ -n $sizing ]]
+}
+sizing=''
+ct_poll 30 c100k_sized || true
 [[ $sizing =~ ^sizing:\ ([0-9]+)\ worker.*capacity\ ([0-9]+)\ connections ]] || fail "no sizing for c100k after the reload: '$sizing'"
 workers=${BASH_REMATCH[1]}
 ((BASH_REMATCH[2] >= 100000)) || fail "sized below the profile's 100,000 connections: $sizing"

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -84,6 +85,17 @@ fn host_like_tree() -> tempfile::TempDir {
     root
 }
 
+/// The binary with `root` (from [`host_like_tree`]) as the host and its journal and drop-in
+/// under `dir`.
+fn on_fake_host(root: &Path, dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env("TUNEGATE_HOST_ROOT", root)
+        .env("TUNEGATE_STATE_DIR", dir.join("state"))
+        .env("TUNEGATE_SYSCTL_DIR", dir.join("sysctl.d"));
+    cmd
+}
+
 /// Host-global keys are written only from the initial network namespace. A fake tree that
 /// looks like one (it has net/core/netdev_max_backlog) lets us prove the write, the journal,
 /// the drop-in and the revert for them without touching the real host.
@@ -97,11 +109,7 @@ fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
         "sysctl:\n  fs.nr_open: 2097152\n  fs.file-max: 50000\n  net.core.netdev_max_backlog: 65536\n  net.ipv4.tcp_mem: \"10000 40000 60000\"\n  net.core.rmem_max: 16777216\n",
     );
     let run = |args: &[&str]| {
-        Command::new(bin())
-            .args(args)
-            .env("TUNEGATE_HOST_ROOT", root.path())
-            .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
-            .env("TUNEGATE_SYSCTL_DIR", dir.path().join("sysctl.d"))
+        on_fake_host(root.path(), dir.path(), args)
             .output()
             .unwrap()
     };
@@ -165,14 +173,14 @@ fn a_closed_stdout_pipe_neither_panics_nor_stops_the_work() {
     let root = host_like_tree();
     let dir = tempfile::tempdir().unwrap();
     let prof = profile(dir.path(), "p.yaml", "sysctl:\n  fs.nr_open: 2097152\n");
-    let applied = Command::new(bin())
-        .args(["apply", "--profile", prof.to_str().unwrap(), "--persist"])
-        .env("TUNEGATE_HOST_ROOT", root.path())
-        .env("TUNEGATE_STATE_DIR", dir.path().join("state"))
-        .env("TUNEGATE_SYSCTL_DIR", dir.path().join("sysctl.d"))
-        .stdout(closed_pipe())
-        .output()
-        .unwrap();
+    let applied = on_fake_host(
+        root.path(),
+        dir.path(),
+        &["apply", "--profile", prof.to_str().unwrap(), "--persist"],
+    )
+    .stdout(closed_pipe())
+    .output()
+    .unwrap();
     assert!(
         !stderr(&applied).contains("panicked"),
         "{}",
