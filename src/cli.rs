@@ -179,6 +179,11 @@ pub struct CheckArgs {
     #[arg(long, short, default_value = "default", value_name = "NAME|PATH")]
     pub profile: String,
 
+    /// Take the profile and the listen port from `tunegate run`'s configuration file instead,
+    /// so the check is the one the service makes (e.g. /etc/tunegate/tunegate.yaml).
+    #[arg(long, value_name = "PATH", conflicts_with = "profile")]
+    pub config: Option<PathBuf>,
+
     /// Output for people (a checklist) or machines (JSON, see docs/json.md).
     #[arg(long, value_enum, default_value = "human")]
     pub format: Format,

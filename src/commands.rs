@@ -35,9 +35,24 @@ fn load(spec: &str) -> anyhow::Result<Profile> {
     Ok(profile::load(spec, host::running_as_root())?)
 }
 
+/// What a check is against: the profile, and the ports the port guard adds to its
+/// listen_ports. With `--config`, the service's own: its profile and its listen port.
+fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>)> {
+    let mut ports = args.ports.clone();
+    let spec = match &args.config {
+        Some(path) => {
+            let config = crate::daemon::config::Config::load(path, true, host::running_as_root())?;
+            ports.push(config.listen.port());
+            config.profile
+        }
+        None => args.profile.clone(),
+    };
+    Ok((load(&spec)?, ports))
+}
+
 fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
-    let profile = load(&args.profile)?;
-    let report = preflight::run(&profile, host, &args.ports)?;
+    let (profile, ports) = check_target(args)?;
+    let report = preflight::run(&profile, host, &ports)?;
     match args.format {
         Format::Human => out!("{}", report::preflight_human(&report)),
         Format::Json => outln!("{}", report::preflight_json(&report)),
@@ -50,8 +65,8 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
 }
 
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
-    let profile = load(&args.check.profile)?;
-    let before = preflight::run(&profile, host, &args.check.ports)?;
+    let (profile, ports) = check_target(&args.check)?;
+    let before = preflight::run(&profile, host, &ports)?;
     let plan = Plan::from_report(&before);
     let human = args.check.format == Format::Human;
     if args.dry_run {
@@ -76,7 +91,7 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
         sysctl_dir: args.sysctl_dir.clone(),
     };
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
-    let after = preflight::run(&profile, host, &args.check.ports)?;
+    let after = preflight::run(&profile, host, &ports)?;
     if human {
         out!("{}", report::outcome_human(&outcome));
         out!("{}", report::blocked_human(&Plan::from_report(&after)));

@@ -191,3 +191,41 @@ fn a_closed_stdout_pipe_neither_panics_nor_stops_the_work() {
     assert!(dir.path().join("state/journal.json").exists());
     assert!(dir.path().join("sysctl.d/60-tunegate.conf").exists());
 }
+
+/// `--config` checks what `tunegate run` would: the configuration's profile, and its listen
+/// port in the port guard. It is refused together with `--profile` (which it replaces), and a
+/// bad configuration is bad input.
+#[test]
+fn preflight_with_the_service_configuration() {
+    let root = host_like_tree();
+    let dir = tempfile::tempdir().unwrap();
+    let config = profile(
+        dir.path(),
+        "tunegate.yaml",
+        "profile: c10k\nlisten: 127.0.0.1:9090\n",
+    );
+    let config = config.to_str().unwrap();
+    let out = on_fake_host(
+        root.path(),
+        dir.path(),
+        &["preflight", "--config", config, "--format", "json"],
+    )
+    .output()
+    .unwrap();
+    let j = json(&out);
+    assert_eq!(j["profile"], "c10k", "{j:#}");
+    let ids: Vec<&str> = j["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .collect();
+    assert!(ids.contains(&"derived.listen_port.9090"), "{ids:?}");
+
+    let both = tunegate(&["preflight", "--config", config, "--profile", "c100k"]);
+    assert_eq!(code(&both), 2);
+    let bad = profile(dir.path(), "bad.yaml", "profile: [c10k\n");
+    let bad = tunegate(&["preflight", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("bad.yaml:1:"), "{}", stderr(&bad));
+}
