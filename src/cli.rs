@@ -171,6 +171,13 @@ pub struct ServeArgs {
     /// Directory for the workers' bus sockets and metrics snapshots (with --workers above 1).
     #[arg(long, value_name = "DIR")]
     pub bus_dir: Option<std::path::PathBuf>,
+    /// The high 16 bits of every connection id this process hands out: a number no earlier
+    /// start of this server used, so an id never names two connections (docs/protocol.md).
+    /// `tunegate run` hands every worker start the next one from its state directory. Without
+    /// it, the wall clock's next whole second is taken (start-up waits for it, up to 1 s);
+    /// required with --workers above 1.
+    #[arg(long, value_name = "N")]
+    pub incarnation: Option<u16>,
 }
 
 #[derive(Debug, Args)]

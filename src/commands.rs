@@ -171,6 +171,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
         worker: args.worker,
         workers: args.workers,
         bus_dir: args.bus_dir.clone(),
+        incarnation: args.incarnation,
     };
     crate::server::serve(config, |_| {})?;
     Ok(exit::OK)

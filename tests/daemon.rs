@@ -36,18 +36,60 @@ impl Daemon {
             ),
         );
         let log = dir.path().join("daemon.log");
+        let proc = Daemon::spawn(&ns, &dir, &cfg, &log, notify);
+        Daemon { ns, dir, proc, log }
+    }
+
+    /// `tunegate run --config CFG` inside `ns`, its log appended to `log`.
+    fn spawn(
+        ns: &Netns,
+        dir: &tempfile::TempDir,
+        cfg: &Path,
+        log: &Path,
+        notify: Option<&Path>,
+    ) -> Child {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name, bin(), "run", "--config"])
-            .arg(&cfg)
+            .arg(cfg)
             .env("CHILD_DIR", dir.path())
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            );
         if let Some(sock) = notify {
             cmd.env("NOTIFY_SOCKET", sock);
         }
-        let proc = cmd.spawn().unwrap();
-        Daemon { ns, dir, proc, log }
+        cmd.spawn().unwrap()
+    }
+
+    /// Stops the daemon with SIGTERM (it must exit 0) and starts it again in the same namespace
+    /// with the same configuration and state directory, as `systemctl restart` does.
+    fn restart(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(self.exit(Duration::from_secs(10)), 0, "{}", self.log());
+        let cfg = self.dir.path().join("tunegate.yaml");
+        self.proc = Daemon::spawn(&self.ns, &self.dir, &cfg, &self.log, None);
+    }
+
+    /// Runs a Python client inside the namespace; its output, which must end in success.
+    fn python(&self, script: &str, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "python3", script])
+            .args(args)
+            .output()
+            .expect("python3");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}\ndaemon log:\n{}", self.log());
+        text
     }
 
     fn log(&self) -> String {
@@ -99,6 +141,17 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The worker whose current process handed out connection id `id` (by its incarnation,
+    /// the id's top 16 bits, which the status file lists per worker).
+    fn worker_of(&self, id: u64) -> Option<usize> {
+        let st = self.status();
+        let inc = common::ws::incarnation_of(id) as u64;
+        st["workers"]
+            .as_array()?
+            .iter()
+            .position(|w| w["incarnation"].as_u64() == Some(inc))
     }
 
     fn child_pid(&self) -> i32 {
@@ -590,7 +643,7 @@ fn workers_are_sized_from_the_limit_and_restarted_one_by_one() {
         .collect();
     let addr: std::net::SocketAddr = "127.0.0.1:18080".parse().unwrap();
     let connect = || Ws::handshake(d.ns.connect(addr), "/").unwrap();
-    let mut c = spread(connect, &[0, 1, 2], 2);
+    let mut c = spread(connect, |id| d.worker_of(id), &[0, 1, 2], 2);
     for list in c.values_mut() {
         join_all(list.iter_mut(), "all");
     }
@@ -629,7 +682,7 @@ fn workers_are_sized_from_the_limit_and_restarted_one_by_one() {
     // The survivors' clients never noticed: still open, still relaying to each other.
     publish_and_check(&mut c, (0, 0), &[0, 2], "survivors", 10);
     // The restarted worker's clients come back and are members again.
-    c.extend(spread(connect, &[1], 2));
+    c.extend(spread(connect, |id| d.worker_of(id), &[1], 2));
     join_all(c.get_mut(&1).unwrap().iter_mut(), "all");
     for w in [0, 1, 2] {
         await_count(&mut c.get_mut(&w).unwrap()[0].0, "all", 6);
@@ -648,6 +701,57 @@ fn workers_are_sized_from_the_limit_and_restarted_one_by_one() {
         text.contains("restarts 1, last was killed by SIGKILL"),
         "{text}"
     );
+}
+
+/// Issue 12: after a worker is SIGKILLed and restarted, and after the whole daemon is restarted,
+/// no new connection gets an id any earlier connection had, and a `send` to a dead id answers
+/// `no_such_connection` instead of reaching a stranger. Clients: Python `websockets`.
+#[test]
+fn connection_ids_are_never_handed_out_twice_across_worker_and_daemon_restarts() {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/stale_ids.py");
+    let mut d = Daemon::start(
+        &format!("server:\n  workers: 3\n  ping_interval_ms: 60000\n{FAST}"),
+        None,
+    );
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let incarnations = |d: &Daemon| -> Vec<u64> {
+        let st = d.status();
+        (0..3)
+            .map(|i| {
+                st["workers"][i]["incarnation"]
+                    .as_u64()
+                    .expect("an incarnation")
+            })
+            .collect()
+    };
+    let first = incarnations(&d);
+    let status = d.dir.path().join("status.json");
+    let ids = d.dir.path().join("ids.json");
+    let url = "ws://127.0.0.1:18080/";
+    let text = d.python(
+        SCRIPT,
+        &["kill", url, status.to_str().unwrap(), ids.to_str().unwrap()],
+    );
+    assert!(text.contains("stale_ids: ok"), "{text}");
+    eprintln!("{text}");
+    let second = incarnations(&d);
+
+    d.restart();
+    d.wait_for(Duration::from_secs(20), "ready again", |d| {
+        d.ready() && d.status()["pid"].as_u64() == Some(d.proc.id() as u64)
+    });
+    let third = incarnations(&d);
+    for n in &third {
+        assert!(
+            !first.contains(n) && !second.contains(n),
+            "the restarted daemon reused incarnation {n}: {first:?} {second:?} {third:?}"
+        );
+    }
+    let text = d.python(SCRIPT, &["again", url, ids.to_str().unwrap()]);
+    assert!(text.contains("stale_ids: ok"), "{text}");
+    eprintln!("{text}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.exit(Duration::from_secs(10)), 0);
 }
 
 /// A reload that changes the workers' command line replaces them one at a time, each once the

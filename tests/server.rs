@@ -16,9 +16,9 @@ fn hello(ws: &mut Ws) -> u64 {
     h["id"].as_u64().unwrap()
 }
 
-/// The event loop a connection id belongs to (bits 24..30, see docs/protocol.md).
+/// The event loop a connection id belongs to (bits 20..26, see docs/protocol.md).
 fn loop_of(id: u64) -> u64 {
-    (id >> 24) & 0x3f
+    (id >> 20) & 0x3f
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
     assert_eq!(d["op"], "direct");
     assert_eq!(d["from"], members[0].1);
     assert_eq!(d["data"]["sdp"], "offer");
-    let ghost = to ^ (1 << 40); // another generation of the same slot
+    let ghost = to ^ (1 << 26); // another generation of the same slot
     members[0]
         .0
         .send_json(json!({"op": "send", "to": ghost, "data": 1, "ref": 10}));
@@ -172,6 +172,22 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
     assert_eq!(reply["op"], "error", "{reply}");
     assert_eq!(reply["code"], "no_such_connection");
     assert_eq!(reply["ref"], 10);
+    // An event loop this server does not have (5 of 2), another process's incarnation, a number
+    // above 2^53: nobody could hold them, so the error comes at once, never `sent`.
+    for (i, id) in [to | (5 << 20), to ^ (1 << 45), 1 << 53]
+        .into_iter()
+        .enumerate()
+    {
+        members[0]
+            .0
+            .send_json(json!({"op": "send", "to": id, "data": 1, "ref": 20 + i}));
+        let e = members[0].0.recv_json();
+        assert_eq!(
+            (e["code"].as_str(), e["ref"].as_u64()),
+            (Some("no_such_connection"), Some(20 + i as u64)),
+            "{e}"
+        );
+    }
 
     // Errors are messages, never silent drops.
     let w = &mut members[3].0;
@@ -451,4 +467,25 @@ fn python_websockets_client_relays_rooms_and_encodings() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("relay_check: ok"), "{text}");
+}
+
+/// A `tunegate serve` restarted by hand (no daemon, no --incarnation) takes a new incarnation
+/// from the clock, so the first connection of each run gets a different id (issue 12).
+#[test]
+fn a_restarted_serve_never_repeats_an_id() {
+    let mut seen = HashSet::new();
+    for run in 0..3 {
+        let s = Server::start(&["--threads", "1"]);
+        let mut w = Ws::connect(s.addr);
+        let id = hello(&mut w);
+        assert!(seen.insert(id), "run {run} handed out {id} again");
+        let log = s.stderr.lock().unwrap().clone();
+        let inc = common::ws::incarnation_of(id);
+        assert!(
+            log.contains(&format!("incarnation {inc} from the clock")),
+            "{log}"
+        );
+        drop(w);
+        s.signal(nix::sys::signal::Signal::SIGKILL);
+    }
 }

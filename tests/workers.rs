@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::ws::{Clients, Ws, await_count, join_all, publish_and_check, spread};
+use common::ws::{Clients, Ws, await_count, incarnation_of, join_all, publish_and_check, spread};
 use common::*;
 use serde_json::json;
 
@@ -18,6 +18,9 @@ struct Workers {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     n: usize,
+    /// Each worker's current incarnation (what `tunegate run` would hand it).
+    incarnations: Vec<u16>,
+    next_incarnation: u16,
 }
 
 impl Workers {
@@ -32,6 +35,8 @@ impl Workers {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             dir: tempfile::tempdir().unwrap(),
             n,
+            incarnations: vec![0; n],
+            next_incarnation: 100,
         };
         for i in 0..n {
             let p = w.spawn(i);
@@ -40,7 +45,11 @@ impl Workers {
         w
     }
 
-    fn spawn(&self, i: usize) -> Child {
+    /// Starts worker `i` with a new incarnation, as the daemon's supervisor does.
+    fn spawn(&mut self, i: usize) -> Child {
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        self.incarnations[i] = incarnation;
         let mut child = Command::new(bin())
             .args([
                 "serve",
@@ -50,6 +59,7 @@ impl Workers {
                 "1",
             ])
             .args(["--workers", &self.n.to_string(), "--worker", &i.to_string()])
+            .args(["--incarnation", &incarnation.to_string()])
             .arg("--bus-dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -81,7 +91,12 @@ impl Workers {
 
     /// Connects until each of `workers` holds `per` of our clients; the rest are closed.
     fn clients_on(&self, workers: &[usize], per: usize) -> Clients {
-        spread(|| Ws::connect(self.addr), workers, per)
+        let worker_of = |id| {
+            self.incarnations
+                .iter()
+                .position(|&n| n == incarnation_of(id))
+        };
+        spread(|| Ws::connect(self.addr), worker_of, workers, per)
     }
 
     /// The body of GET /healthz (200 expected), from whichever worker the kernel picks.
@@ -199,8 +214,9 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
         (d["op"].as_str(), d["from"].as_u64()),
         (Some("direct"), Some(from))
     );
-    // And to a connection that is gone, on another worker: a bounce comes back.
-    let ghost = to ^ (1 << 40);
+    // And to a connection that is gone, on another live worker (the same slot's previous
+    // generation): that worker looks, and a bounce comes back.
+    let ghost = to ^ (1 << 26);
     let (ws, _) = &mut c.get_mut(&0).unwrap()[1];
     ws.send_json(json!({"op": "send", "to": ghost, "data": 1, "ref": 2}));
     assert_eq!(ws.recv_json()["op"], "sent");
@@ -208,6 +224,24 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
     assert_eq!(
         (e["code"].as_str(), e["ref"].as_u64()),
         (Some("no_such_connection"), Some(2))
+    );
+    // A loop that worker does not have (it runs one): it answers for it the same way.
+    ws.send_json(json!({"op": "send", "to": to | (63 << 20), "data": 1, "ref": 3}));
+    assert_eq!(ws.recv_json()["op"], "sent");
+    let e = ws.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_u64()),
+        (Some("no_such_connection"), Some(3)),
+        "{e}"
+    );
+    // An id of a process that is not up (an incarnation no worker has): nobody can look, so
+    // the error comes at once, without `sent`.
+    ws.send_json(json!({"op": "send", "to": to ^ (1 << 45), "data": 1, "ref": 4}));
+    let e = ws.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_u64()),
+        (Some("no_such_connection"), Some(4)),
+        "{e}"
     );
 }
 
@@ -225,6 +259,7 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     assert_eq!(w.healthz(), "ok: 3 of 3 workers up\n");
 
     // SIGKILL worker 1: no goodbye on the bus, its sockets just end.
+    let dead: Vec<u64> = c[&1].iter().map(|(_, id)| *id).collect();
     w.procs[1].kill().unwrap();
     w.procs[1].wait().unwrap();
     for (ws, _) in c.get_mut(&1).unwrap().iter_mut() {
@@ -246,6 +281,23 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     w.procs[1] = w.spawn(1);
     let back = w.clients_on(&[1], 3).remove(&1).unwrap();
     c.insert(1, back);
+    // Same worker number, same slots, new ids: a message for the dead reaches nobody.
+    for (_, id) in &c[&1] {
+        assert!(
+            !dead.contains(id),
+            "{id} handed out again after the restart"
+        );
+    }
+    let survivor = &mut c.get_mut(&0).unwrap()[0].0;
+    for (i, id) in dead.iter().enumerate() {
+        survivor.send_json(json!({"op": "send", "to": id, "data": "for the dead", "ref": i}));
+        let e = survivor.recv_json();
+        assert_eq!(
+            (e["code"].as_str(), e["ref"].as_u64()),
+            (Some("no_such_connection"), Some(i as u64)),
+            "{e}"
+        );
+    }
     join_all(c.get_mut(&1).unwrap().iter_mut(), "all");
     for worker in [0, 1, 2] {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
@@ -257,4 +309,78 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(w.metric("tunegate_websockets_open"), 9);
     assert_eq!(w.healthz(), "ok: 3 of 3 workers up\n");
+}
+
+/// Two workers that claim one incarnation would hand out the same connection ids: the bus
+/// refuses to link them and says why, once (not at every 50 ms redial).
+#[test]
+fn workers_with_the_same_incarnation_refuse_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let logs: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let mut procs: Vec<Child> = (0..2)
+        .map(|i| {
+            Command::new(bin())
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args([
+                    "--threads",
+                    "1",
+                    "--workers",
+                    "2",
+                    "--worker",
+                    &i.to_string(),
+                ])
+                .args(["--incarnation", "4242", "--bus-dir"])
+                .arg(dir.path().join("bus"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&logs[i]).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let read = |i: usize| std::fs::read_to_string(&logs[i]).unwrap_or_default();
+    let start = std::time::Instant::now();
+    while !(read(0).contains("refused") && read(1).contains("no link")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}\n{}",
+            read(0),
+            read(1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // ten more redials
+    let (w0, w1) = (read(0), read(1));
+    for p in &mut procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    assert!(
+        w0.contains("bus: refused a link: worker 1 has this worker's incarnation 4242, so both would hand out the same connection ids"),
+        "{w0}"
+    );
+    assert!(
+        w1.contains("bus: no link to worker 0: the peer closed without introducing itself"),
+        "{w1}"
+    );
+    assert!(
+        !w0.contains("link to worker") && !w1.contains(") up"),
+        "{w0}\n{w1}"
+    );
+    assert_eq!(
+        w0.matches("refused").count(),
+        1,
+        "logged at every redial: {w0}"
+    );
+    assert_eq!(
+        w1.matches("no link").count(),
+        1,
+        "logged at every redial: {w1}"
+    );
 }

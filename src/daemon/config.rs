@@ -274,7 +274,7 @@ impl Config {
                 ),
             ));
         }
-        let max_threads = crate::server::event_loop::MAX_NODES;
+        let max_threads = crate::server::id::MAX_LOOPS;
         if self
             .server
             .threads

@@ -11,6 +11,7 @@
 
 pub mod child;
 pub mod config;
+pub mod incarnation;
 pub mod log;
 pub mod notify;
 pub mod sizing;
@@ -68,12 +69,16 @@ struct Daemon {
     exits: mpsc::UnboundedReceiver<Exit>,
     ready_sent: bool,
     last_values: HashMap<String, String>,
+    /// Where every worker start gets its connection-id incarnation.
+    incarnations: incarnation::Incarnations,
 }
 
 /// One worker process (or the one custom child) and its history.
 #[derive(Default)]
 struct Slot {
     pid: Option<u32>,
+    /// The running process's incarnation (the bundled server only).
+    incarnation: Option<u16>,
     started: Option<Instant>,
     listening: bool,
     /// It must listen by then, or it is stopped and counted as failed.
@@ -113,11 +118,16 @@ impl Daemon {
             ..Status::default()
         };
         let (exits_tx, exits) = mpsc::unbounded_channel();
+        let log = Log::new();
+        let (incarnations, note) = incarnation::Incarnations::open(&config.state_dir);
+        if let Some(note) = note {
+            log.warn(&note);
+        }
         Daemon {
             opts,
             config,
             profile,
-            log: Log::new(),
+            log,
             notify: Notifier::from_env(),
             status,
             exe: std::env::current_exe().unwrap_or_else(|_| "tunegate".into()),
@@ -127,6 +137,7 @@ impl Daemon {
             exits,
             ready_sent: false,
             last_values: HashMap::new(),
+            incarnations,
         }
     }
 
@@ -155,6 +166,7 @@ impl Daemon {
                 listening: s.listening,
                 restarts: s.restarts,
                 last_exit: s.last_exit.clone(),
+                incarnation: s.incarnation,
             })
             .collect();
         self.status.child_pid = self.slots.first().and_then(|s| s.pid);
@@ -301,7 +313,17 @@ impl Daemon {
 
     /// Starts worker `i`; a failure to start at all ends the daemon (`Err(exit code)`).
     async fn start_worker(&mut self, i: usize) -> Result<(), u8> {
-        let argv = child::argv(&self.config, &self.exe, &self.sizing, i);
+        let mut argv = child::argv(&self.config, &self.exe, &self.sizing, i);
+        // Every start of the bundled server gets a new incarnation, so its connection ids differ
+        // from every earlier process's (not part of `argv`: a reload compares those).
+        let incarnation = self.config.child.command.is_none().then(|| {
+            let (n, warning) = self.incarnations.take();
+            if let Some(w) = warning {
+                self.log.warn(&w);
+            }
+            argv.extend(["--incarnation".into(), n.to_string()]);
+            n
+        });
         let mut kid = match child::spawn(&self.config, &argv) {
             Ok(k) => k,
             Err(e) => {
@@ -321,6 +343,7 @@ impl Daemon {
         let ready_timeout = Duration::from_millis(self.config.ready_timeout_ms);
         let slot = &mut self.slots[i];
         slot.pid = Some(pid);
+        slot.incarnation = incarnation;
         slot.started = Some(Instant::now());
         slot.listening = false;
         slot.not_ready = false;

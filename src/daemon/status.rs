@@ -42,6 +42,10 @@ pub struct WorkerStatus {
     pub restarts: u64,
     /// How its last process ended.
     pub last_exit: Option<String>,
+    /// The running process's incarnation: the high bits of its connection ids
+    /// (docs/protocol.md), so an id can be traced to the process that handed it out.
+    #[serde(default)]
+    pub incarnation: Option<u16>,
 }
 
 pub fn now() -> u64 {
@@ -106,9 +110,10 @@ impl Status {
         if self.workers.len() > 1 {
             for w in &self.workers {
                 s.push_str(&format!(
-                    "worker {}: pid {}, up {}, listening {}, restarts {}{}\n",
+                    "worker {}: pid {}, incarnation {}, up {}, listening {}, restarts {}{}\n",
                     w.index,
                     w.pid.map_or("-".into(), |p| p.to_string()),
+                    w.incarnation.map_or("-".into(), |n| n.to_string()),
                     age(w.started_at),
                     w.listening,
                     w.restarts,

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
+use super::id::ConnId;
 use super::protocol::Outgoing;
 use super::sys::Waker;
 
@@ -54,9 +55,10 @@ pub trait Bus: Send + Sync {
     fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
     /// Hands an item to one loop of this process.
     fn send(&self, node: usize, item: Item);
-    /// Hands a direct message or a bounce to loop `node` of worker `worker` (this one or
-    /// another process).
-    fn route(&self, worker: u64, node: usize, item: Item);
+    /// Hands a direct message or a bounce to the loop of the live process that `to` names (its
+    /// incarnation and loop, `id.rs`), this one or another worker. Gives the item back when no
+    /// such process or loop is up: then the connection is gone, and the caller answers for it.
+    fn route(&self, to: ConnId, item: Item) -> Result<(), Item>;
     /// How many worker processes the bus connects (1 for a single process).
     fn workers(&self) -> usize;
     /// How many loops the bus connects.
@@ -114,6 +116,8 @@ impl Inbox {
 
 /// The bus between the loops of one process.
 pub struct LocalBus {
+    /// This process's incarnation: the ids `route` can reach.
+    incarnation: u16,
     directory: Mutex<FxHashMap<Arc<str>, Entry>>,
     inboxes: Vec<Inbox>,
     routed: AtomicU64,
@@ -121,8 +125,9 @@ pub struct LocalBus {
 }
 
 impl LocalBus {
-    pub fn new(nodes: usize) -> std::io::Result<LocalBus> {
+    pub fn new(nodes: usize, incarnation: u16) -> std::io::Result<LocalBus> {
         Ok(LocalBus {
+            incarnation,
             directory: Mutex::new(FxHashMap::default()),
             inboxes: (0..nodes).map(|_| Inbox::new()).collect::<Result<_, _>>()?,
             routed: AtomicU64::new(0),
@@ -227,8 +232,14 @@ impl Bus for LocalBus {
         }
     }
 
-    fn route(&self, _worker: u64, node: usize, item: Item) {
-        self.send(node, item)
+    fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
+        match self.inboxes.get(to.node) {
+            Some(inbox) if to.incarnation == self.incarnation => {
+                inbox.push(item);
+                Ok(())
+            }
+            _ => Err(item),
+        }
     }
 
     fn workers(&self) -> usize {
@@ -254,7 +265,7 @@ mod tests {
 
     #[test]
     fn room_messages_go_only_to_interested_loops() {
-        let bus = LocalBus::new(3).unwrap();
+        let bus = LocalBus::new(3, 0).unwrap();
         let room: Arc<str> = Arc::from("r");
         assert_eq!(bus.joined(&room, 2), 1);
         assert_eq!(bus.joined(&room, 0), 2);
@@ -273,5 +284,28 @@ mod tests {
         assert_eq!(bus.left(&room, 2), 1);
         assert_eq!(bus.left(&room, 0), 0);
         assert_eq!(bus.rooms(), 0);
+    }
+
+    #[test]
+    fn routing_reaches_only_this_processs_incarnation_and_loops() {
+        let bus = LocalBus::new(2, 9).unwrap();
+        let to = |incarnation, node| ConnId {
+            incarnation,
+            generation: 0,
+            node,
+            slot: 0,
+        };
+        let bounce = || Item::Bounce {
+            to: 0,
+            target: 0,
+            reference: None,
+        };
+        assert!(bus.route(to(9, 1), bounce()).is_ok());
+        let mut got = Vec::new();
+        bus.inbox(1).drain(&mut got);
+        assert_eq!(got.len(), 1);
+        // Another process's incarnation, or a loop this process does not have: handed back.
+        assert!(bus.route(to(8, 1), bounce()).is_err());
+        assert!(bus.route(to(9, 2), bounce()).is_err());
     }
 }

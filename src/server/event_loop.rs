@@ -17,6 +17,7 @@ use super::conn::{
 };
 use super::frame::{self, Fail, close};
 use super::handshake::{self, Parsed};
+use super::id::{self, ConnId, FreeSlots};
 use super::metrics::{CloseReason, Global, LoopMetrics};
 use super::protocol::{self, Encoding, Outgoing, Reply};
 use super::{Config, Shared, sys};
@@ -33,17 +34,10 @@ const CLOSE_WAIT_MS: u64 = 2000;
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKER: u64 = u64::MAX - 1;
 
-/// Bits of a connection id (53 in all, so JavaScript numbers hold it exactly):
-/// generation (15) | worker (8) | loop (6) | slot (24).
-const SLOT_BITS: u32 = 24;
-const NODE_BITS: u32 = 6;
-const WORKER_BITS: u32 = 8;
-pub const MAX_NODES: usize = 1 << NODE_BITS;
-const ID_BITS: u32 = 53;
-
 pub struct EventLoop {
     node: usize,
-    worker: u64,
+    /// This process's start, the high bits of every id it hands out (`id.rs`).
+    incarnation: u16,
     shared: Arc<Shared>,
     bus: Arc<dyn Bus>,
     config: Config,
@@ -53,7 +47,7 @@ pub struct EventLoop {
     reserve: Option<OwnedFd>,
     accept_blocked: bool,
     conns: Vec<Conn>,
-    free: Vec<u32>,
+    free: FreeSlots,
     rooms: super::rooms::Rooms,
     buf: Vec<u8>,
     incoming: Vec<Incoming>,
@@ -92,7 +86,7 @@ impl EventLoop {
         )?;
         Ok(EventLoop {
             node,
-            worker: shared.worker as u64,
+            incarnation: shared.incarnation,
             bus: shared.bus.clone(),
             config: shared.config.clone(),
             metrics: shared.metrics[node].clone(),
@@ -102,7 +96,7 @@ impl EventLoop {
             reserve: sys::reserve_fd().ok(),
             accept_blocked: false,
             conns: Vec::new(),
-            free: Vec::new(),
+            free: FreeSlots::default(),
             rooms: Default::default(),
             buf: vec![0; RECV_BUF],
             incoming: Vec::new(),
@@ -165,34 +159,24 @@ impl EventLoop {
     // ---- ids ------------------------------------------------------------------------------
 
     pub fn conn_id(&self, slot: usize) -> u64 {
-        let generation = (self.conns[slot].generation & 0x7FFF) as u64;
-        generation << (SLOT_BITS + NODE_BITS + WORKER_BITS)
-            | self.worker << (SLOT_BITS + NODE_BITS)
-            | (self.node as u64) << SLOT_BITS
-            | slot as u64
-    }
-
-    /// (worker, loop, slot, generation) of an id.
-    pub fn split_id(id: u64) -> (u64, usize, usize, u16) {
-        let slot = (id & ((1 << SLOT_BITS) - 1)) as usize;
-        let node = ((id >> SLOT_BITS) & ((1 << NODE_BITS) - 1)) as usize;
-        let worker = (id >> (SLOT_BITS + NODE_BITS)) & ((1 << WORKER_BITS) - 1);
-        let generation = (id >> (SLOT_BITS + NODE_BITS + WORKER_BITS)) as u16;
-        (worker, node, slot, generation)
+        ConnId {
+            incarnation: self.incarnation,
+            generation: self.conns[slot].generation,
+            node: self.node,
+            slot,
+        }
+        .encode()
     }
 
     /// The slot of a local, open WebSocket with this id.
     fn local_slot(&self, id: u64) -> Option<usize> {
-        if id >> ID_BITS != 0 {
-            return None; // not an id we hand out (they fit in 53 bits)
-        }
-        let (worker, node, slot, generation) = Self::split_id(id);
-        let c = self.conns.get(slot)?;
-        (worker == self.worker
-            && node == self.node
-            && c.generation & 0x7FFF == generation
+        let id = ConnId::decode(id)?;
+        let c = self.conns.get(id.slot)?;
+        (id.incarnation == self.incarnation
+            && id.node == self.node
+            && c.generation == id.generation
             && c.state == State::Open)
-            .then_some(slot)
+            .then_some(id.slot)
     }
 
     fn token(&self, slot: usize) -> u64 {
@@ -251,10 +235,10 @@ impl EventLoop {
     }
 
     fn register(&mut self, fd: OwnedFd) -> std::io::Result<()> {
-        let slot = match self.free.pop() {
-            Some(s) => s as usize,
+        let slot = match self.free.take() {
+            Some(s) => s,
             None => {
-                if self.conns.len() >= 1 << SLOT_BITS {
+                if self.conns.len() >= id::MAX_SLOTS {
                     return Err(std::io::Error::other("slab full"));
                 }
                 self.conns.push(Conn::free(0));
@@ -270,7 +254,7 @@ impl EventLoop {
         let token = (c.generation as u64) << 32 | slot as u64;
         if let Err(e) = self.poller.add(fd.as_fd(), token, sys::conn_interest()) {
             self.conns[slot].state = State::Free;
-            self.free.push(slot as u32);
+            self.free.put(slot);
             return Err(e);
         }
         self.conns[slot].fd = Some(fd);
@@ -731,45 +715,27 @@ impl EventLoop {
             data: Some(data),
             ..Reply::default()
         });
-        let (worker, node, _, _) = Self::split_id(to);
-        if to >> ID_BITS != 0 {
-            return self.reply_error(
-                slot,
-                "no_such_connection",
-                format!("no connection {to}"),
-                reference,
-            );
-        }
-        if worker == self.worker && node == self.node {
-            match self.local_slot(to) {
-                Some(target) => self.send_outgoing(target, &msg),
-                None => {
-                    return self.reply_error(
-                        slot,
-                        "no_such_connection",
-                        format!("no connection {to}"),
-                        reference,
-                    );
-                }
-            }
-        } else if (worker as usize) < self.bus.workers() && node < MAX_NODES {
-            self.bus.route(
-                worker,
-                node,
-                Item::Direct {
-                    to,
-                    from,
-                    msg,
-                    reference: reference.clone(),
-                },
-            );
+        let gone = |to: u64| format!("no connection {to}");
+        let Some(target) = ConnId::decode(to) else {
+            return self.reply_error(slot, "no_such_connection", gone(to), reference);
+        };
+        if target.incarnation == self.incarnation && target.node == self.node {
+            let Some(target) = self.local_slot(to) else {
+                return self.reply_error(slot, "no_such_connection", gone(to), reference);
+            };
+            self.send_outgoing(target, &msg);
         } else {
-            return self.reply_error(
-                slot,
-                "no_such_connection",
-                format!("no connection {to}"),
-                reference,
-            );
+            let item = Item::Direct {
+                to,
+                from,
+                msg,
+                reference: reference.clone(),
+            };
+            if self.bus.route(target, item).is_err() {
+                // No live process or loop of this server has that id's incarnation or loop:
+                // the connection is gone (or never was), and nobody else can look it up.
+                return self.reply_error(slot, "no_such_connection", gone(to), reference);
+            }
         }
         if reference.is_some() {
             self.send_reply(
@@ -798,16 +764,17 @@ impl EventLoop {
                 } => match self.local_slot(to) {
                     Some(target) => self.send_outgoing(target, &msg),
                     None => {
-                        let (worker, node, _, _) = Self::split_id(from);
-                        self.bus.route(
-                            worker,
-                            node,
-                            Item::Bounce {
-                                to: from,
-                                target: to,
-                                reference,
-                            },
-                        );
+                        if let Some(sender) = ConnId::decode(from) {
+                            // A sender that is gone too needs no answer.
+                            let _ = self.bus.route(
+                                sender,
+                                Item::Bounce {
+                                    to: from,
+                                    target: to,
+                                    reference,
+                                },
+                            );
+                        }
                     }
                 },
                 Item::Bounce {
@@ -1001,13 +968,12 @@ impl EventLoop {
             self.metrics.websockets.fetch_sub(1, Ordering::Relaxed);
         }
         let fd = c.fd.take();
-        let generation = c.generation.wrapping_add(1);
-        *c = Conn::free(generation);
+        *c = Conn::free(id::next_generation(c.generation));
         if let Some(fd) = fd {
             let _ = self.poller.delete(fd.as_fd());
             drop(fd);
         }
-        self.free.push(slot as u32);
+        self.free.put(slot);
         self.metrics.open.fetch_sub(1, Ordering::Relaxed);
         self.metrics.closed(reason);
         if self.accept_blocked {

@@ -25,6 +25,7 @@ pub mod conn;
 pub mod event_loop;
 pub mod frame;
 pub mod handshake;
+pub mod id;
 pub mod metrics;
 pub mod peers;
 pub mod protocol;
@@ -68,6 +69,9 @@ pub struct Config {
     pub workers: usize,
     /// Where the workers' bus sockets and metrics snapshots live (needed with workers > 1).
     pub bus_dir: Option<std::path::PathBuf>,
+    /// The high bits of every connection id this process hands out (`id.rs`): `tunegate run`
+    /// gives every worker start a new one; `None` takes the clock's next second.
+    pub incarnation: Option<u16>,
 }
 
 impl Default for Config {
@@ -87,14 +91,15 @@ impl Default for Config {
             worker: 0,
             workers: 1,
             bus_dir: None,
+            incarnation: None,
         }
     }
 }
 
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
-        if self.threads == 0 || self.threads > event_loop::MAX_NODES {
-            return Err(format!("--threads must be 1..={}", event_loop::MAX_NODES));
+        if self.threads == 0 || self.threads > id::MAX_LOOPS {
+            return Err(format!("--threads must be 1..={}", id::MAX_LOOPS));
         }
         if self.ping_interval_ms == 0 || self.ping_timeout_ms == 0 {
             return Err("ping interval and timeout must be above 0".into());
@@ -107,6 +112,14 @@ impl Config {
         if self.workers > 1 && self.bus_dir.is_none() {
             return Err("--workers above 1 needs --bus-dir".into());
         }
+        if self.workers > 1 && self.incarnation.is_none() {
+            // Workers started together would all take the same second from the clock.
+            return Err(
+                "--workers above 1 needs --incarnation, a different number for every \
+                 worker start (tunegate run hands them out)"
+                    .into(),
+            );
+        }
         if self.max_pending < self.max_message + 14 {
             return Err(format!(
                 "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
@@ -117,7 +130,7 @@ impl Config {
     }
 }
 
-/// Worker processes one server can have (8 bits of every connection id).
+/// Worker processes one server can have.
 pub const MAX_WORKERS: usize = 256;
 
 /// What the loops share.
@@ -129,8 +142,8 @@ pub struct Shared {
     pub bus: Arc<dyn Bus>,
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub accepting: AtomicBool,
-    /// This process's worker number, encoded in connection ids.
-    pub worker: u8,
+    /// This process's incarnation, the high bits of its connection ids.
+    pub incarnation: u16,
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
@@ -144,6 +157,11 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     }
 
+    // Before listening: while a `serve` without --incarnation waits for the clock's next second,
+    // no client may be queued on a socket nobody accepts from.
+    let incarnation = config
+        .incarnation
+        .unwrap_or_else(id::incarnation_from_clock);
     let mut listeners = Vec::with_capacity(config.threads);
     let first = sys::listen(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -152,12 +170,16 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     for _ in 1..config.threads {
         listeners.push(sys::listen(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
-    let local = Arc::new(LocalBus::new(config.threads)?);
+    let local = Arc::new(LocalBus::new(config.threads, incarnation)?);
     let bus: Arc<dyn Bus> = match &config.bus_dir {
-        Some(dir) if config.workers > 1 => {
-            peers::WorkerBus::start(local.clone(), dir, config.worker, config.workers)
-                .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?
-        }
+        Some(dir) if config.workers > 1 => peers::WorkerBus::start(
+            local.clone(),
+            dir,
+            config.worker,
+            config.workers,
+            incarnation,
+        )
+        .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
         _ => local.clone(),
     };
     let shared = Arc::new(Shared {
@@ -167,7 +189,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             .map(|_| Arc::new(LoopMetrics::default()))
             .collect(),
         accepting: AtomicBool::new(true),
-        worker: config.worker as u8,
+        incarnation,
         config: config.clone(),
     });
     if let Some(dir) = config.bus_dir.clone() {
@@ -198,9 +220,14 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     }
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
     log!(
-        "listening on {addr} (worker {}/{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
+        "listening on {addr} (worker {}/{}, incarnation {incarnation}{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
         config.worker,
         config.workers,
+        if config.incarnation.is_none() {
+            " from the clock"
+        } else {
+            ""
+        },
         config.threads,
         config.ping_interval_ms,
         config.ping_timeout_ms,

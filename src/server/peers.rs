@@ -3,7 +3,10 @@
 //!
 //! Each worker listens on `DIR/worker-N.sock`; the higher-numbered worker of each pair dials
 //! the lower one, so every pair shares exactly one stream (one FIFO per direction: per-publisher
-//! order holds, and nothing is delivered twice). On a new link both sides send their whole
+//! order holds, and nothing is delivered twice). Both introduce themselves with a `Hello` that
+//! carries their incarnation (`id.rs`): a direct message goes to the link whose incarnation its
+//! target id carries, so an id of a dead process, whose incarnation no link has, reaches nobody;
+//! a peer claiming our own incarnation is refused. On a new link both sides send their whole
 //! member table (`Count` per room); afterwards every join or leave sends the room's new count.
 //! A room message goes only to workers whose count for the room is above zero (interest
 //! routing, the article's 94 %).
@@ -31,7 +34,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::bus::{Bus, Item, LocalBus};
-use super::event_loop::EventLoop;
+use super::id::ConnId;
 use super::protocol::{Encoding, Outgoing};
 use super::sys;
 
@@ -41,7 +44,7 @@ const MAX_WIRE: usize = 64 << 20;
 /// members stop counting) rather than letting this process's memory grow without bound.
 const MAX_QUEUED: usize = 256 << 20;
 /// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
-const PROTOCOL: u32 = 1;
+const PROTOCOL: u32 = 2;
 /// How often a worker retries dialling a peer that is down.
 const REDIAL: Duration = Duration::from_millis(50);
 
@@ -51,6 +54,8 @@ enum Wire {
         protocol: u32,
         worker: u32,
         workers: u32,
+        /// The sender's incarnation: direct messages for ids that carry it come to the sender.
+        incarnation: u16,
     },
     /// The sender now holds `count` members of `room`.
     Count { room: String, count: u64 },
@@ -78,6 +83,8 @@ enum Wire {
 struct Link {
     /// Which link this is (a peer that restarts gets a new one).
     generation: u64,
+    /// The peer's incarnation (`id.rs`): the ids this link leads to.
+    incarnation: u16,
     out: Arc<Outbox>,
     stream: UnixStream,
 }
@@ -179,6 +186,9 @@ impl Peers {
 pub struct WorkerBus {
     local: Arc<LocalBus>,
     me: usize,
+    incarnation: u16,
+    /// The last reason logged for not linking, per peer (`workers` for unknown dialers).
+    refusals: Mutex<FxHashMap<usize, String>>,
     workers: usize,
     peers: Mutex<Peers>,
     /// Room messages sent to other workers, and how many a send-to-all bus would have sent.
@@ -220,6 +230,7 @@ impl WorkerBus {
         dir: &Path,
         me: usize,
         workers: usize,
+        incarnation: u16,
     ) -> std::io::Result<Arc<WorkerBus>> {
         std::fs::create_dir_all(dir)?;
         let path = socket_path(dir, me);
@@ -228,6 +239,8 @@ impl WorkerBus {
         let bus = Arc::new(WorkerBus {
             local,
             me,
+            incarnation,
+            refusals: Mutex::default(),
             workers,
             peers: Mutex::new(Peers {
                 links: (0..workers).map(|_| None).collect(),
@@ -265,10 +278,12 @@ impl WorkerBus {
             protocol: PROTOCOL,
             worker: self.me as u32,
             workers: self.workers as u32,
+            incarnation: self.incarnation,
         })
     }
 
-    /// Keeps a link to `peer` (a lower-numbered worker) up: whenever there is none, connect.
+    /// Keeps a link to `peer` (a lower-numbered worker) up: whenever there is none, connect,
+    /// introduce ourselves, and learn its incarnation from its answer.
     fn dial(self: &Arc<Self>, peer: usize, dir: &Path) {
         let path = socket_path(dir, peer);
         loop {
@@ -276,41 +291,78 @@ impl WorkerBus {
                 && let Ok(mut stream) = UnixStream::connect(&path)
                 && stream.write_all(&self.hello()).is_ok()
             {
-                self.install(peer, stream);
+                match self.introduction(&mut stream, |w| w == peer) {
+                    Ok((_, incarnation)) => self.install(peer, incarnation, stream),
+                    Err(why) => self.refused(
+                        peer,
+                        format!("no link to worker {peer}: {why} (its log says why)"),
+                    ),
+                }
             }
             std::thread::sleep(REDIAL);
         }
     }
 
-    /// A higher-numbered worker connected: learn who it is, then link.
+    /// A higher-numbered worker connected: learn who it is, answer with who we are, link.
     fn accept(self: &Arc<Self>, mut stream: UnixStream) {
+        match self.introduction(&mut stream, |w| w > self.me) {
+            Ok((who, incarnation)) => {
+                if stream.write_all(&self.hello()).is_ok() {
+                    self.install(who, incarnation, stream);
+                }
+            }
+            Err(why) => self.refused(self.workers, format!("refused a link: {why}")),
+        }
+    }
+
+    /// Reads the peer's `Hello` (at most 2 s): a worker of this build and size, whose number
+    /// `expected` accepts, and whose incarnation is not ours (two processes handing out the same
+    /// ids would deliver each other's direct messages). Its number and incarnation.
+    fn introduction(
+        &self,
+        stream: &mut UnixStream,
+        expected: impl Fn(usize) -> bool,
+    ) -> Result<(usize, u16), String> {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let who = match read_wire(&mut stream) {
+        let hello = read_wire(stream);
+        let _ = stream.set_read_timeout(None);
+        match hello {
             Some(Wire::Hello {
                 protocol,
                 worker,
                 workers,
+                incarnation,
             }) if protocol == PROTOCOL
                 && workers as usize == self.workers
-                && (worker as usize) > self.me
-                && (worker as usize) < self.workers =>
+                && (worker as usize) < self.workers
+                && expected(worker as usize) =>
             {
-                worker as usize
+                if incarnation == self.incarnation {
+                    return Err(format!(
+                        "worker {worker} has this worker's incarnation {incarnation}, so both \
+                         would hand out the same connection ids"
+                    ));
+                }
+                Ok((worker as usize, incarnation))
             }
-            _ => {
-                log!(
-                    "bus: refused a link that did not introduce itself as a worker of this build and size"
-                );
-                return;
-            }
-        };
-        let _ = stream.set_read_timeout(None);
-        self.install(who, stream);
+            None => Err("the peer closed without introducing itself".into()),
+            _ => Err("the peer is not a worker of this build and size".into()),
+        }
+    }
+
+    /// Logs why a link could not be made, once per peer until the reason changes or a link
+    /// is made: dialling retries every 50 ms and must not flood the journal.
+    fn refused(&self, key: usize, line: String) {
+        let mut last = self.refusals.lock().expect("refusals lock");
+        if last.get(&key) != Some(&line) {
+            log!("bus: {line}");
+            last.insert(key, line);
+        }
     }
 
     /// Makes `stream` the link to `peer`: it replaces any older one (whose counts are void
     /// from now on), carries our whole table first, then every update in order.
-    fn install(self: &Arc<Self>, peer: usize, stream: UnixStream) {
+    fn install(self: &Arc<Self>, peer: usize, incarnation: u16, stream: UnixStream) {
         let (Ok(for_writer), Ok(for_link)) = (stream.try_clone(), stream.try_clone()) else {
             return;
         };
@@ -321,6 +373,7 @@ impl WorkerBus {
             peers.generations += 1;
             let link = Link {
                 generation: peers.generations,
+                incarnation,
                 out: out.clone(),
                 stream: for_link,
             };
@@ -334,7 +387,8 @@ impl WorkerBus {
             peers.links[peer] = Some(link);
             peers.generations
         };
-        log!("bus: link to worker {peer} up");
+        self.refusals.lock().expect("refusals lock").remove(&peer);
+        log!("bus: link to worker {peer} (incarnation {incarnation}) up");
         let spawned = std::thread::Builder::new()
             .name(format!("tunegate-bus-to-{peer}"))
             .spawn(move || write_link(for_writer, &out));
@@ -381,32 +435,40 @@ impl WorkerBus {
                     reference,
                     msg,
                 } => {
-                    let (_, node, _, _) = EventLoop::split_id(to);
                     let msg = Outgoing::from_msgpack(msg);
-                    self.local.send(
-                        node,
-                        Item::Direct {
+                    let item = Item::Direct {
+                        to,
+                        from,
+                        msg,
+                        reference,
+                    };
+                    if let Some(target) = ConnId::decode(to)
+                        && let Err(Item::Direct {
                             to,
                             from,
-                            msg,
                             reference,
-                        },
-                    );
+                            ..
+                        }) = self.local.route(target, item)
+                    {
+                        // Not one of ours (another incarnation, a loop we do not have): gone.
+                        self.bounce(to, from, reference);
+                    }
                 }
                 Wire::Bounce {
                     to,
                     target,
                     reference,
                 } => {
-                    let (_, node, _, _) = EventLoop::split_id(to);
-                    self.local.send(
-                        node,
-                        Item::Bounce {
-                            to,
-                            target,
-                            reference,
-                        },
-                    );
+                    if let Some(sender) = ConnId::decode(to) {
+                        let _ = self.local.route(
+                            sender,
+                            Item::Bounce {
+                                to,
+                                target,
+                                reference,
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -416,6 +478,21 @@ impl WorkerBus {
             peers.forget(peer);
             drop(peers);
             log!("bus: link to worker {peer} down; its members no longer count");
+        }
+    }
+
+    /// A direct message from `from` found no connection `to` here: tell the sender, wherever
+    /// it is (a sender that is gone too needs no answer).
+    fn bounce(&self, to: u64, from: u64, reference: Option<rmpv::Value>) {
+        if let Some(sender) = ConnId::decode(from) {
+            let _ = self.route(
+                sender,
+                Item::Bounce {
+                    to: from,
+                    target: to,
+                    reference,
+                },
+            );
         }
     }
 
@@ -530,33 +607,19 @@ impl Bus for WorkerBus {
         self.local.send(node, item)
     }
 
-    fn route(&self, worker: u64, node: usize, item: Item) {
-        let w = worker as usize;
-        if w == self.me {
-            return self.local.send(node, item);
+    fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
+        if to.incarnation == self.incarnation {
+            return self.local.route(to, item);
         }
         let peers = self.lock();
-        let Some(Some(link)) = peers.links.get(w) else {
-            drop(peers);
-            // That worker is down, so the connection is gone: tell the sender now.
-            if let Item::Direct {
-                to,
-                from,
-                reference,
-                ..
-            } = item
-            {
-                let (_, node, _, _) = EventLoop::split_id(from);
-                self.local.send(
-                    node,
-                    Item::Bounce {
-                        to: from,
-                        target: to,
-                        reference,
-                    },
-                );
-            }
-            return;
+        let Some(link) = peers
+            .links
+            .iter()
+            .flatten()
+            .find(|l| l.incarnation == to.incarnation)
+        else {
+            // No live worker has that incarnation: the connection died with its process.
+            return Err(item);
         };
         let wire = match item {
             Item::Direct {
@@ -579,9 +642,10 @@ impl Bus for WorkerBus {
                 target,
                 reference,
             },
-            _ => return,
+            other => return Err(other),
         };
         link.send(encode(&wire));
+        Ok(())
     }
 
     fn workers(&self) -> usize {

@@ -363,14 +363,21 @@ fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
 /// Test clients by the worker that holds them: (client, its connection id).
 pub type Clients = std::collections::HashMap<usize, Vec<(Ws, u64)>>;
 
-/// The worker a connection id belongs to (bits 30..38, docs/protocol.md).
-pub fn worker_of(id: u64) -> usize {
-    ((id >> 30) & 0xff) as usize
+/// The incarnation of the process that handed out a connection id: its top 16 bits
+/// (docs/protocol.md). Tests map it to a worker through what they started.
+pub fn incarnation_of(id: u64) -> u16 {
+    (id >> 37) as u16
 }
 
 /// Connects with `connect` until the kernel's SO_REUSEPORT spread has given each of `workers`
-/// `per` clients; connections landing elsewhere are closed. Bounded: 10 s.
-pub fn spread(connect: impl Fn() -> Ws, workers: &[usize], per: usize) -> Clients {
+/// `per` clients (`worker_of` tells which worker an id belongs to); connections landing
+/// elsewhere are closed. Bounded: 10 s.
+pub fn spread(
+    connect: impl Fn() -> Ws,
+    worker_of: impl Fn(u64) -> Option<usize>,
+    workers: &[usize],
+    per: usize,
+) -> Clients {
     let mut by_worker = Clients::new();
     let start = Instant::now();
     while workers
@@ -383,8 +390,7 @@ pub fn spread(connect: impl Fn() -> Ws, workers: &[usize], per: usize) -> Client
         );
         let mut ws = connect();
         let id = ws.recv_json()["id"].as_u64().unwrap();
-        let w = worker_of(id);
-        if workers.contains(&w) {
+        if let Some(w) = worker_of(id).filter(|w| workers.contains(w)) {
             let list = by_worker.entry(w).or_default();
             if list.len() < per {
                 list.push((ws, id));
