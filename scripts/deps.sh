@@ -9,6 +9,8 @@ command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v curl >/dev/null || need_apt+=(curl)
+# The kill tests (tests/kills.rs) inject SIGKILL at chosen system calls with strace.
+command -v strace >/dev/null || need_apt+=(strace)
 # The package test (packaging/test-deb.sh): lintian, and a Debian 12 root booted with nspawn.
 command -v lintian >/dev/null || need_apt+=(lintian)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)

@@ -85,7 +85,8 @@ See also: tunegate-revert(1), tunegate-preflight(1).";
 const REVERT_MORE: &str = "\
 A key whose value someone changed after tunegate wrote it is left alone and reported (--force
 restores it anyway). Keys that cannot be put back stay in the journal. The --persist drop-in
-is removed.
+is removed: the one the journal names, and one in --sysctl-dir that carries tunegate's marker
+line (an apply killed before it journaled it). Temp files killed runs left are removed.
 
 Exit status: 0 done (or nothing to do); 1 something could not be restored (still journaled);
 2 the journal belongs to another network namespace.";
@@ -233,6 +234,11 @@ pub struct ApplyArgs {
 pub struct RevertArgs {
     #[command(flatten)]
     pub state: StateArgs,
+
+    /// Where apply --persist wrote its drop-in: a 60-tunegate.conf there that carries
+    /// tunegate's marker line is removed even if the journal does not name it.
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = crate::apply::DEFAULT_SYSCTL_DIR)]
+    pub sysctl_dir: PathBuf,
 
     /// Restore even keys someone changed since tunegate wrote them, and even from another
     /// network namespace than the one the journal was written in.

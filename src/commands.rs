@@ -115,7 +115,7 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
 fn revert_cmd(host: &Host, args: &RevertArgs) -> anyhow::Result<u8> {
     let paths = Paths {
         state_dir: args.state.state_dir.clone(),
-        sysctl_dir: apply::DEFAULT_SYSCTL_DIR.into(),
+        sysctl_dir: args.sysctl_dir.clone(),
     };
     let out = apply::revert(host, &paths, args.force)?;
     match args.format {

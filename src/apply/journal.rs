@@ -40,9 +40,12 @@ pub struct Entry {
     pub at: u64,
 }
 
+/// The journal's file name in the state directory.
+pub const FILE_NAME: &str = "journal.json";
+
 impl Journal {
     pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("journal.json")
+        state_dir.join(FILE_NAME)
     }
 
     /// Loads the journal; `Ok(None)` when there is none. A journal we cannot read is an error,

@@ -1,9 +1,12 @@
 //! Plan -> journaled, verified, transactional writes; revert; persistence to sysctl.d.
 //!
-//! Order of events in `apply`: lock the state directory, check the drop-in can be written,
-//! journal the previous values (fsynced), then write each key, read it back and compare parsed
-//! values. The first failure rolls back every key this run wrote, in reverse, and the journal
-//! returns to what it was. Nothing is ever lowered: the plan only holds raise-only targets.
+//! Order of events in `apply`: lock the state directory, clear temp files a killed run left,
+//! check the drop-in can be written, re-read every planned key (the plan was made before the
+//! lock: another apply may have raised a value since, and it must not be lowered back), journal
+//! the previous values and the drop-in about to be written (fsynced), then write each key, read
+//! it back and compare parsed values, then write the drop-in. The first failure rolls back every
+//! key this run wrote, in reverse, and the journal returns to what it was. Nothing is ever
+//! lowered: every target is the smallest raise of the value live under the lock.
 
 pub mod journal;
 mod persist;
@@ -21,7 +24,7 @@ pub use revert::{RevertOutcome, revert};
 
 use crate::error::UsageError;
 use crate::host::Host;
-use crate::host::files::StateLock;
+use crate::host::files::{self, StateLock};
 
 /// Where apply keeps its state and writes its drop-in.
 #[derive(Clone, Debug)]
@@ -64,9 +67,21 @@ pub struct NofileOutcome {
     pub hard_error: Option<String>,
 }
 
+/// A planned key that another writer changed between the plan and the lock, so that it already
+/// satisfies the profile: left alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct Superseded {
+    pub key: String,
+    /// What the plan saw.
+    pub planned_from: String,
+    /// What was live under the lock.
+    pub now: String,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Outcome {
     pub written: Vec<Written>,
+    pub superseded: Vec<Superseded>,
     pub failure: Option<Failure>,
     pub restored: Vec<Restore>,
     pub nofile: Option<NofileOutcome>,
@@ -99,17 +114,20 @@ pub fn apply(
         ))
         .into());
     }
+    files::remove_stale_temps(&paths.state_dir, journal::FILE_NAME);
     let dropin = paths.sysctl_dir.join(DROPIN_NAME);
     if persist {
         persist::check_owned(&dropin)?;
+        files::remove_stale_temps(&paths.sysctl_dir, DROPIN_NAME);
     }
+    let steps = replan(host, &plan.steps, &mut outcome.superseded);
 
     let mut journal = prior.clone().unwrap_or(Journal {
         version: journal::VERSION,
         netns: netns.clone(),
         ..Journal::default()
     });
-    for step in &plan.steps {
+    for step in &steps {
         journal.record(
             &step.key.dotted(),
             &step.from_raw,
@@ -117,13 +135,19 @@ pub fn apply(
             profile,
         );
     }
-    if !plan.steps.is_empty() {
+    if persist {
+        // Journal before write, for the drop-in too: a kill after the rename must not leave a
+        // drop-in that no journal knows about (revert would miss it and the next boot would
+        // apply the profile again).
+        journal.dropin = Some(dropin.clone());
+    }
+    if !steps.is_empty() || (persist && prior.as_ref() != Some(&journal)) {
         journal.save(&paths.state_dir)?;
         outcome.journal = Some(Journal::path(&paths.state_dir));
     }
 
     let mut done: Vec<&Step> = Vec::new();
-    for (i, step) in plan.steps.iter().enumerate() {
+    for (i, step) in steps.iter().enumerate() {
         match write_verified(host, step, &step.to) {
             Ok(()) => {
                 outcome.written.push(Written {
@@ -174,13 +198,45 @@ pub fn apply(
 
     outcome.nofile = raise_nofile(host, plan);
     if persist {
-        let path = persist::write(&dropin, &journal, profile)?;
-        journal.dropin = Some(path.clone());
-        journal.save(&paths.state_dir)?;
-        outcome.journal = Some(Journal::path(&paths.state_dir));
-        outcome.persisted = Some(path);
+        outcome.persisted = Some(persist::write(&dropin, &journal, profile)?);
     }
     Ok(outcome)
+}
+
+/// The plan's steps against the host as it is now, under the lock. A key still at the value
+/// the plan saw keeps its step; one another writer changed meanwhile gets a new step from its
+/// live value (the smallest raise that satisfies the profile), or none if it already satisfies
+/// it. So a slow apply can never write a planned value below what a faster one raised.
+fn replan(host: &Host, planned: &[Step], superseded: &mut Vec<Superseded>) -> Vec<Step> {
+    let mut steps = Vec::with_capacity(planned.len());
+    for step in planned {
+        let live = host
+            .read_sysctl(&step.key)
+            .ok()
+            .flatten()
+            .and_then(|raw| step.shape.parse_live(&raw).ok().map(|v| (raw, v)));
+        let Some((raw, live)) = live else {
+            steps.push(step.clone()); // unreadable now: the write and read-back will say why
+            continue;
+        };
+        if live == step.from {
+            steps.push(step.clone());
+        } else if step.shape.satisfied(&live, &step.wanted) {
+            superseded.push(Superseded {
+                key: step.key.dotted(),
+                planned_from: step.from.to_string(),
+                now: live.to_string(),
+            });
+        } else {
+            steps.push(Step {
+                to: step.shape.raised(&live, &step.wanted),
+                from_raw: raw,
+                from: live,
+                ..step.clone()
+            });
+        }
+    }
+    steps
 }
 
 /// Writes `value` and reads it back: the kernel may refuse a value (EINVAL), clamp it, or
@@ -369,5 +425,73 @@ mod tests {
         assert_eq!(j.entries[0].applied, "65535");
         revert(&host, &paths, false).unwrap();
         assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+    }
+
+    /// Issue 13: a plan made before another apply raised a value must not lower it once it
+    /// holds the lock. The plan here saw 4096 and 32768-60999; meanwhile "another apply" made
+    /// them 65535 and 1024-65535 (satisfied: left alone), and tcp_wmem 4096 20000 4194304 (still
+    /// short of the profile: raised from that, not from what the plan saw).
+    #[test]
+    fn a_plan_made_before_the_lock_never_lowers_what_another_writer_raised() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        let set = |rel: &str, v: &str| std::fs::write(d.path().join("proc/sys").join(rel), v);
+        set("net/core/somaxconn", "65535\n").unwrap();
+        set("net/ipv4/ip_local_port_range", "1024\t65535\n").unwrap();
+        set("net/ipv4/tcp_wmem", "4096\t20000\t8388608\n").unwrap();
+        let out = apply(&plan, &host, &paths, "p", false).unwrap();
+        assert_eq!(read(&d, "net/core/somaxconn"), "65535\n");
+        assert_eq!(read(&d, "net/ipv4/ip_local_port_range"), "1024\t65535\n");
+        assert_eq!(read(&d, "net/ipv4/tcp_wmem"), "4096 65536 8388608\n");
+        let left: Vec<_> = out.superseded.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(left, ["net.core.somaxconn", "net.ipv4.ip_local_port_range"]);
+        let w = &out.written[0];
+        assert_eq!(
+            (w.key.as_str(), w.from.as_str(), w.to.as_str()),
+            (
+                "net.ipv4.tcp_wmem",
+                "4096 20000 8388608",
+                "4096 65536 8388608"
+            )
+        );
+        // The journal records only what this run changed, with the value it found.
+        let j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert_eq!(j.entries.len(), 1);
+        assert_eq!(j.entries[0].previous, "4096\t20000\t8388608");
+    }
+
+    /// Issue 13: the drop-in is journaled before it exists, and revert removes a drop-in of
+    /// ours even when the journal does not name it (cut short by a kill, or removed by hand).
+    #[test]
+    fn revert_removes_our_dropin_even_when_the_journal_does_not_name_it() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        apply(&plan, &host, &paths, "p", true).unwrap();
+        let dropin = paths.sysctl_dir.join(DROPIN_NAME);
+        let mut j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert_eq!(j.dropin.as_ref(), Some(&dropin));
+        j.dropin = None; // what a kill between the rename and the journal used to leave
+        j.save(&paths.state_dir).unwrap();
+        std::fs::write(
+            paths.sysctl_dir.join(".60-tunegate.conf.tmp.1234567"),
+            "half",
+        )
+        .unwrap();
+        let r = revert(&host, &paths, false).unwrap();
+        assert_eq!(r.dropin_removed.as_ref(), Some(&dropin));
+        assert!(!dropin.exists());
+        assert_eq!(r.temp_files_removed.len(), 1, "{r:?}");
+        assert_eq!(std::fs::read_dir(&paths.sysctl_dir).unwrap().count(), 0);
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+        // With no journal at all, our drop-in still goes; someone else's file never does.
+        apply(&plan, &host, &paths, "p", true).unwrap();
+        std::fs::remove_file(Journal::path(&paths.state_dir)).unwrap();
+        let r = revert(&host, &paths, false).unwrap();
+        assert!(!r.had_journal && r.dropin_removed.is_some() && !dropin.exists());
+        std::fs::write(&dropin, "vm.swappiness = 1\n").unwrap();
+        let r = revert(&host, &paths, false).unwrap();
+        assert!(r.failed.is_empty() && r.dropin_removed.is_none(), "{r:?}");
+        assert_eq!(
+            std::fs::read_to_string(&dropin).unwrap(),
+            "vm.swappiness = 1\n"
+        );
     }
 }

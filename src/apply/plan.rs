@@ -20,6 +20,10 @@ pub struct Step {
     pub from: Value,
     #[serde(serialize_with = "display")]
     pub to: Value,
+    /// What the profile asks for: `to` is the smallest raise of `from` that satisfies it, and
+    /// apply recomputes `to` from this if the live value moved before it held the lock.
+    #[serde(skip)]
+    pub wanted: Value,
     pub source: Option<String>,
 }
 
@@ -71,6 +75,7 @@ impl Plan {
                         from_raw: live_raw.clone(),
                         from: live.clone(),
                         to: shape.raised(live, wanted),
+                        wanted: wanted.clone(),
                         source: f.source.clone(),
                     });
                 }

@@ -3,13 +3,19 @@
 //! A key whose live value is no longer what tunegate wrote was changed by someone else since;
 //! it is left alone (and reported) unless `--force`, because never clobbering an operator's
 //! change matters more than a tidy revert.
+//!
+//! The drop-in goes too: the one the journal names and, even when the journal was cut short by
+//! a kill (or is gone), one in the sysctl directory that carries tunegate's marker line. Temp
+//! files killed writers left beside the journal and the drop-in are removed.
+
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::{Journal, Paths, persist};
 use crate::error::UsageError;
 use crate::host::Host;
-use crate::host::files::StateLock;
+use crate::host::files::{self, StateLock};
 use crate::tunables::{SysctlKey, shape_of};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -24,12 +30,21 @@ pub struct RevertOutcome {
     pub failed: Vec<(String, String)>,
     pub dropin_removed: Option<std::path::PathBuf>,
     pub had_journal: bool,
+    /// Temp files of killed writers that were removed.
+    pub temp_files_removed: Vec<std::path::PathBuf>,
 }
 
 pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertOutcome> {
     let _lock = StateLock::acquire(&paths.state_dir)?;
-    let mut out = RevertOutcome::default();
+    let mut out = RevertOutcome {
+        temp_files_removed: files::remove_stale_temps(&paths.state_dir, super::journal::FILE_NAME),
+        ..RevertOutcome::default()
+    };
+    let own_dropin = paths.sysctl_dir.join(persist::DROPIN_NAME);
     let Some(journal) = Journal::load(&paths.state_dir)? else {
+        // No journal: nothing to restore, but a drop-in of ours may outlive one (a journal
+        // removed by hand, an apply of an older tunegate killed before it journaled it).
+        remove_dropins(&[(own_dropin, false)], &mut out, &mut None);
         return Ok(out);
     };
     out.had_journal = true;
@@ -102,17 +117,41 @@ pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertO
             }
         }
     }
-    if let Some(path) = &journal.dropin {
+    let mut dropins: Vec<(PathBuf, bool)> =
+        journal.dropin.iter().map(|p| (p.clone(), true)).collect();
+    if journal.dropin.as_ref() != Some(&own_dropin) {
+        dropins.push((own_dropin, false));
+    }
+    remove_dropins(&dropins, &mut out, &mut kept.dropin);
+    kept.save(&paths.state_dir)?;
+    Ok(out)
+}
+
+/// Removes each drop-in that is ours (marker line), and the temp files killed writers left
+/// beside it. `named` says whether the journal named it: a named file that is no longer ours,
+/// or cannot be removed, is a failure and stays in `keep`; a file only found by its name is left
+/// alone, quietly, unless it carries our marker.
+fn remove_dropins(
+    dropins: &[(PathBuf, bool)],
+    out: &mut RevertOutcome,
+    keep: &mut Option<PathBuf>,
+) {
+    for (path, named) in dropins {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            out.temp_files_removed
+                .extend(files::remove_stale_temps(dir, &name.to_string_lossy()));
+        }
+        if !named && persist::check_owned(path).is_err() {
+            continue;
+        }
         match persist::remove(path) {
             Ok(true) => out.dropin_removed = Some(path.clone()),
             Ok(false) => {}
             Err(e) => {
                 out.failed
                     .push((path.display().to_string(), format!("{e:#}")));
-                kept.dropin = Some(path.clone());
+                *keep = Some(path.clone());
             }
         }
     }
-    kept.save(&paths.state_dir)?;
-    Ok(out)
 }

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 /// Replaces `path` with `bytes` atomically. The directory is created (0755) when missing.
+///
+/// The temp file is `.NAME.tmp.PID.RANDOM`: a kill can leave one behind, and the next writer
+/// may well have the same PID (a container's PID 1 always does), so the PID alone would collide
+/// with the leftover. [`remove_stale_temps`] clears leftovers under the state lock.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = path
         .parent()
@@ -20,9 +24,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
+        "{}{}.{:016x}",
+        temp_prefix(&name.to_string_lossy()),
+        std::process::id(),
+        random_u64()
     ));
     let result = (|| -> io::Result<()> {
         let mut f = OpenOptions::new()
@@ -39,6 +44,53 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write {} atomically", path.display()))
+}
+
+/// How every temp file for `name` starts (`.NAME.tmp.`), followed by the writer's PID.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.tmp.")
+}
+
+/// 64 random bits for temp names (the kernel's pool; the clock if that is unreadable).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut b)) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    }
+}
+
+/// Removes temp files that an earlier, killed writer of `dir/name` left behind: those of a PID
+/// that no longer runs, or of our own PID (this process is not writing that file now). Call it
+/// holding the state lock, so no live writer of ours is mid-write. Returns what it removed.
+pub fn remove_stale_temps(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = temp_prefix(name);
+    let me = std::process::id();
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+        let stale = match pid {
+            Some(pid) if pid == me => true,
+            Some(pid) => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None)
+                    == Err(nix::errno::Errno::ESRCH)
+            }
+            None => true, // not a name write_atomic makes, yet ours by its prefix
+        };
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// Removes a file and makes the removal durable; a file that is already gone is fine.
@@ -107,6 +159,37 @@ mod tests {
         remove_durably(&p).unwrap();
         remove_durably(&p).unwrap();
         assert!(!p.exists());
+    }
+
+    /// A kill mid-write leaves a temp file; the next writer with the same PID (a container's
+    /// PID 1) must neither trip over it nor leave it lying around once it cleans up.
+    #[test]
+    fn a_leftover_temp_file_of_the_same_pid_neither_blocks_nor_survives_cleanup() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("journal.json");
+        let mine = d
+            .path()
+            .join(format!(".journal.json.tmp.{}", std::process::id()));
+        let mine_new = d.path().join(format!(
+            ".journal.json.tmp.{}.00000000deadbeef",
+            std::process::id()
+        ));
+        let dead = d
+            .path()
+            .join(".journal.json.tmp.999999999.0000000000000001");
+        let live = d.path().join(".journal.json.tmp.1.0000000000000001"); // init runs
+        let other = d.path().join(".status.json.tmp.999999999.0000000000000001");
+        for f in [&mine, &mine_new, &dead, &live, &other] {
+            std::fs::write(f, "half a journal").unwrap();
+        }
+        write_atomic(&p, b"whole", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "whole");
+        let mut removed = remove_stale_temps(d.path(), "journal.json");
+        removed.sort();
+        let mut want = vec![mine, mine_new, dead];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(live.exists() && other.exists());
     }
 
     #[test]

@@ -203,6 +203,14 @@ pub fn outcome_human(out: &Outcome) -> String {
             j.display()
         );
     }
+    for w in &out.superseded {
+        let _ = writeln!(
+            s,
+            "left     {:<40} planned from {}, but another writer made it {} before this run \
+             held the lock: satisfied, not touched",
+            w.key, w.planned_from, w.now
+        );
+    }
     for w in &out.written {
         let _ = writeln!(
             s,
@@ -287,8 +295,19 @@ pub fn apply_json(
 
 pub fn revert_human(out: &RevertOutcome) -> String {
     let mut s = String::new();
+    for p in &out.temp_files_removed {
+        let _ = writeln!(s, "removed   {} (left by a killed run)", p.display());
+    }
     if !out.had_journal {
-        return "nothing to revert: no journal\n".into();
+        if let Some(p) = &out.dropin_removed {
+            let _ = writeln!(
+                s,
+                "removed   {} (ours; no journal recorded it)",
+                p.display()
+            );
+        }
+        s.push_str("nothing to revert: no journal\n");
+        return s;
     }
     for (k, from, to) in &out.restored {
         let _ = writeln!(s, "restored  {k:<40} {from} -> {to}");
