@@ -489,3 +489,84 @@ fn a_restarted_serve_never_repeats_an_id() {
         s.signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Issue 14: a reader that keeps up with a busy room but stays megabytes behind must cost the
+/// server its capped queue, not everything written since the queue was last empty; a reader that
+/// never reads is cut at the cap; one that keeps up costs nothing. Client: Python `websockets`
+/// (tests/clients/lagging_reader.py measures the server's VmRSS and /metrics).
+#[test]
+fn a_lagging_reader_costs_at_most_its_capped_queue() {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/lagging_reader.py"
+    );
+    let cap = 4u64 << 20;
+    for mode in ["steady", "never", "caughtup"] {
+        let s = Server::start(&["--threads", "1", "--ping-interval", "600000"]);
+        let out = Command::new("python3")
+            .arg(script)
+            .arg(format!("ws://{}", s.addr))
+            .arg(s.pid().to_string())
+            .arg(cap.to_string())
+            .arg(mode)
+            .output()
+            .expect("python3");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{mode}: {text}");
+        assert!(
+            text.contains(&format!("lagging_reader: ok {mode}")),
+            "{text}"
+        );
+        eprintln!("{text}");
+    }
+}
+
+/// Frames a client sends right behind its upgrade request are answered however the request and
+/// the frames are cut into reads (issue 14 saw them dropped after a request split in two reads):
+/// every split point of the request, with the frames in the same write, split, or in their own.
+#[test]
+fn frames_right_behind_a_split_upgrade_request_are_answered() {
+    use common::ws::{UPGRADE, masked_frame};
+    use std::io::{Read, Write};
+    let s = Server::start(&["--threads", "1"]);
+    let req = UPGRADE.as_bytes();
+    let mut tail = masked_frame(true, 1, br#"{"op":"publish","room":"r","data":1,"ref":1}"#);
+    tail.extend(masked_frame(
+        true,
+        1,
+        br#"{"op":"count","room":"r","ref":2}"#,
+    ));
+    for cut in 1..req.len() {
+        for tail_cut in [0, 5, tail.len()] {
+            let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+            c.set_nodelay(true).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut second = req[cut..].to_vec();
+            second.extend_from_slice(&tail[..tail_cut]);
+            for piece in [&req[..cut], &second[..], &tail[tail_cut..]] {
+                c.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let want = [
+                br#""op":"hello""#.as_slice(),
+                br#""ref":1}"#,
+                br#""ref":2}"#,
+            ];
+            while !want.iter().all(|w| got.windows(w.len()).any(|x| x == *w)) {
+                match c.read(&mut buf) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    other => panic!(
+                        "request cut at {cut}, frames at {tail_cut}: {other:?} after {:?}",
+                        String::from_utf8_lossy(&got)
+                    ),
+                }
+            }
+        }
+    }
+}

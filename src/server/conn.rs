@@ -1,14 +1,15 @@
 //! Per-connection state, kept small: an idle WebSocket costs one 32-byte slot in its loop's
 //! slab (plus its room memberships, on the room side). Everything that exists only while
 //! something is in flight — a frame split across reads, a fragmented message, output the
-//! socket could not take, an unfinished HTTP request, a second room — lives in `Busy`, boxed,
-//! and is freed as soon as it is empty again.
+//! socket could not take (`outq.rs`), an unfinished HTTP request, a second room — lives in
+//! `Busy`, boxed, and is freed as soon as it is empty again.
 
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 
 use super::frame::{self, Decoder, Fail, Header, Piece};
 use super::metrics::CloseReason;
+use super::outq::OutQueue;
 use super::rooms::RoomId;
 use super::utf8::Utf8Stream;
 
@@ -72,7 +73,7 @@ impl Conn {
     }
 
     pub fn pending_out(&self) -> usize {
-        self.busy.as_ref().map_or(0, |b| b.out.len() - b.out_pos)
+        self.busy.as_ref().map_or(0, |b| b.out.pending())
     }
 
     /// Drops `Busy` when nothing in it is worth keeping.
@@ -105,52 +106,18 @@ impl Conn {
 #[derive(Default)]
 pub struct Busy {
     pub reader: Reader,
-    /// Output the socket has not taken yet: `out[out_pos..]`.
-    pub out: Vec<u8>,
-    pub out_pos: usize,
-    /// Where the first whole frame in `out` starts: the queue may begin with the tail of a
-    /// frame whose head was already written.
-    pub out_frames_from: usize,
+    /// Output the socket has not taken yet.
+    pub out: OutQueue,
     pub rooms: Vec<RoomId>,
     pub request: Vec<u8>,
 }
 
 impl Busy {
-    /// Starts a queue with the unwritten tail of a frame.
-    pub fn queue_tail(&mut self, tail: &[u8]) {
-        self.out.clear();
-        self.out.extend_from_slice(tail);
-        self.out_pos = 0;
-        self.out_frames_from = tail.len();
-    }
-
-    /// Drops every queued frame the peer has not started to receive, keeping the rest of the one
-    /// in flight, so what follows still lands on a frame boundary.
-    pub fn drop_unsent_frames(&mut self) {
-        let mut end = self.out_frames_from;
-        while end <= self.out_pos && end < self.out.len() {
-            end += frame_len(&self.out[end..]);
-        }
-        let end = end.min(self.out.len()).max(self.out_pos);
-        let keep = self.out[self.out_pos..end].to_vec();
-        self.queue_tail(&keep);
-        self.out_frames_from = keep.len();
-    }
-
     fn is_idle(&self) -> bool {
         self.reader.is_idle()
-            && self.out_pos >= self.out.len()
+            && self.out.is_empty()
             && self.rooms.is_empty()
             && self.request.is_empty()
-    }
-}
-
-/// Length of the server frame at the start of `b` (unmasked, header complete: we wrote it).
-fn frame_len(b: &[u8]) -> usize {
-    match b[1] & 0x7F {
-        126 => 4 + u16::from_be_bytes([b[2], b[3]]) as usize,
-        127 => 10 + u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")) as usize,
-        n => 2 + n as usize,
     }
 }
 
@@ -384,31 +351,6 @@ mod tests {
                 "cut {cut}"
             );
         }
-    }
-
-    #[test]
-    fn dropping_unsent_output_keeps_the_frame_in_flight() {
-        let mut b = Busy::default();
-        let one = frame::frame(OP_TEXT, &[b'a'; 300]);
-        let two = frame::frame(OP_TEXT, b"two");
-        b.queue_tail(&one[100..]); // 100 bytes of `one` already went out
-        b.out.extend_from_slice(&two);
-        b.out_pos = 50;
-        b.drop_unsent_frames();
-        assert_eq!(b.out, one[150..]);
-        // Now in the middle of the second frame of a queue that starts on a boundary.
-        let mut b = Busy::default();
-        b.out.extend_from_slice(&two);
-        b.out.extend_from_slice(&one);
-        b.out.extend_from_slice(&two);
-        b.out_pos = two.len() + 7;
-        b.drop_unsent_frames();
-        assert_eq!(b.out, one[7..]);
-        let mut b = Busy::default();
-        b.out.extend_from_slice(&two);
-        b.out_pos = two.len();
-        b.drop_unsent_frames();
-        assert!(b.out.is_empty());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::frame::{self, Fail, close};
 use super::handshake::{self, Parsed};
 use super::id::{self, ConnId, FreeSlots};
 use super::metrics::{CloseReason, Global, LoopMetrics};
+use super::outq::Out;
 use super::protocol::{self, Encoding, Outgoing, Reply};
 use super::{Config, Shared, sys};
 
@@ -813,10 +814,10 @@ impl EventLoop {
         self.send_bytes(slot, &bytes);
     }
 
-    fn send_outgoing(&mut self, slot: usize, msg: &Outgoing) {
+    fn send_outgoing(&mut self, slot: usize, msg: &Arc<Outgoing>) {
         LoopMetrics::add(&self.metrics.messages_out, 1);
         let enc = self.encoding(slot);
-        self.send_bytes(slot, msg.frame(enc));
+        self.send(slot, Out::Shared(msg, enc));
     }
 
     fn reply_error(
@@ -830,41 +831,56 @@ impl EventLoop {
         self.send_reply(slot, &Reply::error(code, message, reference));
     }
 
-    /// Writes now if nothing is queued; queues what the socket does not take. Past the cap the
-    /// connection is a slow reader: its queue is dropped and it is closed with 1008.
     fn send_bytes(&mut self, slot: usize, bytes: &[u8]) {
+        self.send(slot, Out::Bytes(bytes));
+    }
+
+    /// Writes now if nothing is queued; queues what the socket does not take (a shared frame
+    /// stays shared). Past the cap the connection is a slow reader: its queue is dropped and it
+    /// is closed with 1008.
+    fn send(&mut self, slot: usize, out: Out<'_>) {
         let cap = self.config.max_pending;
         let c = &mut self.conns[slot];
         if c.state == State::Free || c.flags & WRITE_SHUT != 0 {
             return;
         }
+        let len = out.bytes().len();
         let pending = c.pending_out();
         if pending > 0 {
-            if pending + bytes.len() > cap && c.state == State::Open {
+            if pending + len > cap && c.state == State::Open {
                 return self.cut_off_slow_reader(slot);
             }
-            c.busy().out.extend_from_slice(bytes);
+            c.busy().out.push(out, 0);
+            self.metrics.queued.fetch_add(len as i64, Ordering::Relaxed);
             return;
         }
         let Some(fd) = c.fd.as_ref() else { return };
-        let written = match sys::write(fd.as_fd(), bytes) {
+        let written = match sys::write(fd.as_fd(), out.bytes()) {
             Ok(n) => n,
             Err(Errno::EAGAIN) => 0,
             Err(_) => return self.close(slot, CloseReason::IoError),
         };
         LoopMetrics::add(&self.metrics.bytes_out, written as u64);
-        if written < bytes.len() {
-            if bytes.len() - written > cap && c.state == State::Open {
+        if written < len {
+            if len - written > cap && c.state == State::Open {
                 return self.cut_off_slow_reader(slot);
             }
-            c.busy().queue_tail(&bytes[written..]);
+            c.busy().out.push(out, written);
+            self.metrics
+                .queued
+                .fetch_add((len - written) as i64, Ordering::Relaxed);
         }
     }
 
     fn cut_off_slow_reader(&mut self, slot: usize) {
         LoopMetrics::add(&self.metrics.backpressure_cutoffs, 1);
         if let Some(b) = self.conns[slot].busy.as_mut() {
-            b.drop_unsent_frames();
+            let before = b.out.pending();
+            b.out.drop_unsent_frames();
+            let dropped = before - b.out.pending();
+            self.metrics
+                .queued
+                .fetch_sub(dropped as i64, Ordering::Relaxed);
         }
         let fail = Fail {
             code: close::POLICY,
@@ -873,26 +889,24 @@ impl EventLoop {
         self.fail(slot, fail, CloseReason::Backpressure);
     }
 
-    /// The socket can take more: write what is queued.
+    /// The socket can take more: write what is queued, in as few writev(2) calls as it takes.
     fn flush(&mut self, slot: usize) {
         let c = &mut self.conns[slot];
         let Some(fd) = c.fd.as_ref() else { return };
         let Some(b) = c.busy.as_mut() else {
             return self.after_flush(slot);
         };
-        while b.out_pos < b.out.len() {
-            match sys::write(fd.as_fd(), &b.out[b.out_pos..]) {
+        while !b.out.is_empty() {
+            match sys::writev(fd.as_fd(), &b.out.slices()) {
                 Ok(n) => {
-                    b.out_pos += n;
+                    b.out.consume(n);
                     LoopMetrics::add(&self.metrics.bytes_out, n as u64);
+                    self.metrics.queued.fetch_sub(n as i64, Ordering::Relaxed);
                 }
                 Err(Errno::EAGAIN) => return,
                 Err(_) => return self.close(slot, CloseReason::IoError),
             }
         }
-        b.out = Vec::new();
-        b.out_pos = 0;
-        b.out_frames_from = 0;
         self.after_flush(slot);
         if self.conns[slot].state != State::Free {
             self.conns[slot].settle();
@@ -966,6 +980,12 @@ impl EventLoop {
         let c = &mut self.conns[slot];
         if c.flags & WEBSOCKET != 0 {
             self.metrics.websockets.fetch_sub(1, Ordering::Relaxed);
+        }
+        let unsent = c.pending_out();
+        if unsent > 0 {
+            self.metrics
+                .queued
+                .fetch_sub(unsent as i64, Ordering::Relaxed);
         }
         let fd = c.fd.take();
         *c = Conn::free(id::next_generation(c.generation));

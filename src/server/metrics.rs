@@ -73,6 +73,8 @@ pub const ACCEPT_ERRNOS: [&str; 3] = ["EMFILE", "ENFILE", "other"];
 pub struct LoopMetrics {
     pub open: AtomicI64,
     pub websockets: AtomicI64,
+    /// Output waiting in the server for slow readers, in bytes (all this loop's connections).
+    pub queued: AtomicI64,
     pub accepted: AtomicU64,
     closed: [AtomicU64; 12],
     pub messages_in: AtomicU64,
@@ -96,6 +98,8 @@ pub struct Snapshot {
     pub pid: u32,
     pub open: i64,
     pub websockets: i64,
+    #[serde(default)]
+    pub queued: i64,
     pub accepted: u64,
     pub closed: [u64; 12],
     pub messages_in: u64,
@@ -117,6 +121,7 @@ impl Snapshot {
     pub fn add(&mut self, o: &Snapshot) {
         self.open += o.open;
         self.websockets += o.websockets;
+        self.queued += o.queued;
         self.accepted += o.accepted;
         for i in 0..self.closed.len() {
             self.closed[i] += o.closed[i];
@@ -156,6 +161,7 @@ impl LoopMetrics {
             pid: std::process::id(),
             open: self.open.load(Relaxed),
             websockets: self.websockets.load(Relaxed),
+            queued: self.queued.load(Relaxed),
             accepted: self.accepted.load(Relaxed),
             closed: std::array::from_fn(|i| self.closed[i].load(Relaxed)),
             messages_in: self.messages_in.load(Relaxed),
@@ -226,6 +232,12 @@ pub fn render(total: &Snapshot, global: &Global) -> String {
         "gauge",
         "Open WebSocket connections.",
         one(gauge(&|m| m.websockets)),
+    );
+    metric(
+        "output_queued_bytes",
+        "gauge",
+        "Output waiting in the server for readers slower than their messages (all connections; each is capped by --max-pending-output).",
+        one(gauge(&|m| m.queued)),
     );
     metric(
         "connections_accepted_total",

@@ -27,6 +27,7 @@ pub mod frame;
 pub mod handshake;
 pub mod id;
 pub mod metrics;
+pub mod outq;
 pub mod peers;
 pub mod protocol;
 pub mod rooms;

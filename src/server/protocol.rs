@@ -169,8 +169,10 @@ pub fn json_safe(v: &rmpv::Value) -> serde_json::Value {
 #[derive(Debug)]
 pub struct Outgoing {
     pub reply: Option<Reply>,
-    json: OnceLock<Vec<u8>>,
-    msgpack: OnceLock<Vec<u8>>,
+    /// The encoded frames, shared (a connection that cannot take a frame at once queues the
+    /// `Arc`, not a copy, and not this whole message with its decoded data).
+    json: OnceLock<Arc<[u8]>>,
+    msgpack: OnceLock<Arc<[u8]>>,
 }
 
 impl Outgoing {
@@ -185,7 +187,7 @@ impl Outgoing {
     /// A message received from another worker as the MsgPack payload of a reply.
     pub fn from_msgpack(payload: Vec<u8>) -> Arc<Outgoing> {
         let msgpack = OnceLock::new();
-        let _ = msgpack.set(frame::frame(OP_BINARY, &payload));
+        let _ = msgpack.set(Arc::from(frame::frame(OP_BINARY, &payload)));
         Arc::new(Outgoing {
             reply: None,
             json: OnceLock::new(),
@@ -194,18 +196,27 @@ impl Outgoing {
     }
 
     pub fn frame(&self, enc: Encoding) -> &[u8] {
+        self.shared(enc)
+    }
+
+    /// The frame for `enc`, encoded on first use, as a shared buffer.
+    pub fn shared(&self, enc: Encoding) -> &Arc<[u8]> {
+        static EMPTY: OnceLock<Arc<[u8]>> = OnceLock::new();
         match (enc, &self.reply) {
-            (Encoding::Json, Some(r)) => self.json.get_or_init(|| r.frame(enc)),
-            (Encoding::MsgPack, Some(r)) => self.msgpack.get_or_init(|| r.frame(enc)),
+            (Encoding::Json, Some(r)) => self.json.get_or_init(|| Arc::from(r.frame(enc))),
+            (Encoding::MsgPack, Some(r)) => self.msgpack.get_or_init(|| Arc::from(r.frame(enc))),
             (Encoding::Json, None) => self.json.get_or_init(|| {
                 let value = rmpv::decode::read_value(&mut self.payload(Encoding::MsgPack))
                     .unwrap_or(rmpv::Value::Nil);
-                frame::frame(
+                Arc::from(frame::frame(
                     OP_TEXT,
                     &serde_json::to_vec(&json_safe(&value)).unwrap_or_default(),
-                )
+                ))
             }),
-            (Encoding::MsgPack, None) => self.msgpack.get().map_or(&[][..], Vec::as_slice),
+            (Encoding::MsgPack, None) => self
+                .msgpack
+                .get()
+                .unwrap_or_else(|| EMPTY.get_or_init(|| Arc::from(Vec::new()))),
         }
     }
 

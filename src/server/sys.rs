@@ -119,6 +119,16 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
     }
 }
 
+/// Writes several buffers in one system call (a connection's queued output).
+pub fn writev(fd: BorrowedFd<'_>, bufs: &[std::io::IoSlice<'_>]) -> Result<usize, Errno> {
+    loop {
+        match nix::sys::uio::writev(fd, bufs) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Writes to a stream socket without blocking, whatever the descriptor's own mode (the bus
 /// shares one blocking socket between a writer thread and these direct writes), and without
 /// SIGPIPE.
