@@ -4,8 +4,14 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use load::LoadArgs;
 
-use crate::report::Format;
+/// Output format chosen with `--format`: for people (a checklist) or machines (JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
 
 /// Check and tune a Linux host for very many connections.
 ///
@@ -205,7 +211,7 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct StateArgs {
     /// Where the journal lives.
-    #[arg(long, value_name = "DIR", env = "TUNEGATE_STATE_DIR", default_value = crate::apply::DEFAULT_STATE_DIR)]
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_STATE_DIR", default_value = tuning::apply::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 
@@ -226,7 +232,7 @@ pub struct ApplyArgs {
     pub state: StateArgs,
 
     /// Directory for the --persist drop-in (60-tunegate.conf).
-    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = crate::apply::DEFAULT_SYSCTL_DIR)]
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = tuning::apply::DEFAULT_SYSCTL_DIR)]
     pub sysctl_dir: PathBuf,
 }
 
@@ -237,7 +243,7 @@ pub struct RevertArgs {
 
     /// Where apply --persist wrote its drop-in: a 60-tunegate.conf there that carries
     /// tunegate's marker line is removed even if the journal does not name it.
-    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = crate::apply::DEFAULT_SYSCTL_DIR)]
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = tuning::apply::DEFAULT_SYSCTL_DIR)]
     pub sysctl_dir: PathBuf,
 
     /// Restore even keys someone changed since tunegate wrote them, and even from another
@@ -269,83 +275,4 @@ pub enum ProfileCommand {
 pub enum ShowFormat {
     Yaml,
     Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LoadProtocol {
-    /// tunegate's relay protocol (docs/protocol.md): hello, join, publish, message. Needed for
-    /// the room and message phases.
-    Relay,
-    /// Plain WebSocket: connect and hold, nothing else (any server, e.g. an echo server).
-    Plain,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LoadEncoding {
-    Json,
-    Msgpack,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct LoadArgs {
-    /// Target, ws://HOST:PORT/PATH (an IP address; no TLS).
-    pub url: String,
-    /// Connections to open.
-    #[arg(short = 'n', long, default_value_t = 1000)]
-    pub connections: u64,
-    /// Connects started per second, all processes together.
-    #[arg(long, default_value_t = 20_000, value_name = "PER_SECOND")]
-    pub connect_rate: u64,
-    /// Connects (TCP + upgrade) in flight at once, all processes together, so the server's
-    /// accept queue never overflows into SYN retransmits.
-    #[arg(long, default_value_t = 1000)]
-    pub max_inflight: u64,
-    /// First source address; each next --per-source connections bind the next address. The
-    /// default for a loopback target is 127.0.0.2 (then .3, ...), so ephemeral ports never
-    /// run out; other targets use the kernel's choice unless this is given.
-    #[arg(long, value_name = "IPV4")]
-    pub source: Option<std::net::Ipv4Addr>,
-    /// Connections per source address. Keep it under half of net.ipv4.ip_local_port_range:
-    /// past that, every connect() from the same address to the same destination scans the
-    /// whole range in the kernel (measured here with 28,232 ports: 20,000/s up to ~14,000 per
-    /// address, under 1,000/s beyond).
-    #[arg(long, default_value_t = 10_000)]
-    pub per_source: u64,
-    #[arg(long, value_enum, default_value = "relay")]
-    pub protocol: LoadProtocol,
-    /// Room sizes: one size ("10": every connection in a room of 10) or a spread of
-    /// SIZE:PERCENT of the connections ("2:50,10:40,100:10").
-    #[arg(long, default_value = "10", value_name = "SPREAD")]
-    pub rooms: String,
-    /// Room messages published per second, all processes together; 0 skips the message phase.
-    #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
-    pub publish_rate: u64,
-    /// How long the message phase publishes.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
-    pub publish_seconds: f64,
-    /// Bytes of padding in each message's data.
-    #[arg(long, default_value_t = 64, value_name = "BYTES")]
-    pub payload: usize,
-    #[arg(long, value_enum, default_value = "json")]
-    pub encoding: LoadEncoding,
-    /// Hold every connection open this long after all are up (and rooms joined), before the
-    /// message phase: long enough to cross heartbeat rounds.
-    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
-    pub hold: f64,
-    /// Give up on connections not open within this long after the ramp started.
-    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
-    pub connect_timeout: f64,
-    /// Processes to spread the connections over; default: as few as this process's
-    /// RLIMIT_NOFILE allows.
-    #[arg(long)]
-    pub processes: Option<usize>,
-    /// The result as JSON on stdout (progress still goes to stderr).
-    #[arg(long)]
-    pub json: bool,
-    /// Hard cap on the whole run; everything stops then, whatever the phase.
-    #[arg(long, default_value_t = 900.0, value_name = "SECONDS")]
-    pub max_time: f64,
-    /// Internal: run as shard I of K (the processes the first one starts).
-    #[arg(long, hide = true, value_name = "I/K")]
-    pub shard: Option<String>,
 }

@@ -1,16 +1,17 @@
 //! One function per subcommand: glue between the CLI and the library, and the exit codes.
 
-use crate::apply::{self, Paths, Plan};
 use crate::cli::{
-    ApplyArgs, CheckArgs, Cli, Command, ProfileCommand, RevertArgs, RunArgs, ServeArgs, ShowFormat,
-    StatusArgs,
+    ApplyArgs, CheckArgs, Cli, Command, Format, ProfileCommand, RevertArgs, RunArgs, ServeArgs,
+    ShowFormat, StatusArgs,
 };
-use crate::error::exit;
-use crate::host::{self, Host};
-use crate::preflight;
-use crate::profile::{self, Profile};
-use crate::report::{self, Format};
+use crate::exit;
 use crate::{out, outln};
+use tuning::apply::{self, Paths, Plan};
+use tuning::error::UsageError;
+use tuning::host::{self, Host};
+use tuning::preflight;
+use tuning::profile::{self, Profile};
+use tuning::report;
 
 /// Runs the parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -27,7 +28,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => serve(&args),
         Command::Run(args) => run_daemon(host, &args),
         Command::Status(args) => status(&args),
-        Command::Load(args) => crate::load::run(&args),
+        Command::Load(args) => {
+            let finished = load::run(&args)?;
+            if let Some(json) = finished.json {
+                outln!("{json}");
+            }
+            Ok(finished.code)
+        }
     }
 }
 
@@ -153,8 +160,8 @@ fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
-    let defaults = crate::server::Config::default();
-    let config = crate::server::Config {
+    let defaults = relay::Config::default();
+    let config = relay::Config {
         listen: args.listen,
         threads: args.threads.unwrap_or(defaults.threads),
         ping_interval_ms: args.ping_interval,
@@ -164,7 +171,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
         max_message: args.max_message_size,
         max_pending: args.max_pending_output,
         max_rooms_per_conn: args.max_rooms,
-        policy: crate::server::handshake::Policy {
+        policy: relay::handshake::Policy {
             allowed_origins: args.allowed_origins.clone(),
         },
         echo: args.echo,
@@ -173,7 +180,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
         bus_dir: args.bus_dir.clone(),
         incarnation: args.incarnation,
     };
-    crate::server::serve(config, |_| {})?;
+    config.validate().map_err(UsageError)?;
+    relay::serve(config, |_| {})?;
     Ok(exit::OK)
 }
 

@@ -1,22 +1,13 @@
-//! tunegate: check and tune a Linux host for very many connections.
+//! tunegate: check and tune a Linux host for very many connections, and run a WebSocket relay
+//! once it passes.
 //!
-//! The tuning side flows one way: `profile` -> `preflight` (reads `host`) -> findings ->
-//! `apply` (plan, journal, writes through `host`) -> `report`. The serving side (`server`) never
-//! imports the tuning side, and the load generator (`load`) imports neither: it is a client
-//! that speaks the protocol from the outside. See ARCHITECTURE.md.
+//! This package is the command line and the daemon, the only code that joins the workspace's
+//! crates: `tuning` (profile -> preflight -> apply -> report, reading and writing the host),
+//! `relay` (the bundled server) and `load` (the load generator). Those three know nothing of
+//! one another; the crate graph makes that a compiler error. See ARCHITECTURE.md.
 
-#![deny(unsafe_code)]
-
-pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
-pub mod error;
-pub mod host;
-pub mod load;
-pub mod preflight;
-pub mod profile;
-pub mod report;
-pub mod server;
+pub mod exit;
 pub mod stdout;
-pub mod tunables;

@@ -10,7 +10,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("tunegate: error: {err:#}");
-            ExitCode::from(tunegate::error::exit_code_for(&err))
+            ExitCode::from(tunegate::exit::code_for(&err))
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+use tuning::error::ConfigError;
 
 /// Where `tunegate run` looks when `--config` is not given; a missing file means defaults.
 pub const DEFAULT_PATH: &str = "/etc/tunegate/tunegate.yaml";
@@ -124,7 +124,7 @@ impl Default for Config {
             ignore: Vec::new(),
             // The environment can move the defaults (tests, packaging); a config file still wins.
             state_dir: std::env::var_os("TUNEGATE_STATE_DIR")
-                .map_or_else(|| crate::apply::DEFAULT_STATE_DIR.into(), PathBuf::from),
+                .map_or_else(|| tuning::apply::DEFAULT_STATE_DIR.into(), PathBuf::from),
             status_file: std::env::var_os("TUNEGATE_STATUS_FILE")
                 .map_or_else(|| DEFAULT_STATUS_FILE.into(), PathBuf::from),
         }
@@ -228,7 +228,7 @@ impl Config {
     fn validate(&self, label: &str, text: &str) -> Result<(), ConfigError> {
         let at = |path: &[&str], message: String| {
             let e = ConfigError::new(label, message);
-            match crate::profile::locate_exact(text, path) {
+            match tuning::profile::locate_exact(text, path) {
                 Some((l, c)) => e.at(l, c),
                 None => e,
             }
@@ -261,7 +261,7 @@ impl Config {
                 "restart: max_crashes and crash_window_s must be above 0".into(),
             ));
         }
-        let max_workers = crate::server::MAX_WORKERS;
+        let max_workers = relay::MAX_WORKERS;
         if self
             .server
             .workers
@@ -274,7 +274,7 @@ impl Config {
                 ),
             ));
         }
-        let max_threads = crate::server::id::MAX_LOOPS;
+        let max_threads = relay::id::MAX_LOOPS;
         if self
             .server
             .threads

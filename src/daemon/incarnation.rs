@@ -1,5 +1,5 @@
 //! Incarnation numbers for the workers the daemon starts: the high 16 bits of every connection
-//! id a worker hands out (src/server/id.rs). Every start of every worker gets a number no
+//! id a worker hands out (crates/relay/src/id.rs). Every start of every worker gets a number no
 //! earlier start got, across worker restarts, reloads and restarts of the daemon itself, so a
 //! client holding a dead connection's id can never reach a newcomer with it.
 //!
@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::host::files;
+use tuning::host::files;
 
 /// Numbers reserved per write of the counter file.
 const BLOCK: u16 = 64;

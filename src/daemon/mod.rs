@@ -26,16 +26,16 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::apply::{self, Paths, Plan};
-use crate::host::{self, Host};
-use crate::preflight::{self, Finding, Report, Verdict};
-use crate::profile::{self, Profile};
-use crate::tunables::SysctlKey;
 use config::{Config, Mode, RestartPolicy};
 use log::Log;
 use notify::Notifier;
 use sizing::{Fixed, Sizing};
 use status::{Status, WorkerStatus, now};
+use tuning::apply::{self, Paths, Plan};
+use tuning::host::{self, Host};
+use tuning::preflight::{self, Finding, Report, Verdict};
+use tuning::profile::{self, Profile};
+use tuning::tunables::SysctlKey;
 
 pub struct Options {
     pub config_path: PathBuf,
@@ -267,7 +267,7 @@ impl Daemon {
             self.profile.target_connections,
             cores,
             fixed,
-            crate::server::MAX_WORKERS,
+            relay::MAX_WORKERS,
         );
         if custom {
             self.sizing.explanation = "1 child: a custom command runs as configured".into();

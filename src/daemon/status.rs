@@ -58,7 +58,7 @@ impl Status {
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let mut text = serde_json::to_string_pretty(self)?;
         text.push('\n');
-        crate::host::files::write_atomic(path, text.as_bytes(), 0o644)
+        tuning::host::files::write_atomic(path, text.as_bytes(), 0o644)
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Status> {

@@ -1,6 +1,6 @@
 //! A small blocking WebSocket client for the server tests, and a handle on a running
 //! `tunegate serve`. Written from RFC 6455 independently of the server's codec (it shares no
-//! code with src/server), so the two cannot agree on a mistake.
+//! code with the relay crate), so the two cannot agree on a mistake.
 
 #![allow(dead_code)]
 

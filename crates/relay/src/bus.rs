@@ -261,7 +261,7 @@ impl Bus for LocalBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::protocol::Reply;
+    use crate::protocol::Reply;
 
     #[test]
     fn room_messages_go_only_to_interested_loops() {

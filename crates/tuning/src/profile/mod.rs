@@ -18,10 +18,10 @@ pub use locate::locate_exact;
 
 /// Built-in profiles, embedded so the binary works with no files installed.
 pub const BUILTINS: &[(&str, &str)] = &[
-    ("default", include_str!("../../profiles/default.yaml")),
-    ("c10k", include_str!("../../profiles/c10k.yaml")),
-    ("c100k", include_str!("../../profiles/c100k.yaml")),
-    ("c1m", include_str!("../../profiles/c1m.yaml")),
+    ("default", include_str!("../../../../profiles/default.yaml")),
+    ("c10k", include_str!("../../../../profiles/c10k.yaml")),
+    ("c100k", include_str!("../../../../profiles/c100k.yaml")),
+    ("c1m", include_str!("../../../../profiles/c1m.yaml")),
 ];
 
 /// Where a profile came from.

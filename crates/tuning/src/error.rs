@@ -1,21 +1,10 @@
-//! Errors that decide the exit code. Everything else travels as `anyhow::Error` with context.
+//! The errors that mean "bad input, nothing changed" (the command line maps them to exit code
+//! 2). Everything else travels as `anyhow::Error` with context.
 
 use std::fmt;
 
-/// Exit codes, documented in docs/cli.md; scripts rely on them.
-pub mod exit {
-    /// Everything passed / the command did what it was asked.
-    pub const OK: u8 = 0;
-    /// At least one check fails (preflight), or something is still failing after apply.
-    pub const FAIL: u8 = 1;
-    /// Bad usage or bad input (profile, key, value); nothing was changed.
-    pub const USAGE: u8 = 2;
-    /// A write failed during apply or revert; what had been written was restored.
-    pub const ROLLED_BACK: u8 = 3;
-}
-
 /// Bad input: a profile, key or value we refuse. Always names the file, and the line, column
-/// and key where we know them. Maps to exit code 2, and is raised before anything changes.
+/// and key where we know them. Raised before anything changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
@@ -68,7 +57,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A command-line usage problem that clap cannot see (e.g. a flag combination). Exit code 2.
+/// A usage problem clap cannot see (a flag combination, a journal from another namespace).
 #[derive(Debug)]
 pub struct UsageError(pub String);
 
@@ -79,15 +68,3 @@ impl fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
-
-/// Maps any error to the exit code it deserves.
-pub fn exit_code_for(err: &anyhow::Error) -> u8 {
-    if err
-        .chain()
-        .any(|e| e.is::<ConfigError>() || e.is::<UsageError>())
-    {
-        exit::USAGE
-    } else {
-        exit::FAIL
-    }
-}

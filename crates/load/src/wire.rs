@@ -1,6 +1,6 @@
 //! The client end of RFC 6455, as little as a load generator needs: the upgrade request and
 //! the check of its answer, masked frames out, unmasked frames in. Written apart from the
-//! server's codec (src/server/frame.rs), so a load run is a second opinion on the server.
+//! server's codec (crates/relay/src/frame.rs), so a load run is a second opinion on the server.
 
 use base64::Engine;
 

@@ -188,8 +188,8 @@ fn frame_len(b: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::frame::{OP_TEXT, frame};
-    use crate::server::protocol::Reply;
+    use crate::frame::{OP_TEXT, frame};
+    use crate::protocol::Reply;
 
     fn drain(q: &mut OutQueue, at_most: usize) -> Vec<u8> {
         let mut out = Vec::new();

@@ -299,8 +299,8 @@ fn bad_utf8() -> Fail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::frame::tests::client_frame;
-    use crate::server::frame::{OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT};
+    use crate::frame::tests::client_frame;
+    use crate::frame::{OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT};
 
     fn client(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
         client_frame(fin, op, payload, [9, 8, 7, 6])

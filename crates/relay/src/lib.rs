@@ -10,7 +10,7 @@
 /// are ignored where `eprintln!` would panic.
 macro_rules! log {
     ($($arg:tt)*) => {
-        $crate::server::log_line(format_args!($($arg)*))
+        $crate::log_line(format_args!($($arg)*))
     };
 }
 
@@ -150,7 +150,7 @@ pub struct Shared {
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
 /// the bound address once every loop listens.
 pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    config.validate().map_err(crate::error::UsageError)?;
+    config.validate().map_err(anyhow::Error::msg)?;
     // Signals are blocked before any thread starts, so only the signalfd sees them.
     let signals = sys::termination_signals().context("cannot set up signal handling")?;
     let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).context("getrlimit")?;

@@ -17,7 +17,7 @@ use super::plan::{self, Spread};
 use super::report::{self, Tally};
 use super::wire::{self, Rng};
 use super::{Target, monotonic_us};
-use crate::cli::{LoadArgs, LoadEncoding, LoadProtocol};
+use crate::{LoadArgs, LoadEncoding, LoadProtocol};
 
 /// Largest frame a load connection accepts from the server.
 const MAX_FRAME: usize = 16 << 20;
@@ -96,7 +96,7 @@ pub fn run(args: &LoadArgs, target: Target, index: u64, shards: u64) -> anyhow::
     let range = plan::shard_range(args.connections, index, shards);
     let spread = match args.protocol {
         LoadProtocol::Relay => {
-            Some(Spread::parse(&args.rooms, args.connections).map_err(crate::error::UsageError)?)
+            Some(Spread::parse(&args.rooms, args.connections).map_err(crate::BadArguments)?)
         }
         LoadProtocol::Plain => None,
     };

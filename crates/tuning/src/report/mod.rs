@@ -10,13 +10,6 @@ use crate::preflight::{Finding, Report, Verdict};
 use crate::profile::Profile;
 use crate::tunables::Value;
 
-/// Output format chosen with `--format`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Human,
-    Json,
-}
-
 /// JSON schema identifiers; bumped on incompatible change.
 pub const PREFLIGHT_SCHEMA: &str = "tunegate.preflight/1";
 pub const APPLY_SCHEMA: &str = "tunegate.apply/1";

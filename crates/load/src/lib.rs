@@ -10,6 +10,7 @@
 //!
 //! It is a client from the outside: nothing here imports the server or the tuning side.
 
+mod args;
 mod plan;
 pub mod report;
 mod shard;
@@ -23,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cli::{LoadArgs, LoadProtocol};
-use crate::error::UsageError;
-use crate::outln;
+pub use args::{BadArguments, LoadArgs, LoadEncoding, LoadProtocol};
 use report::{Outcome, Tally};
 use shard::Event;
 
@@ -72,23 +71,32 @@ pub fn monotonic_us() -> u64 {
     })
 }
 
-pub fn run(args: &LoadArgs) -> anyhow::Result<u8> {
-    let msgpack = args.encoding == crate::cli::LoadEncoding::Msgpack;
-    let target = Target::parse(&args.url, msgpack).map_err(UsageError)?;
+/// How a run ended: the exit code (0 every connection opened and stayed open and every message
+/// reached every member, 1 otherwise) and, with `--json`, the outcome for stdout, which the
+/// caller prints (this crate writes stdout only as a shard, to its coordinator).
+pub struct Finished {
+    pub code: u8,
+    pub json: Option<String>,
+}
+
+pub fn run(args: &LoadArgs) -> anyhow::Result<Finished> {
+    let msgpack = args.encoding == LoadEncoding::Msgpack;
+    let target = Target::parse(&args.url, msgpack).map_err(BadArguments)?;
     validate(args)?;
     if let Some(spec) = &args.shard {
         let (i, k) = spec
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
             .filter(|&(i, k): &(u64, u64)| i < k)
-            .ok_or_else(|| UsageError(format!("--shard {spec:?}: expected I/K with I < K")))?;
-        return shard::run(args, target, i, k);
+            .ok_or_else(|| BadArguments(format!("--shard {spec:?}: expected I/K with I < K")))?;
+        let code = shard::run(args, target, i, k)?;
+        return Ok(Finished { code, json: None });
     }
     Coordinator::new(args.clone(), target)?.run()
 }
 
-fn validate(args: &LoadArgs) -> Result<(), UsageError> {
-    let bad = |m: &str| Err(UsageError(m.to_string()));
+fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
+    let bad = |m: &str| Err(BadArguments(m.to_string()));
     if args.connections == 0 {
         return bad("-n must be at least 1");
     }
@@ -109,7 +117,7 @@ fn validate(args: &LoadArgs) -> Result<(), UsageError> {
         return bad("--publish-rate needs --protocol relay (plain WebSocket has no rooms)");
     }
     if args.protocol == LoadProtocol::Relay {
-        plan::Spread::parse(&args.rooms, args.connections).map_err(UsageError)?;
+        plan::Spread::parse(&args.rooms, args.connections).map_err(BadArguments)?;
     }
     Ok(())
 }
@@ -184,7 +192,7 @@ impl Coordinator {
         })
     }
 
-    fn run(mut self) -> anyhow::Result<u8> {
+    fn run(mut self) -> anyhow::Result<Finished> {
         let n = self.args.connections;
         eprintln!(
             "tunegate load: {n} connection(s) to {} from {} process(es), {} connects/s, at most {} in flight",
@@ -204,10 +212,14 @@ impl Coordinator {
             eprintln!();
         }
         eprint!("{}", outcome.human());
-        if self.args.json {
-            outln!("{}", serde_json::to_string_pretty(&outcome)?);
-        }
-        Ok(if outcome.ok { 0 } else { 1 })
+        Ok(Finished {
+            code: if outcome.ok { 0 } else { 1 },
+            json: if self.args.json {
+                Some(serde_json::to_string_pretty(&outcome)?)
+            } else {
+                None
+            },
+        })
     }
 
     fn phases(&mut self) -> anyhow::Result<Outcome> {
