@@ -194,6 +194,14 @@ impl Ws {
         stream
             .write_all(req.as_bytes())
             .map_err(|e| e.to_string())?;
+        Ws::after_upgrade(stream)
+    }
+
+    /// Reads the server's answer to an upgrade request already sent on `stream`.
+    pub fn after_upgrade(mut stream: TcpStream) -> Result<Ws, String> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];
         let end = loop {

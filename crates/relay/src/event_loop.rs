@@ -397,6 +397,9 @@ impl EventLoop {
                     let len = request.len();
                     self.on_frame_bytes(slot, &mut request, consumed..len);
                 }
+                if self.shutting_down && self.conns[slot].state == State::Open {
+                    self.go_away(slot);
+                }
             }
             Parsed::Get { path } => {
                 let route = path.split('?').next().unwrap_or("");
@@ -1064,6 +1067,21 @@ impl EventLoop {
         }
     }
 
+    /// Close 1001 "server shutting down"; the client gets the whole drain timeout to answer.
+    fn go_away(&mut self, slot: usize) {
+        self.fail(
+            slot,
+            Fail {
+                code: close::GOING_AWAY,
+                reason: "server shutting down",
+            },
+            CloseReason::Shutdown,
+        );
+        if self.conns[slot].state == State::Closing {
+            self.conns[slot].mark = self.drain_deadline;
+        }
+    }
+
     fn begin_shutdown(&mut self) {
         if self.shutting_down {
             return;
@@ -1075,22 +1093,14 @@ impl EventLoop {
         }
         for slot in 0..self.conns.len() {
             match self.conns[slot].state {
-                State::Open => {
-                    self.fail(
-                        slot,
-                        Fail {
-                            code: close::GOING_AWAY,
-                            reason: "server shutting down",
-                        },
-                        CloseReason::Shutdown,
-                    );
-                    // Clients get the whole drain timeout to answer, not the usual close wait.
-                    let deadline = self.drain_deadline;
-                    if self.conns[slot].state == State::Closing {
-                        self.conns[slot].mark = deadline;
-                    }
+                State::Open => self.go_away(slot),
+                // A client whose upgrade is under way (one that connected an instant before a
+                // rolling reload stopped this worker's listener) may finish it and is then told
+                // to go away like everyone else, rather than being dropped mid-handshake.
+                State::Handshake => {
+                    let c = &mut self.conns[slot];
+                    c.mark = c.mark.min(self.drain_deadline);
                 }
-                State::Handshake => self.close(slot, CloseReason::Shutdown),
                 _ => {}
             }
         }
