@@ -38,8 +38,6 @@ pub enum Item {
         target: u64,
         reference: Option<rmpv::Value>,
     },
-    /// Stop accepting, close every connection with 1001, drain.
-    Shutdown,
 }
 
 pub trait Bus: Send + Sync {
@@ -53,8 +51,6 @@ pub trait Bus: Send + Sync {
     fn rooms(&self) -> u64;
     /// Hands a room message to every *other* loop holding members of `room`.
     fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
-    /// Hands an item to one loop of this process.
-    fn send(&self, node: usize, item: Item);
     /// Hands a direct message or a bounce to the loop of the live process that `to` names (its
     /// incarnation and loop, `id.rs`), this one or another worker. Gives the item back when no
     /// such process or loop is up: then the connection is gone, and the caller answers for it.
@@ -119,7 +115,7 @@ pub struct LocalBus {
     /// This process's incarnation: the ids `route` can reach.
     incarnation: u16,
     directory: Mutex<FxHashMap<Arc<str>, Entry>>,
-    inboxes: Vec<Inbox>,
+    inboxes: Vec<Arc<Inbox>>,
     routed: AtomicU64,
     broadcast_equivalent: AtomicU64,
 }
@@ -129,14 +125,16 @@ impl LocalBus {
         Ok(LocalBus {
             incarnation,
             directory: Mutex::new(FxHashMap::default()),
-            inboxes: (0..nodes).map(|_| Inbox::new()).collect::<Result<_, _>>()?,
+            inboxes: (0..nodes)
+                .map(|_| Inbox::new().map(Arc::new))
+                .collect::<Result<_, _>>()?,
             routed: AtomicU64::new(0),
             broadcast_equivalent: AtomicU64::new(0),
         })
     }
 
-    pub fn inbox(&self, node: usize) -> &Inbox {
-        &self.inboxes[node]
+    pub fn inbox(&self, node: usize) -> Arc<Inbox> {
+        self.inboxes[node].clone()
     }
 
     /// Every room with members in this process, and how many.
@@ -224,12 +222,6 @@ impl Bus for LocalBus {
         self.broadcast_equivalent
             .fetch_add(self.inboxes.len() as u64 - 1, Ordering::Relaxed);
         self.routed.fetch_add(handed, Ordering::Relaxed);
-    }
-
-    fn send(&self, node: usize, item: Item) {
-        if let Some(inbox) = self.inboxes.get(node) {
-            inbox.push(item);
-        }
     }
 
     fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {

@@ -1,8 +1,8 @@
 //! Per-connection state, kept small: an idle WebSocket costs one 32-byte slot in its loop's
-//! slab (plus its room memberships, on the room side). Everything that exists only while
-//! something is in flight — a frame split across reads, a fragmented message, output the
-//! socket could not take (`outq.rs`), an unfinished HTTP request, a second room — lives in
-//! `Busy`, boxed, and is freed as soon as it is empty again.
+//! slab, the application's few bytes (`D`, the handler's `Data`) included. Everything that
+//! exists only while something is in flight — a frame split across reads, a fragmented
+//! message, output the socket could not take (`outq.rs`), an unfinished HTTP request — lives
+//! in `Busy`, boxed, and is freed as soon as it is empty again.
 
 use std::ops::Range;
 use std::os::fd::OwnedFd;
@@ -10,10 +10,7 @@ use std::os::fd::OwnedFd;
 use super::frame::{self, Decoder, Fail, Header, Piece};
 use super::metrics::CloseReason;
 use super::outq::OutQueue;
-use super::rooms::RoomId;
 use super::utf8::Utf8Stream;
-
-pub const NO_ROOM: RoomId = RoomId::MAX;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,16 +25,20 @@ pub enum State {
     /// Our last bytes are queued; after they are flushed we half-close and wait for EOF until
     /// `mark`, so the peer reads everything before the connection goes.
     Lingering,
+    /// The socket is closed; the slot waits for the application to hear that the connection
+    /// ended (its `Data` is still intact) before it is freed.
+    Closed,
 }
 
 /// `flags` bits.
-pub const MSGPACK: u8 = 1;
 pub const AWAIT_PONG: u8 = 2;
 pub const WEBSOCKET: u8 = 4;
 /// The write side was shut down (after our final bytes were flushed).
 pub const WRITE_SHUT: u8 = 8;
+/// The application was told the connection opened, and not yet that it ended.
+pub const APP_OPEN: u8 = 16;
 
-pub struct Conn {
+pub struct Conn<D> {
     pub fd: Option<OwnedFd>,
     pub generation: u16,
     pub state: State,
@@ -46,15 +47,15 @@ pub struct Conn {
     pub last_rx: u32,
     /// Deadline or timestamp, by state (see `State`).
     pub mark: u32,
-    /// The first room this connection joined (most join one); others are in `Busy`.
-    pub room: RoomId,
     /// Why the connection is ending, once it is (index into `CloseReason::ALL`).
     pub why: u8,
+    /// The application's own state for this connection.
+    pub data: D,
     pub busy: Option<Box<Busy>>,
 }
 
-impl Conn {
-    pub fn free(generation: u16) -> Conn {
+impl<D: Default> Conn<D> {
+    pub fn free(generation: u16) -> Conn<D> {
         Conn {
             fd: None,
             generation,
@@ -62,12 +63,14 @@ impl Conn {
             flags: 0,
             last_rx: 0,
             mark: 0,
-            room: NO_ROOM,
             why: 0,
+            data: D::default(),
             busy: None,
         }
     }
+}
 
+impl<D> Conn<D> {
     pub fn busy(&mut self) -> &mut Busy {
         self.busy.get_or_insert_with(Box::default)
     }
@@ -94,12 +97,9 @@ impl Conn {
         CloseReason::ALL[self.why as usize]
     }
 
-    /// Every room this connection is in.
-    pub fn rooms(&self) -> impl Iterator<Item = RoomId> + '_ {
-        (self.room != NO_ROOM)
-            .then_some(self.room)
-            .into_iter()
-            .chain(self.busy.iter().flat_map(|b| b.rooms.iter().copied()))
+    /// A socket is attached (not free, not closed).
+    pub fn live(&self) -> bool {
+        !matches!(self.state, State::Free | State::Closed)
     }
 }
 
@@ -108,16 +108,12 @@ pub struct Busy {
     pub reader: Reader,
     /// Output the socket has not taken yet.
     pub out: OutQueue,
-    pub rooms: Vec<RoomId>,
     pub request: Vec<u8>,
 }
 
 impl Busy {
     fn is_idle(&self) -> bool {
-        self.reader.is_idle()
-            && self.out.is_empty()
-            && self.rooms.is_empty()
-            && self.request.is_empty()
+        self.reader.is_idle() && self.out.is_empty() && self.request.is_empty()
     }
 }
 

@@ -7,8 +7,6 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::protocol::Encoding;
-
 /// Requests longer than this (line plus headers) are refused with 431: bounded memory whatever
 /// a client sends.
 pub const MAX_REQUEST: usize = 8192;
@@ -19,11 +17,12 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 pub enum Parsed {
     /// Not a whole request yet.
     Incomplete,
-    /// A valid upgrade: answer with `response`; frames start at `consumed`.
+    /// A valid upgrade of `path` (query included): answer with `response`; frames start at
+    /// `consumed`.
     Upgrade {
         response: Vec<u8>,
         consumed: usize,
-        encoding: Encoding,
+        path: String,
     },
     /// A plain GET of `path` (no upgrade asked); the loop answers /healthz and /metrics.
     Get { path: String },
@@ -128,11 +127,6 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
             return reject(403, "origin not allowed", "");
         }
     }
-    let encoding = if query_param(&path, "encoding") == Some("msgpack") {
-        Encoding::MsgPack
-    } else {
-        Encoding::Json
-    };
     Parsed::Upgrade {
         response: format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -141,7 +135,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         )
         .into_bytes(),
         consumed,
-        encoding,
+        path,
     }
 }
 
@@ -153,7 +147,8 @@ pub fn accept_key(key: &[u8]) -> String {
     BASE64.encode(sha.digest().bytes())
 }
 
-fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+/// The value of `name` in the query of `path` (`/x?a=1&b=2`), as sent (not percent-decoded).
+pub fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
     let query = path.split_once('?')?.1;
     query
         .split('&')
@@ -238,10 +233,10 @@ mod tests {
             Parsed::Upgrade {
                 response,
                 consumed,
-                encoding,
+                path,
             } => {
                 assert_eq!(consumed, GOOD.len());
-                assert_eq!(encoding, Encoding::MsgPack);
+                assert_eq!(query_param(&path, "encoding"), Some("msgpack"));
                 let r = String::from_utf8(response).unwrap();
                 assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
             }

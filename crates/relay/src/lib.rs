@@ -22,15 +22,20 @@ pub fn log_line(args: std::fmt::Arguments) {
 
 pub mod bus;
 pub mod conn;
+pub mod echo;
 pub mod event_loop;
 pub mod frame;
+pub mod handler;
 pub mod handshake;
 pub mod id;
 pub mod metrics;
 pub mod outq;
 pub mod peers;
 pub mod protocol;
+pub mod relay;
 pub mod rooms;
+pub mod routes;
+pub mod sockets;
 pub mod sys;
 pub mod utf8;
 
@@ -41,7 +46,8 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
-use bus::{Bus, Item, LocalBus};
+use bus::{Bus, LocalBus};
+use event_loop::EventLoop;
 use metrics::LoopMetrics;
 
 /// Everything `tunegate serve` can be told.
@@ -199,25 +205,46 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             .name("tunegate-metrics".into())
             .spawn(move || metrics_writer(&shared, &dir))?;
     }
-    let mut loops: Vec<std::thread::JoinHandle<std::io::Result<()>>> = Vec::new();
+    let mut loops = Vec::new();
+    let mut stops = Vec::new();
     for (node, listener) in listeners.into_iter().enumerate() {
-        let l = event_loop::EventLoop::new(node, listener, shared.clone())?;
-        loops.push(
-            std::thread::Builder::new()
-                .name(format!("tunegate-loop-{node}"))
-                .spawn(move || {
-                    // A loop that dies takes its connections with it; the process must not
-                    // carry on looking healthy. Exit so the supervisor restarts us.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run()));
-                    let why = match result {
-                        Ok(Ok(())) => return Ok(()),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "panicked (message above)".to_string(),
-                    };
-                    log!("event loop {node} failed: {why}; exiting");
-                    std::process::exit(70);
-                })?,
-        );
+        let stop = event_loop::Stop::new()?;
+        stops.push(stop.clone());
+        let metrics = shared.metrics[node].clone();
+        let routes = routes::Routes::new(shared.clone());
+        let thread = if config.echo {
+            let echo = echo::Echo::new(routes);
+            let l = EventLoop::new(
+                node,
+                incarnation,
+                listener,
+                echo,
+                config.clone(),
+                metrics,
+                stop,
+            )?;
+            spawn_loop(node, l)?
+        } else {
+            let settings = relay::RelaySettings {
+                ping_interval_ms: config.ping_interval_ms,
+                ping_timeout_ms: config.ping_timeout_ms,
+                max_rooms_per_conn: config.max_rooms_per_conn,
+            };
+            let inbox = shared.local.inbox(node);
+            let relay =
+                relay::Relay::new(settings, shared.bus.clone(), inbox, metrics.clone(), routes);
+            let l = EventLoop::new(
+                node,
+                incarnation,
+                listener,
+                relay,
+                config.clone(),
+                metrics,
+                stop,
+            )?;
+            spawn_loop(node, l)?
+        };
+        loops.push(thread);
     }
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
     log!(
@@ -257,8 +284,8 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     shared
         .accepting
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    for node in 0..shared.bus.nodes() {
-        shared.bus.send(node, Item::Shutdown);
+    for stop in &stops {
+        stop.request();
     }
     for l in loops {
         match l.join() {
@@ -268,6 +295,26 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     }
     log!("drained, exiting");
     Ok(())
+}
+
+/// Runs one loop on its own thread. A loop that dies takes its connections with it; the
+/// process must not carry on looking healthy, so it exits and the supervisor restarts it.
+fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
+    node: usize,
+    l: EventLoop<H>,
+) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    std::thread::Builder::new()
+        .name(format!("tunegate-loop-{node}"))
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run()));
+            let why = match result {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "panicked (message above)".to_string(),
+            };
+            log!("event loop {node} failed: {why}; exiting");
+            std::process::exit(70);
+        })
 }
 
 fn metrics_path(dir: &std::path::Path, worker: usize) -> std::path::PathBuf {

@@ -603,10 +603,6 @@ impl Bus for WorkerBus {
         }
     }
 
-    fn send(&self, node: usize, item: Item) {
-        self.local.send(node, item)
-    }
-
     fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
         if to.incarnation == self.incarnation {
             return self.local.route(to, item);

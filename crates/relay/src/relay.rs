@@ -1,0 +1,788 @@
+//! The relay protocol's operations (docs/protocol.md), as the handler of one event loop: hello,
+//! join, leave, publish, send, count, and what other loops and processes hand this one
+//! (room messages, direct messages, bounces). Rooms are this loop's (`rooms.rs`); everything
+//! that crosses loops or processes goes through the `Bus`. No sockets here: the transport
+//! hands in whole messages and the relay answers through its `Sink`.
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::bus::{Bus, Inbox, Item};
+use super::handler::{Handler, Sink};
+use super::handshake;
+use super::id::ConnId;
+use super::metrics::LoopMetrics;
+use super::outq::Out;
+use super::protocol::{self, Encoding, Outgoing, Reply};
+use super::rooms::{RoomId, Rooms};
+use super::routes::Routes;
+
+/// What the relay keeps per connection, in its slot: the first room it joined (most join one;
+/// further rooms are in `Relay::more_rooms`) and the encoding it receives in, in 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayConn(u32);
+
+const MSGPACK_BIT: u32 = 1 << 31;
+const NO_ROOM: RoomId = MSGPACK_BIT - 1;
+
+impl Default for RelayConn {
+    fn default() -> RelayConn {
+        RelayConn(NO_ROOM)
+    }
+}
+
+impl RelayConn {
+    fn room(self) -> Option<RoomId> {
+        let r = self.0 & !MSGPACK_BIT;
+        (r != NO_ROOM).then_some(r)
+    }
+
+    fn set_room(&mut self, room: Option<RoomId>) {
+        self.0 = (self.0 & MSGPACK_BIT) | room.unwrap_or(NO_ROOM);
+    }
+
+    fn encoding(self) -> Encoding {
+        if self.0 & MSGPACK_BIT != 0 {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        }
+    }
+
+    fn set_encoding(&mut self, enc: Encoding) {
+        match enc {
+            Encoding::MsgPack => self.0 |= MSGPACK_BIT,
+            Encoding::Json => self.0 &= !MSGPACK_BIT,
+        }
+    }
+}
+
+/// The relay's settings (a part of the server's `Config`).
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub max_rooms_per_conn: usize,
+}
+
+pub struct Relay {
+    settings: RelaySettings,
+    bus: Arc<dyn Bus>,
+    /// Where other loops and processes leave items for this loop.
+    inbox: Arc<Inbox>,
+    metrics: Arc<LoopMetrics>,
+    routes: Routes,
+    rooms: Rooms,
+    /// Rooms beyond the first, by slot.
+    more_rooms: FxHashMap<u32, Vec<RoomId>>,
+    scratch: Vec<u32>,
+    items: Vec<Item>,
+}
+
+impl Relay {
+    pub fn new(
+        settings: RelaySettings,
+        bus: Arc<dyn Bus>,
+        inbox: Arc<Inbox>,
+        metrics: Arc<LoopMetrics>,
+        routes: Routes,
+    ) -> Relay {
+        Relay {
+            settings,
+            bus,
+            inbox,
+            metrics,
+            routes,
+            rooms: Rooms::default(),
+            more_rooms: FxHashMap::default(),
+            scratch: Vec::new(),
+            items: Vec::new(),
+        }
+    }
+
+    fn rooms_of(&self, sink: &impl Sink<RelayConn>, slot: usize) -> Vec<RoomId> {
+        let mut all: Vec<RoomId> = sink.data(slot).room().into_iter().collect();
+        if let Some(more) = self.more_rooms.get(&(slot as u32)) {
+            all.extend_from_slice(more);
+        }
+        all
+    }
+
+    fn is_member(&self, sink: &impl Sink<RelayConn>, slot: usize, id: RoomId) -> bool {
+        sink.data(slot).room() == Some(id)
+            || self
+                .more_rooms
+                .get(&(slot as u32))
+                .is_some_and(|m| m.contains(&id))
+    }
+
+    fn reply(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize, reply: &Reply) {
+        let bytes = reply.frame(sink.data(slot).encoding());
+        sink.send(slot, Out::Bytes(&bytes));
+    }
+
+    fn reply_error(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        code: &'static str,
+        message: impl Into<String>,
+        reference: Option<rmpv::Value>,
+    ) {
+        LoopMetrics::add(&self.metrics.protocol_errors_replied, 1);
+        self.reply(sink, slot, &Reply::error(code, message, reference));
+    }
+
+    fn send_shared(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize, msg: &Arc<Outgoing>) {
+        let enc = sink.data(slot).encoding();
+        sink.send(slot, Out::Shared(msg, enc));
+    }
+
+    fn on_request(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize, req: protocol::Request) {
+        let reference = req.reference;
+        let need_room = |room: Option<String>| room.ok_or("this op needs \"room\"");
+        match req.op.as_str() {
+            "join" => match need_room(req.room) {
+                Ok(room) => self.join(sink, slot, &room, reference),
+                Err(m) => self.reply_error(sink, slot, "bad_request", m, reference),
+            },
+            "leave" => match need_room(req.room) {
+                Ok(room) => self.leave(sink, slot, &room, reference),
+                Err(m) => self.reply_error(sink, slot, "bad_request", m, reference),
+            },
+            "publish" => match need_room(req.room) {
+                Ok(room) => {
+                    let data = req.data.unwrap_or(rmpv::Value::Nil);
+                    self.publish(sink, slot, &room, data, req.echo, reference)
+                }
+                Err(m) => self.reply_error(sink, slot, "bad_request", m, reference),
+            },
+            "send" => match req.to {
+                Some(to) => {
+                    let data = req.data.unwrap_or(rmpv::Value::Nil);
+                    self.direct(sink, slot, to, data, reference)
+                }
+                None => self.reply_error(sink, slot, "bad_request", "send needs \"to\"", reference),
+            },
+            "count" => match need_room(req.room) {
+                Ok(room) => self.reply_members(sink, slot, "count", &room, reference),
+                Err(m) => self.reply_error(sink, slot, "bad_request", m, reference),
+            },
+            other => {
+                let m = format!("unknown op {other:?} (join, leave, publish, send, count)");
+                self.reply_error(sink, slot, "unknown_op", m, reference)
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        room: &str,
+        reference: Option<rmpv::Value>,
+    ) {
+        let already = self
+            .rooms
+            .lookup(room)
+            .is_some_and(|id| self.is_member(sink, slot, id));
+        if !already {
+            let count = self.rooms_of(sink, slot).len();
+            if count >= self.settings.max_rooms_per_conn {
+                let m = format!(
+                    "a connection may be in at most {} rooms",
+                    self.settings.max_rooms_per_conn
+                );
+                return self.reply_error(sink, slot, "too_many_rooms", m, reference);
+            }
+            let (id, _) = self.rooms.join(room, slot as u32);
+            if sink.data(slot).room().is_none() {
+                sink.data_mut(slot).set_room(Some(id));
+            } else {
+                self.more_rooms.entry(slot as u32).or_default().push(id);
+            }
+            let name = self.rooms.name(id).clone();
+            self.bus.joined(&name, sink.node());
+        }
+        self.reply_members(sink, slot, "joined", room, reference);
+    }
+
+    /// Answers a room op with the room's whole-server member count.
+    fn reply_members(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        op: &'static str,
+        room: &str,
+        reference: Option<rmpv::Value>,
+    ) {
+        let members = self.bus.members(room);
+        let reply = Reply {
+            op,
+            room: Some(room.into()),
+            members: Some(members),
+            reference,
+            ..Reply::default()
+        };
+        self.reply(sink, slot, &reply);
+    }
+
+    fn leave(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        room: &str,
+        reference: Option<rmpv::Value>,
+    ) {
+        let id = self
+            .rooms
+            .lookup(room)
+            .filter(|id| self.is_member(sink, slot, *id));
+        let Some(id) = id else {
+            let m = format!("not in room {room:?}");
+            return self.reply_error(sink, slot, "not_a_member", m, reference);
+        };
+        self.drop_membership(sink, slot, id);
+        self.reply_members(sink, slot, "left", room, reference);
+    }
+
+    fn drop_membership(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize, id: RoomId) {
+        let key = slot as u32;
+        if sink.data(slot).room() == Some(id) {
+            let next = self.more_rooms.get_mut(&key).and_then(|m| m.pop());
+            sink.data_mut(slot).set_room(next);
+        } else if let Some(m) = self.more_rooms.get_mut(&key) {
+            m.retain(|r| *r != id);
+        }
+        if self.more_rooms.get(&key).is_some_and(Vec::is_empty) {
+            self.more_rooms.remove(&key);
+        }
+        let name = self.rooms.name(id).clone();
+        self.rooms.leave(id, key);
+        self.bus.left(&name, sink.node());
+    }
+
+    fn publish(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        room: &str,
+        data: rmpv::Value,
+        echo: bool,
+        reference: Option<rmpv::Value>,
+    ) {
+        let from = sink.id(slot);
+        let name: Arc<str> = match self.rooms.lookup(room) {
+            Some(id) => self.rooms.name(id).clone(),
+            None => Arc::from(room),
+        };
+        let msg = Outgoing::new(Reply {
+            op: "message",
+            room: Some(name.clone()),
+            from: Some(from),
+            data: Some(data),
+            ..Reply::default()
+        });
+        let skip = (!echo).then_some(from);
+        self.deliver_room(sink, &name, &msg, skip);
+        self.bus.publish(sink.node(), &name, &msg, skip);
+        if reference.is_some() {
+            let reply = Reply {
+                op: "published",
+                room: Some(name),
+                reference,
+                ..Reply::default()
+            };
+            self.reply(sink, slot, &reply);
+        }
+    }
+
+    /// A room message to this loop's members of `room`, except `skip`.
+    fn deliver_room(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        room: &str,
+        msg: &Arc<Outgoing>,
+        skip: Option<u64>,
+    ) {
+        let Some(id) = self.rooms.lookup(room) else {
+            return;
+        };
+        let mut members = std::mem::take(&mut self.scratch);
+        self.rooms.members_into(id, &mut members);
+        for &m in &members {
+            let m = m as usize;
+            if !sink.is_open(m) || skip == Some(sink.id(m)) {
+                continue;
+            }
+            self.send_shared(sink, m, msg);
+        }
+        self.scratch = members;
+    }
+
+    fn direct(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        to: u64,
+        data: rmpv::Value,
+        reference: Option<rmpv::Value>,
+    ) {
+        let from = sink.id(slot);
+        let msg = Outgoing::new(Reply {
+            op: "direct",
+            from: Some(from),
+            data: Some(data),
+            ..Reply::default()
+        });
+        let gone = |to: u64| format!("no connection {to}");
+        let Some(target) = ConnId::decode(to) else {
+            return self.reply_error(sink, slot, "no_such_connection", gone(to), reference);
+        };
+        if sink.is_here(target) {
+            let Some(target) = sink.slot_of(to) else {
+                return self.reply_error(sink, slot, "no_such_connection", gone(to), reference);
+            };
+            self.send_shared(sink, target, &msg);
+        } else {
+            let item = Item::Direct {
+                to,
+                from,
+                msg,
+                reference: reference.clone(),
+            };
+            if self.bus.route(target, item).is_err() {
+                // No live process or loop of this server has that id's incarnation or loop:
+                // the connection is gone (or never was), and nobody else can look it up.
+                return self.reply_error(sink, slot, "no_such_connection", gone(to), reference);
+            }
+        }
+        if reference.is_some() {
+            let reply = Reply {
+                op: "sent",
+                to: Some(to),
+                reference,
+                ..Reply::default()
+            };
+            self.reply(sink, slot, &reply);
+        }
+    }
+
+    fn on_item(&mut self, sink: &mut impl Sink<RelayConn>, item: Item) {
+        match item {
+            Item::Room { room, msg, skip } => self.deliver_room(sink, &room, &msg, skip),
+            Item::Direct {
+                to,
+                from,
+                msg,
+                reference,
+            } => match sink.slot_of(to) {
+                Some(target) => self.send_shared(sink, target, &msg),
+                None => {
+                    if let Some(sender) = ConnId::decode(from) {
+                        // A sender that is gone too needs no answer.
+                        let bounce = Item::Bounce {
+                            to: from,
+                            target: to,
+                            reference,
+                        };
+                        let _ = self.bus.route(sender, bounce);
+                    }
+                }
+            },
+            Item::Bounce {
+                to,
+                target,
+                reference,
+            } => {
+                if let Some(slot) = sink.slot_of(to) {
+                    let m = format!("no connection {target}");
+                    self.reply_error(sink, slot, "no_such_connection", m, reference);
+                }
+            }
+        }
+    }
+}
+
+impl Handler for Relay {
+    type Data = RelayConn;
+
+    fn on_open(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize, path: &str) {
+        if handshake::query_param(path, "encoding") == Some("msgpack") {
+            sink.data_mut(slot).set_encoding(Encoding::MsgPack);
+        }
+        let hello = Reply {
+            op: "hello",
+            id: Some(sink.id(slot)),
+            ping_interval: Some(self.settings.ping_interval_ms),
+            ping_timeout: Some(self.settings.ping_timeout_ms),
+            ..Reply::default()
+        };
+        self.reply(sink, slot, &hello);
+    }
+
+    fn on_message(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        binary: bool,
+        payload: &[u8],
+    ) {
+        // Each connection receives in the encoding of the last data frame it sent.
+        let enc = if binary {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        };
+        sink.data_mut(slot).set_encoding(enc);
+        match protocol::decode(payload, enc) {
+            Ok(req) => self.on_request(sink, slot, req),
+            Err(e) => {
+                let reference = protocol::salvage_ref(payload, enc);
+                self.reply_error(sink, slot, "bad_request", e, reference)
+            }
+        }
+    }
+
+    /// Leaves every room at once: member counts only count connections that still receive.
+    fn on_end(&mut self, sink: &mut impl Sink<RelayConn>, slot: usize) {
+        for id in self.rooms_of(sink, slot) {
+            self.drop_membership(sink, slot, id);
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.inbox.waker.fd())
+    }
+
+    fn on_wake(&mut self, sink: &mut impl Sink<RelayConn>) {
+        let mut items = std::mem::take(&mut self.items);
+        self.inbox.drain(&mut items);
+        for item in items.drain(..) {
+            self.on_item(sink, item);
+        }
+        self.items = items;
+    }
+
+    fn on_get(&mut self, path: &str) -> Vec<u8> {
+        self.routes.answer(path)
+    }
+}
+
+/// The relay without sockets: a sink that records what would be sent, two loops joined by the
+/// in-process bus.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::LocalBus;
+    use crate::{Config, Shared};
+    use serde_json::{Value, json};
+    use std::sync::atomic::AtomicBool;
+
+    const INCARNATION: u16 = 7;
+
+    /// A loop's connections as plain data; every frame sent is kept, decoded.
+    struct Recorder {
+        node: usize,
+        conns: Vec<(bool, RelayConn)>,
+        sent: Vec<(usize, Value)>,
+    }
+
+    impl Recorder {
+        fn new(node: usize, n: usize) -> Recorder {
+            Recorder {
+                node,
+                conns: vec![(true, RelayConn::default()); n],
+                sent: Vec::new(),
+            }
+        }
+
+        /// What `slot` received since the last call, decoded.
+        fn take(&mut self, slot: usize) -> Vec<Value> {
+            let (mine, rest) = self.sent.drain(..).partition(|(s, _)| *s == slot);
+            self.sent = rest;
+            mine.into_iter().map(|(_, v)| v).collect()
+        }
+    }
+
+    /// The payload of one unmasked server frame.
+    fn payload(frame: &[u8]) -> &[u8] {
+        match frame[1] & 0x7F {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    impl Sink<RelayConn> for Recorder {
+        fn node(&self) -> usize {
+            self.node
+        }
+        fn id(&self, slot: usize) -> u64 {
+            let (incarnation, generation, node) = (INCARNATION, 0, self.node);
+            ConnId {
+                incarnation,
+                generation,
+                node,
+                slot,
+            }
+            .encode()
+        }
+        fn is_here(&self, id: ConnId) -> bool {
+            id.incarnation == INCARNATION && id.node == self.node
+        }
+        fn slot_of(&self, id: u64) -> Option<usize> {
+            let id = ConnId::decode(id)?;
+            (self.is_here(id) && id.generation == 0 && self.conns.get(id.slot)?.0)
+                .then_some(id.slot)
+        }
+        fn is_open(&self, slot: usize) -> bool {
+            self.conns[slot].0
+        }
+        fn data(&self, slot: usize) -> RelayConn {
+            self.conns[slot].1
+        }
+        fn data_mut(&mut self, slot: usize) -> &mut RelayConn {
+            &mut self.conns[slot].1
+        }
+        fn send(&mut self, slot: usize, out: Out<'_>) {
+            let p = payload(out.bytes());
+            let v = if out.bytes()[0] & 0x0F == crate::frame::OP_BINARY {
+                rmp_serde::from_slice(p).expect("MsgPack")
+            } else {
+                serde_json::from_slice(p).expect("JSON")
+            };
+            self.sent.push((slot, v));
+        }
+    }
+
+    /// `nodes` relays of one process and a recorder of `conns` connections for each, every
+    /// connection opened (hello taken).
+    fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
+        let local = Arc::new(LocalBus::new(nodes, INCARNATION).unwrap());
+        let config = Config {
+            threads: nodes,
+            ..Config::default()
+        };
+        let shared = Arc::new(Shared {
+            local: local.clone(),
+            bus: local.clone(),
+            metrics: (0..nodes).map(|_| Arc::default()).collect(),
+            accepting: AtomicBool::new(true),
+            incarnation: INCARNATION,
+            config,
+        });
+        let settings = RelaySettings {
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_rooms_per_conn: 3,
+        };
+        let mut relays: Vec<Relay> = (0..nodes)
+            .map(|n| {
+                let routes = Routes::new(shared.clone());
+                let bus: Arc<dyn Bus> = local.clone();
+                Relay::new(
+                    settings.clone(),
+                    bus,
+                    local.inbox(n),
+                    Arc::default(),
+                    routes,
+                )
+            })
+            .collect();
+        let mut sinks: Vec<Recorder> = (0..nodes).map(|n| Recorder::new(n, conns)).collect();
+        for (r, s) in relays.iter_mut().zip(&mut sinks) {
+            for slot in 0..conns {
+                r.on_open(s, slot, "/");
+                assert_eq!(s.take(slot)[0]["op"], "hello");
+            }
+        }
+        (relays, sinks)
+    }
+
+    fn ask(r: &mut Relay, s: &mut Recorder, slot: usize, v: Value) -> Vec<Value> {
+        r.on_message(s, slot, false, v.to_string().as_bytes());
+        s.take(slot)
+    }
+
+    /// What an idle connection costs: its slot, the relay's 4 bytes included.
+    #[test]
+    fn a_slot_stays_32_bytes() {
+        assert_eq!(std::mem::size_of::<crate::conn::Conn<RelayConn>>(), 32);
+    }
+
+    #[test]
+    fn hello_carries_the_id_and_heartbeats_and_the_requested_encoding() {
+        let (mut relays, mut sinks) = setup(1, 2);
+        let (r, s) = (&mut relays[0], &mut sinks[0]);
+        r.on_open(s, 1, "/chat?encoding=msgpack");
+        let hello = s.take(1);
+        assert_eq!(
+            hello,
+            [json!({"op": "hello", "id": s.id(1), "ping_interval": 25000, "ping_timeout": 20000})]
+        );
+        assert_eq!(s.data(1).encoding(), Encoding::MsgPack);
+        // A text frame switches the connection to JSON.
+        let r2 = ask(r, s, 1, json!({"op": "count", "room": "x", "ref": 1}));
+        assert_eq!(
+            r2,
+            [json!({"op": "count", "room": "x", "members": 0, "ref": 1})]
+        );
+        assert_eq!(s.data(1).encoding(), Encoding::Json);
+    }
+
+    #[test]
+    fn room_messages_reach_members_once_on_every_loop_and_nobody_else() {
+        let (mut relays, mut sinks) = setup(2, 3);
+        // Members: loop 0 slots 0 and 1, loop 1 slot 0. Loop 1 slot 1 is not a member.
+        for (node, slot) in [(0, 0), (0, 1), (1, 0)] {
+            let got = ask(
+                &mut relays[node],
+                &mut sinks[node],
+                slot,
+                json!({"op": "join", "room": "call"}),
+            );
+            assert_eq!(got[0]["op"], "joined");
+        }
+        assert_eq!(
+            ask(
+                &mut relays[1],
+                &mut sinks[1],
+                2,
+                json!({"op": "count", "room": "call"})
+            )[0]["members"],
+            3
+        );
+        let from = sinks[0].id(0);
+        let published = ask(
+            &mut relays[0],
+            &mut sinks[0],
+            0,
+            json!({"op": "publish", "room": "call", "data": {"sdp": "offer"}, "ref": "p"}),
+        );
+        assert_eq!(
+            published,
+            [json!({"op": "published", "room": "call", "ref": "p"})]
+        );
+        let want = json!({"op": "message", "room": "call", "from": from, "data": {"sdp": "offer"}});
+        assert_eq!(sinks[0].take(1), std::slice::from_ref(&want));
+        // Loop 1 gets it through its inbox, when woken.
+        assert!(sinks[1].take(0).is_empty());
+        relays[1].on_wake(&mut sinks[1]);
+        assert_eq!(sinks[1].take(0), [want]);
+        assert!(sinks[1].take(1).is_empty() && sinks[1].sent.is_empty());
+        assert!(
+            sinks[0].sent.is_empty(),
+            "the publisher got its own message without echo"
+        );
+    }
+
+    #[test]
+    fn a_connection_that_ends_leaves_every_room_at_once() {
+        let (mut relays, mut sinks) = setup(1, 2);
+        let (r, s) = (&mut relays[0], &mut sinks[0]);
+        for room in ["a", "b", "c"] {
+            ask(r, s, 0, json!({"op": "join", "room": room}));
+        }
+        let too_many = ask(r, s, 0, json!({"op": "join", "room": "d", "ref": 4}));
+        assert_eq!(too_many[0]["code"], "too_many_rooms");
+        let left = ask(r, s, 0, json!({"op": "leave", "room": "a"}));
+        assert_eq!(left, [json!({"op": "left", "room": "a", "members": 0})]);
+        ask(r, s, 0, json!({"op": "join", "room": "a"}));
+        s.conns[0].0 = false;
+        r.on_end(s, 0);
+        for room in ["a", "b", "c"] {
+            let c = ask(r, s, 1, json!({"op": "count", "room": room}));
+            assert_eq!(c[0]["members"], 0, "{room}");
+        }
+        assert!(r.more_rooms.is_empty() && r.rooms.is_empty());
+        let not = ask(r, s, 1, json!({"op": "leave", "room": "a", "ref": 9}));
+        assert_eq!(not[0]["code"], "not_a_member");
+    }
+
+    #[test]
+    fn direct_messages_reach_the_target_or_come_back_as_errors() {
+        let (mut relays, mut sinks) = setup(2, 2);
+        // Same loop.
+        let to = sinks[0].id(1);
+        let sent = ask(
+            &mut relays[0],
+            &mut sinks[0],
+            0,
+            json!({"op": "send", "to": to, "data": 1, "ref": 1}),
+        );
+        assert_eq!(sent, [json!({"op": "sent", "to": to, "ref": 1})]);
+        assert_eq!(sinks[0].take(1)[0]["op"], "direct");
+        // Another loop: handed on (sent), then delivered there.
+        let far = sinks[1].id(1);
+        let sent = ask(
+            &mut relays[0],
+            &mut sinks[0],
+            0,
+            json!({"op": "send", "to": far, "data": 2, "ref": 2}),
+        );
+        assert_eq!(sent[0]["op"], "sent");
+        relays[1].on_wake(&mut sinks[1]);
+        assert_eq!(sinks[1].take(1)[0]["data"], 2);
+        // Another loop, connection gone: sent, then a bounce comes back.
+        sinks[1].conns[1].0 = false;
+        ask(
+            &mut relays[0],
+            &mut sinks[0],
+            0,
+            json!({"op": "send", "to": far, "data": 3, "ref": 3}),
+        );
+        relays[1].on_wake(&mut sinks[1]);
+        relays[0].on_wake(&mut sinks[0]);
+        let e = sinks[0].take(0);
+        assert_eq!(e[0]["code"], "no_such_connection", "{e:?}");
+        assert_eq!(e[0]["ref"], 3);
+        // Ids nobody can hold: another incarnation, a loop this process lacks, 2^53.
+        for (i, id) in [far ^ (1 << 45), far | (9 << 20), 1 << 53]
+            .into_iter()
+            .enumerate()
+        {
+            let e = ask(
+                &mut relays[0],
+                &mut sinks[0],
+                0,
+                json!({"op": "send", "to": id, "ref": i}),
+            );
+            assert_eq!(
+                e,
+                [
+                    json!({"op": "error", "code": "no_such_connection", "message": format!("no connection {id}"), "ref": i})
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_answered_with_their_ref() {
+        let (mut relays, mut sinks) = setup(1, 1);
+        let (r, s) = (&mut relays[0], &mut sinks[0]);
+        r.on_message(s, 0, false, b"{not json");
+        assert_eq!(s.take(0)[0]["code"], "bad_request");
+        let e = ask(r, s, 0, json!({"op": "dance", "ref": 5}));
+        assert_eq!(
+            (e[0]["code"].as_str(), e[0]["ref"].as_u64()),
+            (Some("unknown_op"), Some(5))
+        );
+        let e = ask(r, s, 0, json!({"op": "join", "ref": 6}));
+        assert_eq!(e[0]["message"], "this op needs \"room\"");
+        // MsgPack in, MsgPack out.
+        r.on_message(
+            s,
+            0,
+            true,
+            &rmp_serde::to_vec_named(&json!({"op": "count", "room": "r", "ref": 7})).unwrap(),
+        );
+        assert_eq!(
+            s.take(0),
+            [json!({"op": "count", "room": "r", "members": 0, "ref": 7})]
+        );
+        assert_eq!(s.data(0).encoding(), Encoding::MsgPack);
+    }
+}
