@@ -292,10 +292,7 @@ impl Daemon {
             .with_context(|| format!("cannot create the bus directory {}", dir.display()))?;
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = (name.starts_with("worker-") && name.ends_with(".sock"))
-                || (name.starts_with("metrics-") && name.ends_with(".json"))
-                || (name.starts_with(".metrics-") && name.ends_with(".tmp"));
-            if ours {
+            if relay::peers::is_bus_file(&name) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

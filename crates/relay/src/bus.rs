@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use rustc_hash::FxHashMap;
 
 use super::id::ConnId;
+use super::metrics::Snapshot;
 use super::protocol::Outgoing;
 use super::sys::Waker;
 
@@ -69,6 +70,12 @@ pub trait Bus: Send + Sync {
     /// Worker processes up: this one and every one it has a live link to.
     fn workers_up(&self) -> usize {
         1
+    }
+    /// Hands this process's counters to the other workers.
+    fn share_metrics(&self, _snapshot: &Snapshot) {}
+    /// The other live workers' latest counters.
+    fn peer_metrics(&self) -> Vec<Snapshot> {
+        Vec::new()
     }
 }
 

@@ -199,11 +199,11 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         incarnation,
         config: config.clone(),
     });
-    if let Some(dir) = config.bus_dir.clone() {
+    if config.workers > 1 {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("tunegate-metrics".into())
-            .spawn(move || metrics_writer(&shared, &dir))?;
+            .spawn(move || metrics_publisher(&shared))?;
     }
     let mut loops = Vec::new();
     let mut stops = Vec::new();
@@ -317,45 +317,24 @@ fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
         })
 }
 
-fn metrics_path(dir: &std::path::Path, worker: usize) -> std::path::PathBuf {
-    dir.join(format!("metrics-{worker}.json"))
-}
-
-/// Publishes this worker's counters for the others every half second (temp file and rename:
-/// readers see a whole snapshot or the previous one).
-fn metrics_writer(shared: &Shared, dir: &std::path::Path) {
-    let path = metrics_path(dir, shared.config.worker);
-    let tmp = dir.join(format!(".metrics-{}.tmp", shared.config.worker));
+/// Shares this worker's counters with the other workers every half second, over the bus, so
+/// /metrics answered by any worker covers the whole server. A worker that dies takes its last
+/// snapshot with its link: nothing stale is ever summed.
+fn metrics_publisher(shared: &Shared) {
     loop {
-        let snap = own_snapshot(shared);
-        if let Ok(text) = serde_json::to_vec(&snap)
-            && std::fs::write(&tmp, text).is_ok()
-        {
-            let _ = std::fs::rename(&tmp, &path);
-        }
+        shared.bus.share_metrics(&own_snapshot(shared));
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
-/// The whole server's counters: this process's, live, plus every other worker's last snapshot
-/// (at most half a second old) whose process is still alive.
+/// The whole server's counters: this process's, live, plus the last snapshot (at most half a
+/// second old) of every other worker the bus links to.
 pub fn server_snapshot(shared: &Shared) -> (metrics::Snapshot, Vec<(usize, u64)>) {
     let mut total = own_snapshot(shared);
     let mut received = vec![(shared.config.worker, total.bus_received)];
-    if let Some(dir) = &shared.config.bus_dir {
-        for w in (0..shared.config.workers).filter(|&w| w != shared.config.worker) {
-            let Ok(text) = std::fs::read(metrics_path(dir, w)) else {
-                continue;
-            };
-            let Ok(snap) = serde_json::from_slice::<metrics::Snapshot>(&text) else {
-                continue;
-            };
-            let pid = nix::unistd::Pid::from_raw(snap.pid as i32);
-            if nix::sys::signal::kill(pid, None).is_ok() {
-                received.push((w, snap.bus_received));
-                total.add(&snap);
-            }
-        }
+    for snap in shared.bus.peer_metrics() {
+        received.push((snap.worker, snap.bus_received));
+        total.add(&snap);
     }
     received.sort_unstable();
     (total, received)

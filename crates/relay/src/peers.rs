@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bus::{Bus, Item, LocalBus};
 use super::id::ConnId;
+use super::metrics::Snapshot;
 use super::protocol::{Encoding, Outgoing};
 use super::sys;
 
@@ -44,7 +45,7 @@ const MAX_WIRE: usize = 64 << 20;
 /// members stop counting) rather than letting this process's memory grow without bound.
 const MAX_QUEUED: usize = 256 << 20;
 /// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
-const PROTOCOL: u32 = 2;
+const PROTOCOL: u32 = 3;
 /// How often a worker retries dialling a peer that is down.
 const REDIAL: Duration = Duration::from_millis(50);
 
@@ -77,6 +78,8 @@ enum Wire {
         target: u64,
         reference: Option<rmpv::Value>,
     },
+    /// The sender's counters, every half second (summed into /metrics by whoever answers).
+    Metrics(Snapshot),
 }
 
 /// The live stream to one peer.
@@ -161,6 +164,8 @@ impl Drop for Link {
 /// a message routed to, a link that has been replaced.
 struct Peers {
     links: Vec<Option<Link>>,
+    /// Each peer's latest counters, valid while its link lives.
+    metrics: Vec<Option<Snapshot>>,
     /// Per room with remote members: the members each worker holds.
     counts: FxHashMap<Arc<str>, Box<[u64]>>,
     generations: u64,
@@ -176,6 +181,7 @@ impl Peers {
 
     fn forget(&mut self, worker: usize) {
         self.links[worker] = None;
+        self.metrics[worker] = None;
         self.counts.retain(|_, per| {
             per[worker] = 0;
             per.iter().any(|&c| c > 0)
@@ -198,8 +204,17 @@ pub struct WorkerBus {
     received: AtomicU64,
 }
 
+/// Worker `worker`'s socket in the bus directory.
 pub fn socket_path(dir: &Path, worker: usize) -> PathBuf {
     dir.join(format!("worker-{worker}.sock"))
+}
+
+/// Whether a file in the bus directory is one the workers make (their sockets; files of
+/// earlier versions too), which whoever prepares the directory for a new run may remove.
+pub fn is_bus_file(name: &str) -> bool {
+    (name.starts_with("worker-") && name.ends_with(".sock"))
+        || (name.starts_with("metrics-") && name.ends_with(".json"))
+        || (name.starts_with(".metrics-") && name.ends_with(".tmp"))
 }
 
 fn encode(w: &Wire) -> Arc<Vec<u8>> {
@@ -244,6 +259,7 @@ impl WorkerBus {
             workers,
             peers: Mutex::new(Peers {
                 links: (0..workers).map(|_| None).collect(),
+                metrics: (0..workers).map(|_| None).collect(),
                 counts: FxHashMap::default(),
                 generations: 0,
             }),
@@ -452,6 +468,12 @@ impl WorkerBus {
                     {
                         // Not one of ours (another incarnation, a loop we do not have): gone.
                         self.bounce(to, from, reference);
+                    }
+                }
+                Wire::Metrics(snapshot) => {
+                    let mut peers = self.lock();
+                    if peers.is_current(peer, generation) {
+                        peers.metrics[peer] = Some(snapshot);
                     }
                 }
                 Wire::Bounce {
@@ -668,5 +690,16 @@ impl Bus for WorkerBus {
 
     fn workers_up(&self) -> usize {
         1 + self.lock().links.iter().flatten().count()
+    }
+
+    fn share_metrics(&self, snapshot: &Snapshot) {
+        let bytes = encode(&Wire::Metrics(snapshot.clone()));
+        for link in self.lock().links.iter().flatten() {
+            link.send(bytes.clone());
+        }
+    }
+
+    fn peer_metrics(&self) -> Vec<Snapshot> {
+        self.lock().metrics.iter().flatten().cloned().collect()
     }
 }
