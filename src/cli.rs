@@ -50,7 +50,7 @@ pub enum Command {
     #[command(subcommand)]
     Profile(ProfileCommand),
     /// Run the bundled WebSocket relay (rooms, direct messages, heartbeats) in the foreground.
-    Serve(ServeArgs),
+    Serve(relay::Config),
     /// The service: apply the profile, gate on preflight, then start and supervise the server
     /// (or the configured command). What systemd/tunegate.service runs.
     #[command(after_long_help = RUN_MORE)]
@@ -131,60 +131,6 @@ pub struct StatusArgs {
     /// Output for people or machines.
     #[arg(long, value_enum, default_value = "human")]
     pub format: Format,
-}
-
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-    pub listen: std::net::SocketAddr,
-    /// Event loops, one thread each with its own SO_REUSEPORT listener [default: cores].
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Ping a connection after this much silence (Socket.IO's pingInterval).
-    #[arg(long, default_value_t = 25_000, value_name = "MS")]
-    pub ping_interval: u64,
-    /// Close a connection whose pong has not come within this (pingTimeout).
-    #[arg(long, default_value_t = 20_000, value_name = "MS")]
-    pub ping_timeout: u64,
-    /// Time a client has to complete the HTTP upgrade (against slowloris).
-    #[arg(long, default_value_t = 10_000, value_name = "MS")]
-    pub handshake_timeout: u64,
-    /// On SIGTERM, how long clients get to answer Close 1001 before the server exits.
-    #[arg(long, default_value_t = 5_000, value_name = "MS")]
-    pub drain_timeout: u64,
-    /// Largest message a client may send, after reassembly; larger closes with 1009.
-    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
-    pub max_message_size: usize,
-    /// Output queued for one slow reader beyond this closes it with 1008.
-    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
-    pub max_pending_output: usize,
-    /// Rooms one connection may be in at once.
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub max_rooms: usize,
-    /// Accept only these Origin header values (repeatable); default: any origin.
-    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
-    pub allowed_origins: Vec<String>,
-    /// Echo every message back instead of speaking the relay protocol (for conformance suites
-    /// such as Autobahn).
-    #[arg(long)]
-    pub echo: bool,
-    /// Worker processes sharing the port (SO_REUSEPORT); `tunegate run` starts and sizes them.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub workers: usize,
-    /// This process's number among the workers, 0..N.
-    #[arg(long, default_value_t = 0, value_name = "I")]
-    pub worker: usize,
-    /// Directory for the workers' bus sockets and metrics snapshots (with --workers above 1).
-    #[arg(long, value_name = "DIR")]
-    pub bus_dir: Option<std::path::PathBuf>,
-    /// The high 16 bits of every connection id this process hands out: a number no earlier
-    /// start of this server used, so an id never names two connections (docs/protocol.md).
-    /// `tunegate run` hands every worker start the next one from its state directory. Without
-    /// it, the wall clock's next whole second is taken (start-up waits for it, up to 1 s);
-    /// required with --workers above 1.
-    #[arg(long, value_name = "N")]
-    pub incarnation: Option<u16>,
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,8 @@
 //! One function per subcommand: glue between the CLI and the library, and the exit codes.
 
 use crate::cli::{
-    ApplyArgs, CheckArgs, Cli, Command, Format, ProfileCommand, RevertArgs, RunArgs, ServeArgs,
-    ShowFormat, StatusArgs,
+    ApplyArgs, CheckArgs, Cli, Command, Format, ProfileCommand, RevertArgs, RunArgs, ShowFormat,
+    StatusArgs,
 };
 use crate::exit;
 use crate::{out, outln};
@@ -25,7 +25,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Revert(args) => revert_cmd(&host, &args),
         Command::Profile(ProfileCommand::List) => profile_list(),
         Command::Profile(ProfileCommand::Show { name, format }) => profile_show(&name, format),
-        Command::Serve(args) => serve(&args),
+        Command::Serve(config) => serve(config),
         Command::Run(args) => run_daemon(host, &args),
         Command::Status(args) => status(&args),
         Command::Load(args) => {
@@ -159,27 +159,7 @@ fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-fn serve(args: &ServeArgs) -> anyhow::Result<u8> {
-    let defaults = relay::Config::default();
-    let config = relay::Config {
-        listen: args.listen,
-        threads: args.threads.unwrap_or(defaults.threads),
-        ping_interval_ms: args.ping_interval,
-        ping_timeout_ms: args.ping_timeout,
-        handshake_timeout_ms: args.handshake_timeout,
-        drain_timeout_ms: args.drain_timeout,
-        max_message: args.max_message_size,
-        max_pending: args.max_pending_output,
-        max_rooms_per_conn: args.max_rooms,
-        policy: relay::handshake::Policy {
-            allowed_origins: args.allowed_origins.clone(),
-        },
-        echo: args.echo,
-        worker: args.worker,
-        workers: args.workers,
-        bus_dir: args.bus_dir.clone(),
-        incarnation: args.incarnation,
-    };
+fn serve(config: relay::Config) -> anyhow::Result<u8> {
     config.validate().map_err(UsageError)?;
     relay::serve(config, |_| {})?;
     Ok(exit::OK)

@@ -13,35 +13,41 @@ use nix::unistd::Pid;
 use super::config::Config;
 use super::sizing::Sizing;
 
-/// The argv worker `worker` of `sizing.workers` runs (a custom command is one child).
-pub fn argv(config: &Config, exe: &Path, sizing: &Sizing, worker: usize) -> Vec<String> {
+/// What worker `worker` of `sizing.workers` is told, incarnation aside (a reload compares
+/// these to decide which workers to replace).
+pub fn server_config(config: &Config, sizing: &Sizing, worker: usize) -> relay::Config {
+    let several = sizing.workers > 1;
+    relay::Config {
+        listen: config.listen,
+        worker,
+        incarnation: None,
+        options: relay::Options {
+            threads: Some(sizing.threads),
+            workers: several.then_some(sizing.workers),
+            bus_dir: several.then(|| config.bus_dir()),
+            ..config.server.clone()
+        },
+    }
+}
+
+/// The argv worker `worker` runs, with its `incarnation` (a custom command is one child, run
+/// as configured).
+pub fn argv(
+    config: &Config,
+    exe: &Path,
+    sizing: &Sizing,
+    worker: usize,
+    incarnation: Option<u16>,
+) -> Vec<String> {
     if let Some(cmd) = &config.child.command {
         return cmd.clone();
     }
-    let s = &config.server;
-    let mut v = vec![
-        exe.display().to_string(),
-        "serve".into(),
-        "--listen".into(),
-        config.listen.to_string(),
-        "--ping-interval".into(),
-        s.ping_interval_ms.to_string(),
-        "--ping-timeout".into(),
-        s.ping_timeout_ms.to_string(),
-        "--max-message-size".into(),
-        s.max_message_size.to_string(),
-    ];
-    v.extend(["--threads".into(), sizing.threads.to_string()]);
-    if sizing.workers > 1 {
-        v.extend([
-            "--workers".into(),
-            sizing.workers.to_string(),
-            "--worker".into(),
-            worker.to_string(),
-            "--bus-dir".into(),
-            config.bus_dir().display().to_string(),
-        ]);
-    }
+    let server = relay::Config {
+        incarnation,
+        ..server_config(config, sizing, worker)
+    };
+    let mut v = vec![exe.display().to_string(), "serve".into()];
+    v.extend(server.to_args());
     v
 }
 
@@ -115,4 +121,50 @@ fn die_with_parent(cmd: &mut tokio::process::Command, parent: Pid) {
 /// Sends `sig` to the child's whole process group.
 pub fn signal_group(pid: u32, sig: Signal) {
     let _ = killpg(Pid::from_raw(pid as i32), sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `server:` section reaches each worker's command line whole: every key is a
+    /// `tunegate serve` flag (relay::Config's own round-trip test covers the parsing back).
+    #[test]
+    fn the_server_section_reaches_every_worker_with_its_number_and_incarnation() {
+        let config = Config::parse(
+            "t.yaml",
+            "listen: 127.0.0.1:9000\nstatus_file: /run/x/status.json\nserver:\n  \
+             ping_interval_ms: 1000\n  max_rooms: 2\n  allowed_origins: [https://a.example]\n",
+        )
+        .unwrap();
+        let sizing = Sizing {
+            workers: 3,
+            threads: 1,
+            ..Sizing::default()
+        };
+        let several = argv(
+            &config,
+            Path::new("/usr/bin/tunegate"),
+            &sizing,
+            2,
+            Some(77),
+        );
+        assert_eq!(
+            several.join(" "),
+            "/usr/bin/tunegate serve --listen 127.0.0.1:9000 --worker 2 --incarnation 77 \
+             --threads 1 --workers 3 --bus-dir /run/x/bus --ping-interval 1000 --max-rooms 2 \
+             --allowed-origin https://a.example"
+        );
+        // One worker needs no bus; a reload compares the argv without the incarnation.
+        let one = Sizing {
+            workers: 1,
+            threads: 2,
+            ..Sizing::default()
+        };
+        assert_eq!(
+            argv(&config, Path::new("t"), &one, 0, None)[2..].join(" "),
+            "--listen 127.0.0.1:9000 --threads 2 --ping-interval 1000 --max-rooms 2 \
+             --allowed-origin https://a.example"
+        );
+    }
 }

@@ -48,7 +48,9 @@ pub struct Config {
     /// Where the child listens (the bundled server is told; a custom command must match it).
     pub listen: SocketAddr,
     pub child: Child,
-    pub server: ServerOptions,
+    /// The bundled server's options (`relay::Options`: the same names as `tunegate serve`'s
+    /// flags); ignored for a custom command. `workers` and `threads` fix the sizing.
+    pub server: relay::Options,
     pub restart: Restart,
     /// After SIGTERM to the child, how long before SIGKILL.
     pub stop_grace_ms: u64,
@@ -70,22 +72,6 @@ pub struct Child {
     pub group: Option<String>,
     /// Working directory for a custom command.
     pub cwd: Option<PathBuf>,
-}
-
-/// Options passed to the bundled server (ignored for a custom command).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerOptions {
-    /// Worker processes; `None` sizes them from RLIMIT_NOFILE, target_connections and cores.
-    pub workers: Option<usize>,
-    /// Event loops per worker; `None`: one per core in total.
-    pub threads: Option<usize>,
-    /// Where workers keep their bus sockets and metrics snapshots; default: `bus/` next to
-    /// the status file (under the unit: /run/tunegate/bus).
-    pub bus_dir: Option<PathBuf>,
-    pub ping_interval_ms: u64,
-    pub ping_timeout_ms: u64,
-    pub max_message_size: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -116,7 +102,7 @@ impl Default for Config {
             mode: Mode::Auto,
             listen: "127.0.0.1:8080".parse().expect("static address"),
             child: Child::default(),
-            server: ServerOptions::default(),
+            server: relay::Options::default(),
             restart: Restart::default(),
             stop_grace_ms: 10_000,
             ready_timeout_ms: 30_000,
@@ -127,19 +113,6 @@ impl Default for Config {
                 .map_or_else(|| tuning::apply::DEFAULT_STATE_DIR.into(), PathBuf::from),
             status_file: std::env::var_os("TUNEGATE_STATUS_FILE")
                 .map_or_else(|| DEFAULT_STATUS_FILE.into(), PathBuf::from),
-        }
-    }
-}
-
-impl Default for ServerOptions {
-    fn default() -> ServerOptions {
-        ServerOptions {
-            workers: None,
-            threads: None,
-            bus_dir: None,
-            ping_interval_ms: 25_000,
-            ping_timeout_ms: 20_000,
-            max_message_size: 1 << 20,
         }
     }
 }
@@ -285,11 +258,18 @@ impl Config {
                 format!("server.threads must be 1..={max_threads} (or absent: one per core)"),
             ));
         }
-        if self.server.ping_interval_ms == 0 || self.server.ping_timeout_ms == 0 {
-            return Err(at(
-                &["server"],
-                "server: ping_interval_ms and ping_timeout_ms must be above 0".into(),
-            ));
+        // The rest is the server's own rule book, the one `tunegate serve` applies to its flags.
+        let sample = relay::Config {
+            listen: self.listen,
+            worker: 0,
+            incarnation: Some(0),
+            options: relay::Options {
+                bus_dir: Some(self.bus_dir()),
+                ..self.server.clone()
+            },
+        };
+        if let Err(m) = sample.validate() {
+            return Err(at(&["server"], format!("server: {m}")));
         }
         Ok(())
     }

@@ -310,17 +310,16 @@ impl Daemon {
 
     /// Starts worker `i`; a failure to start at all ends the daemon (`Err(exit code)`).
     async fn start_worker(&mut self, i: usize) -> Result<(), u8> {
-        let mut argv = child::argv(&self.config, &self.exe, &self.sizing, i);
         // Every start of the bundled server gets a new incarnation, so its connection ids differ
-        // from every earlier process's (not part of `argv`: a reload compares those).
+        // from every earlier process's.
         let incarnation = self.config.child.command.is_none().then(|| {
             let (n, warning) = self.incarnations.take();
             if let Some(w) = warning {
                 self.log.warn(&w);
             }
-            argv.extend(["--incarnation".into(), n.to_string()]);
             n
         });
+        let argv = child::argv(&self.config, &self.exe, &self.sizing, i, incarnation);
         let mut kid = match child::spawn(&self.config, &argv) {
             Ok(k) => k,
             Err(e) => {
@@ -784,7 +783,7 @@ impl Daemon {
             }
         };
         let old_argv: Vec<Vec<String>> = (0..self.slots.len())
-            .map(|i| child::argv(&self.config, &self.exe, &self.sizing, i))
+            .map(|i| child::argv(&self.config, &self.exe, &self.sizing, i, None))
             .collect();
         let old_workers = self.sizing.workers;
         self.config = config;
@@ -824,7 +823,7 @@ impl Daemon {
             }
         } else {
             for (i, old) in old_argv.iter().enumerate() {
-                if &child::argv(&self.config, &self.exe, &self.sizing, i) != old {
+                if &child::argv(&self.config, &self.exe, &self.sizing, i, None) != old {
                     self.slots[i].stale = true;
                 }
             }

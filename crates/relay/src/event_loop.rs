@@ -21,7 +21,7 @@ use super::handler::{Handler, Sink};
 use super::handshake::{self, Parsed};
 use super::metrics::{CloseReason, LoopMetrics};
 use super::sockets::{Sockets, TICK_MS, ticks};
-use super::{Config, sys};
+use super::{Config, Options, sys};
 
 /// Receive buffer per loop (not per connection).
 const RECV_BUF: usize = 64 * 1024;
@@ -55,7 +55,8 @@ impl Stop {
 pub struct EventLoop<H: Handler> {
     sockets: Sockets<H::Data>,
     handler: H,
-    config: Config,
+    options: Options,
+    policy: handshake::Policy,
     stop: Arc<Stop>,
     listener: Option<OwnedFd>,
     reserve: Option<OwnedFd>,
@@ -102,9 +103,16 @@ impl<H: Handler> EventLoop<H> {
             poller.add(fd, TOKEN_WAKE, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
         }
         Ok(EventLoop {
-            sockets: Sockets::new(node, incarnation, poller, metrics, config.max_pending),
+            sockets: Sockets::new(
+                node,
+                incarnation,
+                poller,
+                metrics,
+                config.options.max_pending_output,
+            ),
             handler,
-            config,
+            policy: config.policy(),
+            options: config.options,
             stop,
             listener: Some(listener),
             reserve: sys::reserve_fd().ok(),
@@ -194,7 +202,7 @@ impl<H: Handler> EventLoop<H> {
             };
             match sys::accept(listener.as_fd()) {
                 Ok(fd) => {
-                    if let Err(e) = self.sockets.insert(fd, self.config.handshake_timeout_ms) {
+                    if let Err(e) = self.sockets.insert(fd, self.options.handshake_timeout_ms) {
                         log!(
                             "loop {}: cannot register a connection: {e}",
                             self.sockets.node()
@@ -331,9 +339,9 @@ impl<H: Handler> EventLoop<H> {
             request.extend_from_slice(&buf[..n.min(room)]);
         }
         let parsed = if from_buf {
-            handshake::parse(&buf[..n], &self.config.policy)
+            handshake::parse(&buf[..n], &self.policy)
         } else {
-            handshake::parse(&request, &self.config.policy)
+            handshake::parse(&request, &self.policy)
         };
         match parsed {
             Parsed::Incomplete => {
@@ -387,7 +395,7 @@ impl<H: Handler> EventLoop<H> {
             &mut reader,
             buf,
             range,
-            self.config.max_message,
+            self.options.max_message_size,
             &mut incoming,
         );
         if !reader.is_idle() {
@@ -461,14 +469,14 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         let period_ms = (self
-            .config
+            .options
             .ping_interval_ms
-            .min(self.config.ping_timeout_ms)
+            .min(self.options.ping_timeout_ms)
             / 4)
         .clamp(TICK_MS, 1000);
         let per_tick = len.div_ceil((period_ms / TICK_MS) as usize).max(1);
-        let interval = ticks(self.config.ping_interval_ms);
-        let timeout = ticks(self.config.ping_timeout_ms);
+        let interval = ticks(self.options.ping_interval_ms);
+        let timeout = ticks(self.options.ping_timeout_ms);
         for _ in 0..per_tick.min(len) {
             let slot = self.sweep_at % len;
             self.sweep_at = (self.sweep_at + 1) % len;
@@ -533,7 +541,7 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         self.shutting_down = true;
-        self.drain_deadline = self.sockets.now + ticks(self.config.drain_timeout_ms);
+        self.drain_deadline = self.sockets.now + ticks(self.options.drain_timeout_ms);
         if let Some(l) = self.listener.take() {
             let _ = self.sockets.poller.delete(l.as_fd());
         }

@@ -21,6 +21,7 @@ pub fn log_line(args: std::fmt::Arguments) {
 }
 
 pub mod bus;
+pub mod config;
 pub mod conn;
 pub mod echo;
 pub mod event_loop;
@@ -46,99 +47,11 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
+pub use config::{Config, MAX_WORKERS, Options};
+
 use bus::{Bus, LocalBus};
 use event_loop::EventLoop;
 use metrics::LoopMetrics;
-
-/// Everything `tunegate serve` can be told.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub threads: usize,
-    /// Ping a connection silent for this long (Socket.IO's pingInterval; the article: 25 s).
-    pub ping_interval_ms: u64,
-    /// Close it if the pong does not come within this (pingTimeout; the article: 20 s).
-    pub ping_timeout_ms: u64,
-    /// A client must finish its HTTP upgrade within this (slowloris).
-    pub handshake_timeout_ms: u64,
-    /// On SIGTERM, how long clients get to answer our Close 1001.
-    pub drain_timeout_ms: u64,
-    /// Largest message (after reassembly) a client may send; larger ones close with 1009.
-    pub max_message: usize,
-    /// Output queued for one connection beyond this closes it with 1008 (slow reader).
-    pub max_pending: usize,
-    pub max_rooms_per_conn: usize,
-    pub policy: handshake::Policy,
-    /// Echo every message back instead of speaking the relay protocol (conformance testing).
-    pub echo: bool,
-    /// This process's number among `workers` processes sharing the port.
-    pub worker: usize,
-    pub workers: usize,
-    /// Where the workers' bus sockets and metrics snapshots live (needed with workers > 1).
-    pub bus_dir: Option<std::path::PathBuf>,
-    /// The high bits of every connection id this process hands out (`id.rs`): `tunegate run`
-    /// gives every worker start a new one; `None` takes the clock's next second.
-    pub incarnation: Option<u16>,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            listen: "127.0.0.1:8080".parse().expect("static address"),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ping_interval_ms: 25_000,
-            ping_timeout_ms: 20_000,
-            handshake_timeout_ms: 10_000,
-            drain_timeout_ms: 5_000,
-            max_message: 1 << 20,
-            max_pending: 4 << 20,
-            max_rooms_per_conn: 64,
-            policy: handshake::Policy::default(),
-            echo: false,
-            worker: 0,
-            workers: 1,
-            bus_dir: None,
-            incarnation: None,
-        }
-    }
-}
-
-impl Config {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.threads == 0 || self.threads > id::MAX_LOOPS {
-            return Err(format!("--threads must be 1..={}", id::MAX_LOOPS));
-        }
-        if self.ping_interval_ms == 0 || self.ping_timeout_ms == 0 {
-            return Err("ping interval and timeout must be above 0".into());
-        }
-        if self.workers == 0 || self.workers > MAX_WORKERS || self.worker >= self.workers {
-            return Err(format!(
-                "--worker must be below --workers, and --workers 1..={MAX_WORKERS}"
-            ));
-        }
-        if self.workers > 1 && self.bus_dir.is_none() {
-            return Err("--workers above 1 needs --bus-dir".into());
-        }
-        if self.workers > 1 && self.incarnation.is_none() {
-            // Workers started together would all take the same second from the clock.
-            return Err(
-                "--workers above 1 needs --incarnation, a different number for every \
-                 worker start (tunegate run hands them out)"
-                    .into(),
-            );
-        }
-        if self.max_pending < self.max_message + 14 {
-            return Err(format!(
-                "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
-                self.max_pending, self.max_message
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Worker processes one server can have.
-pub const MAX_WORKERS: usize = 256;
 
 /// What the loops share.
 pub struct Shared {
@@ -169,21 +82,22 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     let incarnation = config
         .incarnation
         .unwrap_or_else(id::incarnation_from_clock);
-    let mut listeners = Vec::with_capacity(config.threads);
+    let threads = config.threads();
+    let mut listeners = Vec::with_capacity(threads);
     let first = sys::listen(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = sys::local_addr(first.as_fd())?;
     listeners.push(first);
-    for _ in 1..config.threads {
+    for _ in 1..threads {
         listeners.push(sys::listen(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
-    let local = Arc::new(LocalBus::new(config.threads, incarnation)?);
-    let bus: Arc<dyn Bus> = match &config.bus_dir {
-        Some(dir) if config.workers > 1 => peers::WorkerBus::start(
+    let local = Arc::new(LocalBus::new(threads, incarnation)?);
+    let bus: Arc<dyn Bus> = match &config.options.bus_dir {
+        Some(dir) if config.workers() > 1 => peers::WorkerBus::start(
             local.clone(),
             dir,
             config.worker,
-            config.workers,
+            config.workers(),
             incarnation,
         )
         .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
@@ -192,14 +106,14 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     let shared = Arc::new(Shared {
         local,
         bus,
-        metrics: (0..config.threads)
+        metrics: (0..threads)
             .map(|_| Arc::new(LoopMetrics::default()))
             .collect(),
         accepting: AtomicBool::new(true),
         incarnation,
         config: config.clone(),
     });
-    if config.workers > 1 {
+    if config.workers() > 1 {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("tunegate-metrics".into())
@@ -212,7 +126,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         stops.push(stop.clone());
         let metrics = shared.metrics[node].clone();
         let routes = routes::Routes::new(shared.clone());
-        let thread = if config.echo {
+        let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             let l = EventLoop::new(
                 node,
@@ -226,9 +140,9 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             spawn_loop(node, l)?
         } else {
             let settings = relay::RelaySettings {
-                ping_interval_ms: config.ping_interval_ms,
-                ping_timeout_ms: config.ping_timeout_ms,
-                max_rooms_per_conn: config.max_rooms_per_conn,
+                ping_interval_ms: config.options.ping_interval_ms,
+                ping_timeout_ms: config.options.ping_timeout_ms,
+                max_rooms_per_conn: config.options.max_rooms,
             };
             let inbox = shared.local.inbox(node);
             let relay =
@@ -250,17 +164,21 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     log!(
         "listening on {addr} (worker {}/{}, incarnation {incarnation}{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
         config.worker,
-        config.workers,
+        config.workers(),
         if config.incarnation.is_none() {
             " from the clock"
         } else {
             ""
         },
-        config.threads,
-        config.ping_interval_ms,
-        config.ping_timeout_ms,
-        config.max_message,
-        if config.echo { ", echo mode" } else { "" }
+        threads,
+        config.options.ping_interval_ms,
+        config.options.ping_timeout_ms,
+        config.options.max_message_size,
+        if config.options.echo {
+            ", echo mode"
+        } else {
+            ""
+        }
     );
     ready(addr);
 

@@ -562,10 +562,8 @@ mod tests {
     /// connection opened (hello taken).
     fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         let local = Arc::new(LocalBus::new(nodes, INCARNATION).unwrap());
-        let config = Config {
-            threads: nodes,
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.options.threads = Some(nodes);
         let shared = Arc::new(Shared {
             local: local.clone(),
             bus: local.clone(),

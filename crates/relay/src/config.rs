@@ -1,0 +1,313 @@
+//! Everything `tunegate serve` can be told, in one type: the command line (clap derives the
+//! flags from it), the `server:` section of `tunegate run`'s YAML (serde derives the keys), the
+//! defaults (`Default`, from the constants below), and the argv the daemon starts each worker
+//! with (`Config::to_args`, which a test parses back to the same value).
+//!
+//! `Options` is what an operator chooses; `Config` adds where one process sits: its address,
+//! its worker number and its incarnation, which the daemon decides per worker.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::id;
+
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 8080));
+/// Socket.IO's pingInterval, the value the write-up "Optimizing Socket.IO for 100k Concurrent
+/// Users" settled on.
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 25_000;
+/// Socket.IO's pingTimeout, from the same write-up.
+pub const DEFAULT_PING_TIMEOUT_MS: u64 = 20_000;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 4 << 20;
+pub const DEFAULT_MAX_ROOMS: usize = 64;
+/// Worker processes one server can have.
+pub const MAX_WORKERS: usize = 256;
+
+/// What an operator chooses about the server: flags of `tunegate serve`, keys of the `server:`
+/// section of `tunegate run`'s configuration.
+#[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Options {
+    /// Event loops, one thread each with its own SO_REUSEPORT listener [default: one per core;
+    /// under `tunegate run`, one per core in total over the workers].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Worker processes sharing the port (SO_REUSEPORT) [default: 1; under `tunegate run`,
+    /// sized from RLIMIT_NOFILE, target_connections and cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Where the workers' bus sockets live (with --workers above 1) [`tunegate run`'s default:
+    /// bus/ next to its status file].
+    #[arg(long, value_name = "DIR")]
+    pub bus_dir: Option<PathBuf>,
+    /// Ping a connection after this much silence (Socket.IO's pingInterval).
+    #[arg(long = "ping-interval", value_name = "MS", default_value_t = DEFAULT_PING_INTERVAL_MS)]
+    pub ping_interval_ms: u64,
+    /// Close a connection whose pong has not come within this (Socket.IO's pingTimeout).
+    #[arg(long = "ping-timeout", value_name = "MS", default_value_t = DEFAULT_PING_TIMEOUT_MS)]
+    pub ping_timeout_ms: u64,
+    /// Time a client has to complete the HTTP upgrade (against slowloris).
+    #[arg(long = "handshake-timeout", value_name = "MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub handshake_timeout_ms: u64,
+    /// On SIGTERM, how long clients get to answer Close 1001 before the server exits.
+    #[arg(long = "drain-timeout", value_name = "MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
+    /// Largest message a client may send, after reassembly; larger closes with 1009.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: usize,
+    /// Output queued for one slow reader beyond this closes it with 1008.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_PENDING_OUTPUT)]
+    pub max_pending_output: usize,
+    /// Rooms one connection may be in at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ROOMS)]
+    pub max_rooms: usize,
+    /// Accept only these Origin header values (repeatable); default: any origin.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// Echo every message back instead of speaking the relay protocol (for conformance suites
+    /// such as Autobahn).
+    #[arg(long)]
+    pub echo: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            threads: None,
+            workers: None,
+            bus_dir: None,
+            ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
+            ping_timeout_ms: DEFAULT_PING_TIMEOUT_MS,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
+            max_rooms: DEFAULT_MAX_ROOMS,
+            allowed_origins: Vec::new(),
+            echo: false,
+        }
+    }
+}
+
+/// One server process: the options, and where it sits.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// This process's number among the workers, 0..N.
+    #[arg(long, value_name = "I", default_value_t = 0)]
+    pub worker: usize,
+    /// The high 16 bits of every connection id this process hands out: a number no earlier
+    /// start of this server used, so an id never names two connections (docs/protocol.md).
+    /// `tunegate run` hands every worker start the next one from its state directory. Without
+    /// it, the wall clock's next whole second is taken (start-up waits for it, up to 1 s);
+    /// required with --workers above 1.
+    #[arg(long, value_name = "N")]
+    pub incarnation: Option<u16>,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: DEFAULT_LISTEN,
+            worker: 0,
+            incarnation: None,
+            options: Options::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Event loops this process runs.
+    pub fn threads(&self) -> usize {
+        self.options
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Worker processes of the server.
+    pub fn workers(&self) -> usize {
+        self.options.workers.unwrap_or(1)
+    }
+
+    /// Bad usage, said in the flags' terms (the CLI maps it to exit code 2).
+    pub fn validate(&self) -> Result<(), String> {
+        let o = &self.options;
+        let threads = self.threads();
+        if threads == 0 || threads > id::MAX_LOOPS {
+            return Err(format!("--threads must be 1..={}", id::MAX_LOOPS));
+        }
+        if o.ping_interval_ms == 0 || o.ping_timeout_ms == 0 {
+            return Err("ping interval and timeout must be above 0".into());
+        }
+        let workers = self.workers();
+        if workers == 0 || workers > MAX_WORKERS || self.worker >= workers {
+            return Err(format!(
+                "--worker must be below --workers, and --workers 1..={MAX_WORKERS}"
+            ));
+        }
+        if workers > 1 && o.bus_dir.is_none() {
+            return Err("--workers above 1 needs --bus-dir".into());
+        }
+        if workers > 1 && self.incarnation.is_none() {
+            // Workers started together would all take the same second from the clock.
+            return Err(
+                "--workers above 1 needs --incarnation, a different number for every \
+                 worker start (tunegate run hands them out)"
+                    .into(),
+            );
+        }
+        if o.max_pending_output < o.max_message_size + 14 {
+            return Err(format!(
+                "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
+                o.max_pending_output, o.max_message_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `tunegate serve` arguments that parse back to this configuration (the daemon starts
+    /// each worker with them). Only what differs from the defaults is spelled out.
+    pub fn to_args(&self) -> Vec<String> {
+        let d = Config::default();
+        let o = &self.options;
+        let mut v: Vec<String> = vec!["--listen".into(), self.listen.to_string()];
+        let mut flag = |name: &str, value: String| v.extend([format!("--{name}"), value]);
+        if self.worker != d.worker {
+            flag("worker", self.worker.to_string());
+        }
+        if let Some(n) = self.incarnation {
+            flag("incarnation", n.to_string());
+        }
+        if let Some(n) = o.threads {
+            flag("threads", n.to_string());
+        }
+        if let Some(n) = o.workers {
+            flag("workers", n.to_string());
+        }
+        if let Some(dir) = &o.bus_dir {
+            flag("bus-dir", dir.display().to_string());
+        }
+        let numbers = [
+            (
+                "ping-interval",
+                o.ping_interval_ms,
+                d.options.ping_interval_ms,
+            ),
+            ("ping-timeout", o.ping_timeout_ms, d.options.ping_timeout_ms),
+            (
+                "handshake-timeout",
+                o.handshake_timeout_ms,
+                d.options.handshake_timeout_ms,
+            ),
+            (
+                "drain-timeout",
+                o.drain_timeout_ms,
+                d.options.drain_timeout_ms,
+            ),
+            (
+                "max-message-size",
+                o.max_message_size as u64,
+                d.options.max_message_size as u64,
+            ),
+            (
+                "max-pending-output",
+                o.max_pending_output as u64,
+                d.options.max_pending_output as u64,
+            ),
+            ("max-rooms", o.max_rooms as u64, d.options.max_rooms as u64),
+        ];
+        for (name, value, default) in numbers {
+            if value != default {
+                flag(name, value.to_string());
+            }
+        }
+        for origin in &o.allowed_origins {
+            flag("allowed-origin", origin.clone());
+        }
+        if o.echo {
+            v.push("--echo".into());
+        }
+        v
+    }
+
+    /// The Origin policy of the upgrade.
+    pub fn policy(&self) -> super::handshake::Policy {
+        super::handshake::Policy {
+            allowed_origins: self.options.allowed_origins.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[String]) -> Config {
+        let argv = std::iter::once("serve".to_string()).chain(args.iter().cloned());
+        Serve::try_parse_from(argv).expect("parses").config
+    }
+
+    /// Configuration -> argv -> parsed is the same configuration, for the defaults and with
+    /// every field away from its default. Written without `..Default::default()`, so a new
+    /// field does not compile until this test sets it.
+    #[test]
+    fn every_option_survives_the_trip_through_argv() {
+        assert_eq!(parse(&Config::default().to_args()), Config::default());
+        assert_eq!(parse(&[]), Config::default());
+        let all = Config {
+            listen: "127.0.0.11:9000".parse().unwrap(),
+            worker: 2,
+            incarnation: Some(4242),
+            options: Options {
+                threads: Some(3),
+                workers: Some(5),
+                bus_dir: Some("/run/tunegate/bus dir".into()),
+                ping_interval_ms: 1,
+                ping_timeout_ms: 2,
+                handshake_timeout_ms: 3,
+                drain_timeout_ms: 4,
+                max_message_size: 5,
+                max_pending_output: 6,
+                max_rooms: 7,
+                allowed_origins: vec!["https://a.example".into(), "https://b.example".into()],
+                echo: true,
+            },
+        };
+        assert_eq!(parse(&all.to_args()), all);
+    }
+
+    #[test]
+    fn the_yaml_keys_are_the_field_names_and_unknown_ones_are_refused() {
+        let o: Options = serde_yaml::from_str("ping_interval_ms: 100\nmax_rooms: 2\n").unwrap();
+        assert_eq!(
+            o,
+            Options {
+                ping_interval_ms: 100,
+                max_rooms: 2,
+                ..Options::default()
+            }
+        );
+        let e = serde_yaml::from_str::<Options>("ping_interval: 100\n").unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `ping_interval`"),
+            "{e}"
+        );
+    }
+}
