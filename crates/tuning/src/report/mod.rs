@@ -147,6 +147,23 @@ pub fn preflight_human(report: &Report) -> String {
     s
 }
 
+/// One finding on one line, for a log (the daemon's gate): id, key, what is there, what is
+/// wanted, why it cannot be had from here, and the fix.
+pub fn finding_line(f: &Finding) -> String {
+    format!(
+        "{} {}: current {} wanted {} {}{}; fix: {}",
+        f.id,
+        f.key,
+        f.current.as_deref().unwrap_or("(not visible)"),
+        f.rule,
+        f.wanted,
+        f.blocked_by
+            .as_ref()
+            .map_or(String::new(), |b| format!(" ({b})")),
+        f.fix
+    )
+}
+
 pub fn plan_human(plan: &Plan) -> String {
     let mut s = String::new();
     if plan.steps.is_empty() {
