@@ -249,9 +249,9 @@ impl Coordinator {
         outcome.connects_per_second = opened as f64 / outcome.connect_seconds.max(1e-6);
 
         if relay {
-            self.command("join")?;
+            self.command(shard::Command::Join)?;
             self.until_all("join", |e| matches!(e, Event::Joined))?;
-            self.command("verify")?;
+            self.command(shard::Command::Verify)?;
             self.until_all("verify", |e| matches!(e, Event::Verified))?;
         }
         let hold_start = Instant::now();
@@ -261,7 +261,7 @@ impl Coordinator {
         }
         if relay && self.args.publish_rate > 0 {
             let mut seconds: f64 = 0.0;
-            self.command("publish")?;
+            self.command(shard::Command::Publish)?;
             self.until_all("publish", |e| match e {
                 Event::Published { seconds: s } => {
                     seconds = seconds.max(*s);
@@ -290,7 +290,7 @@ impl Coordinator {
         }
         outcome.held_seconds = hold_start.elapsed().as_secs_f64();
 
-        self.command("finish")?;
+        self.command(shard::Command::Finish)?;
         let mut tally = Tally::default();
         let mut connect = report::histogram();
         let mut latency = report::histogram();
@@ -322,10 +322,11 @@ impl Coordinator {
         Ok(outcome)
     }
 
-    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+    fn command(&mut self, cmd: shard::Command) -> anyhow::Result<()> {
+        let line = serde_json::to_string(&cmd).expect("commands serialise");
         for (i, s) in self.shards.iter_mut().enumerate() {
             s.last = None;
-            writeln!(s.stdin, "{cmd}")
+            writeln!(s.stdin, "{line}")
                 .and_then(|_| s.stdin.flush())
                 .with_context(|| format!("load process {i} went away"))?;
         }

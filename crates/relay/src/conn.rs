@@ -128,18 +128,25 @@ pub struct Message {
 #[derive(Default)]
 pub struct Reader {
     decoder: Decoder,
+    assembly: Assembly,
+}
+
+impl Reader {
+    pub fn is_idle(&self) -> bool {
+        self.decoder.is_idle() && self.assembly.frame.is_none() && self.assembly.message.is_none()
+    }
+}
+
+/// Where the decoded pieces are put together: the frame being read, the message being
+/// assembled, the control frame's payload.
+#[derive(Default)]
+struct Assembly {
     frame: Option<Header>,
     message: Option<Message>,
     /// The current data frame may be handed on straight from the receive buffer.
     direct: bool,
     /// Payload of the current control frame (at most 125 bytes).
     control: Vec<u8>,
-}
-
-impl Reader {
-    pub fn is_idle(&self) -> bool {
-        self.decoder.is_idle() && self.frame.is_none() && self.message.is_none()
-    }
 }
 
 /// A complete message or control frame, ready for the loop.
@@ -181,101 +188,107 @@ pub fn decode(
 ) -> Result<(), Fail> {
     let base = buf.as_ptr() as usize;
     let max = max_message as u64;
-    let Reader {
-        decoder,
-        frame: current,
-        message,
-        direct,
-        control,
-    } = reader;
-    decoder.feed(&mut buf[range], max, &mut |piece| {
-        match piece {
-            Piece::Start(h) => {
-                if h.is_control() {
-                    control.clear();
-                } else if h.opcode == frame::OP_CONTINUATION {
-                    let Some(m) = message.as_ref() else {
-                        return Err(Fail::protocol("continuation frame without a message"));
-                    };
-                    if m.data.len() as u64 + h.len > max {
-                        return Err(too_big());
-                    }
-                } else {
-                    if message.is_some() {
-                        return Err(Fail::protocol("new message inside a fragmented one"));
-                    }
-                    *direct = h.fin;
-                    if !h.fin {
-                        *message = Some(Message {
-                            opcode: h.opcode,
-                            data: Vec::new(),
-                            utf8: Utf8Stream::default(),
-                        });
-                    }
-                }
-                *current = Some(h);
+    let Reader { decoder, assembly } = reader;
+    decoder.feed(&mut buf[range], max, &mut |piece| match piece {
+        Piece::Start(h) => assembly.start(h, max),
+        Piece::Data(chunk) => assembly.data(chunk, base, out),
+        Piece::End => assembly.end(out),
+    })
+}
+
+impl Assembly {
+    /// A frame header: checks it fits the message in progress.
+    fn start(&mut self, h: Header, max: u64) -> Result<(), Fail> {
+        if h.is_control() {
+            self.control.clear();
+        } else if h.opcode == frame::OP_CONTINUATION {
+            let Some(m) = self.message.as_ref() else {
+                return Err(Fail::protocol("continuation frame without a message"));
+            };
+            if m.data.len() as u64 + h.len > max {
+                return Err(too_big());
             }
-            Piece::Data(chunk) => {
-                let h = current.expect("data follows a header");
-                if h.is_control() {
-                    control.extend_from_slice(chunk);
-                } else if *direct && chunk.len() as u64 == h.len {
-                    if h.opcode == frame::OP_TEXT && std::str::from_utf8(chunk).is_err() {
-                        return Err(bad_utf8());
-                    }
-                    let start = chunk.as_ptr() as usize - base;
-                    out.push(Incoming::Data {
-                        opcode: h.opcode,
-                        payload: Payload::Buf(start..start + chunk.len()),
-                    });
-                    *direct = false;
-                    *current = Some(Header { len: 0, ..h });
-                } else {
-                    if *direct {
-                        *direct = false;
-                        *message = Some(Message {
-                            opcode: h.opcode,
-                            data: Vec::with_capacity(h.len.min(1 << 16) as usize),
-                            utf8: Utf8Stream::default(),
-                        });
-                    }
-                    let m = message.as_mut().expect("a message is being assembled");
-                    if m.opcode == frame::OP_TEXT && m.utf8.feed(chunk).is_err() {
-                        return Err(bad_utf8());
-                    }
-                    m.data.extend_from_slice(chunk);
-                }
+        } else {
+            if self.message.is_some() {
+                return Err(Fail::protocol("new message inside a fragmented one"));
             }
-            Piece::End => {
-                let h = current.take().expect("end follows a header");
-                match h.opcode {
-                    frame::OP_PING => out.push(Incoming::Ping(std::mem::take(control))),
-                    frame::OP_PONG => out.push(Incoming::Pong),
-                    frame::OP_CLOSE => out.push(Incoming::Close(frame::check_close(control)?)),
-                    _ if *direct => {
-                        // A whole message with an empty payload.
-                        *direct = false;
-                        out.push(Incoming::Data {
-                            opcode: h.opcode,
-                            payload: Payload::Owned(Vec::new()),
-                        });
-                    }
-                    _ if h.fin && message.is_some() => {
-                        let m = message.take().expect("checked");
-                        if m.opcode == frame::OP_TEXT && !m.utf8.complete() {
-                            return Err(bad_utf8());
-                        }
-                        out.push(Incoming::Data {
-                            opcode: m.opcode,
-                            payload: Payload::Owned(m.data),
-                        });
-                    }
-                    _ => {}
-                }
+            self.direct = h.fin;
+            if !h.fin {
+                self.message = Some(Message {
+                    opcode: h.opcode,
+                    data: Vec::new(),
+                    utf8: Utf8Stream::default(),
+                });
             }
         }
+        self.frame = Some(h);
         Ok(())
-    })
+    }
+
+    /// Payload bytes (already unmasked, in the receive buffer whose start is `base`).
+    fn data(&mut self, chunk: &[u8], base: usize, out: &mut Vec<Incoming>) -> Result<(), Fail> {
+        let h = self.frame.expect("data follows a header");
+        if h.is_control() {
+            self.control.extend_from_slice(chunk);
+        } else if self.direct && chunk.len() as u64 == h.len {
+            // A whole single-frame message in the buffer: handed on without a copy.
+            if h.opcode == frame::OP_TEXT && std::str::from_utf8(chunk).is_err() {
+                return Err(bad_utf8());
+            }
+            let start = chunk.as_ptr() as usize - base;
+            out.push(Incoming::Data {
+                opcode: h.opcode,
+                payload: Payload::Buf(start..start + chunk.len()),
+            });
+            self.direct = false;
+            self.frame = Some(Header { len: 0, ..h });
+        } else {
+            if self.direct {
+                self.direct = false;
+                self.message = Some(Message {
+                    opcode: h.opcode,
+                    data: Vec::with_capacity(h.len.min(1 << 16) as usize),
+                    utf8: Utf8Stream::default(),
+                });
+            }
+            let m = self.message.as_mut().expect("a message is being assembled");
+            if m.opcode == frame::OP_TEXT && m.utf8.feed(chunk).is_err() {
+                return Err(bad_utf8());
+            }
+            m.data.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    /// The end of a frame: a control frame, or the end of a message, is handed on.
+    fn end(&mut self, out: &mut Vec<Incoming>) -> Result<(), Fail> {
+        let h = self.frame.take().expect("end follows a header");
+        match h.opcode {
+            frame::OP_PING => out.push(Incoming::Ping(std::mem::take(&mut self.control))),
+            frame::OP_PONG => out.push(Incoming::Pong),
+            frame::OP_CLOSE => out.push(Incoming::Close(frame::check_close(&self.control)?)),
+            _ if self.direct => {
+                // A whole message with an empty payload.
+                self.direct = false;
+                out.push(Incoming::Data {
+                    opcode: h.opcode,
+                    payload: Payload::Owned(Vec::new()),
+                });
+            }
+            _ if h.fin && self.message.is_some() => {
+                let m = self.message.take().expect("checked");
+                if m.opcode == frame::OP_TEXT && !m.utf8.complete() {
+                    return Err(bad_utf8());
+                }
+                out.push(Incoming::Data {
+                    opcode: m.opcode,
+                    payload: Payload::Owned(m.data),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn too_big() -> Fail {

@@ -76,43 +76,85 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     if soft < hard {
         let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     }
-
     // Before listening: while a `serve` without --incarnation waits for the clock's next second,
     // no client may be queued on a socket nobody accepts from.
     let incarnation = config
         .incarnation
         .unwrap_or_else(id::incarnation_from_clock);
-    let threads = config.threads();
-    let mut listeners = Vec::with_capacity(threads);
+    let (listeners, addr) = listen(&config)?;
+    let shared = Arc::new(Shared::start(&config, incarnation)?);
+    let loops = start_loops(&config, &shared, listeners)?;
+    log_listening(&config, addr, incarnation);
+    ready(addr);
+
+    wait_for_termination(&signals)?;
+    shared
+        .accepting
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    for (_, stop) in &loops {
+        stop.request();
+    }
+    for (l, _) in loops {
+        match l.join() {
+            Ok(r) => r.context("event loop failed")?,
+            Err(_) => anyhow::bail!("an event loop panicked"),
+        }
+    }
+    log!("drained, exiting");
+    Ok(())
+}
+
+/// One SO_REUSEPORT listener per loop, all on the address the first one got.
+fn listen(config: &Config) -> anyhow::Result<(Vec<std::os::fd::OwnedFd>, SocketAddr)> {
     let first = sys::listen(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = sys::local_addr(first.as_fd())?;
-    listeners.push(first);
-    for _ in 1..threads {
+    let mut listeners = vec![first];
+    for _ in 1..config.threads() {
         listeners.push(sys::listen(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
-    let local = Arc::new(LocalBus::new(threads, incarnation)?);
-    let bus: Arc<dyn Bus> = match &config.options.bus_dir {
-        Some(dir) if config.workers() > 1 => peers::WorkerBus::start(
-            local.clone(),
-            dir,
-            config.worker,
-            config.workers(),
+    Ok((listeners, addr))
+}
+
+impl Shared {
+    /// The bus (the loops of this process, and the other workers when there are any), and with
+    /// several workers the thread that shares this one's counters with them.
+    fn start(config: &Config, incarnation: u16) -> anyhow::Result<Shared> {
+        let threads = config.threads();
+        let local = Arc::new(LocalBus::new(threads, incarnation)?);
+        let bus: Arc<dyn Bus> = match &config.options.bus_dir {
+            Some(dir) if config.workers() > 1 => peers::WorkerBus::start(
+                local.clone(),
+                dir,
+                config.worker,
+                config.workers(),
+                incarnation,
+            )
+            .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
+            _ => local.clone(),
+        };
+        Ok(Shared {
+            local,
+            bus,
+            metrics: (0..threads)
+                .map(|_| Arc::new(LoopMetrics::default()))
+                .collect(),
+            accepting: AtomicBool::new(true),
             incarnation,
-        )
-        .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
-        _ => local.clone(),
-    };
-    let shared = Arc::new(Shared {
-        local,
-        bus,
-        metrics: (0..threads)
-            .map(|_| Arc::new(LoopMetrics::default()))
-            .collect(),
-        accepting: AtomicBool::new(true),
-        incarnation,
-        config: config.clone(),
-    });
+            config: config.clone(),
+        })
+    }
+}
+
+type LoopThread = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// One event loop per listener, each on its own thread with its handler (the relay, or echo),
+/// and the `Stop` that ends it.
+fn start_loops(
+    config: &Config,
+    shared: &Arc<Shared>,
+    listeners: Vec<std::os::fd::OwnedFd>,
+) -> anyhow::Result<Vec<(LoopThread, Arc<event_loop::Stop>)>> {
     if config.workers() > 1 {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -120,24 +162,17 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             .spawn(move || metrics_publisher(&shared))?;
     }
     let mut loops = Vec::new();
-    let mut stops = Vec::new();
     for (node, listener) in listeners.into_iter().enumerate() {
         let stop = event_loop::Stop::new()?;
-        stops.push(stop.clone());
         let metrics = shared.metrics[node].clone();
         let routes = routes::Routes::new(shared.clone());
+        let (inc, c, s) = (shared.incarnation, config.clone(), stop.clone());
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
-            let l = EventLoop::new(
+            spawn_loop(
                 node,
-                incarnation,
-                listener,
-                echo,
-                config.clone(),
-                metrics,
-                stop,
-            )?;
-            spawn_loop(node, l)?
+                EventLoop::new(node, inc, listener, echo, c, metrics, s)?,
+            )?
         } else {
             let settings = relay::RelaySettings {
                 ping_interval_ms: config.options.ping_interval_ms,
@@ -145,43 +180,44 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
                 max_rooms_per_conn: config.options.max_rooms,
             };
             let inbox = shared.local.inbox(node);
-            let relay =
-                relay::Relay::new(settings, shared.bus.clone(), inbox, metrics.clone(), routes);
-            let l = EventLoop::new(
+            let bus = shared.bus.clone();
+            let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes);
+            spawn_loop(
                 node,
-                incarnation,
-                listener,
-                relay,
-                config.clone(),
-                metrics,
-                stop,
-            )?;
-            spawn_loop(node, l)?
+                EventLoop::new(node, inc, listener, relay, c, metrics, s)?,
+            )?
         };
-        loops.push(thread);
+        loops.push((thread, stop));
     }
+    Ok(loops)
+}
+
+/// The line scripts and supervisors wait for: the address, and how this process is set up.
+fn log_listening(config: &Config, addr: SocketAddr, incarnation: u16) {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
+    let from_clock = if config.incarnation.is_none() {
+        " from the clock"
+    } else {
+        ""
+    };
+    let echo = if config.options.echo {
+        ", echo mode"
+    } else {
+        ""
+    };
     log!(
-        "listening on {addr} (worker {}/{}, incarnation {incarnation}{}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{})",
+        "listening on {addr} (worker {}/{}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo})",
         config.worker,
         config.workers(),
-        if config.incarnation.is_none() {
-            " from the clock"
-        } else {
-            ""
-        },
-        threads,
+        config.threads(),
         config.options.ping_interval_ms,
         config.options.ping_timeout_ms,
         config.options.max_message_size,
-        if config.options.echo {
-            ", echo mode"
-        } else {
-            ""
-        }
     );
-    ready(addr);
+}
 
+/// Blocks until SIGTERM or SIGINT (SIGHUP is said and ignored: serve has nothing to reload).
+fn wait_for_termination(signals: &nix::sys::signalfd::SignalFd) -> anyhow::Result<()> {
     loop {
         match signals.read_signal() {
             Ok(Some(info)) if info.ssi_signo == nix::sys::signal::Signal::SIGHUP as u32 => {
@@ -192,27 +228,13 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
                     "signal {}: closing connections with 1001 and draining",
                     info.ssi_signo
                 );
-                break;
+                return Ok(());
             }
             Ok(None) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context("reading signals"),
         }
     }
-    shared
-        .accepting
-        .store(false, std::sync::atomic::Ordering::Relaxed);
-    for stop in &stops {
-        stop.request();
-    }
-    for l in loops {
-        match l.join() {
-            Ok(r) => r.context("event loop failed")?,
-            Err(_) => anyhow::bail!("an event loop panicked"),
-        }
-    }
-    log!("drained, exiting");
-    Ok(())
 }
 
 /// Runs one loop on its own thread. A loop that dies takes its connections with it; the

@@ -206,162 +206,166 @@ pub struct Global {
     pub received_by_worker: Vec<(usize, u64)>,
 }
 
+/// One metric family: name (after `tunegate_`), type, help, and its samples (labels, value).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, u64)>,
+}
+
+fn counter(name: &'static str, help: &'static str, value: u64) -> Family {
+    Family {
+        name,
+        kind: "counter",
+        help,
+        samples: vec![(String::new(), value)],
+    }
+}
+
+fn gauge(name: &'static str, help: &'static str, value: i64) -> Family {
+    Family {
+        name,
+        kind: "gauge",
+        help,
+        samples: vec![(String::new(), value.max(0) as u64)],
+    }
+}
+
 /// Prometheus text exposition of the whole server's counters.
 pub fn render(total: &Snapshot, global: &Global) -> String {
-    let sum = |f: &dyn Fn(&Snapshot) -> u64| f(total);
     let mut s = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+    for f in connection_families(total)
+        .into_iter()
+        .chain(server_families(total, global))
+    {
+        let name = f.name;
         let _ = writeln!(
             s,
-            "# HELP tunegate_{name} {help}\n# TYPE tunegate_{name} {kind}"
+            "# HELP tunegate_{name} {}\n# TYPE tunegate_{name} {}",
+            f.help, f.kind
         );
-        for (labels, v) in lines {
+        for (labels, v) in f.samples {
             let _ = writeln!(s, "tunegate_{name}{labels} {v}");
         }
-    };
-    let one = |v: u64| vec![(String::new(), v)];
-    let gauge = |f: &dyn Fn(&Snapshot) -> i64| f(total).max(0) as u64;
-    metric(
-        "connections_open",
-        "gauge",
-        "Open TCP connections (WebSocket and HTTP).",
-        one(gauge(&|m| m.open)),
-    );
-    metric(
-        "websockets_open",
-        "gauge",
-        "Open WebSocket connections.",
-        one(gauge(&|m| m.websockets)),
-    );
-    metric(
-        "output_queued_bytes",
-        "gauge",
-        "Output waiting in the server for readers slower than their messages (all connections; each is capped by --max-pending-output).",
-        one(gauge(&|m| m.queued)),
-    );
-    metric(
-        "connections_accepted_total",
-        "counter",
-        "Connections accepted.",
-        one(sum(&|m| m.accepted)),
-    );
-    metric(
-        "connections_closed_total",
-        "counter",
-        "Connections closed, by reason.",
-        CloseReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    sum(&|m| m.closed[r.index()]),
-                )
-            })
-            .collect(),
-    );
-    metric(
-        "backpressure_closes_total",
-        "counter",
-        "Slow readers cut off because their pending output passed the cap (closed with 1008).",
-        one(sum(&|m| m.backpressure_cutoffs)),
-    );
-    metric(
-        "messages_in_total",
-        "counter",
-        "WebSocket messages received.",
-        one(sum(&|m| m.messages_in)),
-    );
-    metric(
-        "messages_out_total",
-        "counter",
-        "WebSocket messages sent.",
-        one(sum(&|m| m.messages_out)),
-    );
-    metric(
-        "bytes_in_total",
-        "counter",
-        "Bytes received.",
-        one(sum(&|m| m.bytes_in)),
-    );
-    metric(
-        "bytes_out_total",
-        "counter",
-        "Bytes sent.",
-        one(sum(&|m| m.bytes_out)),
-    );
-    metric(
-        "accept_errors_total",
-        "counter",
-        "accept4 failures, by errno.",
-        ACCEPT_ERRNOS
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (format!("{{errno=\"{e}\"}}"), sum(&|m| m.accept_errors[i])))
-            .collect(),
-    );
-    metric(
-        "connections_shed_total",
-        "counter",
-        "Connections accepted and closed at once because descriptors ran out.",
-        one(sum(&|m| m.shed)),
-    );
-    metric(
-        "pings_sent_total",
-        "counter",
-        "Heartbeat pings sent.",
-        one(sum(&|m| m.pings)),
-    );
-    metric(
-        "protocol_errors_total",
-        "counter",
-        "Relay requests answered with an error message.",
-        one(sum(&|m| m.protocol_errors_replied)),
-    );
-    metric(
-        "rooms",
-        "gauge",
-        "Rooms with at least one member.",
-        one(global.rooms),
-    );
-    metric(
-        "accepting",
-        "gauge",
-        "1 while the server accepts new connections.",
-        one(global.accepting as u64),
-    );
-    metric(
-        "workers",
-        "gauge",
-        "Worker processes the server is configured with.",
-        one(global.workers as u64),
-    );
-    metric(
-        "workers_up",
-        "gauge",
-        "Worker processes up: the one answering and every one its bus links reach.",
-        one(global.workers_up as u64),
-    );
-    metric(
-        "bus_room_deliveries_total",
-        "counter",
-        "Room messages handed to other loops or workers (routed by interest).",
-        one(total.bus_routed),
-    );
-    metric(
-        "bus_broadcast_equivalent_total",
-        "counter",
-        "Room messages a send-to-all bus would have handed to other loops or workers.",
-        one(total.bus_broadcast_equivalent),
-    );
-    metric(
-        "bus_room_messages_received_total",
-        "counter",
-        "Room messages each worker received from other workers (interest routing: a worker with no member of a room receives none of its messages).",
-        global
-            .received_by_worker
-            .iter()
-            .map(|(w, n)| (format!("{{worker=\"{w}\"}}"), *n))
-            .collect(),
-    );
+    }
     s
+}
+
+/// What happens to connections and the bytes and messages on them.
+fn connection_families(t: &Snapshot) -> Vec<Family> {
+    let closed = CloseReason::ALL
+        .iter()
+        .map(|r| (format!("{{reason=\"{}\"}}", r.label()), t.closed[r.index()]))
+        .collect();
+    let accept_errors = ACCEPT_ERRNOS
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("{{errno=\"{e}\"}}"), t.accept_errors[i]))
+        .collect();
+    vec![
+        gauge(
+            "connections_open",
+            "Open TCP connections (WebSocket and HTTP).",
+            t.open,
+        ),
+        gauge(
+            "websockets_open",
+            "Open WebSocket connections.",
+            t.websockets,
+        ),
+        gauge(
+            "output_queued_bytes",
+            "Output waiting in the server for readers slower than their messages (all connections; each is capped by --max-pending-output).",
+            t.queued,
+        ),
+        counter(
+            "connections_accepted_total",
+            "Connections accepted.",
+            t.accepted,
+        ),
+        Family {
+            name: "connections_closed_total",
+            kind: "counter",
+            help: "Connections closed, by reason.",
+            samples: closed,
+        },
+        counter(
+            "backpressure_closes_total",
+            "Slow readers cut off because their pending output passed the cap (closed with 1008).",
+            t.backpressure_cutoffs,
+        ),
+        counter(
+            "messages_in_total",
+            "WebSocket messages received.",
+            t.messages_in,
+        ),
+        counter(
+            "messages_out_total",
+            "WebSocket messages sent.",
+            t.messages_out,
+        ),
+        counter("bytes_in_total", "Bytes received.", t.bytes_in),
+        counter("bytes_out_total", "Bytes sent.", t.bytes_out),
+        Family {
+            name: "accept_errors_total",
+            kind: "counter",
+            help: "accept4 failures, by errno.",
+            samples: accept_errors,
+        },
+        counter(
+            "connections_shed_total",
+            "Connections accepted and closed at once because descriptors ran out.",
+            t.shed,
+        ),
+        counter("pings_sent_total", "Heartbeat pings sent.", t.pings),
+        counter(
+            "protocol_errors_total",
+            "Relay requests answered with an error message.",
+            t.protocol_errors_replied,
+        ),
+    ]
+}
+
+/// The server as a whole: rooms, accepting, workers, and the bus between loops and workers.
+fn server_families(t: &Snapshot, g: &Global) -> Vec<Family> {
+    let received = g
+        .received_by_worker
+        .iter()
+        .map(|(w, n)| (format!("{{worker=\"{w}\"}}"), *n))
+        .collect();
+    vec![
+        gauge("rooms", "Rooms with at least one member.", g.rooms as i64),
+        gauge(
+            "accepting",
+            "1 while the server accepts new connections.",
+            g.accepting as i64,
+        ),
+        gauge(
+            "workers",
+            "Worker processes the server is configured with.",
+            g.workers as i64,
+        ),
+        gauge(
+            "workers_up",
+            "Worker processes up: the one answering and every one its bus links reach.",
+            g.workers_up as i64,
+        ),
+        counter(
+            "bus_room_deliveries_total",
+            "Room messages handed to other loops or workers (routed by interest).",
+            t.bus_routed,
+        ),
+        counter(
+            "bus_broadcast_equivalent_total",
+            "Room messages a send-to-all bus would have handed to other loops or workers.",
+            t.bus_broadcast_equivalent,
+        ),
+        Family {
+            name: "bus_room_messages_received_total",
+            kind: "counter",
+            help: "Room messages each worker received from other workers (interest routing: a worker with no member of a room receives none of its messages).",
+            samples: received,
+        },
+    ]
 }

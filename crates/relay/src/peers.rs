@@ -20,30 +20,27 @@
 //! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
-use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::bus::{Bus, Item, LocalBus};
+use link::{Link, Outbox, write_link};
+
+mod link;
 use super::id::ConnId;
 use super::metrics::Snapshot;
 use super::protocol::{Encoding, Outgoing};
-use super::sys;
 
 /// Largest bus frame accepted (a room message carries at most one client message).
 const MAX_WIRE: usize = 64 << 20;
-/// Bytes queued for one peer beyond this mean it has stopped reading: the link is cut (its
-/// members stop counting) rather than letting this process's memory grow without bound.
-const MAX_QUEUED: usize = 256 << 20;
 /// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
 const PROTOCOL: u32 = 3;
 /// How often a worker retries dialling a peer that is down.
@@ -80,84 +77,6 @@ enum Wire {
     },
     /// The sender's counters, every half second (summed into /metrics by whoever answers).
     Metrics(Snapshot),
-}
-
-/// The live stream to one peer.
-struct Link {
-    /// Which link this is (a peer that restarts gets a new one).
-    generation: u64,
-    /// The peer's incarnation (`id.rs`): the ids this link leads to.
-    incarnation: u16,
-    out: Arc<Outbox>,
-    stream: UnixStream,
-}
-
-/// What waits to be written to one peer, shared by the senders and the link's writer thread.
-/// A sender with nothing ahead of it writes straight to the socket (no thread hop, no wake-up:
-/// the common case); only what the socket does not take at once is queued for the writer.
-#[derive(Default)]
-struct Outbox {
-    state: Mutex<Pending>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct Pending {
-    queue: VecDeque<Arc<Vec<u8>>>,
-    /// Bytes of the front item already written.
-    offset: usize,
-    bytes: usize,
-    /// The writer thread is writing what it took, outside the lock: later sends must queue.
-    writing: bool,
-    closed: bool,
-}
-
-impl Link {
-    fn send(&self, bytes: Arc<Vec<u8>>) {
-        let mut p = self.out.state.lock().expect("outbox lock");
-        if p.closed {
-            return;
-        }
-        let mut offset = 0;
-        if p.queue.is_empty() && !p.writing {
-            match sys::send_nowait(self.stream.as_fd(), &bytes) {
-                Ok(n) if n == bytes.len() => return,
-                Ok(n) => offset = n,
-                Err(nix::errno::Errno::EAGAIN) => {}
-                Err(_) => {
-                    // The peer is gone; the reader sees it too and retires the link.
-                    p.closed = true;
-                    return;
-                }
-            }
-        }
-        if p.bytes + bytes.len() > MAX_QUEUED {
-            // The peer stopped reading; the reader sees the shutdown and retires the link.
-            p.closed = true;
-            let _ = self.stream.shutdown(Shutdown::Both);
-            self.out.ready.notify_one();
-            return;
-        }
-        if p.queue.is_empty() {
-            p.offset = offset;
-        }
-        p.bytes += bytes.len();
-        p.queue.push_back(bytes);
-        drop(p);
-        self.out.ready.notify_one();
-    }
-}
-
-impl Drop for Link {
-    /// A link retired (its peer died, or a newer link replaced it): the writer stops, and the
-    /// stream's end wakes the reader.
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.out.state.lock() {
-            p.closed = true;
-        }
-        self.out.ready.notify_one();
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
 }
 
 /// What this worker knows about its peers; one lock, so a count can never be applied from, or
@@ -537,41 +456,6 @@ impl WorkerBus {
             .get(room)
             .map_or(0, |per| per.iter().sum())
     }
-}
-
-/// Writes what the senders could not write at once, everything queued in one write, until
-/// the link is retired or the stream breaks.
-fn write_link(stream: UnixStream, out: &Outbox) {
-    let mut batch = Vec::with_capacity(64 << 10);
-    loop {
-        {
-            let mut p = out.state.lock().expect("outbox lock");
-            while p.queue.is_empty() && !p.closed {
-                p = out.ready.wait(p).expect("outbox lock");
-            }
-            if p.closed {
-                break;
-            }
-            batch.clear();
-            let offset = std::mem::take(&mut p.offset);
-            for (i, item) in p.queue.drain(..).enumerate() {
-                batch.extend_from_slice(if i == 0 { &item[offset..] } else { &item[..] });
-            }
-            p.bytes = 0;
-            p.writing = true;
-        }
-        let written = (&stream).write_all(&batch);
-        let mut p = out.state.lock().expect("outbox lock");
-        p.writing = false;
-        if written.is_err() {
-            p.closed = true;
-            break;
-        }
-        if batch.capacity() > 1 << 20 {
-            batch = Vec::with_capacity(64 << 10);
-        }
-    }
-    let _ = stream.shutdown(Shutdown::Both);
 }
 
 impl Bus for WorkerBus {

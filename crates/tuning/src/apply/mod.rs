@@ -100,20 +100,7 @@ pub fn apply(
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     let _lock = StateLock::acquire(&paths.state_dir)?;
-    let netns = host.netns_id();
-    let prior = Journal::load(&paths.state_dir)?;
-    if let Some(j) = &prior
-        && j.netns != netns
-    {
-        return Err(UsageError(format!(
-            "the journal in {} belongs to network namespace {} but this process is in {}; \
-             revert there first, or use another --state-dir",
-            paths.state_dir.display(),
-            j.netns.as_deref().unwrap_or("?"),
-            netns.as_deref().unwrap_or("?")
-        ))
-        .into());
-    }
+    let prior = own_journal(host, paths)?;
     files::remove_stale_temps(&paths.state_dir, journal::FILE_NAME);
     let dropin = paths.sysctl_dir.join(DROPIN_NAME);
     if persist {
@@ -124,7 +111,7 @@ pub fn apply(
 
     let mut journal = prior.clone().unwrap_or(Journal {
         version: journal::VERSION,
-        netns: netns.clone(),
+        netns: host.netns_id(),
         ..Journal::default()
     });
     for step in &steps {
@@ -146,7 +133,39 @@ pub fn apply(
         outcome.journal = Some(Journal::path(&paths.state_dir));
     }
 
-    let mut done: Vec<&Step> = Vec::new();
+    let done = write_all(host, &steps, &mut outcome);
+    if outcome.failure.is_some() {
+        roll_back(host, &done, &journal, prior, paths, &mut outcome)?;
+    } else if persist {
+        outcome.persisted = Some(persist::write(&dropin, &journal, profile)?);
+    }
+    outcome.nofile = raise_nofile(host, plan);
+    Ok(outcome)
+}
+
+/// The journal in the state directory, refused if it belongs to another network namespace.
+fn own_journal(host: &Host, paths: &Paths) -> anyhow::Result<Option<Journal>> {
+    let netns = host.netns_id();
+    let prior = Journal::load(&paths.state_dir)?;
+    if let Some(j) = &prior
+        && j.netns != netns
+    {
+        return Err(UsageError(format!(
+            "the journal in {} belongs to network namespace {} but this process is in {}; \
+             revert there first, or use another --state-dir",
+            paths.state_dir.display(),
+            j.netns.as_deref().unwrap_or("?"),
+            netns.as_deref().unwrap_or("?")
+        ))
+        .into());
+    }
+    Ok(prior)
+}
+
+/// Writes each step and reads it back, stopping at the first failure (recorded in `outcome`);
+/// returns the steps that went through.
+fn write_all<'a>(host: &Host, steps: &'a [Step], outcome: &mut Outcome) -> Vec<&'a Step> {
+    let mut done = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         match write_verified(host, step, &step.to) {
             Ok(()) => {
@@ -167,40 +186,41 @@ pub fn apply(
             }
         }
     }
+    done
+}
 
-    if outcome.failure.is_some() {
-        // Put back what this run wrote; keep in the journal only what could not be put back.
-        let mut kept = prior.unwrap_or(Journal {
-            version: journal::VERSION,
-            netns,
-            ..Journal::default()
-        });
-        for step in done.iter().rev() {
-            let result = write_verified(host, step, &step.from);
-            if result.is_err()
-                && let Some(e) = journal.entry(&step.key.dotted())
-                && kept.entry(&e.key).is_none()
-            {
-                kept.entries.push(e.clone());
-            }
-            outcome.restored.push(Restore {
-                key: step.key.dotted(),
-                value: step.from.to_string(),
-                error: result.err(),
-            });
+/// After a failure: puts back what this run wrote, in reverse, and saves the journal as the
+/// previous one plus only what could not be put back.
+fn roll_back(
+    host: &Host,
+    done: &[&Step],
+    journal: &Journal,
+    prior: Option<Journal>,
+    paths: &Paths,
+    outcome: &mut Outcome,
+) -> anyhow::Result<()> {
+    let mut kept = prior.unwrap_or(Journal {
+        version: journal::VERSION,
+        netns: host.netns_id(),
+        ..Journal::default()
+    });
+    for step in done.iter().rev() {
+        let result = write_verified(host, step, &step.from);
+        if result.is_err()
+            && let Some(e) = journal.entry(&step.key.dotted())
+            && kept.entry(&e.key).is_none()
+        {
+            kept.entries.push(e.clone());
         }
-        // Keys never written kept their values, so the previous journal plus whatever could not
-        // be put back is exactly the truth.
-        kept.save(&paths.state_dir)?;
-        outcome.nofile = raise_nofile(host, plan);
-        return Ok(outcome);
+        outcome.restored.push(Restore {
+            key: step.key.dotted(),
+            value: step.from.to_string(),
+            error: result.err(),
+        });
     }
-
-    outcome.nofile = raise_nofile(host, plan);
-    if persist {
-        outcome.persisted = Some(persist::write(&dropin, &journal, profile)?);
-    }
-    Ok(outcome)
+    // Keys never written kept their values, so the previous journal plus whatever could not be
+    // put back is exactly the truth.
+    kept.save(&paths.state_dir)
 }
 
 /// The plan's steps against the host as it is now, under the lock. A key still at the value

@@ -66,25 +66,49 @@ pub fn checks(
     let mut out = Vec::new();
     let nr_open = read_number(host, "fs.nr_open")?;
     let file_max = read_number(host, "fs.file-max")?;
-    let target = profile.target_connections;
     let nofile = profile.nofile.as_ref().map(|(n, _)| *n);
-
-    // Descriptor ceilings above any process limit.
     if let Some(want) = nofile {
-        for (id, key, have, why) in [
-            (
-                "nr_open",
-                "fs.nr_open",
-                nr_open,
-                "No process's hard RLIMIT_NOFILE can exceed fs.nr_open, whatever its privileges.",
-            ),
-            (
-                "file_max",
-                "fs.file-max",
-                file_max,
-                "The kernel-wide ceiling on open files; every socket of every process counts.",
-            ),
-        ] {
+        out.extend(descriptor_ceilings(want, nr_open, file_max));
+    }
+    if let Some(target) = profile.target_connections {
+        out.push(connection_budget(ctx, nr_open, target));
+        if let (Some(file_max), None) = (file_max, nofile) {
+            out.push(file_max_for_target(file_max, target));
+        }
+        out.push(ephemeral_range(profile, host, target)?);
+        out.push(tcp_memory(profile, host, target)?);
+        if let Some(f) = conntrack(host, target)? {
+            out.push(f);
+        }
+    }
+    let range = numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?);
+    if let Some(r) = &range {
+        out.extend(range_shape(host, r)?);
+    }
+    out.extend(port_guard(profile, host, ports)?);
+    Ok(out)
+}
+
+/// Descriptor ceilings above any process limit: fs.nr_open and fs.file-max against the
+/// profile's limits.nofile.
+fn descriptor_ceilings(want: u64, nr_open: Option<u64>, file_max: Option<u64>) -> Vec<Finding> {
+    let ceilings = [
+        (
+            "nr_open",
+            "fs.nr_open",
+            nr_open,
+            "No process's hard RLIMIT_NOFILE can exceed fs.nr_open, whatever its privileges.",
+        ),
+        (
+            "file_max",
+            "fs.file-max",
+            file_max,
+            "The kernel-wide ceiling on open files; every socket of every process counts.",
+        ),
+    ];
+    ceilings
+        .into_iter()
+        .map(|(id, key, have, why)| {
             let mut f = finding(id, key, Scope::HostGlobal);
             f.why = why.into();
             f.wanted = format!("{want} (limits.nofile)");
@@ -99,66 +123,54 @@ pub fn checks(
                 }
                 None => f.verdict = Verdict::Warn,
             }
-            out.push(f);
-        }
-    }
+            f
+        })
+        .collect()
+}
 
-    if let Some(target) = target {
-        // How many processes the target needs at this host's descriptor limits.
-        let mut f = finding(
-            "connection_budget",
-            "connections per process",
-            Scope::Process,
+/// How many processes the target needs at this host's descriptor limits.
+fn connection_budget(ctx: &Context, nr_open: Option<u64>, target: u64) -> Finding {
+    let mut f = finding(
+        "connection_budget",
+        "connections per process",
+        Scope::Process,
+    );
+    let per_process = ctx
+        .nofile_hard
+        .min(nr_open.unwrap_or(u64::MAX))
+        .saturating_sub(FD_HEADROOM);
+    let processes = target.div_ceil(per_process.max(1));
+    f.why = "Each connection is a descriptor; one process holds at most its hard \
+             RLIMIT_NOFILE of them."
+        .into();
+    f.current = Some(per_process.to_string());
+    f.wanted = format!("{target} (target_connections)");
+    f.detail = Some(format!(
+        "at the hard limit {} (minus {FD_HEADROOM} for non-socket descriptors) one process holds \
+         {per_process} connections; {target} need {processes} process(es)",
+        ctx.nofile_hard
+    ));
+    if processes > 1 {
+        f.verdict = Verdict::Warn;
+        f.fix = format!(
+            "run {processes} or more server processes on the port (SO_REUSEPORT), or raise the \
+             hard limit (LimitNOFILE=, needs CAP_SYS_RESOURCE and fs.nr_open)"
         );
-        let per_process = ctx
-            .nofile_hard
-            .min(nr_open.unwrap_or(u64::MAX))
-            .saturating_sub(FD_HEADROOM);
-        let processes = target.div_ceil(per_process.max(1));
-        f.why = "Each connection is a descriptor; one process holds at most its hard \
-                 RLIMIT_NOFILE of them."
-            .into();
-        f.current = Some(per_process.to_string());
-        f.wanted = format!("{target} (target_connections)");
-        f.detail = Some(format!(
-            "at the hard limit {} (minus {FD_HEADROOM} for non-socket descriptors) one process holds \
-             {per_process} connections; {target} need {processes} process(es)",
-            ctx.nofile_hard
-        ));
-        if processes > 1 {
-            f.verdict = Verdict::Warn;
-            f.fix = format!(
-                "run {processes} or more server processes on the port (SO_REUSEPORT), or raise the \
-                 hard limit (LimitNOFILE=, needs CAP_SYS_RESOURCE and fs.nr_open)"
-            );
-        }
-        out.push(f);
-
-        if let (Some(file_max), None) = (file_max, nofile) {
-            let mut f = finding("file_max", "fs.file-max", Scope::HostGlobal);
-            f.current = Some(file_max.to_string());
-            f.wanted = format!("{target} (target_connections)");
-            f.why = "The kernel-wide ceiling on open files; every socket counts.".into();
-            if file_max < target {
-                f.verdict = Verdict::Fail;
-                f.fix = format!("on the host: fs.file-max = {}", target * 2);
-            }
-            out.push(f);
-        }
-
-        out.push(ephemeral_range(profile, host, target)?);
-        out.push(tcp_memory(profile, host, target)?);
-        if let Some(f) = conntrack(host, target)? {
-            out.push(f);
-        }
     }
+    f
+}
 
-    let range = numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?);
-    if let Some(r) = &range {
-        out.extend(range_shape(host, r)?);
+/// Without limits.nofile, fs.file-max still has to hold the target's sockets.
+fn file_max_for_target(file_max: u64, target: u64) -> Finding {
+    let mut f = finding("file_max", "fs.file-max", Scope::HostGlobal);
+    f.current = Some(file_max.to_string());
+    f.wanted = format!("{target} (target_connections)");
+    f.why = "The kernel-wide ceiling on open files; every socket counts.".into();
+    if file_max < target {
+        f.verdict = Verdict::Fail;
+        f.fix = format!("on the host: fs.file-max = {}", target * 2);
     }
-    out.extend(port_guard(profile, host, ports)?);
-    Ok(out)
+    f
 }
 
 fn ephemeral_range(profile: &Profile, host: &Host, target: u64) -> anyhow::Result<Finding> {

@@ -1,0 +1,329 @@
+//! One connection's task: connect (from its source address), upgrade, read the hello, then
+//! follow the shard's commands (join, count, publish, finish) while answering pings and timing
+//! every stamped room message it receives.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Cmd, MAX_FRAME, Shard};
+use crate::monotonic_us;
+use crate::plan;
+use crate::wire;
+use crate::{LoadEncoding, LoadProtocol};
+
+impl Shard {
+    /// One connection, from connect to finish.
+    pub(super) async fn connection(
+        self: Rc<Self>,
+        global: u64,
+        room: String,
+        mut rx: mpsc::UnboundedReceiver<Cmd>,
+        deadline: Instant,
+    ) {
+        let started = Instant::now();
+        let left = deadline.saturating_duration_since(started);
+        let opened = tokio::time::timeout(left, self.open_connection(global)).await;
+        self.inflight.set(self.inflight.get() - 1);
+        self.changed();
+        let (mut stream, mut buf) = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(cause)) => return self.connect_failed(cause),
+            Err(_) => return self.connect_failed("timeout".into()),
+        };
+        let took = started.elapsed().as_micros() as u64;
+        let _ = self.connect_us.borrow_mut().record(took.max(1));
+        self.tally.borrow_mut().opened += 1;
+        self.open.set(self.open.get() + 1);
+        self.last_open_us
+            .set(self.last_open_us.get().max(monotonic_us()));
+
+        let mut pending_count: Option<oneshot::Sender<u64>> = None;
+        let mut out = Vec::new();
+        let why = loop {
+            // Frames already buffered first (the hello may have come with the upgrade answer).
+            match self.take_frames(&mut buf, &mut out, &mut pending_count) {
+                Ok(()) => {}
+                Err(cause) => break Some(cause),
+            }
+            if !out.is_empty() {
+                if let Err(e) = stream.write_all(&out).await {
+                    break Some(io_cause(&e));
+                }
+                out.clear();
+            }
+            if buf.capacity() > 8192 && buf.is_empty() {
+                buf.shrink_to(1024);
+            }
+            buf.reserve(1024);
+            tokio::select! {
+                r = stream.read_buf(&mut buf) => match r {
+                    Ok(0) => break Some("eof".to_string()),
+                    Ok(_) => {}
+                    Err(e) => break Some(io_cause(&e)),
+                },
+                cmd = rx.recv() => match cmd {
+                    Some(Cmd::Join) => self.request(&mut out, &RoomRequest { op: "join", room: &room, reference: "j" }),
+                    Some(Cmd::Count(reply)) => {
+                        pending_count = Some(reply);
+                        self.request(&mut out, &RoomRequest { op: "count", room: &room, reference: "c" });
+                    }
+                    Some(Cmd::Publish) => self.publish_frame(&mut out, &room),
+                    Some(Cmd::Finish) | None => {
+                        let m = self.rng.borrow_mut().next() as u32;
+                        wire::frame(&mut out, wire::CLOSE, &1000u16.to_be_bytes(), m);
+                        let _ = stream.write_all(&out).await;
+                        break None;
+                    }
+                },
+            }
+        };
+        self.open.set(self.open.get() - 1);
+        self.changed();
+        if let Some(cause) = why
+            && !self.finishing.get()
+        {
+            self.dropped.set(self.dropped.get() + 1);
+            self.changed();
+            *self
+                .tally
+                .borrow_mut()
+                .disconnects
+                .entry(cause)
+                .or_default() += 1;
+        }
+    }
+
+    fn connect_failed(&self, cause: String) {
+        *self
+            .tally
+            .borrow_mut()
+            .connect_errors
+            .entry(cause)
+            .or_default() += 1;
+    }
+
+    /// TCP connect from this connection's source address, the upgrade, and (relay) the hello.
+    async fn open_connection(&self, global: u64) -> Result<(TcpStream, Vec<u8>), String> {
+        let socket = TcpSocket::new_v4().map_err(|e| io_cause(&e))?;
+        if let Some(base) = self.source {
+            let src = plan::source_of(base, self.args.per_source, global);
+            // Pick the port at connect() against the whole 4-tuple, not at bind(): each
+            // source address then has the full ephemeral range per destination.
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            );
+            socket
+                .bind(SocketAddr::new(src.into(), 0))
+                .map_err(|e| format!("bind {src}: {}", io_cause(&e)))?;
+        }
+        let mut stream = socket
+            .connect(self.target.addr)
+            .await
+            .map_err(|e| io_cause(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (req, accept) = wire::request(
+            &self.target.host,
+            &self.target.path,
+            &mut self.rng.borrow_mut(),
+        );
+        stream.write_all(&req).await.map_err(|e| io_cause(&e))?;
+        let mut buf = Vec::with_capacity(512);
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if buf.len() > 8192 {
+                return Err("oversized upgrade answer".into());
+            }
+            buf.reserve(512);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) => return Err("eof during upgrade".into()),
+                Ok(_) => {}
+                Err(e) => return Err(io_cause(&e)),
+            }
+        };
+        wire::check_response(&buf[..head_end], &accept)?;
+        buf.drain(..head_end);
+        if self.args.protocol == LoadProtocol::Relay {
+            // Open means greeted: read until the first frame is in.
+            loop {
+                if wire::parse(&buf, MAX_FRAME)?.is_some() {
+                    break;
+                }
+                buf.reserve(512);
+                match stream.read_buf(&mut buf).await {
+                    Ok(0) => return Err("eof before hello".into()),
+                    Ok(_) => {}
+                    Err(e) => return Err(io_cause(&e)),
+                }
+            }
+        }
+        Ok((stream, buf))
+    }
+
+    /// Handles every complete frame in `buf`, queueing answers (pongs) in `out`.
+    fn take_frames(
+        &self,
+        buf: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        pending_count: &mut Option<oneshot::Sender<u64>>,
+    ) -> Result<(), String> {
+        let mut used = 0;
+        while let Some((_fin, opcode, range, len)) = wire::parse(&buf[used..], MAX_FRAME)? {
+            let payload = &buf[used + range.start..used + range.end];
+            match opcode {
+                wire::PING => {
+                    let m = self.rng.borrow_mut().next() as u32;
+                    wire::frame(out, wire::PONG, payload, m);
+                    self.tally.borrow_mut().pings_answered += 1;
+                }
+                wire::CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Err(code.map_or("close".into(), |c| format!("close {c}")));
+                }
+                wire::TEXT | wire::BINARY if self.args.protocol == LoadProtocol::Relay => {
+                    let msg: Result<Incoming, String> = if opcode == wire::TEXT {
+                        serde_json::from_slice(payload).map_err(|e| e.to_string())
+                    } else {
+                        rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+                    };
+                    match msg {
+                        Ok(m) => self.incoming(m, pending_count),
+                        Err(e) => return Err(format!("unreadable message: {e}")),
+                    }
+                }
+                _ => {}
+            }
+            used += len;
+        }
+        buf.drain(..used);
+        Ok(())
+    }
+
+    fn incoming(&self, m: Incoming, pending_count: &mut Option<oneshot::Sender<u64>>) {
+        match m.op.as_str() {
+            "message" => {
+                // Only this run's messages (stamped) are timed and counted.
+                if let Some(DataIn::Stamp { t }) = m.data {
+                    let now = monotonic_us();
+                    let _ = self
+                        .latency_us
+                        .borrow_mut()
+                        .record(now.saturating_sub(t).max(1));
+                    self.tally.borrow_mut().received += 1;
+                }
+            }
+            "joined" => {
+                self.tally.borrow_mut().joined += 1;
+                self.join_answers.set(self.join_answers.get() + 1);
+                self.changed();
+            }
+            "count" => {
+                if let Some(reply) = pending_count.take() {
+                    let _ = reply.send(m.members.unwrap_or(0));
+                }
+            }
+            "error" => {
+                self.tally.borrow_mut().server_errors += 1;
+                if matches!(&m.reference, Some(RefIn::Text(r)) if r == "j") {
+                    self.join_answers.set(self.join_answers.get() + 1);
+                    self.changed();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A request in this run's encoding.
+    fn request(&self, out: &mut Vec<u8>, msg: &impl Serialize) {
+        let m = self.rng.borrow_mut().next() as u32;
+        match self.args.encoding {
+            LoadEncoding::Json => {
+                let text = serde_json::to_vec(msg).expect("requests encode");
+                wire::frame(out, wire::TEXT, &text, m)
+            }
+            LoadEncoding::Msgpack => {
+                let bytes = rmp_serde::to_vec_named(msg).expect("requests encode");
+                wire::frame(out, wire::BINARY, &bytes, m)
+            }
+        }
+    }
+
+    fn publish_frame(&self, out: &mut Vec<u8>, room: &str) {
+        let msg = PublishMsg {
+            op: "publish",
+            room,
+            data: Stamp {
+                t: monotonic_us(),
+                p: Some(&self.pad),
+            },
+        };
+        self.request(out, &msg);
+    }
+}
+
+fn io_cause(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+/// A server message, read leniently: `data` and `ref` of shapes this run did not send (another
+/// client's messages in a shared room) are accepted and ignored, not a broken connection.
+#[derive(Deserialize)]
+struct Incoming {
+    op: String,
+    #[serde(default)]
+    members: Option<u64>,
+    #[serde(default)]
+    data: Option<DataIn>,
+    #[serde(default, rename = "ref")]
+    reference: Option<RefIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DataIn {
+    Stamp { t: u64 },
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RefIn {
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+/// `join` or `count` of this connection's room.
+#[derive(Serialize)]
+struct RoomRequest<'a> {
+    op: &'static str,
+    room: &'a str,
+    #[serde(rename = "ref")]
+    reference: &'static str,
+}
+
+#[derive(Serialize)]
+struct PublishMsg<'a> {
+    op: &'static str,
+    room: &'a str,
+    data: Stamp<'a>,
+}
+
+#[derive(Serialize)]
+struct Stamp<'a> {
+    t: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p: Option<&'a str>,
+}

@@ -1,0 +1,310 @@
+//! The relay without sockets: a sink that records what would be sent, two loops joined by the
+//! in-process bus.
+
+use super::*;
+use crate::bus::LocalBus;
+use crate::{Config, Shared};
+use serde_json::{Value, json};
+use std::sync::atomic::AtomicBool;
+
+const INCARNATION: u16 = 7;
+
+/// A loop's connections as plain data; every frame sent is kept, decoded.
+struct Recorder {
+    node: usize,
+    conns: Vec<(bool, RelayConn)>,
+    sent: Vec<(usize, Value)>,
+}
+
+impl Recorder {
+    fn new(node: usize, n: usize) -> Recorder {
+        Recorder {
+            node,
+            conns: vec![(true, RelayConn::default()); n],
+            sent: Vec::new(),
+        }
+    }
+
+    /// What `slot` received since the last call, decoded.
+    fn take(&mut self, slot: usize) -> Vec<Value> {
+        let (mine, rest) = self.sent.drain(..).partition(|(s, _)| *s == slot);
+        self.sent = rest;
+        mine.into_iter().map(|(_, v)| v).collect()
+    }
+}
+
+/// The payload of one unmasked server frame.
+fn payload(frame: &[u8]) -> &[u8] {
+    match frame[1] & 0x7F {
+        126 => &frame[4..],
+        127 => &frame[10..],
+        _ => &frame[2..],
+    }
+}
+
+impl Sink<RelayConn> for Recorder {
+    fn node(&self) -> usize {
+        self.node
+    }
+    fn id(&self, slot: usize) -> u64 {
+        let (incarnation, generation, node) = (INCARNATION, 0, self.node);
+        ConnId {
+            incarnation,
+            generation,
+            node,
+            slot,
+        }
+        .encode()
+    }
+    fn is_here(&self, id: ConnId) -> bool {
+        id.incarnation == INCARNATION && id.node == self.node
+    }
+    fn slot_of(&self, id: u64) -> Option<usize> {
+        let id = ConnId::decode(id)?;
+        (self.is_here(id) && id.generation == 0 && self.conns.get(id.slot)?.0).then_some(id.slot)
+    }
+    fn is_open(&self, slot: usize) -> bool {
+        self.conns[slot].0
+    }
+    fn data(&self, slot: usize) -> RelayConn {
+        self.conns[slot].1
+    }
+    fn data_mut(&mut self, slot: usize) -> &mut RelayConn {
+        &mut self.conns[slot].1
+    }
+    fn send(&mut self, slot: usize, out: Out<'_>) {
+        let p = payload(out.bytes());
+        let v = if out.bytes()[0] & 0x0F == crate::frame::OP_BINARY {
+            rmp_serde::from_slice(p).expect("MsgPack")
+        } else {
+            serde_json::from_slice(p).expect("JSON")
+        };
+        self.sent.push((slot, v));
+    }
+}
+
+/// `nodes` relays of one process and a recorder of `conns` connections for each, every
+/// connection opened (hello taken).
+fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
+    let local = Arc::new(LocalBus::new(nodes, INCARNATION).unwrap());
+    let mut config = Config::default();
+    config.options.threads = Some(nodes);
+    let shared = Arc::new(Shared {
+        local: local.clone(),
+        bus: local.clone(),
+        metrics: (0..nodes).map(|_| Arc::default()).collect(),
+        accepting: AtomicBool::new(true),
+        incarnation: INCARNATION,
+        config,
+    });
+    let settings = RelaySettings {
+        ping_interval_ms: 25_000,
+        ping_timeout_ms: 20_000,
+        max_rooms_per_conn: 3,
+    };
+    let mut relays: Vec<Relay> = (0..nodes)
+        .map(|n| {
+            let routes = Routes::new(shared.clone());
+            let bus: Arc<dyn Bus> = local.clone();
+            Relay::new(
+                settings.clone(),
+                bus,
+                local.inbox(n),
+                Arc::default(),
+                routes,
+            )
+        })
+        .collect();
+    let mut sinks: Vec<Recorder> = (0..nodes).map(|n| Recorder::new(n, conns)).collect();
+    for (r, s) in relays.iter_mut().zip(&mut sinks) {
+        for slot in 0..conns {
+            r.on_open(s, slot, "/");
+            assert_eq!(s.take(slot)[0]["op"], "hello");
+        }
+    }
+    (relays, sinks)
+}
+
+fn ask(r: &mut Relay, s: &mut Recorder, slot: usize, v: Value) -> Vec<Value> {
+    r.on_message(s, slot, false, v.to_string().as_bytes());
+    s.take(slot)
+}
+
+/// What an idle connection costs: its slot, the relay's 4 bytes included.
+#[test]
+fn a_slot_stays_32_bytes() {
+    assert_eq!(std::mem::size_of::<crate::conn::Conn<RelayConn>>(), 32);
+}
+
+#[test]
+fn hello_carries_the_id_and_heartbeats_and_the_requested_encoding() {
+    let (mut relays, mut sinks) = setup(1, 2);
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    r.on_open(s, 1, "/chat?encoding=msgpack");
+    let hello = s.take(1);
+    assert_eq!(
+        hello,
+        [json!({"op": "hello", "id": s.id(1), "ping_interval": 25000, "ping_timeout": 20000})]
+    );
+    assert_eq!(s.data(1).encoding(), Encoding::MsgPack);
+    // A text frame switches the connection to JSON.
+    let r2 = ask(r, s, 1, json!({"op": "count", "room": "x", "ref": 1}));
+    assert_eq!(
+        r2,
+        [json!({"op": "count", "room": "x", "members": 0, "ref": 1})]
+    );
+    assert_eq!(s.data(1).encoding(), Encoding::Json);
+}
+
+#[test]
+fn room_messages_reach_members_once_on_every_loop_and_nobody_else() {
+    let (mut relays, mut sinks) = setup(2, 3);
+    // Members: loop 0 slots 0 and 1, loop 1 slot 0. Loop 1 slot 1 is not a member.
+    for (node, slot) in [(0, 0), (0, 1), (1, 0)] {
+        let got = ask(
+            &mut relays[node],
+            &mut sinks[node],
+            slot,
+            json!({"op": "join", "room": "call"}),
+        );
+        assert_eq!(got[0]["op"], "joined");
+    }
+    assert_eq!(
+        ask(
+            &mut relays[1],
+            &mut sinks[1],
+            2,
+            json!({"op": "count", "room": "call"})
+        )[0]["members"],
+        3
+    );
+    let from = sinks[0].id(0);
+    let published = ask(
+        &mut relays[0],
+        &mut sinks[0],
+        0,
+        json!({"op": "publish", "room": "call", "data": {"sdp": "offer"}, "ref": "p"}),
+    );
+    assert_eq!(
+        published,
+        [json!({"op": "published", "room": "call", "ref": "p"})]
+    );
+    let want = json!({"op": "message", "room": "call", "from": from, "data": {"sdp": "offer"}});
+    assert_eq!(sinks[0].take(1), std::slice::from_ref(&want));
+    // Loop 1 gets it through its inbox, when woken.
+    assert!(sinks[1].take(0).is_empty());
+    relays[1].on_wake(&mut sinks[1]);
+    assert_eq!(sinks[1].take(0), [want]);
+    assert!(sinks[1].take(1).is_empty() && sinks[1].sent.is_empty());
+    assert!(
+        sinks[0].sent.is_empty(),
+        "the publisher got its own message without echo"
+    );
+}
+
+#[test]
+fn a_connection_that_ends_leaves_every_room_at_once() {
+    let (mut relays, mut sinks) = setup(1, 2);
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    for room in ["a", "b", "c"] {
+        ask(r, s, 0, json!({"op": "join", "room": room}));
+    }
+    let too_many = ask(r, s, 0, json!({"op": "join", "room": "d", "ref": 4}));
+    assert_eq!(too_many[0]["code"], "too_many_rooms");
+    let left = ask(r, s, 0, json!({"op": "leave", "room": "a"}));
+    assert_eq!(left, [json!({"op": "left", "room": "a", "members": 0})]);
+    ask(r, s, 0, json!({"op": "join", "room": "a"}));
+    s.conns[0].0 = false;
+    r.on_end(s, 0);
+    for room in ["a", "b", "c"] {
+        let c = ask(r, s, 1, json!({"op": "count", "room": room}));
+        assert_eq!(c[0]["members"], 0, "{room}");
+    }
+    assert!(r.more_rooms.is_empty() && r.rooms.is_empty());
+    let not = ask(r, s, 1, json!({"op": "leave", "room": "a", "ref": 9}));
+    assert_eq!(not[0]["code"], "not_a_member");
+}
+
+#[test]
+fn direct_messages_reach_the_target_or_come_back_as_errors() {
+    let (mut relays, mut sinks) = setup(2, 2);
+    // Same loop.
+    let to = sinks[0].id(1);
+    let sent = ask(
+        &mut relays[0],
+        &mut sinks[0],
+        0,
+        json!({"op": "send", "to": to, "data": 1, "ref": 1}),
+    );
+    assert_eq!(sent, [json!({"op": "sent", "to": to, "ref": 1})]);
+    assert_eq!(sinks[0].take(1)[0]["op"], "direct");
+    // Another loop: handed on (sent), then delivered there.
+    let far = sinks[1].id(1);
+    let sent = ask(
+        &mut relays[0],
+        &mut sinks[0],
+        0,
+        json!({"op": "send", "to": far, "data": 2, "ref": 2}),
+    );
+    assert_eq!(sent[0]["op"], "sent");
+    relays[1].on_wake(&mut sinks[1]);
+    assert_eq!(sinks[1].take(1)[0]["data"], 2);
+    // Another loop, connection gone: sent, then a bounce comes back.
+    sinks[1].conns[1].0 = false;
+    ask(
+        &mut relays[0],
+        &mut sinks[0],
+        0,
+        json!({"op": "send", "to": far, "data": 3, "ref": 3}),
+    );
+    relays[1].on_wake(&mut sinks[1]);
+    relays[0].on_wake(&mut sinks[0]);
+    let e = sinks[0].take(0);
+    assert_eq!(e[0]["code"], "no_such_connection", "{e:?}");
+    assert_eq!(e[0]["ref"], 3);
+    // Ids nobody can hold: another incarnation, a loop this process lacks, 2^53.
+    for (i, id) in [far ^ (1 << 45), far | (9 << 20), 1 << 53]
+        .into_iter()
+        .enumerate()
+    {
+        let e = ask(
+            &mut relays[0],
+            &mut sinks[0],
+            0,
+            json!({"op": "send", "to": id, "ref": i}),
+        );
+        assert_eq!(
+            e,
+            [
+                json!({"op": "error", "code": "no_such_connection", "message": format!("no connection {id}"), "ref": i})
+            ]
+        );
+    }
+}
+
+#[test]
+fn bad_requests_are_answered_with_their_ref() {
+    let (mut relays, mut sinks) = setup(1, 1);
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    r.on_message(s, 0, false, b"{not json");
+    assert_eq!(s.take(0)[0]["code"], "bad_request");
+    let e = ask(r, s, 0, json!({"op": "dance", "ref": 5}));
+    assert_eq!(
+        (e[0]["code"].as_str(), e[0]["ref"].as_u64()),
+        (Some("unknown_op"), Some(5))
+    );
+    let e = ask(r, s, 0, json!({"op": "join", "ref": 6}));
+    assert_eq!(e[0]["message"], "this op needs \"room\"");
+    // MsgPack in, MsgPack out.
+    r.on_message(
+        s,
+        0,
+        true,
+        &rmp_serde::to_vec_named(&json!({"op": "count", "room": "r", "ref": 7})).unwrap(),
+    );
+    assert_eq!(
+        s.take(0),
+        [json!({"op": "count", "room": "r", "members": 0, "ref": 7})]
+    );
+    assert_eq!(s.data(0).encoding(), Encoding::MsgPack);
+}
