@@ -100,7 +100,12 @@ fn a_server_that_dies_mid_run_is_a_failure_with_the_cause() {
     let mut s = Server::start(&[]);
     let target = url(&s);
     let run = std::thread::spawn(move || load(&target, &["-n", "100", "--hold", "3"]));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-run: once all 100 are open (the hold has begun), the server dies.
+    common::eventually_true(
+        Duration::from_secs(10),
+        || "100 open".into(),
+        || s.metric("tunegate_websockets_open") == 100,
+    );
     s.child.kill().unwrap();
     let o = run.join().unwrap();
     let r = json(&o);

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::eventually_true;
 use common::ws::{Server, Ws, http};
 use serde_json::{Value, json};
 
@@ -214,10 +215,15 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
 
     // Closing a member updates the whole-server count.
     drop(members.pop());
-    std::thread::sleep(Duration::from_millis(200));
     let w = &mut members[0].0;
-    w.send_json(json!({"op": "count", "room": "call-42"}));
-    assert_eq!(w.recv_json()["members"], 18);
+    eventually_true(
+        Duration::from_secs(5),
+        || "18 members".into(),
+        || {
+            w.send_json(json!({"op": "count", "room": "call-42"}));
+            w.recv_json()["members"] == 18
+        },
+    );
     assert!(s.metric("tunegate_bus_room_deliveries_total") > 0);
 }
 
@@ -364,6 +370,7 @@ fn a_slow_reader_is_cut_off_at_the_cap_with_1008() {
             publisher.send_json(json!({"op": "publish", "room": "feed", "data": blob}));
             sent += 1;
         }
+        // Pacing: the publisher's own answers queue up too, and it reads none of them.
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(
@@ -396,9 +403,21 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
     let upgrade = common::ws::UPGRADE.as_bytes();
     let mut late = std::net::TcpStream::connect(s.addr).unwrap();
     late.write_all(&upgrade[..20]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // The server holds 7 connections (the 7th in its handshake) before it is told to stop...
+    eventually_true(
+        Duration::from_secs(5),
+        || "7 connections".into(),
+        || {
+            s.metric("tunegate_connections_open") == 7 + 1 // and the /metrics request itself
+        },
+    );
     s.signal(nix::sys::signal::Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(200));
+    // ...and has stopped listening before the rest of the upgrade comes.
+    eventually_true(
+        Duration::from_secs(5),
+        || "the listener to close".into(),
+        || std::net::TcpStream::connect(s.addr).is_err(),
+    );
     late.write_all(&upgrade[20..]).unwrap();
     let mut late = Ws::after_upgrade(late).expect("the upgrade under way completes");
     hello(&mut late);
@@ -407,9 +426,7 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
         assert_eq!(w.recv_close(), Some(1001));
         w.send(8, &1001u16.to_be_bytes());
     }
-    let status = s
-        .wait(Duration::from_secs(5))
-        .expect("server exits after draining");
+    let status = s.wait(Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
     assert!(
         std::net::TcpStream::connect(s.addr).is_err(),
@@ -444,6 +461,7 @@ fn running_out_of_descriptors_sheds_new_connections_without_spinning() {
     for _ in 0..50 {
         let _ = std::net::TcpStream::connect(s.addr);
     }
+    // A measurement window, not a wait: the CPU the server spends in it must stay small.
     std::thread::sleep(Duration::from_secs(1));
     let spent = s.cpu_seconds() - cpu;
     assert!(
@@ -456,7 +474,11 @@ fn running_out_of_descriptors_sheds_new_connections_without_spinning() {
     // Free one descriptor: accepting resumes (the metrics request itself gets through).
     drop(held.pop());
     drop(held.pop());
-    std::thread::sleep(Duration::from_millis(200));
+    eventually_true(
+        Duration::from_secs(5),
+        || "a request answered".into(),
+        || std::net::TcpStream::connect(s.addr).is_ok_and(|c| Ws::handshake(c, "/").is_ok()),
+    );
     assert!(s.metric("tunegate_accept_errors_total{errno=\"EMFILE\"}") > 0);
     assert!(s.metric("tunegate_connections_shed_total") > 0);
     let (st, _) = s.get("/healthz");
@@ -561,6 +583,7 @@ fn frames_right_behind_a_split_upgrade_request_are_answered() {
             second.extend_from_slice(&tail[..tail_cut]);
             for piece in [&req[..cut], &second[..], &tail[tail_cut..]] {
                 c.write_all(piece).unwrap();
+                // Separate reads on the server's side are the point of this test.
                 std::thread::sleep(Duration::from_millis(2));
             }
             let mut got = Vec::new();

@@ -51,6 +51,35 @@ pub fn host_snapshot() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Polls `check` every 20 ms until it gives a value, and returns it; after `limit`, fails the
+/// test saying what it waited for (`what` is built only then). The one way tests wait: never a
+/// sleep standing in for "long enough".
+pub fn eventually<T>(
+    limit: std::time::Duration,
+    what: impl FnOnce() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() >= limit {
+            panic!("timed out after {limit:?} waiting for {}", what());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `eventually` for a condition.
+pub fn eventually_true(
+    limit: std::time::Duration,
+    what: impl FnOnce() -> String,
+    mut check: impl FnMut() -> bool,
+) {
+    eventually(limit, what, || check().then_some(()))
+}
+
 /// Fails loudly when the machine cannot run these tests, instead of skipping them.
 pub fn require_root_and_netns() {
     assert!(

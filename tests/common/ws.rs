@@ -69,16 +69,13 @@ impl Server {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
-    /// Waits for the server to exit; None on timeout.
-    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+    /// Waits for the server to exit (at most `limit`, then the test fails).
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        super::eventually(
+            limit,
+            || "the server to exit".into(),
+            || self.child.try_wait().unwrap(),
+        )
     }
 
     /// One plain HTTP GET; returns (status, whole response).
@@ -420,17 +417,21 @@ pub fn spread(
 
 /// Waits until `ws` sees `room` with `want` members on the whole server (counts travel the bus).
 pub fn await_count(ws: &mut Ws, room: &str, want: u64) {
-    let start = Instant::now();
-    loop {
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let what = || {
+        format!(
+            "{room} to have {want} members (last answer: {})",
+            last.borrow()
+        )
+    };
+    super::eventually_true(Duration::from_secs(5), what, || {
         ws.send_json(json!({"op": "count", "room": room}));
         let c = ws.recv_json();
         assert_eq!(c["op"], "count", "{c}");
-        if c["members"] == want {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{room}: {c}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        let done = c["members"] == want;
+        *last.borrow_mut() = c;
+        done
+    });
 }
 
 /// Every client joins `room` (and reads its reply).
