@@ -68,24 +68,10 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-c100k.XXXXXX")
 ns=tgc100k-$$
 pids=()
 daemon_pid=""
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
-    [[ -n $daemon_pid ]] && stop_pid "$daemon_pid" 20
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap ns_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-metric() {  # metric NAME: the whole server's value (summed over label sets)
-    ip netns exec "$ns" curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" \
-        | awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }'
-}
-status_json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/status.json" "$1"; }
+ns_up
 workers_sum() {  # workers_sum rss|cpu: summed over the worker processes
     local pid total=0
     for pid in "${worker_pids[@]}"; do
@@ -105,29 +91,9 @@ ip netns exec "$ns" env TUNEGATE_STATE_DIR="$work/apply-state" TUNEGATE_SYSCTL_D
 grep -E '^(SET|set|  set|->)|somaxconn|ip_local_port_range' "$work/apply.txt" | head -n 5 >&2 || true
 
 # 2. tunegate run
-cat >"$work/tunegate.yaml" <<EOF
-profile: c100k
-listen: 127.0.0.1:$port
-state_dir: $work/state
-status_file: $work/status.json
-server:
-  ping_interval_ms: $ping_ms
-  ping_timeout_ms: $ping_timeout_ms
-drift:
-  interval_s: 0
-EOF
-ip netns exec "$ns" "$bin" run --config "$work/tunegate.yaml" 2>"$work/daemon.log" &
-daemon_pid=$!
-for ((i = 0; i < 600; i++)); do
-    [[ -f $work/status.json ]] && [[ $(status_json 'd["ready"]') == True ]] && break
-    kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/daemon.log" >&2; die "tunegate run exited"; }
-    sleep 0.1
-done
-[[ $(status_json 'd["ready"]') == True ]] || { cat "$work/daemon.log" >&2; die "not ready within 60 s"; }
-sizing=$(status_json 'd["sizing"]["explanation"]')
-mapfile -t worker_pids < <(status_json '"\n".join(str(w["pid"]) for w in d["workers"])')
-log "sizing: $sizing"
-sleep 1
+start_daemon c100k "  ping_interval_ms: $ping_ms
+  ping_timeout_ms: $ping_timeout_ms"
+sleep 1 # the baseline: a second for the freshly started workers to settle
 rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab)
 
 # 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
@@ -140,14 +106,10 @@ ip netns exec "$ns" "$bin" load "ws://127.0.0.1:$port/" -n "$conns" --processes 
 load_pid=$!
 pids+=("$load_pid")
 phase_seen() { grep -q "tunegate load: $1:" "$work/load.log"; }
-wait_phase() {  # wait_phase NAME SECONDS
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        phase_seen "$1" && return 0
-        kill -0 "$load_pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
+wait_phase() {  # wait_phase NAME SECONDS: the load reached phase NAME (not: it ended first)
+    phase_or_end() { phase_seen "$1" || gone "$load_pid"; }
+    poll "$2" phase_or_end "$1" || true
+    phase_seen "$1"
 }
 wait_phase hold 300 || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
 rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
@@ -156,7 +118,10 @@ wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; di
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
 rss2=$(workers_sum rss)
 wait "$load_pid" && load_rc=0 || load_rc=$?
-sleep 1.2
+# The workers' counters travel the bus every half second: wait until every connection's close
+# has reached the one that answers (accepted = closed + still open, summed over the workers).
+counters_settled() { (($(metric tunegate_connections_open) == 0)); }
+poll 5 counters_settled || true
 closed_heartbeat=$(metric 'tunegate_connections_closed_total{reason="heartbeat_timeout"}')
 accepted=$(metric tunegate_connections_accepted_total)
 tail -n 8 "$work/load.log" >&2

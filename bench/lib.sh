@@ -9,16 +9,84 @@
 log() { printf '%s: %s\n' "${bench_name:-bench}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the grace period
-    local pid=$1 grace=${2:-10} i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
+# poll SECONDS CMD...: runs CMD every 0.1 s until it succeeds (returns 0) or SECONDS have passed
+# (returns 1). The bounded wait every script here uses.
+poll() {
+    local seconds=$1 i
+    shift
+    for ((i = 0; i < seconds * 10; i++)); do
+        "$@" && return 0
         sleep 0.1
     done
+    "$@"
+}
+
+gone() { ! kill -0 "$1" 2>/dev/null; }
+
+stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the grace period
+    local pid=$1 grace=${2:-10}
+    gone "$pid" && return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    poll "$grace" gone "$pid" && return 0
     log "pid $pid ignored SIGTERM for ${grace}s; killing it"
     kill -KILL "$pid" 2>/dev/null || true
+}
+
+# ---- a namespace with tunegate run in it (c100k.sh, many-connections.sh) ----------------------
+# The sourcing script sets `ns`, `work`, `bin`, `port`; `start_daemon` sets `daemon_pid`,
+# `sizing` and the array `worker_pids`.
+
+# ns_up: the namespace, with its loopback up; ns_cleanup removes it and everything started.
+ns_up() {
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+}
+
+ns_cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
+    [[ -n ${daemon_pid:-} ]] && stop_pid "$daemon_pid" 20
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$work"
+}
+
+in_ns() { ip netns exec "$ns" "$@"; }
+
+# metric NAME: the whole server's value, summed over label sets.
+metric() {
+    in_ns curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" \
+        | awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }'
+}
+
+# status_json EXPR: a Python expression over the daemon's status file (`d`).
+status_json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/status.json" "$1"; }
+
+daemon_ready() {
+    gone "$daemon_pid" && { cat "$work/daemon.log" >&2; die "tunegate run exited"; }
+    [[ -f $work/status.json ]] && [[ $(status_json 'd["ready"]') == True ]]
+}
+
+# start_daemon PROFILE SERVER_YAML: tunegate run in the namespace with the profile and these
+# lines under `server:`, until ready (60 s at most).
+start_daemon() {
+    cat >"$work/tunegate.yaml" <<EOF
+profile: $1
+listen: 127.0.0.1:$port
+state_dir: $work/state
+status_file: $work/status.json
+server:
+$2
+drift:
+  interval_s: 0
+EOF
+    # Not through in_ns: a backgrounded function is a subshell, and $! must be the daemon.
+    ip netns exec "$ns" "$bin" run --config "$work/tunegate.yaml" 2>"$work/daemon.log" &
+    daemon_pid=$!
+    poll 60 daemon_ready || { cat "$work/daemon.log" >&2; die "not ready within 60 s"; }
+    sizing=$(status_json 'd["sizing"]["explanation"]')
+    # shellcheck disable=SC2034  # for the sourcing script
+    mapfile -t worker_pids < <(status_json '"\n".join(str(w["pid"]) for w in d["workers"])')
+    log "sizing: $sizing"
 }
 
 kb_field() { awk -v k="$2:" '$1 == k { print $2; f = 1 } END { if (!f) print 0 }' "$1"; }
@@ -46,29 +114,33 @@ run_clients() {
     done
 }
 
+# clients_at PHASE: every client reports PHASE (or "done"); sets clients_open to the open
+# connections summed over clients.
+clients_at() {
+    local f ph v all=0
+    clients_open=0
+    for f in "${client_status[@]}"; do
+        ph=$(status_field "$f" phase)
+        [[ $ph == "$1" || $ph == "done" ]] || all=1
+        v=$(status_field "$f" open)
+        clients_open=$((clients_open + ${v:-0}))
+    done
+    return "$all"
+}
+
 # wait_clients PHASE TIMEOUT: until every client reports PHASE (or "done"); prints the open
 # connections summed over clients. Returns 1 on timeout.
 wait_clients() {
-    local want=$1 timeout=$2 i f ph all open=0 v
-    for ((i = 0; i < timeout * 5; i++)); do
-        all=1 open=0
-        for f in "${client_status[@]}"; do
-            ph=$(status_field "$f" phase)
-            [[ $ph == "$want" || $ph == "done" ]] || all=0
-            v=$(status_field "$f" open)
-            open=$((open + ${v:-0}))
-        done
-        ((all)) && { echo "$open"; return 0; }
-        sleep 0.2
-    done
-    echo "$open"
-    return 1
+    local ok=0
+    poll "$2" clients_at "$1" || ok=1
+    echo "$clients_open"
+    return "$ok"
 }
 
 client_errors() { local f; for f in "${client_status[@]}"; do status_field "$f" errors; done | paste -sd' '; }
 
 start_server() {  # start_server NAME CMD...: sets server_pid and port (from its stderr)
-    local name=$1 i
+    local name=$1
     shift
     # The file exists before the server does: a sed racing the redirection below must not
     # fail (under set -e and pipefail that would end the run).
@@ -76,12 +148,14 @@ start_server() {  # start_server NAME CMD...: sets server_pid and port (from its
     "$@" 2>>"$work/$name.log" &
     server_pid=$!
     pids+=("$server_pid")
-    for ((i = 0; i < 100; i++)); do
-        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -n1 || true)
-        [[ -n $port ]] && return 0
-        kill -0 "$server_pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited before listening"; }
-        sleep 0.1
-    done
+    poll 10 server_listening "$name" && return 0
     cat "$work/$name.log" >&2
     die "$name did not print its listening address within 10 s"
+}
+
+server_listening() {  # server_listening NAME: sets port once the server's log names it
+    port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$1.log" | head -n1 || true)
+    [[ -n $port ]] && return 0
+    gone "$server_pid" && { cat "$work/$1.log" >&2; die "$1 exited before listening"; }
+    return 1
 }

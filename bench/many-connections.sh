@@ -50,48 +50,15 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-many.XXXXXX")
 ns=tgbench-$$
 pids=()
 daemon_pid=""
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
-    [[ -n $daemon_pid ]] && stop_pid "$daemon_pid" 20
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap ns_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-ip netns add "$ns"
-ip -n "$ns" link set lo up
+ns_up
 client_prefix=(ip netns exec "$ns")
-in_ns() { ip netns exec "$ns" "$@"; }
-metric() { in_ns curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 socket_fds() { find /proc/"$1"/fd -lname 'socket:*' 2>/dev/null | wc -l; }
-status_json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/status.json" "$1"; }
 
-cat >"$work/tunegate.yaml" <<EOF
-profile: $bench_profile
-listen: 127.0.0.1:$port
-state_dir: $work/state
-status_file: $work/status.json
-server:
-  ping_interval_ms: 600000
-drift:
-  interval_s: 0
-EOF
 log "starting tunegate run (profile $bench_profile) in namespace $ns; hard RLIMIT_NOFILE $limit"
-# Not through in_ns: a backgrounded function is a subshell, and $! must be the daemon itself.
-ip netns exec "$ns" "$bin" run --config "$work/tunegate.yaml" 2>"$work/daemon.log" &
-daemon_pid=$!
-for ((i = 0; i < 600; i++)); do
-    [[ -f $work/status.json ]] && [[ $(status_json 'd["ready"]') == True ]] && break
-    kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/daemon.log" >&2; die "tunegate run exited"; }
-    sleep 0.1
-done
-[[ $(status_json 'd["ready"]') == True ]] || { cat "$work/daemon.log" >&2; die "not ready within 60 s"; }
-sizing=$(status_json 'd["sizing"]["explanation"]')
-mapfile -t worker_pids < <(status_json '"\n".join(str(w["pid"]) for w in d["workers"])')
-log "sizing: $sizing"
+start_daemon "$bench_profile" "  ping_interval_ms: 600000"
 
 t0=$(date +%s.%N)
 run_clients clients "$conns" 0 $((connect_timeout + hold_extra + 60)) --expect-hello
@@ -103,8 +70,9 @@ sleep "$hold_extra"
 
 problems=()
 ((open == conns)) || problems+=("$open of $conns opened ($(client_errors))")
-sleep 1.2 # /metrics sums the workers' snapshots, at most 0.5 s old
-ws_open=$(metric tunegate_websockets_open)
+# /metrics sums the workers' counters, which travel the bus every half second.
+ws_settled() { ws_open=$(metric tunegate_websockets_open); [[ $ws_open == "$conns" ]]; }
+poll 5 ws_settled || true
 [[ $ws_open == "$conns" ]] || problems+=("tunegate_websockets_open is ${ws_open:-unreadable}, not $conns")
 established=$(in_ns ss -Htn state established "( sport = :$port )" | wc -l)
 rows="" total_fds=0 total_rss=0 max_fds=0
