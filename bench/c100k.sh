@@ -5,7 +5,7 @@
 # In a network namespace this script creates (nothing on the host changes):
 #   1. `tunegate apply --profile c100k` (somaxconn, port range, buffers: the per-namespace part);
 #   2. `tunegate run` with the c100k profile: the bundled server, workers sized automatically
-#      from the RLIMIT_NOFILE it really has, heartbeats every BENCH_PING_MS (the article's 25 s;
+#      from the RLIMIT_NOFILE it really has, heartbeats every BENCH_PING_MS (Socket.IO's 25 s;
 #      CI shortens it), and a hold long enough for at least two rounds;
 #   3. `tunegate load -n BENCH_CONNS` (sharded itself): connect, join rooms of BENCH_ROOMS, hold
 #      BENCH_HOLD seconds, publish BENCH_PUBLISH_RATE messages/s for BENCH_PUBLISH_SECONDS.
@@ -18,7 +18,7 @@
 # Environment (all optional):
 #   TUNEGATE_BIN          binary (default target/release/tunegate; build it first)
 #   BENCH_CONNS           connections (default 100000)
-#   BENCH_PING_MS         server ping interval, ms (default 25000, the article's pingInterval;
+#   BENCH_PING_MS         server ping interval, ms (default 25000, Socket.IO's pingInterval;
 #                         the timeout is 20000 or the interval if shorter; CI shortens both)
 #   BENCH_HOLD            seconds held idle after all are up (default 2.2 x ping + 1: two
 #                         rounds for every connection)

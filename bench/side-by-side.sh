@@ -8,7 +8,7 @@
 # Socket.IO client bench/peer_socketio_load.js for Socket.IO), sampling every 0.25 s what `ss`
 # sees established on the server's port and the server's RSS and CPU. Same plan for all: rooms
 # of BENCH_ROOMS, a hold, BENCH_RATE room messages/s for BENCH_SECONDS, source addresses
-# 127.0.0.2, .3, ... (5,000 each), the article's heartbeats (25 s / 20 s).
+# 127.0.0.2, .3, ... (5,000 each), Socket.IO's default heartbeats (25 s / 20 s).
 # Results: stdout, bench/results/side-by-side.{md,json}, and the memory plot
 # bench/results/memory.svg (bench/plot_memory.py), copied to docs/memory.svg with BENCH_PUBLISH=1.
 #

@@ -14,7 +14,7 @@ use tuning::profile::{self, Profile};
 use tuning::report;
 
 /// Runs the parsed command line; returns the exit code.
-pub fn run(cli: Cli) -> anyhow::Result<u8> {
+pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let host = match &cli.host_root {
         Some(root) => Host::with_root(root),
         None => Host::live(),
@@ -29,7 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run(args) => run_daemon(host, &args),
         Command::Status(args) => status(&args),
         Command::Load(args) => {
-            let finished = load::run(&args)?;
+            let finished = load::generate(&args)?;
             if let Some(json) = finished.json {
                 outln!("{json}");
             }
@@ -59,7 +59,7 @@ fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>)> {
 
 fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(args)?;
-    let report = preflight::run(&profile, host, &ports)?;
+    let report = preflight::check(&profile, host, &ports)?;
     match args.format {
         Format::Human => out!("{}", report::preflight_human(&report)),
         Format::Json => outln!("{}", report::preflight_json(&report)),
@@ -73,7 +73,7 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
 
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(&args.check)?;
-    let before = preflight::run(&profile, host, &ports)?;
+    let before = preflight::check(&profile, host, &ports)?;
     let plan = Plan::from_report(&before);
     let human = args.check.format == Format::Human;
     if args.dry_run {
@@ -98,7 +98,7 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
         sysctl_dir: args.sysctl_dir.clone(),
     };
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
-    let after = preflight::run(&profile, host, &ports)?;
+    let after = preflight::check(&profile, host, &ports)?;
     if human {
         out!("{}", report::outcome_human(&outcome));
         out!("{}", report::blocked_human(&Plan::from_report(&after)));

@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = tunegate::cli::Cli::parse();
-    match tunegate::commands::run(cli) {
+    match tunegate::commands::dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("tunegate: error: {err:#}");

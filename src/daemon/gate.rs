@@ -17,10 +17,10 @@ impl Daemon {
     /// Preflight, apply what is missing, preflight again, and log the gate's view.
     pub(super) fn tune_and_gate(&mut self) -> anyhow::Result<Vec<Finding>> {
         let ports = [self.config.listen.port()];
-        let before = preflight::run(&self.profile, &self.opts.host, &ports)?;
+        let before = preflight::check(&self.profile, &self.opts.host, &ports)?;
         self.remember(&before);
         self.apply(&before, true)?;
-        let after = preflight::run(&self.profile, &self.opts.host, &ports)?;
+        let after = preflight::check(&self.profile, &self.opts.host, &ports)?;
         self.remember(&after);
         for id in &self.config.ignore {
             if !after.findings.iter().any(|f| &f.id == id) {
@@ -116,7 +116,7 @@ impl Daemon {
 
     pub(super) fn check_drift(&mut self) {
         let ports = [self.config.listen.port()];
-        let report = match preflight::run(&self.profile, &self.opts.host, &ports) {
+        let report = match preflight::check(&self.profile, &self.opts.host, &ports) {
             Ok(r) => r,
             Err(e) => return self.log.warn(&format!("drift check failed: {e:#}")),
         };
@@ -150,7 +150,7 @@ impl Daemon {
             if let Err(e) = self.apply(&report, false) {
                 self.log.warn(&format!("drift re-apply failed: {e:#}"));
             }
-            if let Ok(after) = preflight::run(&self.profile, &self.opts.host, &ports) {
+            if let Ok(after) = preflight::check(&self.profile, &self.opts.host, &ports) {
                 self.remember(&after);
             }
         }

@@ -278,8 +278,8 @@ impl Daemon {
             let st = kid.wait().await;
             let _ = tx.send((i, pid, st));
         });
-        if let Some(slot) = self.incarnation_of.get_mut(i) {
-            *slot = incarnation;
+        if let Some(current) = self.incarnation_of.get_mut(i) {
+            *current = incarnation;
         }
         let name = if self.sizing.workers == 1 {
             "the child".to_string()

@@ -79,7 +79,7 @@ pub struct Finished {
     pub json: Option<String>,
 }
 
-pub fn run(args: &LoadArgs) -> anyhow::Result<Finished> {
+pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
     let msgpack = args.encoding == LoadEncoding::Msgpack;
     let target = Target::parse(&args.url, msgpack).map_err(BadArguments)?;
     validate(args)?;
@@ -89,7 +89,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Finished> {
             .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
             .filter(|&(i, k): &(u64, u64)| i < k)
             .ok_or_else(|| BadArguments(format!("--shard {spec:?}: expected I/K with I < K")))?;
-        let code = shard::run(args, target, i, k)?;
+        let code = shard::run_shard(args, target, i, k)?;
         return Ok(Finished { code, json: None });
     }
     Coordinator::new(args.clone(), target)?.run()

@@ -112,7 +112,7 @@ struct Shard {
     pad: String,
 }
 
-pub fn run(args: &LoadArgs, target: Target, index: u64, shards: u64) -> anyhow::Result<u8> {
+pub fn run_shard(args: &LoadArgs, target: Target, index: u64, shards: u64) -> anyhow::Result<u8> {
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     let range = plan::shard_range(args.connections, index, shards);

@@ -42,16 +42,16 @@ pub enum Item {
 }
 
 pub trait Bus: Send + Sync {
-    /// Loop `node` gained a member of `room`; returns the room's members on the whole server.
-    fn joined(&self, room: &Arc<str>, node: usize) -> u64;
-    /// Loop `node` lost a member of `room`; returns the members left on the whole server.
-    fn left(&self, room: &Arc<str>, node: usize) -> u64;
+    /// Loop `loop_index` gained a member of `room`; returns the room's members on the whole server.
+    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64;
+    /// Loop `loop_index` lost a member of `room`; returns the members left on the whole server.
+    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64;
     /// Members of `room` on the whole server.
     fn members(&self, room: &str) -> u64;
     /// Rooms with at least one member on the whole server.
     fn rooms(&self) -> u64;
     /// Hands a room message to every *other* loop holding members of `room`.
-    fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
+    fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
     /// Hands a direct message or a bounce to the loop of the live process that `to` names (its
     /// incarnation and loop, `id.rs`), this one or another worker. Gives the item back when no
     /// such process or loop is up: then the connection is gone, and the caller answers for it.
@@ -59,7 +59,7 @@ pub trait Bus: Send + Sync {
     /// How many worker processes the bus connects (1 for a single process).
     fn workers(&self) -> usize;
     /// How many loops the bus connects.
-    fn nodes(&self) -> usize;
+    fn loops(&self) -> usize;
     /// Room items handed to other loops (or workers), and how many a send-to-all bus would
     /// have handed.
     fn traffic(&self) -> (u64, u64);
@@ -80,7 +80,7 @@ pub trait Bus: Send + Sync {
 }
 
 struct Entry {
-    per_node: Box<[u32]>,
+    per_loop: Box<[u32]>,
     total: u64,
 }
 
@@ -128,11 +128,11 @@ pub struct LocalBus {
 }
 
 impl LocalBus {
-    pub fn new(nodes: usize, incarnation: u16) -> std::io::Result<LocalBus> {
+    pub fn new(loops: usize, incarnation: u16) -> std::io::Result<LocalBus> {
         Ok(LocalBus {
             incarnation,
             directory: Mutex::new(FxHashMap::default()),
-            inboxes: (0..nodes)
+            inboxes: (0..loops)
                 .map(|_| Inbox::new().map(Arc::new))
                 .collect::<Result<_, _>>()?,
             routed: AtomicU64::new(0),
@@ -140,8 +140,8 @@ impl LocalBus {
         })
     }
 
-    pub fn inbox(&self, node: usize) -> Arc<Inbox> {
-        self.inboxes[node].clone()
+    pub fn inbox(&self, loop_index: usize) -> Arc<Inbox> {
+        self.inboxes[loop_index].clone()
     }
 
     /// Every room with members in this process, and how many.
@@ -150,18 +150,18 @@ impl LocalBus {
         dir.iter().map(|(r, e)| (r.clone(), e.total)).collect()
     }
 
-    fn change(&self, room: &Arc<str>, node: usize, up: bool) -> u64 {
+    fn change(&self, room: &Arc<str>, loop_index: usize, up: bool) -> u64 {
         let mut dir = self.directory.lock().expect("directory lock");
-        let nodes = self.inboxes.len();
+        let loops = self.inboxes.len();
         let entry = dir.entry(room.clone()).or_insert_with(|| Entry {
-            per_node: vec![0; nodes].into_boxed_slice(),
+            per_loop: vec![0; loops].into_boxed_slice(),
             total: 0,
         });
         if up {
-            entry.per_node[node] += 1;
+            entry.per_loop[loop_index] += 1;
             entry.total += 1;
         } else {
-            entry.per_node[node] = entry.per_node[node].saturating_sub(1);
+            entry.per_loop[loop_index] = entry.per_loop[loop_index].saturating_sub(1);
             entry.total = entry.total.saturating_sub(1);
         }
         let total = entry.total;
@@ -177,11 +177,11 @@ impl LocalBus {
         self.hand(None, room, msg, skip);
     }
 
-    /// Queues the message for every loop holding members of `room`, except `from_node`;
+    /// Queues the message for every loop holding members of `room`, except `from_loop`;
     /// returns how many loops got it.
     fn hand(
         &self,
-        from_node: Option<usize>,
+        from_loop: Option<usize>,
         room: &Arc<str>,
         msg: &Arc<Outgoing>,
         skip: Option<u64>,
@@ -190,7 +190,7 @@ impl LocalBus {
             let dir = self.directory.lock().expect("directory lock");
             match dir.get(room) {
                 Some(e) => (0..self.inboxes.len())
-                    .filter(|&n| Some(n) != from_node && e.per_node[n] > 0)
+                    .filter(|&n| Some(n) != from_loop && e.per_loop[n] > 0)
                     .collect(),
                 None => Vec::new(),
             }
@@ -207,12 +207,12 @@ impl LocalBus {
 }
 
 impl Bus for LocalBus {
-    fn joined(&self, room: &Arc<str>, node: usize) -> u64 {
-        self.change(room, node, true)
+    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+        self.change(room, loop_index, true)
     }
 
-    fn left(&self, room: &Arc<str>, node: usize) -> u64 {
-        self.change(room, node, false)
+    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+        self.change(room, loop_index, false)
     }
 
     fn members(&self, room: &str) -> u64 {
@@ -224,15 +224,15 @@ impl Bus for LocalBus {
         self.directory.lock().expect("directory lock").len() as u64
     }
 
-    fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
-        let handed = self.hand(Some(from_node), room, msg, skip);
+    fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
+        let handed = self.hand(Some(from_loop), room, msg, skip);
         self.broadcast_equivalent
             .fetch_add(self.inboxes.len() as u64 - 1, Ordering::Relaxed);
         self.routed.fetch_add(handed, Ordering::Relaxed);
     }
 
     fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
-        match self.inboxes.get(to.node) {
+        match self.inboxes.get(to.loop_index) {
             Some(inbox) if to.incarnation == self.incarnation => {
                 inbox.push(item);
                 Ok(())
@@ -245,7 +245,7 @@ impl Bus for LocalBus {
         1
     }
 
-    fn nodes(&self) -> usize {
+    fn loops(&self) -> usize {
         self.inboxes.len()
     }
 
@@ -288,10 +288,10 @@ mod tests {
     #[test]
     fn routing_reaches_only_this_processs_incarnation_and_loops() {
         let bus = LocalBus::new(2, 9).unwrap();
-        let to = |incarnation, node| ConnId {
+        let to = |incarnation, loop_index| ConnId {
             incarnation,
             generation: 0,
-            node,
+            loop_index,
             slot: 0,
         };
         let bounce = || Item::Bounce {

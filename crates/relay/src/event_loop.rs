@@ -84,7 +84,7 @@ fn spread(slot: usize, interval: u32) -> u32 {
 impl<H: Handler> EventLoop<H> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        node: usize,
+        loop_index: usize,
         incarnation: u16,
         listener: OwnedFd,
         handler: H,
@@ -104,7 +104,7 @@ impl<H: Handler> EventLoop<H> {
         }
         Ok(EventLoop {
             sockets: Sockets::new(
-                node,
+                loop_index,
                 incarnation,
                 poller,
                 metrics,
@@ -205,7 +205,7 @@ impl<H: Handler> EventLoop<H> {
                     if let Err(e) = self.sockets.insert(fd, self.options.handshake_timeout_ms) {
                         log!(
                             "loop {}: cannot register a connection: {e}",
-                            self.sockets.node()
+                            self.sockets.loop_index()
                         );
                     }
                 }

@@ -13,7 +13,7 @@ use super::outq::Out;
 /// What an application may do with its loop's connections.
 pub trait Sink<D> {
     /// This loop's index in its process.
-    fn node(&self) -> usize;
+    fn loop_index(&self) -> usize;
     /// The id of the connection in `slot` (`id.rs`).
     fn id(&self, slot: usize) -> u64;
     /// Whether an id names this process and this loop (its connection may still be gone).

@@ -48,17 +48,17 @@ const _: () = assert!(ID_BITS == 53);
 pub struct ConnId {
     pub incarnation: u16,
     pub generation: u16,
-    pub node: usize,
+    pub loop_index: usize,
     pub slot: usize,
 }
 
 impl ConnId {
     pub fn encode(self) -> u64 {
-        debug_assert!(self.generation < GENERATIONS && self.node < MAX_LOOPS);
+        debug_assert!(self.generation < GENERATIONS && self.loop_index < MAX_LOOPS);
         debug_assert!(self.slot < MAX_SLOTS);
         (self.incarnation as u64) << (GENERATION_BITS + LOOP_BITS + SLOT_BITS)
             | (self.generation as u64) << (LOOP_BITS + SLOT_BITS)
-            | (self.node as u64) << SLOT_BITS
+            | (self.loop_index as u64) << SLOT_BITS
             | self.slot as u64
     }
 
@@ -70,7 +70,7 @@ impl ConnId {
         Some(ConnId {
             incarnation: (id >> (GENERATION_BITS + LOOP_BITS + SLOT_BITS)) as u16,
             generation: ((id >> (LOOP_BITS + SLOT_BITS)) & (GENERATIONS as u64 - 1)) as u16,
-            node: ((id >> SLOT_BITS) & (MAX_LOOPS as u64 - 1)) as usize,
+            loop_index: ((id >> SLOT_BITS) & (MAX_LOOPS as u64 - 1)) as usize,
             slot: (id & (MAX_SLOTS as u64 - 1)) as usize,
         })
     }
@@ -129,7 +129,7 @@ mod tests {
         let max = ConnId {
             incarnation: u16::MAX,
             generation: GENERATIONS - 1,
-            node: MAX_LOOPS - 1,
+            loop_index: MAX_LOOPS - 1,
             slot: MAX_SLOTS - 1,
         };
         assert_eq!(max.encode(), (1 << 53) - 1);
@@ -138,13 +138,13 @@ mod tests {
             ConnId {
                 incarnation: 7,
                 generation: 3,
-                node: 1,
+                loop_index: 1,
                 slot: 12345,
             },
             ConnId {
                 incarnation: 0,
                 generation: 0,
-                node: 0,
+                loop_index: 0,
                 slot: 0,
             },
         ] {
@@ -157,7 +157,7 @@ mod tests {
             ConnId {
                 incarnation: 5,
                 generation: 0,
-                node: 1,
+                loop_index: 1,
                 slot: 2
             }
             .encode(),

@@ -162,16 +162,16 @@ fn start_loops(
             .spawn(move || metrics_publisher(&shared))?;
     }
     let mut loops = Vec::new();
-    for (node, listener) in listeners.into_iter().enumerate() {
+    for (loop_index, listener) in listeners.into_iter().enumerate() {
         let stop = event_loop::Stop::new()?;
-        let metrics = shared.metrics[node].clone();
+        let metrics = shared.metrics[loop_index].clone();
         let routes = routes::Routes::new(shared.clone());
         let (inc, c, s) = (shared.incarnation, config.clone(), stop.clone());
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             spawn_loop(
-                node,
-                EventLoop::new(node, inc, listener, echo, c, metrics, s)?,
+                loop_index,
+                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s)?,
             )?
         } else {
             let settings = relay::RelaySettings {
@@ -179,12 +179,12 @@ fn start_loops(
                 ping_timeout_ms: config.options.ping_timeout_ms,
                 max_rooms_per_conn: config.options.max_rooms,
             };
-            let inbox = shared.local.inbox(node);
+            let inbox = shared.local.inbox(loop_index);
             let bus = shared.bus.clone();
             let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes);
             spawn_loop(
-                node,
-                EventLoop::new(node, inc, listener, relay, c, metrics, s)?,
+                loop_index,
+                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s)?,
             )?
         };
         loops.push((thread, stop));
@@ -240,11 +240,11 @@ fn wait_for_termination(signals: &nix::sys::signalfd::SignalFd) -> anyhow::Resul
 /// Runs one loop on its own thread. A loop that dies takes its connections with it; the
 /// process must not carry on looking healthy, so it exits and the supervisor restarts it.
 fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
-    node: usize,
+    loop_index: usize,
     l: EventLoop<H>,
 ) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
     std::thread::Builder::new()
-        .name(format!("tunegate-loop-{node}"))
+        .name(format!("tunegate-loop-{loop_index}"))
         .spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run()));
             let why = match result {
@@ -252,7 +252,7 @@ fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "panicked (message above)".to_string(),
             };
-            log!("event loop {node} failed: {why}; exiting");
+            log!("event loop {loop_index} failed: {why}; exiting");
             std::process::exit(70);
         })
 }

@@ -9,7 +9,8 @@
 //! a peer claiming our own incarnation is refused. On a new link both sides send their whole
 //! member table (`Count` per room); afterwards every join or leave sends the room's new count.
 //! A room message goes only to workers whose count for the room is above zero (interest
-//! routing, the article's 94 %).
+//! routing: in "Optimizing Socket.IO for 100k Concurrent Users" it cut internal traffic
+//! by 94 %).
 //!
 //! A link is the unit of truth about a peer: counts learned on a link are valid exactly as long
 //! as that link lives. When it ends (the peer died, or stalled past `MAX_QUEUED`), the peer's
@@ -459,14 +460,14 @@ impl WorkerBus {
 }
 
 impl Bus for WorkerBus {
-    fn joined(&self, room: &Arc<str>, node: usize) -> u64 {
-        self.local.joined(room, node);
+    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+        self.local.joined(room, loop_index);
         self.announce(room);
         self.members(room)
     }
 
-    fn left(&self, room: &Arc<str>, node: usize) -> u64 {
-        self.local.left(room, node);
+    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+        self.local.left(room, loop_index);
         self.announce(room);
         self.members(room)
     }
@@ -483,8 +484,8 @@ impl Bus for WorkerBus {
         names.len() as u64
     }
 
-    fn publish(&self, from_node: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
-        self.local.publish(from_node, room, msg, skip);
+    fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
+        self.local.publish(from_loop, room, msg, skip);
         self.broadcast_equivalent
             .fetch_add(self.workers as u64 - 1, Ordering::Relaxed);
         let peers = self.lock();
@@ -554,8 +555,8 @@ impl Bus for WorkerBus {
         self.workers
     }
 
-    fn nodes(&self) -> usize {
-        self.local.nodes()
+    fn loops(&self) -> usize {
+        self.local.loops()
     }
 
     /// Hand-offs to this process's other loops plus to other workers, so the counters mean

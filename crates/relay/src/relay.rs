@@ -204,7 +204,7 @@ impl Relay {
                 self.more_rooms.entry(slot as u32).or_default().push(id);
             }
             let name = self.rooms.name(id).clone();
-            self.bus.joined(&name, sink.node());
+            self.bus.joined(&name, sink.loop_index());
         }
         self.reply_members(sink, slot, "joined", room, reference);
     }
@@ -261,7 +261,7 @@ impl Relay {
         }
         let name = self.rooms.name(id).clone();
         self.rooms.leave(id, key);
-        self.bus.left(&name, sink.node());
+        self.bus.left(&name, sink.loop_index());
     }
 
     fn publish(
@@ -287,7 +287,7 @@ impl Relay {
         });
         let skip = (!echo).then_some(from);
         self.deliver_room(sink, &name, &msg, skip);
-        self.bus.publish(sink.node(), &name, &msg, skip);
+        self.bus.publish(sink.loop_index(), &name, &msg, skip);
         if reference.is_some() {
             let reply = Reply {
                 op: "published",

@@ -34,7 +34,7 @@ pub fn ticks(ms: u64) -> u32 {
 
 pub struct Sockets<D> {
     /// This loop's index in its process.
-    node: usize,
+    loop_index: usize,
     /// This process's start, the high bits of every id it hands out (`id.rs`).
     incarnation: u16,
     pub(crate) conns: Vec<Conn<D>>,
@@ -51,14 +51,14 @@ pub struct Sockets<D> {
 
 impl<D: Copy + Default> Sockets<D> {
     pub(crate) fn new(
-        node: usize,
+        loop_index: usize,
         incarnation: u16,
         poller: sys::Poller,
         metrics: Arc<LoopMetrics>,
         max_pending: usize,
     ) -> Sockets<D> {
         Sockets {
-            node,
+            loop_index,
             incarnation,
             conns: Vec::new(),
             free: FreeSlots::default(),
@@ -309,22 +309,22 @@ impl<D: Copy + Default> Sockets<D> {
 }
 
 impl<D: Copy + Default> Sink<D> for Sockets<D> {
-    fn node(&self) -> usize {
-        self.node
+    fn loop_index(&self) -> usize {
+        self.loop_index
     }
 
     fn id(&self, slot: usize) -> u64 {
         ConnId {
             incarnation: self.incarnation,
             generation: self.conns[slot].generation,
-            node: self.node,
+            loop_index: self.loop_index,
             slot,
         }
         .encode()
     }
 
     fn is_here(&self, id: ConnId) -> bool {
-        id.incarnation == self.incarnation && id.node == self.node
+        id.incarnation == self.incarnation && id.loop_index == self.loop_index
     }
 
     fn slot_of(&self, id: u64) -> Option<usize> {

@@ -11,15 +11,15 @@ const INCARNATION: u16 = 7;
 
 /// A loop's connections as plain data; every frame sent is kept, decoded.
 struct Recorder {
-    node: usize,
+    loop_index: usize,
     conns: Vec<(bool, RelayConn)>,
     sent: Vec<(usize, Value)>,
 }
 
 impl Recorder {
-    fn new(node: usize, n: usize) -> Recorder {
+    fn new(loop_index: usize, n: usize) -> Recorder {
         Recorder {
-            node,
+            loop_index,
             conns: vec![(true, RelayConn::default()); n],
             sent: Vec::new(),
         }
@@ -43,21 +43,21 @@ fn payload(frame: &[u8]) -> &[u8] {
 }
 
 impl Sink<RelayConn> for Recorder {
-    fn node(&self) -> usize {
-        self.node
+    fn loop_index(&self) -> usize {
+        self.loop_index
     }
     fn id(&self, slot: usize) -> u64 {
-        let (incarnation, generation, node) = (INCARNATION, 0, self.node);
+        let (incarnation, generation, loop_index) = (INCARNATION, 0, self.loop_index);
         ConnId {
             incarnation,
             generation,
-            node,
+            loop_index,
             slot,
         }
         .encode()
     }
     fn is_here(&self, id: ConnId) -> bool {
-        id.incarnation == INCARNATION && id.node == self.node
+        id.incarnation == INCARNATION && id.loop_index == self.loop_index
     }
     fn slot_of(&self, id: u64) -> Option<usize> {
         let id = ConnId::decode(id)?;
@@ -83,16 +83,16 @@ impl Sink<RelayConn> for Recorder {
     }
 }
 
-/// `nodes` relays of one process and a recorder of `conns` connections for each, every
+/// `loops` relays of one process and a recorder of `conns` connections for each, every
 /// connection opened (hello taken).
-fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
-    let local = Arc::new(LocalBus::new(nodes, INCARNATION).unwrap());
+fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
+    let local = Arc::new(LocalBus::new(loops, INCARNATION).unwrap());
     let mut config = Config::default();
-    config.options.threads = Some(nodes);
+    config.options.threads = Some(loops);
     let shared = Arc::new(Shared {
         local: local.clone(),
         bus: local.clone(),
-        metrics: (0..nodes).map(|_| Arc::default()).collect(),
+        metrics: (0..loops).map(|_| Arc::default()).collect(),
         accepting: AtomicBool::new(true),
         incarnation: INCARNATION,
         config,
@@ -102,7 +102,7 @@ fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         ping_timeout_ms: 20_000,
         max_rooms_per_conn: 3,
     };
-    let mut relays: Vec<Relay> = (0..nodes)
+    let mut relays: Vec<Relay> = (0..loops)
         .map(|n| {
             let routes = Routes::new(shared.clone());
             let bus: Arc<dyn Bus> = local.clone();
@@ -115,7 +115,7 @@ fn setup(nodes: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
             )
         })
         .collect();
-    let mut sinks: Vec<Recorder> = (0..nodes).map(|n| Recorder::new(n, conns)).collect();
+    let mut sinks: Vec<Recorder> = (0..loops).map(|n| Recorder::new(n, conns)).collect();
     for (r, s) in relays.iter_mut().zip(&mut sinks) {
         for slot in 0..conns {
             r.on_open(s, slot, "/");
@@ -160,10 +160,10 @@ fn hello_carries_the_id_and_heartbeats_and_the_requested_encoding() {
 fn room_messages_reach_members_once_on_every_loop_and_nobody_else() {
     let (mut relays, mut sinks) = setup(2, 3);
     // Members: loop 0 slots 0 and 1, loop 1 slot 0. Loop 1 slot 1 is not a member.
-    for (node, slot) in [(0, 0), (0, 1), (1, 0)] {
+    for (loop_index, slot) in [(0, 0), (0, 1), (1, 0)] {
         let got = ask(
-            &mut relays[node],
-            &mut sinks[node],
+            &mut relays[loop_index],
+            &mut sinks[loop_index],
             slot,
             json!({"op": "join", "room": "call"}),
         );

@@ -343,7 +343,7 @@ mod tests {
         let p = d.path().join("p.yaml");
         std::fs::write(&p, profile).unwrap();
         let prof = crate::profile::load(p.to_str().unwrap(), false).unwrap();
-        let report = preflight::run(&prof, &host, &[]).unwrap();
+        let report = preflight::check(&prof, &host, &[]).unwrap();
         let plan = Plan::from_report(&report);
         let paths = Paths::new(
             Some(&d.path().join("state")),
@@ -438,7 +438,7 @@ mod tests {
         let prof_path = d.path().join("q.yaml");
         std::fs::write(&prof_path, "sysctl:\n  net.core.somaxconn: 65535\n").unwrap();
         let prof = crate::profile::load(prof_path.to_str().unwrap(), false).unwrap();
-        let plan2 = Plan::from_report(&preflight::run(&prof, &host, &[]).unwrap());
+        let plan2 = Plan::from_report(&preflight::check(&prof, &host, &[]).unwrap());
         apply(&plan2, &host, &paths, "b", false).unwrap();
         let j = Journal::load(&paths.state_dir).unwrap().unwrap();
         assert_eq!(j.entries[0].previous, "4096");

@@ -1,7 +1,8 @@
 //! `--persist`: a sysctl.d drop-in holding the values tunegate raised, so they survive a reboot.
 //!
 //! systemd-sysctl reads /etc/sysctl.d, /run/sysctl.d and /usr/lib/sysctl.d; on recent Debian
-//! it no longer reads /etc/sysctl.conf, which is why the article's edit would not survive a
+//! it no longer reads /etc/sysctl.conf, which is why the usual advice (edit sysctl.conf) would not
+//! survive a
 //! reboot there. tunegate only ever writes its own file, recognised by its first line.
 
 use std::path::{Path, PathBuf};

@@ -181,7 +181,8 @@ fn ephemeral_range(profile: &Profile, host: &Host, target: u64) -> anyhow::Resul
     );
     f.why = "Outgoing connections from one source address to one destination address and port \
              can use at most this many ports; proxies, load generators and backends that connect \
-             out run dry first (the article's port exhaustion)."
+             out run dry first (port exhaustion: \
+             one of the walls a Socket.IO fleet hit at 12,500 users)."
         .into();
     f.wanted = format!("{target} (target_connections)");
     match numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?) {
@@ -319,7 +320,8 @@ fn range_shape(host: &Host, r: &[u64]) -> anyhow::Result<Vec<Finding>> {
 }
 
 /// A listen port inside the ephemeral range can be taken by an outgoing connection before the
-/// server binds it (the article's 1024-65535 swallows 3000 and 6379), unless it is reserved.
+/// server binds it (a 1024-65535 range, the usual advice, swallows 3000 and 6379), unless it is
+/// reserved.
 fn port_guard(profile: &Profile, host: &Host, ports: &[u16]) -> anyhow::Result<Vec<Finding>> {
     let range_key = SysctlKey::parse("net.ipv4.ip_local_port_range").expect("static key");
     let reserved_key = SysctlKey::parse("net.ipv4.ip_local_reserved_ports").expect("static key");
@@ -396,12 +398,12 @@ mod tests {
         fake::netns_tree(extra)
     }
 
-    fn run(host: &Host, text: &str, ports: &[u16]) -> Vec<Finding> {
+    fn findings(host: &Host, text: &str, ports: &[u16]) -> Vec<Finding> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("p.yaml");
         std::fs::write(&p, text).unwrap();
         let profile = crate::profile::load(p.to_str().unwrap(), false).unwrap();
-        super::super::run(&profile, host, ports).unwrap().findings
+        super::super::check(&profile, host, ports).unwrap().findings
     }
 
     fn get<'a>(f: &'a [Finding], id: &str) -> &'a Finding {
@@ -413,7 +415,7 @@ mod tests {
     #[test]
     fn a_wide_range_without_a_reservation_fails_the_port_guard() {
         let (_d, host) = tree(&[]);
-        let f = run(
+        let f = findings(
             &host,
             "sysctl:\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n",
             &[3000, 6379],
@@ -421,7 +423,7 @@ mod tests {
         assert_eq!(get(&f, "derived.listen_port.3000").verdict, Verdict::Fail);
         assert_eq!(get(&f, "derived.listen_port.6379").verdict, Verdict::Fail);
 
-        let f = run(
+        let f = findings(
             &host,
             "sysctl:\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n  net.ipv4.ip_local_reserved_ports: \"3000,6379\"\n",
             &[3000, 6379],
@@ -429,7 +431,7 @@ mod tests {
         assert_eq!(get(&f, "derived.listen_port.3000").verdict, Verdict::Pass);
 
         // Exposed now, reserved by the profile: apply fixes it, so the fix says so.
-        let f = run(
+        let f = findings(
             &host,
             "sysctl:\n  net.ipv4.ip_local_reserved_ports: \"40000\"\n",
             &[40000],
@@ -437,7 +439,7 @@ mod tests {
         let guard = get(&f, "derived.listen_port.40000");
         assert_eq!(guard.verdict, Verdict::Fail);
         assert_eq!(guard.fix, "tunegate apply");
-        let f = run(&host, "target_connections: 1\n", &[40000, 8080]);
+        let f = findings(&host, "target_connections: 1\n", &[40000, 8080]);
         assert_eq!(get(&f, "derived.listen_port.40000").verdict, Verdict::Fail);
         assert_eq!(get(&f, "derived.listen_port.8080").verdict, Verdict::Pass);
     }
@@ -445,7 +447,7 @@ mod tests {
     #[test]
     fn parity_and_privileged_start_are_warned() {
         let (_d, host) = tree(&[]);
-        let f = run(
+        let f = findings(
             &host,
             "sysctl:\n  net.ipv4.ip_local_port_range: \"1000 61000\"\n",
             &[],
@@ -455,40 +457,40 @@ mod tests {
             get(&f, "derived.port_range_unprivileged").verdict,
             Verdict::Warn
         );
-        let f = run(&host, "target_connections: 1\n", &[]);
+        let f = findings(&host, "target_connections: 1\n", &[]);
         assert_eq!(get(&f, "derived.port_range_parity").verdict, Verdict::Pass);
     }
 
     #[test]
     fn tcp_mem_budget_scales_with_the_target() {
         let (_d, host) = tree(&[("net/ipv4/tcp_mem", "1000\t2000\t300000\n")]);
-        let f = run(&host, "target_connections: 100000\n", &[]);
+        let f = findings(&host, "target_connections: 100000\n", &[]);
         // 100000 x 8 KiB = 200000 pages: above the pressure mark, below the high one.
         assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Warn);
-        let f = run(&host, "target_connections: 1000000\n", &[]);
+        let f = findings(&host, "target_connections: 1000000\n", &[]);
         assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Fail);
         let (_d, host) = tree(&[]);
-        let f = run(&host, "target_connections: 10\n", &[]);
+        let f = findings(&host, "target_connections: 10\n", &[]);
         assert_eq!(get(&f, "derived.tcp_mem").verdict, Verdict::Warn);
     }
 
     #[test]
     fn conntrack_is_checked_only_when_loaded() {
         let (_d, host) = tree(&[("net/netfilter/nf_conntrack_max", "65536\n")]);
-        let f = run(&host, "target_connections: 100000\n", &[]);
+        let f = findings(&host, "target_connections: 100000\n", &[]);
         assert_eq!(get(&f, "derived.conntrack").verdict, Verdict::Fail);
         let (_d, host) = tree(&[]);
-        let f = run(&host, "target_connections: 100000\n", &[]);
+        let f = findings(&host, "target_connections: 100000\n", &[]);
         assert!(f.iter().all(|x| x.id != "derived.conntrack"));
     }
 
     #[test]
     fn descriptor_ceilings_follow_nofile() {
         let (_d, host) = tree(&[]);
-        let f = run(&host, "limits:\n  nofile: 2097152\n", &[]);
+        let f = findings(&host, "limits:\n  nofile: 2097152\n", &[]);
         assert_eq!(get(&f, "derived.nr_open").verdict, Verdict::Fail);
         assert_eq!(get(&f, "derived.file_max").verdict, Verdict::Fail);
-        let f = run(&host, "target_connections: 100000\n", &[]);
+        let f = findings(&host, "target_connections: 100000\n", &[]);
         let budget = get(&f, "derived.connection_budget");
         let (_, hard) = host.nofile().unwrap();
         if hard < 100_000 {

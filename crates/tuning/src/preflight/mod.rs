@@ -117,7 +117,7 @@ impl Report {
 
 /// Runs every check. A key the profile names that does not exist on this kernel (and is not a
 /// known key hidden by the namespace) is bad input: a `ConfigError` naming file, line and key.
-pub fn run(profile: &Profile, host: &Host, extra_ports: &[u16]) -> anyhow::Result<Report> {
+pub fn check(profile: &Profile, host: &Host, extra_ports: &[u16]) -> anyhow::Result<Report> {
     let (soft, hard) = host.nofile()?;
     let context = Context {
         root: crate::host::running_as_root(),
@@ -375,7 +375,7 @@ mod tests {
             d.path(),
             "sysctl:\n  net.core.somaxconn: 65535\n  net.ipv4.tcp_rmem: \"4096 87380 6291456\"\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n",
         );
-        let r = run(&p, &host, &[]).unwrap();
+        let r = check(&p, &host, &[]).unwrap();
         let by_id = |id: &str| r.findings.iter().find(|f| f.id == id).unwrap().clone();
         let s = by_id("sysctl.net.core.somaxconn");
         assert_eq!(s.verdict, Verdict::Fail);
@@ -394,13 +394,13 @@ mod tests {
     fn unknown_missing_keys_are_config_errors_known_ones_are_warnings() {
         let (d, host) = fake::netns_tree(&[]);
         let p = profile_from(d.path(), "sysctl:\n  net.core.no_such_thing: 1\n");
-        let e = run(&p, &host, &[]).unwrap_err();
+        let e = check(&p, &host, &[]).unwrap_err();
         let ce = e.downcast_ref::<ConfigError>().expect("config error");
         assert_eq!(ce.line, Some(2));
         assert!(ce.message.contains("net.core.no_such_thing"), "{ce}");
 
         let p = profile_from(d.path(), "sysctl:\n  net.ipv4.tcp_mem: \"1 2 3\"\n");
-        let r = run(&p, &host, &[]).unwrap();
+        let r = check(&p, &host, &[]).unwrap();
         assert_eq!(r.findings[0].verdict, Verdict::Warn);
         assert!(
             r.findings[0]
@@ -415,7 +415,7 @@ mod tests {
     fn host_global_keys_are_not_changeable_outside_the_initial_namespace() {
         let (d, host) = fake::netns_tree(&[]);
         let p = profile_from(d.path(), "sysctl:\n  fs.nr_open: 2097152\n");
-        let r = run(&p, &host, &[]).unwrap();
+        let r = check(&p, &host, &[]).unwrap();
         assert_eq!(r.findings[0].verdict, Verdict::Fail);
         assert!(!r.findings[0].changeable);
         assert!(
@@ -428,7 +428,7 @@ mod tests {
 
         let (d, host) = fake::netns_tree(&[("net/core/netdev_max_backlog", "1000\n")]);
         let p = profile_from(d.path(), "sysctl:\n  fs.nr_open: 2097152\n");
-        assert!(run(&p, &host, &[]).unwrap().findings[0].changeable);
+        assert!(check(&p, &host, &[]).unwrap().findings[0].changeable);
     }
 
     #[test]
@@ -436,7 +436,7 @@ mod tests {
         let (d, host) = fake::netns_tree(&[]);
         let (soft, hard) = host.nofile().unwrap();
         let p = profile_from(d.path(), &format!("limits:\n  nofile: {}\n", hard + 1));
-        let r = run(&p, &host, &[]).unwrap();
+        let r = check(&p, &host, &[]).unwrap();
         let h = r
             .findings
             .iter()

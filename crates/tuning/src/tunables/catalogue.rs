@@ -49,7 +49,7 @@ pub static CATALOGUE: &[Tunable] = &[
         shape: Shape::Int { max: INT_MAX },
         scope: Scope::NetNamespace,
         why: "Caps the accept queue any listen() can ask for; when a burst of connects fills it, \
-              the kernel drops SYNs and clients see timeouts (the article's tiny accept queues).",
+              the kernel drops SYNs and clients see timeouts (128, the old default, is far too small).",
     },
     Tunable {
         key: "net.ipv4.tcp_max_syn_backlog",
@@ -64,7 +64,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Ephemeral ports for outgoing connections: each (source address, destination) pair \
               can have at most this many connections open, so proxies and load generators run \
-              out of ports (the article's port exhaustion).",
+              out of ports (port exhaustion).",
     },
     Tunable {
         key: "net.ipv4.ip_local_reserved_ports",
@@ -170,7 +170,7 @@ pub fn lookup(dotted: &str) -> Option<&'static Tunable> {
 
 /// Why RLIMIT_NOFILE matters; it is a process limit, not a sysctl, so it has no catalogue row.
 pub const NOFILE_WHY: &str = "Descriptors one process may hold; every socket is one, so a \
-    server at the default 1024 dies with EMFILE at connection 1,025 (the article).";
+    server at the default 1024 dies with EMFILE at connection 1,025.";
 
 #[cfg(test)]
 mod tests {
