@@ -91,38 +91,62 @@ fn assert_recovers(ns: &Netns, before: &[(String, String)], what: &str) {
 
 const APPLY: &[&str] = &["apply", "--profile", "c100k", "--persist"];
 
-#[test]
-fn apply_killed_at_every_write_fsync_rename_and_unlink_is_fully_revertible() {
-    let host = host_snapshot();
-    let ns = Netns::new();
-    let before = ns.snapshot();
+/// Kills `args` at every call of every class in `CLASSES`, each time after `prepare`, and checks
+/// after each that the namespace recovers (`assert_recovers`) and what `after_kill` asks.
+/// Returns how many kill points there were.
+fn at_every_kill_point(
+    ns: &Netns,
+    before: &[(String, String)],
+    args: &[&str],
+    prepare: impl Fn(&Netns),
+    after_kill: impl Fn(&Netns, &str),
+) -> usize {
     let started = Instant::now();
     let mut points = 0;
     for &class in CLASSES {
-        let n = count(&ns, APPLY, class);
+        prepare(ns);
+        let n = count(ns, args, class);
         let rev = ns.tunegate(&["revert"]);
         assert_eq!(code(&rev), 0, "{}", stdout(&rev));
         assert_eq!(ns.snapshot(), before);
         for nth in 1..=n {
-            let what = format!("apply killed at {class} #{nth} of {n}");
-            let (out, _) = traced(&ns, APPLY, class, Some(nth));
+            let what = format!("{} killed at {class} #{nth} of {n}", args[0]);
+            prepare(ns);
+            let (out, _) = traced(ns, args, class, Some(nth));
             assert_eq!(
                 out.status.code(),
                 None,
                 "{what}: it was not killed\n{}",
                 stderr(&out)
             );
+            after_kill(ns, &what);
+            assert_recovers(ns, before, &what);
+            points += 1;
+            assert!(started.elapsed() < Duration::from_secs(240), "too slow");
+        }
+    }
+    points
+}
+
+#[test]
+fn apply_killed_at_every_write_fsync_rename_and_unlink_is_fully_revertible() {
+    let host = host_snapshot();
+    let ns = Netns::new();
+    let before = ns.snapshot();
+    let points = at_every_kill_point(
+        &ns,
+        &before,
+        APPLY,
+        |_| {},
+        |ns, what| {
             // The journal a kill leaves is whole (or absent), never torn.
             let journal = ns.state_dir().join("journal.json");
             if let Ok(text) = std::fs::read_to_string(&journal) {
                 serde_json::from_str::<serde_json::Value>(&text)
                     .unwrap_or_else(|e| panic!("{what}: torn journal ({e}): {text}"));
             }
-            assert_recovers(&ns, &before, &what);
-            points += 1;
-            assert!(started.elapsed() < Duration::from_secs(240), "too slow");
-        }
-    }
+        },
+    );
     // write: 6 sysctl writes, the journal, the drop-in and the plan on stdout; fsync: 2 per
     // atomic file; rename: the journal and the drop-in.
     assert!(points >= 15, "only {points} kill points");
@@ -135,24 +159,11 @@ fn revert_killed_at_every_write_fsync_rename_and_unlink_finishes_when_run_again(
     let host = host_snapshot();
     let ns = Netns::new();
     let before = ns.snapshot();
-    let started = Instant::now();
-    let mut points = 0;
-    for &class in CLASSES {
+    let apply = |ns: &Netns| {
         let applied = ns.tunegate(APPLY);
-        assert!(matches!(code(&applied), 0 | 1));
-        let n = count(&ns, &["revert"], class);
-        assert_eq!(ns.snapshot(), before);
-        for nth in 1..=n {
-            let what = format!("revert killed at {class} #{nth} of {n}");
-            let applied = ns.tunegate(APPLY);
-            assert!(matches!(code(&applied), 0 | 1), "{what}");
-            let (out, _) = traced(&ns, &["revert"], class, Some(nth));
-            assert_eq!(out.status.code(), None, "{what}: it was not killed");
-            assert_recovers(&ns, &before, &what);
-            points += 1;
-            assert!(started.elapsed() < Duration::from_secs(240), "too slow");
-        }
-    }
+        assert!(matches!(code(&applied), 0 | 1), "{}", stderr(&applied));
+    };
+    let points = at_every_kill_point(&ns, &before, &["revert"], apply, |_, _| {});
     assert!(points >= 8, "only {points} kill points");
     eprintln!("{points} kill points of revert, each recovered");
     assert_eq!(host_snapshot(), host);

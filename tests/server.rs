@@ -488,19 +488,8 @@ fn running_out_of_descriptors_sheds_new_connections_without_spinning() {
 #[test]
 fn python_websockets_client_relays_rooms_and_encodings() {
     let s = Server::start(&["--threads", "2"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/relay_check.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("ws://{}", s.addr))
-        .output()
-        .expect("python3");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("relay_check: ok"), "{text}");
+    let url = format!("ws://{}", s.addr);
+    common::python_client(&[], "relay_check", &[&url], "");
 }
 
 /// A `tunegate serve` restarted by hand (no daemon, no --incarnation) takes a new incarnation
@@ -530,27 +519,17 @@ fn a_restarted_serve_never_repeats_an_id() {
 /// (tests/clients/lagging_reader.py measures the server's VmRSS and /metrics).
 #[test]
 fn a_lagging_reader_costs_at_most_its_capped_queue() {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/lagging_reader.py"
-    );
     let cap = 4u64 << 20;
     for mode in ["steady", "never", "caughtup"] {
         let s = Server::start(&["--threads", "1", "--ping-interval", "600000"]);
-        let out = Command::new("python3")
-            .arg(script)
-            .arg(format!("ws://{}", s.addr))
-            .arg(s.pid().to_string())
-            .arg(cap.to_string())
-            .arg(mode)
-            .output()
-            .expect("python3");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{mode}: {text}");
+        let args = [
+            format!("ws://{}", s.addr),
+            s.pid().to_string(),
+            cap.to_string(),
+            mode.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = common::python_client(&[], "lagging_reader", &args, "");
         assert!(
             text.contains(&format!("lagging_reader: ok {mode}")),
             "{text}"

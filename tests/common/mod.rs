@@ -80,6 +80,33 @@ pub fn eventually_true(
     eventually(limit, what, || check().then_some(()))
 }
 
+/// Runs a client we did not write, `tests/clients/NAME.py ARGS`, through `prefix` (e.g. `ip
+/// netns exec NS`, or nothing); returns its whole output after checking it exited 0 and said
+/// "NAME: ok". `context` is shown on failure (a server's log).
+pub fn python_client(prefix: &[&str], name: &str, args: &[&str], context: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{name}.py"));
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    if !prefix.is_empty() {
+        cmd.arg("python3");
+    }
+    let out = cmd.arg(&script).args(args).output().expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{name} {args:?}: {text}\n{context}");
+    assert!(text.contains(&format!("{name}: ok")), "{text}\n{context}");
+    text
+}
+
 /// Fails loudly when the machine cannot run these tests, instead of skipping them.
 pub fn require_root_and_netns() {
     assert!(
