@@ -57,36 +57,63 @@ fn bad_upgrades_get_clear_http_answers() {
     assert!(s.metric("tunegate_connections_closed_total") >= 6);
 }
 
+/// `n` clients on `s`, each joined to `room`, the whole-server count checked at every join
+/// when `counted` (the room starts empty).
+fn joined(s: &Server, n: usize, room: &str, counted: bool) -> Vec<(Ws, u64)> {
+    let mut clients: Vec<(Ws, u64)> = (0..n)
+        .map(|_| {
+            let mut w = Ws::connect(s.addr);
+            let id = hello(&mut w);
+            (w, id)
+        })
+        .collect();
+    for (i, (w, _)) in clients.iter_mut().enumerate() {
+        w.send_json(json!({"op": "join", "room": room, "ref": i}));
+        let r = w.recv_json();
+        assert_eq!(
+            (r["op"].as_str(), r["ref"].as_u64()),
+            (Some("joined"), Some(i as u64))
+        );
+        if counted {
+            assert_eq!(r["members"], i as u64 + 1, "whole-server member count");
+        }
+    }
+    clients
+}
+
+/// Every member receives each other publisher's `n` messages exactly once, in order, and
+/// nothing else (the next frame answers its own `count`, which sees `members`).
+fn receive_in_order(members: &mut [(Ws, u64)], publishers: &[usize], n: u64, room_size: u64) {
+    for (i, (w, _)) in members.iter_mut().enumerate() {
+        let mut next: std::collections::HashMap<u64, u64> = Default::default();
+        let expected = n * (publishers.len() as u64 - publishers.contains(&i) as u64);
+        for _ in 0..expected {
+            let m = w.recv_json();
+            assert_eq!(
+                (m["op"].as_str(), m["room"].as_str()),
+                (Some("message"), Some("call-42"))
+            );
+            let from = m["from"].as_u64().unwrap();
+            assert_eq!(m["data"]["p"], from);
+            let seq = m["data"]["seq"].as_u64().unwrap();
+            let want = next.entry(from).or_insert(0);
+            assert_eq!(seq, *want, "member {i}: publisher {from} out of order");
+            *want += 1;
+        }
+        w.send_json(json!({"op": "count", "room": "call-42", "ref": "sync"}));
+        let c = w.recv_json();
+        assert_eq!(c["op"], "count", "member {i} got an extra message: {c}");
+        assert_eq!(c["members"], room_size);
+    }
+}
+
 #[test]
 fn room_messages_reach_every_member_once_and_no_one_else() {
     let s = Server::start(&["--threads", "2"]);
-    let mut members: Vec<(Ws, u64)> = (0..20)
-        .map(|_| {
-            let mut w = Ws::connect(s.addr);
-            let id = hello(&mut w);
-            (w, id)
-        })
-        .collect();
-    let mut others: Vec<(Ws, u64)> = (0..6)
-        .map(|_| {
-            let mut w = Ws::connect(s.addr);
-            let id = hello(&mut w);
-            (w, id)
-        })
-        .collect();
+    let mut members = joined(&s, 20, "call-42", true);
+    let mut others = joined(&s, 6, "lobby", false);
     let loops: HashSet<u64> = members.iter().map(|(_, id)| loop_of(*id)).collect();
     assert_eq!(loops.len(), 2, "members should be spread over both loops");
-    for (i, (w, _)) in members.iter_mut().enumerate() {
-        w.send_json(json!({"op": "join", "room": "call-42", "ref": i}));
-        let r = w.recv_json();
-        assert_eq!(r["op"], "joined");
-        assert_eq!(r["ref"], i);
-        assert_eq!(r["members"], i as u64 + 1, "whole-server member count");
-    }
-    for (w, _) in others.iter_mut() {
-        w.send_json(json!({"op": "join", "room": "lobby"}));
-        assert_eq!(w.recv_json()["op"], "joined");
-    }
 
     // Two publishers on (probably) different loops, 50 messages each, interleaved.
     let publishers = [0usize, 1];
@@ -98,26 +125,7 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
             );
         }
     }
-    for (i, (w, _)) in members.iter_mut().enumerate() {
-        let mut next: std::collections::HashMap<u64, u64> = Default::default();
-        let expected = if publishers.contains(&i) { 50 } else { 100 };
-        for _ in 0..expected {
-            let m = w.recv_json();
-            assert_eq!(m["op"], "message", "{m}");
-            assert_eq!(m["room"], "call-42");
-            let from = m["from"].as_u64().unwrap();
-            assert_eq!(m["data"]["p"], from);
-            let seq = m["data"]["seq"].as_u64().unwrap();
-            let want = next.entry(from).or_insert(0);
-            assert_eq!(seq, *want, "member {i}: publisher {from} out of order");
-            *want += 1;
-        }
-        // Nothing more: the next frame must be the answer to this count.
-        w.send_json(json!({"op": "count", "room": "call-42", "ref": "sync"}));
-        let c = w.recv_json();
-        assert_eq!(c["op"], "count", "member {i} got an extra message: {c}");
-        assert_eq!(c["members"], 20);
-    }
+    receive_in_order(&mut members, &publishers, 50, 20);
     for (w, _) in others.iter_mut() {
         w.send_json(json!({"op": "count", "room": "call-42"}));
         let c = w.recv_json();
@@ -133,8 +141,10 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
         .send_json(json!({"op": "publish", "room": "lobby", "data": "hi", "echo": true, "ref": 1}));
     let mut got = [others[0].0.recv_json(), others[0].0.recv_json()];
     got.sort_by_key(|v| v["op"].as_str().unwrap().to_string());
-    assert_eq!(got[0]["op"], "message");
-    assert_eq!(got[1]["op"], "published");
+    assert_eq!(
+        (got[0]["op"].as_str(), got[1]["op"].as_str()),
+        (Some("message"), Some("published"))
+    );
     for (w, _) in others.iter_mut().skip(1) {
         assert_eq!(w.recv_json()["data"], "hi");
     }
@@ -146,52 +156,76 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
         assert_eq!(w.recv_json()["data"], "from outside");
     }
 
-    // Direct messages, across loops, and to a connection that does not exist.
+    direct_messages_reach_their_target_or_come_back(&mut members[0], &mut others);
+    errors_are_messages(&mut members[3].0);
+
+    // Closing a member updates the whole-server count.
+    drop(members.pop());
+    let w = &mut members[0].0;
+    eventually_true(
+        Duration::from_secs(5),
+        || "18 members".into(),
+        || {
+            w.send_json(json!({"op": "count", "room": "call-42"}));
+            w.recv_json()["members"] == 18
+        },
+    );
+    assert!(s.metric("tunegate_bus_room_deliveries_total") > 0);
+}
+
+/// Direct messages, across loops, and to connections that do not exist.
+fn direct_messages_reach_their_target_or_come_back(
+    sender: &mut (Ws, u64),
+    others: &mut [(Ws, u64)],
+) {
     let target = others
         .iter()
-        .position(|(_, id)| loop_of(*id) != loop_of(members[0].1))
+        .position(|(_, id)| loop_of(*id) != loop_of(sender.1))
         .unwrap_or(0);
     let to = others[target].1;
-    members[0]
+    sender
         .0
         .send_json(json!({"op": "send", "to": to, "data": {"sdp": "offer"}, "ref": 9}));
-    assert_eq!(members[0].0.recv_json()["op"], "sent");
+    assert_eq!(sender.0.recv_json()["op"], "sent");
     let d = others[target].0.recv_json();
     assert_eq!(d["op"], "direct");
-    assert_eq!(d["from"], members[0].1);
+    assert_eq!(d["from"], sender.1);
     assert_eq!(d["data"]["sdp"], "offer");
     let ghost = to ^ (1 << 26); // another generation of the same slot
-    members[0]
+    sender
         .0
         .send_json(json!({"op": "send", "to": ghost, "data": 1, "ref": 10}));
     // On another loop the send is acknowledged first and bounced after; on ours it fails at once.
-    let mut reply = members[0].0.recv_json();
-    if loop_of(ghost) != loop_of(members[0].1) {
+    let mut reply = sender.0.recv_json();
+    if loop_of(ghost) != loop_of(sender.1) {
         assert_eq!(reply["op"], "sent", "{reply}");
-        reply = members[0].0.recv_json();
+        reply = sender.0.recv_json();
     }
-    assert_eq!(reply["op"], "error", "{reply}");
-    assert_eq!(reply["code"], "no_such_connection");
-    assert_eq!(reply["ref"], 10);
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_u64()),
+        (Some("no_such_connection"), Some(10)),
+        "{reply}"
+    );
     // An event loop this server does not have (5 of 2), another process's incarnation, a number
     // above 2^53: nobody could hold them, so the error comes at once, never `sent`.
     for (i, id) in [to | (5 << 20), to ^ (1 << 45), 1 << 53]
         .into_iter()
         .enumerate()
     {
-        members[0]
+        sender
             .0
             .send_json(json!({"op": "send", "to": id, "data": 1, "ref": 20 + i}));
-        let e = members[0].0.recv_json();
+        let e = sender.0.recv_json();
         assert_eq!(
             (e["code"].as_str(), e["ref"].as_u64()),
             (Some("no_such_connection"), Some(20 + i as u64)),
             "{e}"
         );
     }
+}
 
-    // Errors are messages, never silent drops.
-    let w = &mut members[3].0;
+/// Errors are messages, never silent drops. `w` is a member of call-42 (of 20).
+fn errors_are_messages(w: &mut Ws) {
     w.send(1, b"{not json");
     let e = w.recv_json();
     assert_eq!(
@@ -212,19 +246,6 @@ fn room_messages_reach_every_member_once_and_no_one_else() {
         (l["op"].as_str(), l["members"].as_u64()),
         (Some("left"), Some(19))
     );
-
-    // Closing a member updates the whole-server count.
-    drop(members.pop());
-    let w = &mut members[0].0;
-    eventually_true(
-        Duration::from_secs(5),
-        || "18 members".into(),
-        || {
-            w.send_json(json!({"op": "count", "room": "call-42"}));
-            w.recv_json()["members"] == 18
-        },
-    );
-    assert!(s.metric("tunegate_bus_room_deliveries_total") > 0);
 }
 
 #[test]

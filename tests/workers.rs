@@ -177,6 +177,13 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
             assert_eq!(r["ref"], "sync", "extra message: {r}");
         }
     }
+    interest_routing_is_counted(&w, &mut c);
+    direct_messages_cross_workers(&mut c);
+}
+
+/// After 40 messages from each of 3 publishers to "all" (members on workers 0 and 1 only):
+/// worker 2 received none of them, and the bus counters say so, from whichever worker answers.
+fn interest_routing_is_counted(w: &Workers, c: &mut Clients) {
     // Worker 2 holds no member of "all": it received none of its 80 remote messages.
     for (ws, _) in c.get_mut(&2).unwrap() {
         ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
@@ -211,7 +218,10 @@ fn rooms_span_workers_exactly_once_in_order_and_skip_uninterested_workers() {
     );
     // Whole-server gauges, whichever worker answers.
     assert_eq!(w.metric("tunegate_websockets_open"), 12);
+}
 
+/// Direct messages across workers, and to connections that are gone.
+fn direct_messages_cross_workers(c: &mut Clients) {
     // Direct messages across workers.
     let to = c[&2][1].1;
     let from = c[&0][1].1;
