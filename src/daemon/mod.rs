@@ -269,6 +269,7 @@ impl Daemon {
                 return Event::SpawnFailed {
                     worker: i,
                     error: format!("{e:#}"),
+                    at: Instant::now(),
                 };
             }
         };

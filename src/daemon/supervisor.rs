@@ -25,7 +25,11 @@ pub enum Event {
         at: Instant,
     },
     /// `Action::Spawn(worker)` failed: the daemon cannot run its children at all.
-    SpawnFailed { worker: usize, error: String },
+    SpawnFailed {
+        worker: usize,
+        error: String,
+        at: Instant,
+    },
     /// The plumbing saw the worker's process listen on the port.
     Listening { worker: usize, pid: u32 },
     /// A child ended. `failed`: not exit status 0. `jitter` in [-1, 1] spreads restarts of a
@@ -176,9 +180,9 @@ impl Supervisor {
         match event {
             Event::Tick(now) => self.tick(now),
             Event::Started { worker, pid, at } => self.started(worker, pid, at),
-            Event::SpawnFailed { error, .. } => {
+            Event::SpawnFailed { error, at, .. } => {
                 self.log(Level::Err, error.clone());
-                self.end(1, "failed", &error, Instant::now());
+                self.end(1, "failed", &error, at);
             }
             Event::Listening { worker, pid } => self.listening(worker, pid),
             Event::Exited {

@@ -298,3 +298,25 @@ fn a_resize_stops_all_then_starts_the_new_count_on_a_fresh_bus() {
     );
     assert_eq!(s.listen_all(), [Action::Ready]);
 }
+
+#[test]
+fn a_worker_that_cannot_be_spawned_stops_the_others_and_ends_with_1() {
+    let mut s = Sim::new(policy(5), 2);
+    s.advance(0);
+    s.listen_all();
+    let survivor = s.pid(1);
+    s.exit(0, true);
+    // The plumbing's restart of worker 0 fails (the binary was removed, say).
+    let out = s.feed(Event::SpawnFailed {
+        worker: 0,
+        error: "cannot start tunegate: No such file or directory".into(),
+        at: s.now,
+    });
+    assert!(out.contains(&Action::Term(survivor)), "{out:?}");
+    let end = s.exit(1, false);
+    assert!(end.contains(&Action::Exit(1)), "{end:?}");
+    assert!(end.contains(&Action::Status(
+        "failed",
+        "cannot start tunegate: No such file or directory".into()
+    )));
+}
