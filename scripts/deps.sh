@@ -11,6 +11,9 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v curl >/dev/null || need_apt+=(curl)
 # The kill tests (tests/kills.rs) inject SIGKILL at chosen system calls with strace.
 command -v strace >/dev/null || need_apt+=(strace)
+# The bus tests start a Redis 7 Cluster on loopback (scripts/redis-cluster.sh).
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 # The package test (packaging/test-deb.sh): lintian, and a Debian 12 root booted with nspawn.
 command -v lintian >/dev/null || need_apt+=(lintian)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
@@ -42,6 +45,7 @@ if ! python3 -c 'import websockets, msgpack' 2>/dev/null; then
 fi
 python3 -c 'import websockets, msgpack' || { echo "deps: Python websockets/msgpack missing" >&2; exit 1; }
 command -v prlimit >/dev/null || { echo "deps: prlimit (util-linux) missing" >&2; exit 1; }
+redis-server --version | grep -q 'v=[7-9]\.' || { echo "deps: redis-server 7 or later is needed" >&2; exit 1; }
 
 [[ $(id -u) == 0 ]] || { echo "deps: the namespace tests need root" >&2; exit 1; }
 ip netns list >/dev/null || { echo "deps: ip netns does not work here" >&2; exit 1; }

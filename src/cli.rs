@@ -152,6 +152,12 @@ pub struct CheckArgs {
     /// profile's listen_ports. Repeatable.
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+
+    /// Also check the Redis Cluster a cross-host bus would use (redis://HOST:PORT[,HOST:PORT...],
+    /// its seed nodes): reachable, Redis 7.0 or later, cluster mode, every slot served
+    /// (finding bus.redis).
+    #[arg(long, value_name = "URL")]
+    pub bus: Option<String>,
 }
 
 #[derive(Debug, Args)]

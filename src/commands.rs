@@ -59,7 +59,11 @@ fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>)> {
 
 fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(args)?;
-    let report = preflight::check(&profile, host, &ports)?;
+    let bus_seeds = bus_seeds(args)?;
+    let mut report = preflight::check(&profile, host, &ports)?;
+    if let (Some(url), Some(seeds)) = (&args.bus, bus_seeds) {
+        report.findings.push(preflight::bus::check(url, &seeds));
+    }
     match args.format {
         Format::Human => out!("{}", report::preflight_human(&report)),
         Format::Json => outln!("{}", report::preflight_json(&report)),
@@ -71,8 +75,17 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     })
 }
 
+/// The seeds of `--bus`, checked before anything runs (a bad URL is bad usage, exit 2).
+fn bus_seeds(args: &CheckArgs) -> anyhow::Result<Option<Vec<String>>> {
+    match &args.bus {
+        Some(url) => Ok(Some(preflight::bus::seeds(url).map_err(UsageError)?)),
+        None => Ok(None),
+    }
+}
+
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(&args.check)?;
+    let bus_seeds = bus_seeds(&args.check)?;
     let before = preflight::check(&profile, host, &ports)?;
     let plan = Plan::from_report(&before);
     let human = args.check.format == Format::Human;
@@ -98,7 +111,11 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
         sysctl_dir: args.sysctl_dir.clone(),
     };
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
-    let after = preflight::check(&profile, host, &ports)?;
+    let mut after = preflight::check(&profile, host, &ports)?;
+    if let (Some(url), Some(seeds)) = (&args.check.bus, bus_seeds) {
+        // Nothing apply can change; checked with the rest of what the host must still do.
+        after.findings.push(preflight::bus::check(url, &seeds));
+    }
     if human {
         out!("{}", report::outcome_human(&outcome));
         out!("{}", report::blocked_human(&Plan::from_report(&after)));

@@ -11,6 +11,7 @@
 
 pub mod files;
 pub mod process;
+pub mod redis;
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};

@@ -5,6 +5,7 @@
 //! changed from here and, when not, exactly what blocks it, because an SRE inside a container
 //! needs to know which lines to hand to whoever owns the host.
 
+pub mod bus;
 mod derived;
 
 use serde::Serialize;

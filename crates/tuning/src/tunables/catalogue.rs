@@ -16,6 +16,8 @@ pub enum Scope {
     HostGlobal,
     /// A property of a process, inherited by its children (rlimits).
     Process,
+    /// A service elsewhere that the server depends on (the Redis Cluster of the bus).
+    Service,
 }
 
 impl Scope {
@@ -24,6 +26,7 @@ impl Scope {
             Scope::NetNamespace => "per network namespace",
             Scope::HostGlobal => "host-global",
             Scope::Process => "per process",
+            Scope::Service => "remote service",
         }
     }
 }

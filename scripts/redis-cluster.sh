@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# scripts/redis-cluster.sh: a throwaway Redis 7 Cluster on loopback, for the tests and benchmarks
+# of tunegate's cross-host bus: 3 masters and 3 replicas (or as many as asked), each a
+# redis-server of Debian's package bound to 127.0.0.1, its files in one directory.
+#
+#   scripts/redis-cluster.sh start DIR [BASE_PORT] [MASTERS]   start, create the cluster, wait
+#                                                              until every node says it is ok;
+#                                                              prints the ports, one per line
+#   scripts/redis-cluster.sh stop DIR                          stop every node started in DIR
+#                                                              and remove DIR
+#   scripts/redis-cluster.sh standalone DIR PORT               one plain (non-cluster) server
+#
+# BASE_PORT defaults to 17000, MASTERS to 3 (each with one replica). Every wait is bounded, and
+# a failed start stops what it started. Nothing listens beyond 127.0.0.1.
+set -euo pipefail
+
+die() { printf 'redis-cluster: error: %s\n' "$*" >&2; exit 1; }
+
+# poll SECONDS CMD...: CMD every 0.1 s until it succeeds or SECONDS have passed.
+poll() {
+    local seconds=$1 i
+    shift
+    for ((i = 0; i < seconds * 10; i++)); do
+        "$@" && return 0
+        sleep 0.1
+    done
+    "$@"
+}
+
+need() {
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        die "redis-server and redis-cli are needed (apt-get install redis-server redis-tools; scripts/deps.sh does)"
+    fi
+}
+
+# start_node DIR PORT [cluster]: one redis-server, daemonized, its pid in DIR/PORT.pid.
+start_node() {
+    local dir=$1 port=$2 cluster=${3:-} args
+    mkdir -p "$dir/$port"
+    args=(--port "$port" --bind 127.0.0.1 --protected-mode no --daemonize yes
+        --dir "$dir/$port" --pidfile "$dir/$port.pid" --logfile "$dir/$port.log"
+        --save "" --appendonly no)
+    if [[ -n $cluster ]]; then
+        args+=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000)
+    fi
+    redis-server "${args[@]}"
+    responds() { redis-cli -p "$1" ping 2>/dev/null | grep -qx PONG; }
+    poll 10 responds "$port" || die "redis-server on port $port did not answer (log: $dir/$port.log)"
+}
+
+cluster_ok() {
+    local port
+    for port in "$@"; do
+        redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    done
+}
+
+cmd_start() {
+    local dir=${1:?start DIR [BASE_PORT] [MASTERS]} base=${2:-17000} masters=${3:-3} ports=() i
+    need
+    [[ ! -e $dir/ports ]] || die "$dir already holds a cluster (stop it first)"
+    mkdir -p "$dir"
+    trap 'cmd_stop "$dir" >/dev/null 2>&1 || true' ERR
+    for ((i = 0; i < masters * 2; i++)); do
+        start_node "$dir" $((base + i)) cluster
+        ports+=($((base + i)))
+    done
+    printf '%s\n' "${ports[@]}" >"$dir/ports"
+    redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 1 --cluster-yes \
+        >"$dir/create.log" 2>&1 || die "cluster create failed: $(tail -n 5 "$dir/create.log")"
+    poll 30 cluster_ok "${ports[@]}" || die "the cluster is not ok after 30 s"
+    trap - ERR
+    printf '%s\n' "${ports[@]}"
+}
+
+cmd_standalone() {
+    local dir=${1:?standalone DIR PORT} port=${2:?standalone DIR PORT}
+    need
+    mkdir -p "$dir"
+    start_node "$dir" "$port"
+    echo "$port" >>"$dir/ports"
+}
+
+cmd_stop() {
+    local dir=${1:?stop DIR} pidfile pid
+    [[ -d $dir ]] || return 0
+    for pidfile in "$dir"/*.pid; do
+        [[ -f $pidfile ]] || continue
+        pid=$(cat "$pidfile")
+        kill -TERM "$pid" 2>/dev/null || true
+        gone() { ! kill -0 "$1" 2>/dev/null; }
+        poll 5 gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$dir"
+}
+
+case ${1:-} in
+start) shift; cmd_start "$@" ;;
+stop) shift; cmd_stop "$@" ;;
+standalone) shift; cmd_standalone "$@" ;;
+*) sed -n '2,/^set/{/^set/d;s/^# \{0,1\}//;p}' "$0" >&2; exit 2 ;;
+esac
