@@ -8,6 +8,10 @@
 #                                                              prints the ports, one per line
 #   scripts/redis-cluster.sh stop DIR                          stop every node started in DIR
 #                                                              and remove DIR
+#   scripts/redis-cluster.sh restart DIR                       stop every node of the cluster in
+#                                                              DIR, start them again (they keep
+#                                                              their cluster configuration, not
+#                                                              their data), wait until it is ok
 #   scripts/redis-cluster.sh standalone DIR PORT               one plain (non-cluster) server
 #
 # BASE_PORT defaults to 17000, MASTERS to 3 (each with one replica). Every wait is bounded, and
@@ -41,17 +45,25 @@ start_node() {
         --dir "$dir/$port" --pidfile "$dir/$port.pid" --logfile "$dir/$port.log"
         --save "" --appendonly no)
     if [[ -n $cluster ]]; then
-        args+=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000)
+        # Replicas sync at once (Redis 7 otherwise waits 5 s for more replicas before a
+        # diskless sync): a replica that never synced cannot take over from its master.
+        args+=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000
+            --repl-diskless-sync-delay 0)
     fi
     redis-server "${args[@]}"
     responds() { redis-cli -p "$1" ping 2>/dev/null | grep -qx PONG; }
     poll 10 responds "$port" || die "redis-server on port $port did not answer (log: $dir/$port.log)"
 }
 
+# cluster_ok PORT...: every node says the cluster is ok, and every replica has synced with its
+# master (only a synced replica can fail over).
 cluster_ok() {
     local port
     for port in "$@"; do
         redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+        if redis-cli -p "$port" info replication 2>/dev/null | grep -q '^role:slave'; then
+            redis-cli -p "$port" info replication | grep -q '^master_link_status:up' || return 1
+        fi
     done
 }
 
@@ -81,22 +93,44 @@ cmd_standalone() {
     echo "$port" >>"$dir/ports"
 }
 
-cmd_stop() {
-    local dir=${1:?stop DIR} pidfile pid
-    [[ -d $dir ]] || return 0
+# stop_nodes DIR: every node started in DIR, TERM then (after 5 s) KILL.
+stop_nodes() {
+    local dir=$1 pidfile pid
     for pidfile in "$dir"/*.pid; do
         [[ -f $pidfile ]] || continue
         pid=$(cat "$pidfile")
+        rm -f "$pidfile"
+        # A node killed by hand (a failover test) leaves its pid file; never signal whatever
+        # process has that number now.
+        [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]] || continue
         kill -TERM "$pid" 2>/dev/null || true
         gone() { ! kill -0 "$1" 2>/dev/null; }
         poll 5 gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
     done
+}
+
+cmd_stop() {
+    local dir=${1:?stop DIR}
+    [[ -d $dir ]] || return 0
+    stop_nodes "$dir"
     rm -rf "$dir"
+}
+
+cmd_restart() {
+    local dir=${1:?restart DIR} ports port
+    [[ -f $dir/ports ]] || die "$dir holds no cluster"
+    mapfile -t ports <"$dir/ports"
+    stop_nodes "$dir"
+    for port in "${ports[@]}"; do
+        start_node "$dir" "$port" cluster
+    done
+    poll 30 cluster_ok "${ports[@]}" || die "the cluster is not ok 30 s after its restart"
 }
 
 case ${1:-} in
 start) shift; cmd_start "$@" ;;
 stop) shift; cmd_stop "$@" ;;
+restart) shift; cmd_restart "$@" ;;
 standalone) shift; cmd_standalone "$@" ;;
 *) sed -n '2,/^set/{/^set/d;s/^# \{0,1\}//;p}' "$0" >&2; exit 2 ;;
 esac

@@ -7,52 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::redis::Redis;
 use common::*;
-
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster.sh");
-
-/// A cluster (or server) started by the script, stopped on drop.
-struct Redis {
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn run(args: &[&str]) -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("bash")
-            .arg(SCRIPT)
-            .arg(args[0])
-            .arg(dir.path().join("r"))
-            .args(&args[1..])
-            .output()
-            .expect("bash");
-        assert!(
-            out.status.success(),
-            "scripts/redis-cluster.sh {args:?} (scripts/deps.sh installs redis-server): {}",
-            stderr(&out)
-        );
-        Redis { dir }
-    }
-
-    fn pid(&self, port: u16) -> i32 {
-        let path = self.dir.path().join(format!("r/{port}.pid"));
-        std::fs::read_to_string(path)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(self.dir.path().join("r"))
-            .output();
-    }
-}
 
 fn preflight(bus: &str) -> (i32, serde_json::Value) {
     let out = Command::new(bin())
@@ -72,7 +28,7 @@ fn preflight(bus: &str) -> (i32, serde_json::Value) {
 
 #[test]
 fn the_bus_check_passes_a_whole_cluster_and_says_what_is_wrong_otherwise() {
-    let cluster = Redis::run(&["start", "17100"]);
+    let cluster = Redis::cluster(17100);
     let (_, f) = preflight("redis://127.0.0.1:17100,127.0.0.1:17101");
     assert_eq!(f["verdict"], "pass", "{f:#}");
     assert_eq!(f["scope"], "service");

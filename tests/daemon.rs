@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis::Redis;
 use common::*;
 
 const CHILD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/test_child.py");
@@ -24,7 +25,11 @@ impl Daemon {
     /// Starts `tunegate run --config` in a fresh namespace. `config` is YAML added to the
     /// test defaults (state and status under the test dir, fast restarts, port 18080).
     fn start(config: &str, notify: Option<&Path>) -> Daemon {
-        let ns = Netns::new();
+        Daemon::start_in(Netns::new(), config, notify)
+    }
+
+    /// The same, in a namespace the test made (and may have started servers in).
+    fn start_in(ns: Netns, config: &str, notify: Option<&Path>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let cfg = profile(
             dir.path(),
@@ -809,4 +814,44 @@ fn reload_replaces_workers_one_at_a_time_and_the_port_keeps_answering() {
     assert_eq!(d.status()["restarts"], 0, "a replacement is not a restart");
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.exit(Duration::from_secs(10)), 0);
+}
+
+/// `server.bus`: the daemon checks the Redis Cluster like a tunable (finding `bus.redis`), gates
+/// on it in enforce mode, and its workers meet through it (in-host rooms cross Redis too),
+/// checked with Python `websockets`. Everything, the cluster included, runs inside the test's
+/// namespace.
+#[test]
+fn server_bus_is_gated_on_and_the_workers_meet_through_the_cluster() {
+    let bus =
+        "mode: enforce\nserver:\n  workers: 2\n  threads: 1\n  bus: redis://127.0.0.1:17250\n";
+    // No cluster: the gate refuses to start anything.
+    let mut d = Daemon::start(bus, None);
+    assert_eq!(d.exit(Duration::from_secs(20)), 1, "{}", d.log());
+    assert!(d.log().contains("check failed: bus.redis"), "{}", d.log());
+
+    let ns = Netns::new();
+    let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+    let _cluster = Redis::run_in(&prefix, &["start", "17250"]);
+    let d = Daemon::start_in(ns, bus, None);
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let listening = |d: &Daemon| d.log().matches("bus redis)").count() == 2;
+    d.wait_for(Duration::from_secs(5), "both workers listening", listening);
+    let nodes: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("listening on") && l.contains("bus redis"))
+        .map(|l| {
+            l.split(", node ")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(nodes.len(), 2, "{}", d.log());
+    assert_eq!(nodes[0], nodes[1], "one host, one node: {}", d.log());
+    let url = "ws://127.0.0.1:18080/";
+    d.python("cross_host", &["steady", url, url]);
 }

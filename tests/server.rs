@@ -17,9 +17,9 @@ fn hello(ws: &mut Ws) -> u64 {
     h["id"].as_u64().unwrap()
 }
 
-/// The event loop a connection id belongs to (bits 20..26, see docs/protocol.md).
+/// The event loop a connection id belongs to (bits 19..23, see docs/protocol.md).
 fn loop_of(id: u64) -> u64 {
-    (id >> 20) & 0x3f
+    (id >> 19) & 0x1f
 }
 
 #[test]
@@ -208,7 +208,7 @@ fn direct_messages_reach_their_target_or_come_back(
     );
     // An event loop this server does not have (5 of 2), another process's incarnation, a number
     // above 2^53: nobody could hold them, so the error comes at once, never `sent`.
-    for (i, id) in [to | (5 << 20), to ^ (1 << 45), 1 << 53]
+    for (i, id) in [to | (5 << 19), to ^ (1 << 40), 1 << 53]
         .into_iter()
         .enumerate()
     {

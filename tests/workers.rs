@@ -245,7 +245,7 @@ fn direct_messages_cross_workers(c: &mut Clients) {
         (Some("no_such_connection"), Some(2))
     );
     // A loop that worker does not have (it runs one): it answers for it the same way.
-    ws.send_json(json!({"op": "send", "to": to | (63 << 20), "data": 1, "ref": 3}));
+    ws.send_json(json!({"op": "send", "to": to | (31 << 19), "data": 1, "ref": 3}));
     assert_eq!(ws.recv_json()["op"], "sent");
     let e = ws.recv_json();
     assert_eq!(
@@ -255,7 +255,7 @@ fn direct_messages_cross_workers(c: &mut Clients) {
     );
     // An id of a process that is not up (an incarnation no worker has): nobody can look, so
     // the error comes at once, without `sent`.
-    ws.send_json(json!({"op": "send", "to": to ^ (1 << 45), "data": 1, "ref": 4}));
+    ws.send_json(json!({"op": "send", "to": to ^ (1 << 40), "data": 1, "ref": 4}));
     let e = ws.recv_json();
     assert_eq!(
         (e["code"].as_str(), e["ref"].as_u64()),
@@ -359,7 +359,7 @@ fn workers_with_the_same_incarnation_refuse_each_other() {
                     "--worker",
                     &i.to_string(),
                 ])
-                .args(["--incarnation", "4242", "--bus-dir"])
+                .args(["--incarnation", "4042", "--bus-dir"])
                 .arg(dir.path().join("bus"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&logs[i]).unwrap())
@@ -381,7 +381,7 @@ fn workers_with_the_same_incarnation_refuse_each_other() {
         let _ = p.wait();
     }
     assert!(
-        w0.contains("bus: refused a link: worker 1 has this worker's incarnation 4242, so both would hand out the same connection ids"),
+        w0.contains("bus: refused a link: worker 1 has this worker's process 0.4042, so both would hand out the same connection ids"),
         "{w0}"
     );
     assert!(

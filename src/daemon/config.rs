@@ -258,6 +258,11 @@ impl Config {
                 format!("server.threads must be 1..={max_threads} (or absent: one per core)"),
             ));
         }
+        if let Some(url) = &self.server.bus
+            && let Err(m) = relay::redis_bus::url::parse(url)
+        {
+            return Err(at(&["server", "bus"], format!("server.bus: {m}")));
+        }
         // The rest is the server's own rule book, the one `tunegate serve` applies to its flags.
         let sample = relay::Config {
             listen: self.listen,
@@ -303,6 +308,16 @@ mod tests {
         let e = Config::parse("t.yaml", "profile: default\nignore: [all]\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("one by one"), "{e}");
+        let e = Config::parse(
+            "t.yaml",
+            "server:\n  ping_timeout_ms: 9\n  bus: rediss://h:1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(
+            e.message.contains("server.bus") && e.message.contains("TLS"),
+            "{e}"
+        );
         let e = Config::parse("t.yaml", "server:\n  workers: 0\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("server.workers"), "{e}");

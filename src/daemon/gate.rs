@@ -20,7 +20,14 @@ impl Daemon {
         let before = preflight::check(&self.profile, &self.opts.host, &ports)?;
         self.remember(&before);
         self.apply(&before, true)?;
-        let after = preflight::check(&self.profile, &self.opts.host, &ports)?;
+        let mut after = preflight::check(&self.profile, &self.opts.host, &ports)?;
+        // The bundled server's cross-host bus is a dependency like any tunable: with
+        // `server.bus`, its cluster is checked (finding `bus.redis`) and gated the same way.
+        if let (None, Some(url)) = (&self.config.child.command, &self.config.server.bus)
+            && let Ok(seeds) = preflight::bus::seeds(url)
+        {
+            after.findings.push(preflight::bus::check(url, &seeds));
+        }
         self.remember(&after);
         for id in &self.config.ignore {
             if !after.findings.iter().any(|f| &f.id == id) {

@@ -1,20 +1,26 @@
-//! Incarnation numbers for the workers the daemon starts: the high 16 bits of every connection
-//! id a worker hands out (crates/relay/src/id.rs). Every start of every worker gets a number no
+//! Incarnation numbers for the workers the daemon starts: the 12 bits below the node in every
+//! connection id a worker hands out (crates/relay/src/id.rs). Every start of every worker gets a number no
 //! earlier start got, across worker restarts, reloads and restarts of the daemon itself, so a
 //! client holding a dead connection's id can never reach a newcomer with it.
 //!
 //! The counter lives in `STATE_DIR/incarnation`. Numbers are reserved in blocks: the file is
 //! rewritten (atomically) to the end of a block *before* the first number of that block is
 //! handed out, so a daemon killed at any instant restarts past everything it handed out. The
-//! rest of a block is skipped then; the space wraps after 65,536 numbers (at one block per
-//! daemon start, after 1,024 daemon starts or 65,536 worker starts, whichever comes first).
+//! rest of a block is skipped then; the space wraps after 4,096 numbers (at one block per
+//! daemon start, after 256 daemon starts or 4,096 worker starts, whichever comes first).
 
 use std::path::{Path, PathBuf};
 
+use relay::id::INCARNATIONS;
 use tuning::host::files;
 
 /// Numbers reserved per write of the counter file.
-const BLOCK: u16 = 64;
+const BLOCK: u16 = 16;
+
+/// `n + k` in the incarnation space.
+fn step(n: u16, k: u16) -> u16 {
+    ((u32::from(n) + u32::from(k)) % INCARNATIONS) as u16
+}
 
 pub struct Incarnations {
     path: PathBuf,
@@ -33,7 +39,7 @@ impl Incarnations {
         let path = state_dir.join("incarnation");
         let (next, note) = match std::fs::read_to_string(&path) {
             Ok(text) => match text.trim().parse::<u16>() {
-                Ok(n) => (n, None),
+                Ok(n) => (step(n, 0), None),
                 Err(_) => (
                     clock(),
                     Some(format!(
@@ -66,7 +72,7 @@ impl Incarnations {
     pub fn take(&mut self) -> (u16, Option<String>) {
         let mut warning = None;
         if self.left == 0 {
-            let end = self.next.wrapping_add(BLOCK);
+            let end = step(self.next, BLOCK);
             match files::write_atomic(&self.path, format!("{end}\n").as_bytes(), 0o644) {
                 Ok(()) => self.unsaved = None,
                 Err(e) if self.unsaved.is_none() => {
@@ -82,7 +88,7 @@ impl Incarnations {
             self.left = BLOCK;
         }
         let n = self.next;
-        self.next = self.next.wrapping_add(1);
+        self.next = step(self.next, 1);
         self.left -= 1;
         (n, warning)
     }
@@ -92,7 +98,7 @@ fn clock() -> u16 {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    (secs % (1 << 16)) as u16
+    (secs % u64::from(INCARNATIONS)) as u16
 }
 
 #[cfg(test)]
@@ -120,10 +126,26 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert!(
-            seen.iter()
-                .all(|&n| (1..1000).contains(&saved.wrapping_sub(n)))
-        );
+        assert!(seen.iter().all(|&n| {
+            let ahead = (u32::from(saved) + INCARNATIONS - u32::from(n)) % INCARNATIONS;
+            (1..1000).contains(&ahead)
+        }));
+        assert!(seen.iter().all(|&n| u32::from(n) < INCARNATIONS));
+    }
+
+    #[test]
+    fn numbers_stay_within_12_bits_and_wrap() {
+        let d = tempfile::tempdir().unwrap();
+        // A counter from a build with 16-bit incarnations, near the end of the 12-bit space.
+        std::fs::write(
+            d.path().join("incarnation"),
+            format!("{}\n", 3 * 4096 + 4094),
+        )
+        .unwrap();
+        let (mut inc, note) = Incarnations::open(d.path());
+        assert!(note.is_none());
+        let taken: Vec<u16> = (0..3).map(|_| inc.take().0).collect();
+        assert_eq!(taken, [4094, 4095, 0]);
     }
 
     #[test]
@@ -138,7 +160,7 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(saved, n.wrapping_add(BLOCK));
+        assert_eq!(saved, step(n, BLOCK));
     }
 
     #[test]

@@ -31,7 +31,8 @@ CLIENTS = 36
 
 
 def incarnation_of(conn_id):
-    return conn_id >> 37
+    # Bits 33..44 of a connection id (docs/protocol.md).
+    return (conn_id >> 33) & 0xFFF
 
 
 async def recv(ws):

@@ -378,10 +378,15 @@ fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
 /// Test clients by the worker that holds them: (client, its connection id).
 pub type Clients = std::collections::HashMap<usize, Vec<(Ws, u64)>>;
 
-/// The incarnation of the process that handed out a connection id: its top 16 bits
-/// (docs/protocol.md). Tests map it to a worker through what they started.
+/// The incarnation of the process that handed out a connection id: the 12 bits below the
+/// node, bits 33 to 44 (docs/protocol.md). Tests map it to a worker through what they started.
 pub fn incarnation_of(id: u64) -> u16 {
-    (id >> 37) as u16
+    ((id >> 33) & 0xfff) as u16
+}
+
+/// The node of the host that handed out a connection id: its top 8 bits (docs/protocol.md).
+pub fn node_of(id: u64) -> u8 {
+    (id >> 45) as u8
 }
 
 /// Connects with `connect` until the kernel's SO_REUSEPORT spread has given each of `workers`

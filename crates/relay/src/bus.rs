@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
-use super::id::ConnId;
-use super::metrics::Snapshot;
+use super::id::{ConnId, ProcessId};
+use super::metrics::{RemoteStats, Snapshot};
 use super::protocol::Outgoing;
 use super::sys::Waker;
 
@@ -39,16 +39,31 @@ pub enum Item {
         target: u64,
         reference: Option<rmpv::Value>,
     },
+    /// The answer to an `Ask` the bus could not answer at once.
+    Members { ask: Ask, members: u64 },
+}
+
+/// A connection's question about a room's member count (`joined`, `left`, `count`), for a bus
+/// whose counts live elsewhere (Redis): it answers later, with `Item::Members`, to `to`'s loop.
+pub struct Ask {
+    /// The connection asking.
+    pub to: u64,
+    /// The reply's op.
+    pub op: &'static str,
+    pub room: Arc<str>,
+    pub reference: Option<rmpv::Value>,
 }
 
 pub trait Bus: Send + Sync {
-    /// Loop `loop_index` gained a member of `room`; returns the room's members on the whole server.
-    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64;
-    /// Loop `loop_index` lost a member of `room`; returns the members left on the whole server.
-    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64;
-    /// Members of `room` on the whole server.
-    fn members(&self, room: &str) -> u64;
-    /// Rooms with at least one member on the whole server.
+    /// Loop `loop_index` gained a member of `room`.
+    fn joined(&self, room: &Arc<str>, loop_index: usize);
+    /// Loop `loop_index` lost a member of `room`.
+    fn left(&self, room: &Arc<str>, loop_index: usize);
+    /// Members of `ask.room` on the whole service, counting every `joined` and `left` this
+    /// process told the bus before: `Some` now, or `None` when the bus keeps the question and
+    /// answers later, as `Item::Members` to the loop of `ask.to`.
+    fn members(&self, ask: Ask) -> Option<u64>;
+    /// Rooms with at least one member on the whole server (with a cross-host bus: on this host).
     fn rooms(&self) -> u64;
     /// Hands a room message to every *other* loop holding members of `room`.
     fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);
@@ -77,6 +92,12 @@ pub trait Bus: Send + Sync {
     fn peer_metrics(&self) -> Vec<Snapshot> {
         Vec::new()
     }
+    /// The link to other hosts (Redis), when there is one.
+    fn remote(&self) -> RemoteStats {
+        RemoteStats::default()
+    }
+    /// The loops are done: send what waits and say goodbye to other hosts.
+    fn close(&self) {}
 }
 
 struct Entry {
@@ -119,8 +140,8 @@ impl Inbox {
 
 /// The bus between the loops of one process.
 pub struct LocalBus {
-    /// This process's incarnation: the ids `route` can reach.
-    incarnation: u16,
+    /// This process: the ids `route` can reach.
+    process: ProcessId,
     directory: Mutex<FxHashMap<Arc<str>, Entry>>,
     inboxes: Vec<Arc<Inbox>>,
     routed: AtomicU64,
@@ -128,9 +149,9 @@ pub struct LocalBus {
 }
 
 impl LocalBus {
-    pub fn new(loops: usize, incarnation: u16) -> std::io::Result<LocalBus> {
+    pub fn new(loops: usize, process: ProcessId) -> std::io::Result<LocalBus> {
         Ok(LocalBus {
-            incarnation,
+            process,
             directory: Mutex::new(FxHashMap::default()),
             inboxes: (0..loops)
                 .map(|_| Inbox::new().map(Arc::new))
@@ -148,6 +169,12 @@ impl LocalBus {
     pub fn snapshot(&self) -> Vec<(Arc<str>, u64)> {
         let dir = self.directory.lock().expect("directory lock");
         dir.iter().map(|(r, e)| (r.clone(), e.total)).collect()
+    }
+
+    /// Members of `room` in this process.
+    pub fn local_members(&self, room: &str) -> u64 {
+        let dir = self.directory.lock().expect("directory lock");
+        dir.get(room).map_or(0, |e| e.total)
     }
 
     fn change(&self, room: &Arc<str>, loop_index: usize, up: bool) -> u64 {
@@ -207,17 +234,16 @@ impl LocalBus {
 }
 
 impl Bus for LocalBus {
-    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64 {
-        self.change(room, loop_index, true)
+    fn joined(&self, room: &Arc<str>, loop_index: usize) {
+        self.change(room, loop_index, true);
     }
 
-    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64 {
-        self.change(room, loop_index, false)
+    fn left(&self, room: &Arc<str>, loop_index: usize) {
+        self.change(room, loop_index, false);
     }
 
-    fn members(&self, room: &str) -> u64 {
-        let dir = self.directory.lock().expect("directory lock");
-        dir.get(room).map_or(0, |e| e.total)
+    fn members(&self, ask: Ask) -> Option<u64> {
+        Some(self.local_members(&ask.room))
     }
 
     fn rooms(&self) -> u64 {
@@ -233,7 +259,7 @@ impl Bus for LocalBus {
 
     fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
         match self.inboxes.get(to.loop_index) {
-            Some(inbox) if to.incarnation == self.incarnation => {
+            Some(inbox) if to.process == self.process => {
                 inbox.push(item);
                 Ok(())
             }
@@ -264,10 +290,10 @@ mod tests {
 
     #[test]
     fn room_messages_go_only_to_interested_loops() {
-        let bus = LocalBus::new(3, 0).unwrap();
+        let bus = LocalBus::new(3, ProcessId::default()).unwrap();
         let room: Arc<str> = Arc::from("r");
-        assert_eq!(bus.joined(&room, 2), 1);
-        assert_eq!(bus.joined(&room, 0), 2);
+        bus.joined(&room, 2);
+        bus.joined(&room, 0);
         let msg = Outgoing::new(Reply {
             op: "message",
             ..Reply::default()
@@ -279,17 +305,25 @@ mod tests {
         bus.inbox(2).drain(&mut got);
         assert_eq!(got.len(), 1);
         assert_eq!(bus.traffic(), (1, 2));
-        assert_eq!(bus.members("r"), 2);
-        assert_eq!(bus.left(&room, 2), 1);
-        assert_eq!(bus.left(&room, 0), 0);
+        let ask = || Ask {
+            to: 0,
+            op: "count",
+            room: room.clone(),
+            reference: None,
+        };
+        assert_eq!(bus.members(ask()), Some(2));
+        bus.left(&room, 2);
+        assert_eq!(bus.members(ask()), Some(1));
+        bus.left(&room, 0);
+        assert_eq!(bus.members(ask()), Some(0));
         assert_eq!(bus.rooms(), 0);
     }
 
     #[test]
     fn routing_reaches_only_this_processs_incarnation_and_loops() {
-        let bus = LocalBus::new(2, 9).unwrap();
+        let bus = LocalBus::new(2, ProcessId::new(1, 9)).unwrap();
         let to = |incarnation, loop_index| ConnId {
-            incarnation,
+            process: ProcessId::new(1, incarnation),
             generation: 0,
             loop_index,
             slot: 0,
@@ -303,8 +337,14 @@ mod tests {
         let mut got = Vec::new();
         bus.inbox(1).drain(&mut got);
         assert_eq!(got.len(), 1);
-        // Another process's incarnation, or a loop this process does not have: handed back.
+        // Another process's incarnation or node, or a loop this process does not have: handed
+        // back.
         assert!(bus.route(to(8, 1), bounce()).is_err());
+        let other_node = ConnId {
+            process: ProcessId::new(2, 9),
+            ..to(9, 1)
+        };
+        assert!(bus.route(other_node, bounce()).is_err());
         assert!(bus.route(to(9, 2), bounce()).is_err());
     }
 }

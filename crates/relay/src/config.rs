@@ -46,6 +46,19 @@ pub struct Options {
     /// bus/ next to its status file].
     #[arg(long, value_name = "DIR")]
     pub bus_dir: Option<PathBuf>,
+    /// Join other hosts through a Redis 7 Cluster: seed nodes as
+    /// redis://[USER@]HOST:PORT[,HOST:PORT...] (rooms, direct messages and counts then span
+    /// every host; docs/deployment.md). Without it the server is one host.
+    #[arg(long, value_name = "URL")]
+    pub bus: Option<String>,
+    /// A file whose first line is the Redis password (AUTH), with --bus.
+    #[arg(long, value_name = "FILE")]
+    pub bus_password_file: Option<PathBuf>,
+    /// This host's node id, 0..=255, the top bits of its connection ids: every host of a
+    /// service needs its own. [default: 0 without --bus; with --bus, derived from the host
+    /// name and listen address and claimed in Redis]
+    #[arg(long, value_name = "N")]
+    pub node: Option<u8>,
     /// Ping a connection after this much silence (Socket.IO's pingInterval).
     #[arg(long = "ping-interval", value_name = "MS", default_value_t = DEFAULT_PING_INTERVAL_MS)]
     pub ping_interval_ms: u64,
@@ -82,6 +95,9 @@ impl Default for Options {
             threads: None,
             workers: None,
             bus_dir: None,
+            bus: None,
+            bus_password_file: None,
+            node: None,
             ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
             ping_timeout_ms: DEFAULT_PING_TIMEOUT_MS,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
@@ -104,11 +120,11 @@ pub struct Config {
     /// This process's number among the workers, 0..N.
     #[arg(long, value_name = "I", default_value_t = 0)]
     pub worker: usize,
-    /// The high 16 bits of every connection id this process hands out: a number no earlier
-    /// start of this server used, so an id never names two connections (docs/protocol.md).
-    /// `tunegate run` hands every worker start the next one from its state directory. Without
-    /// it, the wall clock's next whole second is taken (start-up waits for it, up to 1 s);
-    /// required with --workers above 1.
+    /// 0..=4095, the 12 bits below the node in every connection id this process hands out: a
+    /// number no earlier start of this server used, so an id never names two connections
+    /// (docs/protocol.md). `tunegate run` hands every worker start the next one from its state
+    /// directory. Without it, the wall clock's next whole second is taken (start-up waits for
+    /// it, up to 1 s); required with --workers above 1.
     #[arg(long, value_name = "N")]
     pub incarnation: Option<u16>,
     #[command(flatten)]
@@ -166,6 +182,19 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(n) = self.incarnation
+            && u32::from(n) >= id::INCARNATIONS
+        {
+            return Err(format!(
+                "--incarnation must be 0..={}",
+                id::INCARNATIONS - 1
+            ));
+        }
+        if let Some(url) = &o.bus {
+            crate::redis_bus::url::parse(url)?;
+        } else if o.bus_password_file.is_some() {
+            return Err("--bus-password-file needs --bus".into());
+        }
         if o.max_pending_output < o.max_message_size + 14 {
             return Err(format!(
                 "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
@@ -196,6 +225,15 @@ impl Config {
         }
         if let Some(dir) = &o.bus_dir {
             flag("bus-dir", dir.display().to_string());
+        }
+        if let Some(url) = &o.bus {
+            flag("bus", url.clone());
+        }
+        if let Some(file) = &o.bus_password_file {
+            flag("bus-password-file", file.display().to_string());
+        }
+        if let Some(n) = o.node {
+            flag("node", n.to_string());
         }
         let numbers = [
             (
@@ -274,11 +312,14 @@ mod tests {
         let all = Config {
             listen: "127.0.0.11:9000".parse().unwrap(),
             worker: 2,
-            incarnation: Some(4242),
+            incarnation: Some(4042),
             options: Options {
                 threads: Some(3),
                 workers: Some(5),
                 bus_dir: Some("/run/tunegate/bus dir".into()),
+                bus: Some("redis://relay@127.0.0.1:7000,127.0.0.1:7001".into()),
+                bus_password_file: Some("/etc/tunegate/redis password".into()),
+                node: Some(11),
                 ping_interval_ms: 1,
                 ping_timeout_ms: 2,
                 handshake_timeout_ms: 3,

@@ -19,6 +19,7 @@ use super::conn::{self, AWAIT_PONG, Incoming, State};
 use super::frame::{self, Fail, close};
 use super::handler::{Handler, Sink};
 use super::handshake::{self, Parsed};
+use super::id::ProcessId;
 use super::metrics::{CloseReason, LoopMetrics};
 use super::sockets::{Sockets, TICK_MS, ticks};
 use super::{Config, Options, sys};
@@ -85,7 +86,7 @@ impl<H: Handler> EventLoop<H> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         loop_index: usize,
-        incarnation: u16,
+        process: ProcessId,
         listener: OwnedFd,
         handler: H,
         config: Config,
@@ -105,7 +106,7 @@ impl<H: Handler> EventLoop<H> {
         Ok(EventLoop {
             sockets: Sockets::new(
                 loop_index,
-                incarnation,
+                process,
                 poller,
                 metrics,
                 config.options.max_pending_output,

@@ -1,36 +1,43 @@
 //! Connection ids: what a client is called by itself (`hello`) and by everyone who sends to it.
 //!
-//! An id must never name two connections, not even across a crash: a signaling relay that hands
-//! a dead peer's id to a newcomer delivers offers, answers and chat lines to a stranger. Ids are
-//! 53 bits (exact in JavaScript numbers) and need no coordination per connection:
+//! An id must never name two connections, not even across a crash or across hosts: a signaling
+//! relay that hands a dead peer's id to a newcomer delivers offers, answers and chat lines to a
+//! stranger. Ids are 53 bits (exact in JavaScript numbers) and need no coordination per
+//! connection:
 //!
 //! ```text
-//!  52          37 36        26 25    20 19                 0
-//! | incarnation  | generation | loop   | slot                |
-//! |   16 bits    |  11 bits   | 6 bits |  20 bits            |
+//!  52    45 44         33 32       24 23  19 18                0
+//! | node   | incarnation | generation | loop | slot              |
+//! | 8 bits |   12 bits   |   9 bits   |5 bits|  19 bits          |
 //! ```
 //!
-//! - **incarnation**: which start of which server process. `tunegate run` hands every worker it
-//!   starts the next number of a counter it keeps in its state directory (`incarnation.rs` in
-//!   the daemon), so a restarted worker, or a restarted daemon, never repeats a number until
-//!   65,536 starts later. A `tunegate serve` started by hand takes the wall clock's next whole
-//!   second (waiting for it, so the previous run, which handed out ids only after its own
-//!   second began, cannot have the same one): unique while the clock does not step back and
-//!   restarts are less than 65,536 s (18 h) apart.
+//! - **node**: which host of the service. 0 on a server without a cross-host bus; with the
+//!   Redis bus, `--node N` or a number derived from the host's name and address and claimed in
+//!   Redis at start (`redis_bus/claim.rs`), so two hosts never share one.
+//! - **incarnation**: which start of which server process on that host. `tunegate run` hands
+//!   every worker it starts the next number of a counter it keeps in its state directory
+//!   (`incarnation.rs` in the daemon), so a restarted worker, or a restarted daemon, never
+//!   repeats a number until 4,096 starts later. A `tunegate serve` started by hand takes the
+//!   wall clock's next whole second (waiting for it, so the previous run, which handed out ids
+//!   only after its own second began, cannot have the same one): unique while the clock does
+//!   not step back and restarts are less than 4,096 s (68 min) apart.
 //! - **loop / slot**: where the connection lives in that process: an index, so a lookup is one
 //!   array access and no map is needed.
 //! - **generation**: how often that slot has been used. Slots are reused first-in first-out,
 //!   and only while at least [`REUSE_DISTANCE`] other slots wait free, so an id comes back only
 //!   after its slot has been used [`GENERATIONS`] more times, which takes at least
-//!   2,048 x 4,096 = 8,388,608 connections closed on that loop.
+//!   512 x 8,192 = 4,194,304 connections closed on that loop.
 
 /// Bits of each field, low to high.
-pub const SLOT_BITS: u32 = 20;
-pub const LOOP_BITS: u32 = 6;
-pub const GENERATION_BITS: u32 = 11;
-pub const INCARNATION_BITS: u32 = 16;
+pub const SLOT_BITS: u32 = 19;
+pub const LOOP_BITS: u32 = 5;
+pub const GENERATION_BITS: u32 = 9;
+pub const INCARNATION_BITS: u32 = 12;
+pub const NODE_BITS: u32 = 8;
 /// Every id is below 2^53.
-pub const ID_BITS: u32 = SLOT_BITS + LOOP_BITS + GENERATION_BITS + INCARNATION_BITS;
+pub const ID_BITS: u32 = SLOT_BITS + LOOP_BITS + GENERATION_BITS + INCARNATION_BITS + NODE_BITS;
+/// Where the process (node and incarnation) starts in an id.
+const PROCESS_SHIFT: u32 = GENERATION_BITS + LOOP_BITS + SLOT_BITS;
 
 /// Connections one event loop can hold.
 pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
@@ -38,15 +45,50 @@ pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
 pub const MAX_LOOPS: usize = 1 << LOOP_BITS;
 /// How many times a slot is used before its ids repeat.
 pub const GENERATIONS: u16 = 1 << GENERATION_BITS;
+/// Incarnations before the numbers of one host repeat.
+pub const INCARNATIONS: u32 = 1 << INCARNATION_BITS;
+/// Hosts one service can have.
+pub const NODES: u32 = 1 << NODE_BITS;
 /// A freed slot is handed out again only after this many others were freed after it.
-pub const REUSE_DISTANCE: usize = 4096;
+pub const REUSE_DISTANCE: usize = 8192;
 
 const _: () = assert!(ID_BITS == 53);
+
+/// Which process handed an id out: its host's node and its incarnation there. Unique among
+/// the live processes of a service; the unit the buses route direct messages by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    pub node: u8,
+    /// Below [`INCARNATIONS`].
+    pub incarnation: u16,
+}
+
+impl ProcessId {
+    /// A process of node `node`; the incarnation is taken modulo [`INCARNATIONS`].
+    pub fn new(node: u8, incarnation: u16) -> ProcessId {
+        ProcessId {
+            node,
+            incarnation: incarnation % INCARNATIONS as u16,
+        }
+    }
+
+    /// The process that handed out `id` (`None` above 2^53).
+    pub fn of(id: u64) -> Option<ProcessId> {
+        ConnId::decode(id).map(|c| c.process)
+    }
+}
+
+impl std::fmt::Display for ProcessId {
+    /// `node.incarnation`, as in logs and Redis channel names.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.node, self.incarnation)
+    }
+}
 
 /// A connection id taken apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnId {
-    pub incarnation: u16,
+    pub process: ProcessId,
     pub generation: u16,
     pub loop_index: usize,
     pub slot: usize,
@@ -56,7 +98,10 @@ impl ConnId {
     pub fn encode(self) -> u64 {
         debug_assert!(self.generation < GENERATIONS && self.loop_index < MAX_LOOPS);
         debug_assert!(self.slot < MAX_SLOTS);
-        (self.incarnation as u64) << (GENERATION_BITS + LOOP_BITS + SLOT_BITS)
+        debug_assert!(u32::from(self.process.incarnation) < INCARNATIONS);
+        let process =
+            (self.process.node as u64) << INCARNATION_BITS | self.process.incarnation as u64;
+        process << PROCESS_SHIFT
             | (self.generation as u64) << (LOOP_BITS + SLOT_BITS)
             | (self.loop_index as u64) << SLOT_BITS
             | self.slot as u64
@@ -67,8 +112,12 @@ impl ConnId {
         if id >> ID_BITS != 0 {
             return None;
         }
+        let process = id >> PROCESS_SHIFT;
         Some(ConnId {
-            incarnation: (id >> (GENERATION_BITS + LOOP_BITS + SLOT_BITS)) as u16,
+            process: ProcessId {
+                node: (process >> INCARNATION_BITS) as u8,
+                incarnation: (process & (INCARNATIONS as u64 - 1)) as u16,
+            },
             generation: ((id >> (LOOP_BITS + SLOT_BITS)) & (GENERATIONS as u64 - 1)) as u16,
             loop_index: ((id >> SLOT_BITS) & (MAX_LOOPS as u64 - 1)) as usize,
             slot: (id & (MAX_SLOTS as u64 - 1)) as usize,
@@ -82,17 +131,17 @@ pub fn next_generation(generation: u16) -> u16 {
 }
 
 /// The incarnation of a `tunegate serve` started without `--incarnation`: the wall clock's next
-/// whole second (mod 2^16), after waiting for that second to begin. The previous run of the same
+/// whole second (mod 2^12), after waiting for that second to begin. The previous run of the same
 /// server handed out ids only after its own second had begun and died before this one started,
-/// so this one's second is later: the numbers differ unless the clock stepped back, or 2^16
-/// seconds (18 h) passed between the two starts.
+/// so this one's second is later: the numbers differ unless the clock stepped back, or a
+/// multiple of 2^12 seconds (68 min) passed between the two starts.
 pub fn incarnation_from_clock() -> u16 {
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let next = since_epoch.as_secs() + 1;
     std::thread::sleep(std::time::Duration::from_secs(next) - since_epoch);
-    (next % (1 << INCARNATION_BITS)) as u16
+    (next % INCARNATIONS as u64) as u16
 }
 
 /// The free slots of one event loop's slab, first-in first-out, never handing one back out
@@ -127,7 +176,10 @@ mod tests {
     #[test]
     fn ids_round_trip_and_stay_below_2_pow_53() {
         let max = ConnId {
-            incarnation: u16::MAX,
+            process: ProcessId {
+                node: u8::MAX,
+                incarnation: INCARNATIONS as u16 - 1,
+            },
             generation: GENERATIONS - 1,
             loop_index: MAX_LOOPS - 1,
             slot: MAX_SLOTS - 1,
@@ -136,13 +188,13 @@ mod tests {
         for id in [
             max,
             ConnId {
-                incarnation: 7,
+                process: ProcessId::new(3, 7),
                 generation: 3,
                 loop_index: 1,
                 slot: 12345,
             },
             ConnId {
-                incarnation: 0,
+                process: ProcessId::default(),
                 generation: 0,
                 loop_index: 0,
                 slot: 0,
@@ -152,17 +204,20 @@ mod tests {
         }
         assert_eq!(ConnId::decode(1 << 53), None);
         assert_eq!(ConnId::decode(u64::MAX), None);
-        // The documented example: incarnation 5, loop 1, slot 2, first use.
+        // The documented example (docs/protocol.md): node 3, incarnation 5, loop 1, slot 2,
+        // first use.
         assert_eq!(
             ConnId {
-                incarnation: 5,
+                process: ProcessId::new(3, 5),
                 generation: 0,
                 loop_index: 1,
                 slot: 2
             }
             .encode(),
-            5 * (1 << 37) + (1 << 20) + 2
+            3 * (1 << 45) + 5 * (1 << 33) + (1 << 19) + 2
         );
+        assert_eq!(ProcessId::new(3, 4096 + 5), ProcessId::new(3, 5));
+        assert_eq!(ProcessId::new(3, 5).to_string(), "3.5");
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod outq;
 pub mod peers;
 pub mod protocol;
+pub mod redis_bus;
 pub mod relay;
 pub mod rooms;
 pub mod routes;
@@ -51,6 +52,7 @@ pub use config::{Config, MAX_WORKERS, Options};
 
 use bus::{Bus, LocalBus};
 use event_loop::EventLoop;
+use id::ProcessId;
 use metrics::LoopMetrics;
 
 /// What the loops share.
@@ -62,8 +64,8 @@ pub struct Shared {
     pub bus: Arc<dyn Bus>,
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub accepting: AtomicBool,
-    /// This process's incarnation, the high bits of its connection ids.
-    pub incarnation: u16,
+    /// This process (node and incarnation), the high bits of its connection ids.
+    pub process: ProcessId,
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
@@ -81,10 +83,20 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     let incarnation = config
         .incarnation
         .unwrap_or_else(id::incarnation_from_clock);
+    // Likewise the first contact with the Redis Cluster (at most 2 s), which settles the node
+    // id every connection id carries.
+    let connecting = match &config.options.bus {
+        Some(url) => Some(redis_bus::RedisBus::connect(redis_settings(
+            &config,
+            url,
+            incarnation,
+        )?)?),
+        None => None,
+    };
     let (listeners, addr) = listen(&config)?;
-    let shared = Arc::new(Shared::start(&config, incarnation)?);
+    let shared = Arc::new(Shared::start(&config, incarnation, connecting)?);
     let loops = start_loops(&config, &shared, listeners)?;
-    log_listening(&config, addr, incarnation);
+    log_listening(&config, addr, shared.process);
     ready(addr);
 
     wait_for_termination(&signals)?;
@@ -100,6 +112,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
             Err(_) => anyhow::bail!("an event loop panicked"),
         }
     }
+    shared.bus.close();
     log!("drained, exiting");
     Ok(())
 }
@@ -117,21 +130,37 @@ fn listen(config: &Config) -> anyhow::Result<(Vec<std::os::fd::OwnedFd>, SocketA
 }
 
 impl Shared {
-    /// The bus (the loops of this process, and the other workers when there are any), and with
-    /// several workers the thread that shares this one's counters with them.
-    fn start(config: &Config, incarnation: u16) -> anyhow::Result<Shared> {
+    /// The bus: the loops of this process; the other workers of this host when there are any;
+    /// with --bus, every process of every host through Redis (the unix links then carry only
+    /// the workers' counters).
+    fn start(
+        config: &Config,
+        incarnation: u16,
+        connecting: Option<redis_bus::Connecting>,
+    ) -> anyhow::Result<Shared> {
         let threads = config.threads();
-        let local = Arc::new(LocalBus::new(threads, incarnation)?);
-        let bus: Arc<dyn Bus> = match &config.options.bus_dir {
-            Some(dir) if config.workers() > 1 => peers::WorkerBus::start(
-                local.clone(),
-                dir,
-                config.worker,
-                config.workers(),
-                incarnation,
-            )
-            .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
-            _ => local.clone(),
+        let process = match &connecting {
+            Some(c) => c.process(),
+            None => ProcessId::new(config.options.node.unwrap_or(0), incarnation),
+        };
+        let local = Arc::new(LocalBus::new(threads, process)?);
+        let host = match &config.options.bus_dir {
+            Some(dir) if config.workers() > 1 => Some(
+                peers::WorkerBus::start(
+                    local.clone(),
+                    dir,
+                    config.worker,
+                    config.workers(),
+                    process,
+                )
+                .with_context(|| format!("cannot start the worker bus in {}", dir.display()))?,
+            ),
+            _ => None,
+        };
+        let bus: Arc<dyn Bus> = match (connecting, host) {
+            (Some(c), host) => c.run(local.clone(), host),
+            (None, Some(host)) => host,
+            (None, None) => local.clone(),
         };
         Ok(Shared {
             local,
@@ -140,10 +169,41 @@ impl Shared {
                 .map(|_| Arc::new(LoopMetrics::default()))
                 .collect(),
             accepting: AtomicBool::new(true),
-            incarnation,
+            process,
             config: config.clone(),
         })
     }
+}
+
+/// What the Redis bus needs from the configuration: the seeds, the password (read from its
+/// file now, so a missing file stops the start with the file's name), the node, and this
+/// host's identity in node claims (`HOSTNAME/LISTEN-ADDRESS`, as configured: every worker of a
+/// host has the same).
+fn redis_settings(
+    config: &Config,
+    url: &str,
+    incarnation: u16,
+) -> anyhow::Result<redis_bus::Settings> {
+    let seeds = redis_bus::url::parse(url).map_err(anyhow::Error::msg)?;
+    let password = match &config.options.bus_password_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the Redis password from {}", file.display())
+            })?;
+            Some(text.lines().next().unwrap_or("").to_string())
+        }
+        None => None,
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    Ok(redis_bus::Settings {
+        seeds,
+        password,
+        node: config.options.node,
+        identity: format!("{hostname}/{}", config.listen),
+        incarnation,
+    })
 }
 
 type LoopThread = std::thread::JoinHandle<std::io::Result<()>>;
@@ -166,7 +226,7 @@ fn start_loops(
         let stop = event_loop::Stop::new()?;
         let metrics = shared.metrics[loop_index].clone();
         let routes = routes::Routes::new(shared.clone());
-        let (inc, c, s) = (shared.incarnation, config.clone(), stop.clone());
+        let (inc, c, s) = (shared.process, config.clone(), stop.clone());
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             spawn_loop(
@@ -193,7 +253,7 @@ fn start_loops(
 }
 
 /// The line scripts and supervisors wait for: the address, and how this process is set up.
-fn log_listening(config: &Config, addr: SocketAddr, incarnation: u16) {
+fn log_listening(config: &Config, addr: SocketAddr, process: ProcessId) {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
     let from_clock = if config.incarnation.is_none() {
         " from the clock"
@@ -205,8 +265,14 @@ fn log_listening(config: &Config, addr: SocketAddr, incarnation: u16) {
     } else {
         ""
     };
+    let bus = if config.options.bus.is_some() {
+        ", bus redis"
+    } else {
+        ""
+    };
+    let (node, incarnation) = (process.node, process.incarnation);
     log!(
-        "listening on {addr} (worker {}/{}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo})",
+        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus})",
         config.worker,
         config.workers(),
         config.threads(),
@@ -288,5 +354,6 @@ fn own_snapshot(shared: &Shared) -> metrics::Snapshot {
     snap.bus_routed = routed;
     snap.bus_broadcast_equivalent = all;
     snap.bus_received = shared.bus.received();
+    snap.remote = shared.bus.remote();
     snap
 }

@@ -115,6 +115,31 @@ pub struct Snapshot {
     pub bus_routed: u64,
     pub bus_broadcast_equivalent: u64,
     pub bus_received: u64,
+    #[serde(default)]
+    pub remote: RemoteStats,
+}
+
+/// A worker's link to other hosts (the Redis bus); all zero without one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteStats {
+    /// 1 while the worker reaches the cluster (summed: workers connected).
+    pub connected: u64,
+    /// Messages (room, direct, bounce) Redis accepted from this worker.
+    pub published: u64,
+    /// Room messages this worker received from other processes through Redis.
+    pub received: u64,
+    /// Messages for other processes lost: not sent (Redis out of reach, queue full), failed,
+    /// or arrived unreadable or too late to be kept. Pub/sub is at-most-once.
+    pub dropped: u64,
+}
+
+impl RemoteStats {
+    fn add(&mut self, o: &RemoteStats) {
+        self.connected += o.connected;
+        self.published += o.published;
+        self.received += o.received;
+        self.dropped += o.dropped;
+    }
 }
 
 impl Snapshot {
@@ -140,6 +165,7 @@ impl Snapshot {
         self.bus_routed += o.bus_routed;
         self.bus_broadcast_equivalent += o.bus_broadcast_equivalent;
         self.bus_received += o.bus_received;
+        self.remote.add(&o.remote);
     }
 
     /// The sum over this process's loops.
@@ -204,6 +230,8 @@ pub struct Global {
     pub workers: usize,
     /// (worker, room messages it received from other workers), one entry per live worker.
     pub received_by_worker: Vec<(usize, u64)>,
+    /// Whether the server runs the Redis bus (its families are shown only then).
+    pub redis: bool,
 }
 
 /// One metric family: name (after `tunegate_`), type, help, and its samples (labels, value).
@@ -334,7 +362,7 @@ fn server_families(t: &Snapshot, g: &Global) -> Vec<Family> {
         .iter()
         .map(|(w, n)| (format!("{{worker=\"{w}\"}}"), *n))
         .collect();
-    vec![
+    let mut families = vec![
         gauge("rooms", "Rooms with at least one member.", g.rooms as i64),
         gauge(
             "accepting",
@@ -367,5 +395,35 @@ fn server_families(t: &Snapshot, g: &Global) -> Vec<Family> {
             help: "Room messages each worker received from other workers (interest routing: a worker with no member of a room receives none of its messages).",
             samples: received,
         },
+    ];
+    if g.redis {
+        families.extend(redis_families(&t.remote));
+    }
+    families
+}
+
+/// The Redis bus between hosts.
+fn redis_families(r: &RemoteStats) -> Vec<Family> {
+    vec![
+        gauge(
+            "bus_redis_connected",
+            "Workers that reach the Redis Cluster (and own their node id).",
+            r.connected as i64,
+        ),
+        counter(
+            "bus_redis_published_total",
+            "Messages (room, direct, bounce) the Redis Cluster accepted from the workers.",
+            r.published,
+        ),
+        counter(
+            "bus_redis_received_total",
+            "Room messages the workers received from other processes through Redis.",
+            r.received,
+        ),
+        counter(
+            "bus_redis_dropped_total",
+            "Messages for other processes lost: Redis out of reach, queue full, a failed command, or fallen behind (pub/sub is at-most-once).",
+            r.dropped,
+        ),
     ]
 }

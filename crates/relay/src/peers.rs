@@ -4,9 +4,9 @@
 //! Each worker listens on `DIR/worker-N.sock`; the higher-numbered worker of each pair dials
 //! the lower one, so every pair shares exactly one stream (one FIFO per direction: per-publisher
 //! order holds, and nothing is delivered twice). Both introduce themselves with a `Hello` that
-//! carries their incarnation (`id.rs`): a direct message goes to the link whose incarnation its
-//! target id carries, so an id of a dead process, whose incarnation no link has, reaches nobody;
-//! a peer claiming our own incarnation is refused. On a new link both sides send their whole
+//! carries their node and incarnation (`id.rs`): a direct message goes to the link whose process
+//! its target id names, so an id of a dead process, which no link has, reaches nobody; a peer
+//! claiming our own process is refused. On a new link both sides send their whole
 //! member table (`Count` per room); afterwards every join or leave sends the room's new count.
 //! A room message goes only to workers whose count for the room is above zero (interest
 //! routing: in "Optimizing Socket.IO for 100k Concurrent Users" it cut internal traffic
@@ -32,18 +32,18 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::bus::{Bus, Item, LocalBus};
+use super::bus::{Ask, Bus, Item, LocalBus};
 use link::{Link, Outbox, write_link};
 
 mod link;
-use super::id::ConnId;
+use super::id::{ConnId, ProcessId};
 use super::metrics::Snapshot;
 use super::protocol::{Encoding, Outgoing};
 
 /// Largest bus frame accepted (a room message carries at most one client message).
 const MAX_WIRE: usize = 64 << 20;
 /// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
-const PROTOCOL: u32 = 3;
+const PROTOCOL: u32 = 4;
 /// How often a worker retries dialling a peer that is down.
 const REDIAL: Duration = Duration::from_millis(50);
 
@@ -53,7 +53,9 @@ enum Wire {
         protocol: u32,
         worker: u32,
         workers: u32,
-        /// The sender's incarnation: direct messages for ids that carry it come to the sender.
+        /// The sender's node and incarnation: direct messages for ids that carry them come to
+        /// the sender.
+        node: u8,
         incarnation: u16,
     },
     /// The sender now holds `count` members of `room`.
@@ -77,7 +79,7 @@ enum Wire {
         reference: Option<rmpv::Value>,
     },
     /// The sender's counters, every half second (summed into /metrics by whoever answers).
-    Metrics(Snapshot),
+    Metrics(Box<Snapshot>),
 }
 
 /// What this worker knows about its peers; one lock, so a count can never be applied from, or
@@ -112,7 +114,7 @@ impl Peers {
 pub struct WorkerBus {
     local: Arc<LocalBus>,
     me: usize,
-    incarnation: u16,
+    process: ProcessId,
     /// The last reason logged for not linking, per peer (`workers` for unknown dialers).
     refusals: Mutex<FxHashMap<usize, String>>,
     workers: usize,
@@ -165,7 +167,7 @@ impl WorkerBus {
         dir: &Path,
         me: usize,
         workers: usize,
-        incarnation: u16,
+        process: ProcessId,
     ) -> std::io::Result<Arc<WorkerBus>> {
         std::fs::create_dir_all(dir)?;
         let path = socket_path(dir, me);
@@ -174,7 +176,7 @@ impl WorkerBus {
         let bus = Arc::new(WorkerBus {
             local,
             me,
-            incarnation,
+            process,
             refusals: Mutex::default(),
             workers,
             peers: Mutex::new(Peers {
@@ -214,12 +216,13 @@ impl WorkerBus {
             protocol: PROTOCOL,
             worker: self.me as u32,
             workers: self.workers as u32,
-            incarnation: self.incarnation,
+            node: self.process.node,
+            incarnation: self.process.incarnation,
         })
     }
 
     /// Keeps a link to `peer` (a lower-numbered worker) up: whenever there is none, connect,
-    /// introduce ourselves, and learn its incarnation from its answer.
+    /// introduce ourselves, and learn its process from its answer.
     fn dial(self: &Arc<Self>, peer: usize, dir: &Path) {
         let path = socket_path(dir, peer);
         loop {
@@ -228,7 +231,7 @@ impl WorkerBus {
                 && stream.write_all(&self.hello()).is_ok()
             {
                 match self.introduction(&mut stream, |w| w == peer) {
-                    Ok((_, incarnation)) => self.install(peer, incarnation, stream),
+                    Ok((_, process)) => self.install(peer, process, stream),
                     Err(why) => self.refused(
                         peer,
                         format!("no link to worker {peer}: {why} (its log says why)"),
@@ -242,9 +245,9 @@ impl WorkerBus {
     /// A higher-numbered worker connected: learn who it is, answer with who we are, link.
     fn accept(self: &Arc<Self>, mut stream: UnixStream) {
         match self.introduction(&mut stream, |w| w > self.me) {
-            Ok((who, incarnation)) => {
+            Ok((who, process)) => {
                 if stream.write_all(&self.hello()).is_ok() {
-                    self.install(who, incarnation, stream);
+                    self.install(who, process, stream);
                 }
             }
             Err(why) => self.refused(self.workers, format!("refused a link: {why}")),
@@ -252,13 +255,13 @@ impl WorkerBus {
     }
 
     /// Reads the peer's `Hello` (at most 2 s): a worker of this build and size, whose number
-    /// `expected` accepts, and whose incarnation is not ours (two processes handing out the same
-    /// ids would deliver each other's direct messages). Its number and incarnation.
+    /// `expected` accepts, and whose process is not ours (two processes handing out the same ids
+    /// would deliver each other's direct messages). Its number and process.
     fn introduction(
         &self,
         stream: &mut UnixStream,
         expected: impl Fn(usize) -> bool,
-    ) -> Result<(usize, u16), String> {
+    ) -> Result<(usize, ProcessId), String> {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let hello = read_wire(stream);
         let _ = stream.set_read_timeout(None);
@@ -267,19 +270,21 @@ impl WorkerBus {
                 protocol,
                 worker,
                 workers,
+                node,
                 incarnation,
             }) if protocol == PROTOCOL
                 && workers as usize == self.workers
                 && (worker as usize) < self.workers
                 && expected(worker as usize) =>
             {
-                if incarnation == self.incarnation {
+                let process = ProcessId::new(node, incarnation);
+                if process == self.process {
                     return Err(format!(
-                        "worker {worker} has this worker's incarnation {incarnation}, so both \
+                        "worker {worker} has this worker's process {process}, so both \
                          would hand out the same connection ids"
                     ));
                 }
-                Ok((worker as usize, incarnation))
+                Ok((worker as usize, process))
             }
             None => Err("the peer closed without introducing itself".into()),
             _ => Err("the peer is not a worker of this build and size".into()),
@@ -298,7 +303,7 @@ impl WorkerBus {
 
     /// Makes `stream` the link to `peer`: it replaces any older one (whose counts are void
     /// from now on), carries our whole table first, then every update in order.
-    fn install(self: &Arc<Self>, peer: usize, incarnation: u16, stream: UnixStream) {
+    fn install(self: &Arc<Self>, peer: usize, process: ProcessId, stream: UnixStream) {
         let (Ok(for_writer), Ok(for_link)) = (stream.try_clone(), stream.try_clone()) else {
             return;
         };
@@ -309,7 +314,7 @@ impl WorkerBus {
             peers.generations += 1;
             let link = Link {
                 generation: peers.generations,
-                incarnation,
+                process,
                 out: out.clone(),
                 stream: for_link,
             };
@@ -324,7 +329,7 @@ impl WorkerBus {
             peers.generations
         };
         self.refusals.lock().expect("refusals lock").remove(&peer);
-        log!("bus: link to worker {peer} (incarnation {incarnation}) up");
+        log!("bus: link to worker {peer} (process {process}) up");
         let spawned = std::thread::Builder::new()
             .name(format!("tunegate-bus-to-{peer}"))
             .spawn(move || write_link(for_writer, &out));
@@ -386,14 +391,14 @@ impl WorkerBus {
                             ..
                         }) = self.local.route(target, item)
                     {
-                        // Not one of ours (another incarnation, a loop we do not have): gone.
+                        // Not one of ours (another process, a loop we do not have): gone.
                         self.bounce(to, from, reference);
                     }
                 }
                 Wire::Metrics(snapshot) => {
                     let mut peers = self.lock();
                     if peers.is_current(peer, generation) {
-                        peers.metrics[peer] = Some(snapshot);
+                        peers.metrics[peer] = Some(*snapshot);
                     }
                 }
                 Wire::Bounce {
@@ -444,7 +449,7 @@ impl WorkerBus {
         let peers = self.lock();
         let bytes = encode(&Wire::Count {
             room: room.to_string(),
-            count: self.local.members(room),
+            count: self.local.local_members(room),
         });
         for link in peers.links.iter().flatten() {
             link.send(bytes.clone());
@@ -460,20 +465,18 @@ impl WorkerBus {
 }
 
 impl Bus for WorkerBus {
-    fn joined(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+    fn joined(&self, room: &Arc<str>, loop_index: usize) {
         self.local.joined(room, loop_index);
         self.announce(room);
-        self.members(room)
     }
 
-    fn left(&self, room: &Arc<str>, loop_index: usize) -> u64 {
+    fn left(&self, room: &Arc<str>, loop_index: usize) {
         self.local.left(room, loop_index);
         self.announce(room);
-        self.members(room)
     }
 
-    fn members(&self, room: &str) -> u64 {
-        self.local.members(room) + self.remote_members(room)
+    fn members(&self, ask: Ask) -> Option<u64> {
+        Some(self.local.local_members(&ask.room) + self.remote_members(&ask.room))
     }
 
     fn rooms(&self) -> u64 {
@@ -511,7 +514,7 @@ impl Bus for WorkerBus {
     }
 
     fn route(&self, to: ConnId, item: Item) -> Result<(), Item> {
-        if to.incarnation == self.incarnation {
+        if to.process == self.process {
             return self.local.route(to, item);
         }
         let peers = self.lock();
@@ -519,9 +522,9 @@ impl Bus for WorkerBus {
             .links
             .iter()
             .flatten()
-            .find(|l| l.incarnation == to.incarnation)
+            .find(|l| l.process == to.process)
         else {
-            // No live worker has that incarnation: the connection died with its process.
+            // No live worker is that process: the connection died with it.
             return Err(item);
         };
         let wire = match item {
@@ -578,7 +581,7 @@ impl Bus for WorkerBus {
     }
 
     fn share_metrics(&self, snapshot: &Snapshot) {
-        let bytes = encode(&Wire::Metrics(snapshot.clone()));
+        let bytes = encode(&Wire::Metrics(Box::new(snapshot.clone())));
         for link in self.lock().links.iter().flatten() {
             link.send(bytes.clone());
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::bus::{Bus, Inbox, Item};
+use super::bus::{Ask, Bus, Inbox, Item};
 use super::handler::{Handler, Sink};
 use super::handshake;
 use super::id::ConnId;
@@ -209,7 +209,8 @@ impl Relay {
         self.reply_members(sink, slot, "joined", room, reference);
     }
 
-    /// Answers a room op with the room's whole-server member count.
+    /// Answers a room op with the room's whole-service member count: now, or when the bus
+    /// hands the answer back (`Item::Members`).
     fn reply_members(
         &mut self,
         sink: &mut impl Sink<RelayConn>,
@@ -218,10 +219,35 @@ impl Relay {
         room: &str,
         reference: Option<rmpv::Value>,
     ) {
-        let members = self.bus.members(room);
+        let room: Arc<str> = match self.rooms.lookup(room) {
+            Some(id) => self.rooms.name(id).clone(),
+            None => Arc::from(room),
+        };
+        let ask = Ask {
+            to: sink.id(slot),
+            op,
+            room,
+            reference,
+        };
+        // The bus keeps the question when it answers later; a clone of the room is cheap.
+        let (room, reference) = (ask.room.clone(), ask.reference.clone());
+        if let Some(members) = self.bus.members(ask) {
+            self.reply_count(sink, slot, op, room, members, reference);
+        }
+    }
+
+    fn reply_count(
+        &mut self,
+        sink: &mut impl Sink<RelayConn>,
+        slot: usize,
+        op: &'static str,
+        room: Arc<str>,
+        members: u64,
+        reference: Option<rmpv::Value>,
+    ) {
         let reply = Reply {
             op,
-            room: Some(room.into()),
+            room: Some(room),
             members: Some(members),
             reference,
             ..Reply::default()
@@ -400,6 +426,11 @@ impl Relay {
                 if let Some(slot) = sink.slot_of(to) {
                     let m = format!("no connection {target}");
                     self.reply_error(sink, slot, "no_such_connection", m, reference);
+                }
+            }
+            Item::Members { ask, members } => {
+                if let Some(slot) = sink.slot_of(ask.to) {
+                    self.reply_count(sink, slot, ask.op, ask.room, members, ask.reference);
                 }
             }
         }

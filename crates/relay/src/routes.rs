@@ -44,6 +44,7 @@ impl Routes {
                         workers_up: bus.workers_up(),
                         workers: bus.workers(),
                         received_by_worker,
+                        redis: self.shared.config.options.bus.is_some(),
                     },
                 );
                 handshake::response(200, "", "text/plain; version=0.0.4; charset=utf-8", &body)

@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use super::conn::{APP_OPEN, Conn, State, WEBSOCKET, WRITE_SHUT};
 use super::frame::{self, Fail, close};
 use super::handler::Sink;
-use super::id::{self, ConnId, FreeSlots};
+use super::id::{self, ConnId, FreeSlots, ProcessId};
 use super::metrics::{CloseReason, LoopMetrics};
 use super::outq::Out;
 use super::sys;
@@ -35,8 +35,9 @@ pub fn ticks(ms: u64) -> u32 {
 pub struct Sockets<D> {
     /// This loop's index in its process.
     loop_index: usize,
-    /// This process's start, the high bits of every id it hands out (`id.rs`).
-    incarnation: u16,
+    /// This process (its node and incarnation), the high bits of every id it hands out
+    /// (`id.rs`).
+    process: ProcessId,
     pub(crate) conns: Vec<Conn<D>>,
     free: FreeSlots,
     pub(crate) poller: sys::Poller,
@@ -52,14 +53,14 @@ pub struct Sockets<D> {
 impl<D: Copy + Default> Sockets<D> {
     pub(crate) fn new(
         loop_index: usize,
-        incarnation: u16,
+        process: ProcessId,
         poller: sys::Poller,
         metrics: Arc<LoopMetrics>,
         max_pending: usize,
     ) -> Sockets<D> {
         Sockets {
             loop_index,
-            incarnation,
+            process,
             conns: Vec::new(),
             free: FreeSlots::default(),
             poller,
@@ -315,7 +316,7 @@ impl<D: Copy + Default> Sink<D> for Sockets<D> {
 
     fn id(&self, slot: usize) -> u64 {
         ConnId {
-            incarnation: self.incarnation,
+            process: self.process,
             generation: self.conns[slot].generation,
             loop_index: self.loop_index,
             slot,
@@ -324,7 +325,7 @@ impl<D: Copy + Default> Sink<D> for Sockets<D> {
     }
 
     fn is_here(&self, id: ConnId) -> bool {
-        id.incarnation == self.incarnation && id.loop_index == self.loop_index
+        id.process == self.process && id.loop_index == self.loop_index
     }
 
     fn slot_of(&self, id: u64) -> Option<usize> {

@@ -19,8 +19,8 @@ const MAX_QUEUED: usize = 256 << 20;
 pub(super) struct Link {
     /// Which link this is (a peer that restarts gets a new one).
     pub(super) generation: u64,
-    /// The peer's incarnation (`id.rs`): the ids this link leads to.
-    pub(super) incarnation: u16,
+    /// The peer process (`id.rs`): the ids this link leads to.
+    pub(super) process: crate::id::ProcessId,
     pub(super) out: Arc<Outbox>,
     pub(super) stream: UnixStream,
 }

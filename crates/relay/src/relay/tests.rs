@@ -3,11 +3,15 @@
 
 use super::*;
 use crate::bus::LocalBus;
+use crate::id::ProcessId;
 use crate::{Config, Shared};
 use serde_json::{Value, json};
 use std::sync::atomic::AtomicBool;
 
-const INCARNATION: u16 = 7;
+const PROCESS: ProcessId = ProcessId {
+    node: 3,
+    incarnation: 7,
+};
 
 /// A loop's connections as plain data; every frame sent is kept, decoded.
 struct Recorder {
@@ -47,9 +51,9 @@ impl Sink<RelayConn> for Recorder {
         self.loop_index
     }
     fn id(&self, slot: usize) -> u64 {
-        let (incarnation, generation, loop_index) = (INCARNATION, 0, self.loop_index);
+        let (process, generation, loop_index) = (PROCESS, 0, self.loop_index);
         ConnId {
-            incarnation,
+            process,
             generation,
             loop_index,
             slot,
@@ -57,7 +61,7 @@ impl Sink<RelayConn> for Recorder {
         .encode()
     }
     fn is_here(&self, id: ConnId) -> bool {
-        id.incarnation == INCARNATION && id.loop_index == self.loop_index
+        id.process == PROCESS && id.loop_index == self.loop_index
     }
     fn slot_of(&self, id: u64) -> Option<usize> {
         let id = ConnId::decode(id)?;
@@ -86,7 +90,7 @@ impl Sink<RelayConn> for Recorder {
 /// `loops` relays of one process and a recorder of `conns` connections for each, every
 /// connection opened (hello taken).
 fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
-    let local = Arc::new(LocalBus::new(loops, INCARNATION).unwrap());
+    let local = Arc::new(LocalBus::new(loops, PROCESS).unwrap());
     let mut config = Config::default();
     config.options.threads = Some(loops);
     let shared = Arc::new(Shared {
@@ -94,7 +98,7 @@ fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         bus: local.clone(),
         metrics: (0..loops).map(|_| Arc::default()).collect(),
         accepting: AtomicBool::new(true),
-        incarnation: INCARNATION,
+        process: PROCESS,
         config,
     });
     let settings = RelaySettings {

@@ -1,0 +1,551 @@
+//! The one thread that talks to Redis: a single-threaded tokio runtime running fred's cluster
+//! clients (one for commands, one for subscriptions, each following MOVED/ASK and failovers
+//! and reconnecting every 200 ms while the cluster is out of reach).
+//!
+//! It works in batches: whatever the loops left since the last batch (`Pending::take`) goes
+//! out in one round: first the subscription changes, then one pipeline with the count of every
+//! room that changed and every message in the order the loops sent them; then the answers go
+//! back to the loops. A batch takes one round trip however much it carries, which is what keeps
+//! a hop through Redis cheap under load. Every `RENEW` it renews the leases (the counts of
+//! every room with members here, the alive key, the node claim) and re-checks subscriptions.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::interfaces::LuaInterface;
+use fred::prelude::*;
+use fred::types::config::{ClusterDiscoveryPolicy, Server};
+use fred::types::{ClusterHash, CustomCommand, RespVersion};
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::time::Instant;
+
+use super::{Bounce, LEASE, Outbound, Pending, RENEW, Settings, Waiting, keys, scripts};
+use crate::bus::{Bus, Item, LocalBus};
+use crate::id::{ConnId, ProcessId};
+
+/// How long the first contact with the cluster may take before the process starts without it.
+const FIRST_CONTACT: Duration = Duration::from_secs(2);
+/// A command that has not been answered in this long fails (the message is dropped).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Commands per pipeline.
+const CHUNK: usize = 4096;
+/// A direct message for a live process that was between subscriptions is tried again after
+/// this, at most `DIRECT_TRIES` times (covering a failover, ~3 s with node-timeout 2000).
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+const DIRECT_TRIES: u8 = 24;
+
+/// The bridge thread, started and past its first contact with the cluster.
+pub(crate) struct Started {
+    pub node: u8,
+    handle: std::thread::JoinHandle<()>,
+    /// Hands the bridge the loops' bus once the caller made it (it needs the node first).
+    go: tokio::sync::oneshot::Sender<Arc<LocalBus>>,
+}
+
+impl Started {
+    /// Lets the bridge carry `local`'s traffic; the thread's handle.
+    pub fn go(self, local: Arc<LocalBus>) -> std::thread::JoinHandle<()> {
+        let _ = self.go.send(local);
+        self.handle
+    }
+}
+
+/// How the first contact went.
+enum Contact {
+    /// The node id is this host's now.
+    Claimed(u8),
+    /// The cluster did not answer: the node id is the chosen or preferred one, unchecked.
+    Unreachable(u8),
+    /// The node id is another host's (or every one is).
+    Conflict(String),
+}
+
+/// Starts the thread, connects, and settles the node id (at most `FIRST_CONTACT`).
+pub(crate) fn start(settings: Settings, pending: Arc<Pending>) -> anyhow::Result<Started> {
+    let (contact_tx, contact_rx) = std::sync::mpsc::channel::<Contact>();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<Arc<LocalBus>>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (client, sub) = clients(&settings)?;
+    let handle = std::thread::Builder::new()
+        .name("tunegate-redis".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let contact = first_contact(&client, &sub, &settings).await;
+                let node = match contact {
+                    Contact::Claimed(n) | Contact::Unreachable(n) => n,
+                    Contact::Conflict(_) => {
+                        let _ = contact_tx.send(contact);
+                        return;
+                    }
+                };
+                let _ = contact_tx.send(contact);
+                let Ok(local) = go_rx.await else { return };
+                let process = ProcessId::new(node, settings.incarnation);
+                Bridge::new(settings, process, client, sub, local, pending)
+                    .run()
+                    .await;
+            })
+        })?;
+    let contact = contact_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the Redis bus thread ended before it started"))?;
+    let node = match contact {
+        Contact::Claimed(n) => {
+            log!("bus: Redis Cluster reached; node id {n} is this host's");
+            n
+        }
+        Contact::Unreachable(n) => {
+            log!(
+                "bus: Redis Cluster not reachable within {} s; serving local clients, node id \
+                 {n} not yet checked (it is when the cluster answers)",
+                FIRST_CONTACT.as_secs()
+            );
+            n
+        }
+        Contact::Conflict(why) => anyhow::bail!("{why}"),
+    };
+    Ok(Started { node, handle, go })
+}
+
+/// The command client and the subscriber client, not yet connected.
+fn clients(s: &Settings) -> anyhow::Result<(Client, SubscriberClient)> {
+    let config = Config {
+        // The seeds, and after the first contact every node the cluster named: a failover of
+        // a seed must not cut this process off.
+        server: ServerConfig::Clustered {
+            hosts: s
+                .seeds
+                .nodes
+                .iter()
+                .map(|(host, port)| Server::new(host.as_str(), *port))
+                .collect(),
+            policy: ClusterDiscoveryPolicy::UseCache,
+        },
+        username: s.seeds.username.clone(),
+        password: s.password.clone(),
+        version: RespVersion::RESP3,
+        fail_fast: false,
+        ..Config::default()
+    };
+    let perf = PerformanceConfig {
+        default_command_timeout: COMMAND_TIMEOUT,
+        // Messages arrive through a broadcast channel: room for bursts, so none is skipped.
+        broadcast_channel_capacity: 1 << 16,
+        ..PerformanceConfig::default()
+    };
+    let connection = ConnectionConfig {
+        connection_timeout: Duration::from_millis(1000),
+        internal_command_timeout: Duration::from_millis(2000),
+        ..ConnectionConfig::default()
+    };
+    let policy = ReconnectPolicy::new_constant(0, 200);
+    let builder = |config: Config| {
+        let mut b = Builder::from_config(config);
+        b.set_performance_config(perf.clone())
+            .set_connection_config(connection.clone())
+            .set_policy(policy.clone());
+        b
+    };
+    let client = builder(config.clone()).build()?;
+    let sub = builder(config).build_subscriber_client()?;
+    Ok((client, sub))
+}
+
+/// Connects, and claims the chosen node id, or the first free one from the host's preferred.
+async fn first_contact(client: &Client, sub: &SubscriberClient, s: &Settings) -> Contact {
+    client.connect();
+    sub.connect();
+    let _manage = sub.manage_subscriptions();
+    let fallback = s.node.unwrap_or_else(|| keys::preferred_node(&s.identity));
+    let both = async {
+        client.wait_for_connect().await?;
+        sub.wait_for_connect().await
+    };
+    if !matches!(tokio::time::timeout(FIRST_CONTACT, both).await, Ok(Ok(()))) {
+        return Contact::Unreachable(fallback);
+    }
+    let candidates: Vec<u8> = match s.node {
+        Some(n) => vec![n],
+        None => (0..=255u8).map(|i| fallback.wrapping_add(i)).collect(),
+    };
+    let mut holders = Vec::new();
+    for n in candidates {
+        match claim(client, &keys::node_claim(n), &s.identity).await {
+            Ok(None) => return Contact::Claimed(n),
+            Ok(Some(holder)) => holders.push((n, holder)),
+            Err(_) => return Contact::Unreachable(fallback),
+        }
+    }
+    Contact::Conflict(match (s.node, holders.first()) {
+        (Some(n), Some((_, holder))) => format!(
+            "node id {n} is held by another host ({holder}); every host of a service needs its \
+             own: give this one another --node (server.node), or leave it out to derive a free one"
+        ),
+        _ => "all 256 node ids are held by other hosts".to_string(),
+    })
+}
+
+/// Claims or renews `key` for `owner`: `None` when it is ours, else its holder.
+async fn claim(client: &Client, key: &str, owner: &str) -> Result<Option<String>, Error> {
+    let lease = LEASE.as_millis().to_string();
+    let answer: String = client
+        .eval(scripts::CLAIM, vec![key], vec![owner, lease.as_str()])
+        .await?;
+    Ok((answer != "ok").then_some(answer))
+}
+
+/// EVAL as a command a pipeline can carry (fred pipelines lack `eval`), routed by its first
+/// key (argument 2: the script, the number of keys, the first key).
+fn eval() -> CustomCommand {
+    CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false)
+}
+
+/// One command of a batch's pipeline.
+enum Cmd {
+    Count(Arc<str>),
+    Out(Outbound),
+}
+
+struct Bridge {
+    settings: Settings,
+    process: ProcessId,
+    client: Client,
+    sub: SubscriberClient,
+    local: Arc<LocalBus>,
+    pending: Arc<Pending>,
+    /// Rooms whose channel this process is subscribed to, confirmed by the cluster.
+    subscribed: FxHashSet<Arc<str>>,
+    /// Whether this process's own channel is subscribed.
+    listening: bool,
+    /// Whether the subscriptions must be made again (a subscriber connection came back).
+    resubscribe: bool,
+    /// Direct messages to try again, and when.
+    later: Vec<(Instant, Outbound)>,
+}
+
+impl Bridge {
+    fn new(
+        settings: Settings,
+        process: ProcessId,
+        client: Client,
+        sub: SubscriberClient,
+        local: Arc<LocalBus>,
+        pending: Arc<Pending>,
+    ) -> Bridge {
+        Bridge {
+            settings,
+            process,
+            client,
+            sub,
+            local,
+            pending,
+            subscribed: FxHashSet::default(),
+            listening: false,
+            resubscribe: false,
+            later: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        let _inbound = tokio::spawn(super::inbound::run(
+            self.sub.message_rx(),
+            self.process,
+            self.local.clone(),
+            self.pending.clone(),
+        ));
+        let mut reconnects = self.client.reconnect_rx();
+        let mut resubscribes = self.sub.reconnect_rx();
+        let mut next_renew = Instant::now();
+        loop {
+            let retry_at = self.later.iter().map(|(t, _)| *t).min();
+            let far = Instant::now() + RENEW;
+            tokio::select! {
+                _ = self.pending.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_renew) => {}
+                _ = tokio::time::sleep_until(retry_at.unwrap_or(far)) => {}
+                // A connection came back (a restart, a failover): restore the leases now.
+                Ok(_) = reconnects.recv() => next_renew = Instant::now(),
+                // A subscriber connection came back: the node it now talks to may not know
+                // this process's subscriptions (a promoted replica, a restarted node).
+                Ok(_) = resubscribes.recv() => {
+                    self.resubscribe = true;
+                    next_renew = Instant::now();
+                }
+            }
+            if Instant::now() >= next_renew {
+                self.renew().await;
+                // What did not go through is tried again soon, not a whole period later.
+                let down = !self.pending.stats.connected.load(Ordering::Relaxed);
+                let wait = if self.resubscribe || !self.listening || down {
+                    RETRY_AFTER
+                } else {
+                    RENEW
+                };
+                next_renew = Instant::now() + wait;
+            }
+            let mut batch = self.pending.take();
+            let now = Instant::now();
+            let (due, wait): (Vec<_>, Vec<_>) = self.later.drain(..).partition(|(t, _)| *t <= now);
+            self.later = wait;
+            for (_, out) in due.into_iter().rev() {
+                batch.out.push_front(out);
+            }
+            let stopping = batch.stopping;
+            self.work(batch).await;
+            if !self.pending.stats.connected.load(Ordering::Relaxed) {
+                next_renew = next_renew.min(Instant::now() + RETRY_AFTER);
+            }
+            if stopping {
+                self.goodbye().await;
+                return;
+            }
+        }
+    }
+
+    /// Whether the cluster answers, judged by what commands did: fred's own connection state
+    /// lags a failover (a dead node stays in it until the topology is read again), while a
+    /// command that got its answer is proof.
+    fn reached(&self, up: bool) {
+        let was = self.pending.stats.connected.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                log!("bus: Redis Cluster reachable");
+            } else {
+                log!("bus: Redis Cluster out of reach; serving local rooms, dropping the rest");
+            }
+        }
+    }
+
+    /// Renews this process's leases and checks the node claim; subscribes again where a
+    /// reconnection may have lost subscriptions; marks every room for a check of its count and
+    /// subscription in the batch that follows.
+    async fn renew(&mut self) {
+        let identity = self.settings.identity.clone();
+        let node = keys::node_claim(self.process.node);
+        match claim(&self.client, &node, &identity).await {
+            Ok(None) => self.reached(true),
+            Ok(Some(holder)) => {
+                self.reached(true);
+                if !self.pending.stats.isolated.swap(true, Ordering::Relaxed) {
+                    log!(
+                        "bus: error: node id {} is now held by another host ({holder}): this \
+                         process stops using Redis (its ids could reach that host's \
+                         connections); restart it with a free --node",
+                        self.process.node
+                    );
+                }
+            }
+            Err(_) => return self.reached(false),
+        }
+        let _ = claim(&self.client, &keys::process_alive(self.process), &identity).await;
+        if !self.listening || self.resubscribe {
+            let own = keys::process_channel(self.process);
+            self.listening = self.sub.ssubscribe(own).await.is_ok();
+        }
+        if self.resubscribe {
+            let rooms: Vec<Arc<str>> = self.subscribed.iter().cloned().collect();
+            let sub = &self.sub;
+            let results = futures::future::join_all(
+                rooms.iter().map(|r| sub.ssubscribe(keys::room_channel(r))),
+            )
+            .await;
+            self.resubscribe = results.iter().any(Result::is_err);
+            if !self.resubscribe {
+                log!(
+                    "bus: subscribed again to every room held here ({})",
+                    rooms.len()
+                );
+            }
+        }
+        let mut rooms: Vec<Arc<str>> = self.local.snapshot().into_iter().map(|(r, _)| r).collect();
+        rooms.extend(self.subscribed.iter().cloned());
+        self.pending.mark(rooms);
+    }
+
+    async fn work(&mut self, batch: Waiting) {
+        let Waiting {
+            asks, dirty, out, ..
+        } = batch;
+        self.sync_subscriptions(&dirty).await;
+        let mut rooms = dirty;
+        rooms.extend(asks.iter().map(|a| a.room.clone()));
+        let mut cmds: Vec<Cmd> = rooms.into_iter().map(Cmd::Count).collect();
+        cmds.extend(out.into_iter().map(Cmd::Out));
+        let mut totals = FxHashMap::default();
+        while !cmds.is_empty() {
+            let chunk: Vec<Cmd> = cmds.drain(..cmds.len().min(CHUNK)).collect();
+            self.pipeline(chunk, &mut totals).await;
+        }
+        for ask in asks {
+            let members = totals
+                .get(&ask.room)
+                .copied()
+                .unwrap_or_else(|| self.local.local_members(&ask.room));
+            if let Some(to) = ConnId::decode(ask.to) {
+                let _ = self.local.route(to, Item::Members { ask, members });
+            }
+        }
+    }
+
+    /// Subscribes to the rooms that gained their first member here, unsubscribes from those
+    /// that lost their last. A failure leaves the room as it was; the next renewal retries.
+    async fn sync_subscriptions(&mut self, rooms: &FxHashSet<Arc<str>>) {
+        let (mut join, mut leave) = (Vec::new(), Vec::new());
+        for room in rooms {
+            let want = self.local.local_members(room) > 0 && !self.isolated();
+            match (want, self.subscribed.contains(room)) {
+                (true, false) => join.push(room.clone()),
+                (false, true) => leave.push(room.clone()),
+                _ => {}
+            }
+        }
+        let sub = &self.sub;
+        let joined =
+            futures::future::join_all(join.iter().map(|r| sub.ssubscribe(keys::room_channel(r))));
+        let left = futures::future::join_all(
+            leave
+                .iter()
+                .map(|r| sub.sunsubscribe(keys::room_channel(r))),
+        );
+        let (joined, left) = futures::join!(joined, left);
+        for (room, r) in join.into_iter().zip(joined) {
+            if r.is_ok() {
+                self.subscribed.insert(room);
+            }
+        }
+        for (room, r) in leave.into_iter().zip(left) {
+            if r.is_ok() {
+                self.subscribed.remove(&room);
+            }
+        }
+    }
+
+    fn isolated(&self) -> bool {
+        self.pending.stats.isolated.load(Ordering::Relaxed)
+    }
+
+    /// One pipeline: counts written and read back, messages sent; then what came of each.
+    async fn pipeline(&mut self, chunk: Vec<Cmd>, totals: &mut FxHashMap<Arc<str>, u64>) {
+        let p = self.client.pipeline();
+        let field = keys::field(self.process);
+        let lease = LEASE.as_millis() as i64;
+        for cmd in &chunk {
+            let _: Result<(), Error> = match cmd {
+                Cmd::Count(room) => {
+                    let mine = if self.isolated() {
+                        0
+                    } else {
+                        self.local.local_members(room)
+                    };
+                    let args: Vec<Value> = vec![
+                        scripts::COUNT.into(),
+                        1.into(),
+                        keys::room_counts(room).into(),
+                        field.as_str().into(),
+                        (mine as i64).into(),
+                        lease.into(),
+                    ];
+                    p.custom(eval(), args).await
+                }
+                Cmd::Out(Outbound::Room { room, bytes }) => {
+                    p.spublish(keys::room_channel(room), bytes.clone()).await
+                }
+                Cmd::Out(Outbound::Direct { to, bytes, .. }) => {
+                    let args: Vec<Value> = vec![
+                        scripts::DIRECT.into(),
+                        2.into(),
+                        keys::process_channel(*to).into(),
+                        keys::process_alive(*to).into(),
+                        Value::Bytes(bytes.clone()),
+                    ];
+                    p.custom(eval(), args).await
+                }
+            };
+        }
+        let results: Vec<Result<i64, Error>> = p.try_all().await;
+        if !results.is_empty() {
+            self.reached(results.iter().any(Result::is_ok));
+        }
+        let pending = self.pending.clone();
+        let stats = &pending.stats;
+        for (cmd, result) in chunk.into_iter().zip(results) {
+            match (cmd, result) {
+                (Cmd::Count(room), Ok(total)) => {
+                    totals.insert(room, total.max(0) as u64);
+                }
+                (Cmd::Count(_), Err(_)) => {}
+                (Cmd::Out(_), Err(_)) => {
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                (Cmd::Out(out), Ok(receivers)) => {
+                    stats.published.fetch_add(1, Ordering::Relaxed);
+                    self.delivered(out, receivers);
+                }
+            }
+        }
+    }
+
+    /// What to do after a message went out and `receivers` got it.
+    fn delivered(&mut self, out: Outbound, receivers: i64) {
+        let Outbound::Direct {
+            to,
+            bytes,
+            bounce,
+            tries,
+        } = out
+        else {
+            return;
+        };
+        match receivers {
+            0 => {
+                // Nobody listens and the process is dead: its connections are gone.
+                if let Some(b) = bounce {
+                    self.bounce(b);
+                }
+            }
+            -1 if tries + 1 < DIRECT_TRIES => {
+                // Alive but between subscriptions (a failover): once more, a little later.
+                let again = Outbound::Direct {
+                    to,
+                    bytes,
+                    bounce,
+                    tries: tries + 1,
+                };
+                self.later.push((Instant::now() + RETRY_AFTER, again));
+            }
+            -1 => {
+                self.pending.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Tells a sender in this process that its direct message found nobody.
+    fn bounce(&self, b: Bounce) {
+        if let Some(sender) = ConnId::decode(b.sender) {
+            let item = Item::Bounce {
+                to: b.sender,
+                target: b.target,
+                reference: b.reference,
+            };
+            let _ = self.local.route(sender, item);
+        }
+    }
+
+    /// A clean stop: the counts are already out (the loops left every room before), so give
+    /// the alive lease back; direct messages for this process now bounce at once.
+    async fn goodbye(&mut self) {
+        let key = keys::process_alive(self.process);
+        let owner = self.settings.identity.as_str();
+        let _: Result<i64, Error> = self
+            .client
+            .eval(scripts::RELEASE, vec![key], vec![owner])
+            .await;
+        let _ = self.client.quit().await;
+        let _ = self.sub.quit().await;
+    }
+}

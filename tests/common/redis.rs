@@ -1,0 +1,147 @@
+//! Redis servers from Debian's package for the tests of the cross-host bus: a Redis 7 Cluster
+//! of 3 masters and 3 replicas on loopback, or a plain server, started by
+//! scripts/redis-cluster.sh and stopped when dropped; and `tunegate serve` hosts joined by it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{bin, eventually, stderr};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster.sh");
+
+/// A cluster (or server) started by the script, stopped on drop.
+pub struct Redis {
+    dir: tempfile::TempDir,
+    /// Where the servers run: nothing (this namespace), or `ip netns exec NS`.
+    prefix: Vec<String>,
+}
+
+impl Redis {
+    /// `scripts/redis-cluster.sh ARGS[0] DIR ARGS[1..]`, which must succeed.
+    pub fn run(args: &[&str]) -> Redis {
+        Redis::run_in(&[], args)
+    }
+
+    /// The same, run through `prefix` (e.g. `ip netns exec NS`).
+    pub fn run_in(prefix: &[&str], args: &[&str]) -> Redis {
+        let redis = Redis {
+            dir: tempfile::tempdir().unwrap(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.script(args[0], &args[1..]);
+        redis
+    }
+
+    /// A cluster of 3 masters and 3 replicas on `port`..`port + 5`.
+    pub fn cluster(port: u16) -> Redis {
+        Redis::run(&["start", &port.to_string()])
+    }
+
+    fn command(&self) -> Command {
+        let mut c = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("bash");
+                c
+            }
+            None => Command::new("bash"),
+        };
+        c.arg(SCRIPT);
+        c
+    }
+
+    fn script(&self, cmd: &str, args: &[&str]) {
+        let out = self
+            .command()
+            .arg(cmd)
+            .arg(self.dir())
+            .args(args)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "scripts/redis-cluster.sh {cmd} {args:?} (scripts/deps.sh installs redis-server): {}",
+            stderr(&out)
+        );
+    }
+
+    /// Stops every node and starts it again: the cluster keeps its shape, not its data.
+    pub fn restart(&self) {
+        self.script("restart", &[]);
+    }
+
+    /// Where the script keeps the nodes' files and pid files (`PORT.pid`).
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().join("r")
+    }
+
+    pub fn pid(&self, port: u16) -> i32 {
+        let path = self.dir().join(format!("{port}.pid"));
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.command().arg("stop").arg(self.dir()).output();
+    }
+}
+
+/// One worker process of a "host": `tunegate serve` on its own loopback address, joined to the
+/// others through `--bus`; killed when dropped.
+pub struct Host {
+    child: Child,
+    pub addr: SocketAddr,
+    log: tempfile::NamedTempFile,
+}
+
+impl Host {
+    /// Starts `serve --listen ADDR --threads 2 --bus BUS EXTRA...` and waits (10 s) until it
+    /// listens.
+    pub fn start(addr: &str, bus: &str, extra: &[&str]) -> Host {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--listen", addr, "--threads", "2", "--bus", bus])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let host = Host {
+            child,
+            addr: addr.parse().unwrap(),
+            log,
+        };
+        eventually(
+            Duration::from_secs(10),
+            || format!("{addr} to listen: {}", host.log()),
+            || host.log().contains("listening on").then_some(()),
+        );
+        host
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

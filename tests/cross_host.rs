@@ -1,0 +1,160 @@
+//! Beyond one host: `tunegate serve` processes on their own loopback addresses, joined by a
+//! real Redis 7 Cluster (3 masters, 3 replicas, Debian's redis-server), driven by Python's
+//! `websockets` (tests/clients/cross_host.py). Each test has its own cluster and addresses.
+
+mod common;
+
+use common::redis::{Host, Redis};
+use common::*;
+
+fn seeds(port: u16) -> String {
+    format!("redis://127.0.0.1:{port},127.0.0.1:{}", port + 1)
+}
+
+/// Every host's log, for a failure message.
+fn logs(hosts: &[&Host]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("--- {}\n{}", h.addr, h.log()))
+        .collect()
+}
+
+/// Two hosts, the second with two workers (whose rooms also cross through Redis): exactly-once
+/// delivery in per-publisher order, nothing for non-members, direct messages and counts
+/// across hosts, and bounces for connections gone from another host.
+#[test]
+fn rooms_direct_messages_and_counts_span_hosts() {
+    let _cluster = Redis::cluster(17200);
+    let bus = seeds(17200);
+    let a = Host::start("127.0.0.21:9101", &bus, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let worker = |i: &str, incarnation: &str| {
+        let bus_dir = dir.path().to_str().unwrap().to_string();
+        Host::start(
+            "127.0.0.22:9101",
+            &bus,
+            &[
+                "--workers",
+                "2",
+                "--worker",
+                i,
+                "--incarnation",
+                incarnation,
+                "--bus-dir",
+                &bus_dir,
+            ],
+        )
+    };
+    let (b0, b1) = (worker("0", "10"), worker("1", "11"));
+    let context = logs(&[&a, &b0, &b1]);
+    python_client(
+        &[],
+        "cross_host",
+        &["steady", &a.url(), &b0.url(), &b1.url()],
+        &context,
+    );
+    // Both of b's workers claimed the same node: one host, one node id.
+    let node = |h: &Host| {
+        let log = h.log();
+        let at = log.find(", node ").expect("node in the listening line");
+        log[at + 2..].split([' ', ',']).nth(1).unwrap().to_string()
+    };
+    assert_eq!(node(&b0), node(&b1), "{}", logs(&[&b0, &b1]));
+    assert_ne!(node(&a), node(&b0), "{}", logs(&[&a, &b0]));
+}
+
+#[test]
+fn a_sigkilled_host_stops_counting_within_the_lease_and_the_others_keep_their_clients() {
+    let _cluster = Redis::cluster(17210);
+    let bus = seeds(17210);
+    let a = Host::start("127.0.0.31:9101", &bus, &[]);
+    let b = Host::start("127.0.0.32:9101", &bus, &[]);
+    let pid = b.pid().to_string();
+    let context = logs(&[&a, &b]);
+    python_client(
+        &[],
+        "cross_host",
+        &["host_killed", &a.url(), &b.url(), &pid],
+        &context,
+    );
+}
+
+#[test]
+fn a_master_killed_fails_over_and_room_traffic_resumes_without_disconnecting_anyone() {
+    let cluster = Redis::cluster(17220);
+    let bus = seeds(17220);
+    let a = Host::start("127.0.0.41:9101", &bus, &[]);
+    let b = Host::start("127.0.0.42:9101", &bus, &[]);
+    let dir = cluster.dir();
+    let args = [
+        "failover",
+        &a.url(),
+        &b.url(),
+        dir.to_str().unwrap(),
+        "17220",
+    ];
+    let out = python_client(&[], "cross_host", &args, &logs(&[&a, &b]));
+    eprintln!("{out}");
+}
+
+/// Redis down when the hosts start: they serve their own clients, then join the cluster when
+/// it comes; the whole cluster restarted: they follow it again.
+#[test]
+fn hosts_start_without_redis_join_it_later_and_follow_a_full_restart() {
+    let bus = seeds(17230);
+    let a = Host::start("127.0.0.51:9101", &bus, &[]);
+    let b = Host::start("127.0.0.52:9101", &bus, &[]);
+    assert!(
+        a.log()
+            .contains("not reachable within 2 s; serving local clients"),
+        "{}",
+        a.log()
+    );
+    python_client(&[], "cross_host", &["local", &a.url()], &a.log());
+    let cluster = Redis::cluster(17230);
+    python_client(
+        &[],
+        "cross_host",
+        &["resume", &a.url(), &b.url()],
+        &logs(&[&a, &b]),
+    );
+    cluster.restart();
+    python_client(
+        &[],
+        "cross_host",
+        &["resume", &a.url(), &b.url()],
+        &logs(&[&a, &b]),
+    );
+}
+
+/// A node id is one host's: a second host claiming it is refused with a clear error, and a
+/// host that derives its id takes a free one.
+#[test]
+fn two_hosts_claiming_one_node_id_is_an_error_not_cross_talk() {
+    let _cluster = Redis::cluster(17240);
+    let bus = seeds(17240);
+    let a = Host::start("127.0.0.61:9101", &bus, &["--node", "5"]);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.62:9101", "--bus", &bus])
+        .args(["--node", "5"])
+        .stderr(log.reopen().unwrap())
+        .output()
+        .unwrap();
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(code(&out), 1, "{said}");
+    assert!(
+        said.contains("node id 5 is held by another host")
+            && said.contains("127.0.0.61:9101")
+            && said.contains("give this one another --node"),
+        "{said}"
+    );
+    let c = Host::start("127.0.0.63:9101", &bus, &[]);
+    assert!(
+        c.log().contains("Redis Cluster reached; node id"),
+        "{}",
+        c.log()
+    );
+    assert!(!c.log().contains("node id 5 is"), "{}", c.log());
+    drop(a);
+}
