@@ -100,18 +100,20 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 
-links_up() { grep -c 'bus: link to worker [0-9]* up' "$1" || true; }
+links_up() { grep -c 'bus: link to worker [0-9]* (process [0-9.]*) up' "$1" || true; }
 links_down() { grep -h 'bus: link to worker [0-9]* down' "$work"/worker-*.log || true; }
 
 # ---- the server: worker 0 picks a free port, the others join it -----------------------------
 bus_dir=$work/bus
 server_cmd=("$bin" serve --threads 1 --workers "$workers" --bus-dir "$bus_dir" --ping-interval "$ping_interval_ms")
 worker_pids=()
-start_server worker-0 "${server_cmd[@]}" --worker 0 --listen 127.0.0.1:0
+# Worker w gets incarnation 100 + w: the client tells the workers apart by it (docs/protocol.md).
+start_server worker-0 "${server_cmd[@]}" --worker 0 --incarnation 100 --listen 127.0.0.1:0
 worker_pids+=("$server_pid")
 shared_port=$port
 for ((w = 1; w < workers; w++)); do
-    start_server "worker-$w" "${server_cmd[@]}" --worker "$w" --listen "127.0.0.1:$shared_port"
+    start_server "worker-$w" "${server_cmd[@]}" --worker "$w" --incarnation $((100 + w)) \
+        --listen "127.0.0.1:$shared_port"
     worker_pids+=("$server_pid")
     [[ $port == "$shared_port" ]] || die "worker $w listens on port $port, not $shared_port"
 done
@@ -130,7 +132,7 @@ for ((i = 0; ; i++)); do
 done
 
 # ---- the client ------------------------------------------------------------------------------
-client_args=(--port "$port" --workers "$workers" --clients "$clients" --messages "$messages"
+client_args=(--urls "ws://127.0.0.1:$port/" --workers "$workers" --first-incarnation 100 --clients "$clients" --messages "$messages"
     --rooms "$rooms" --seed "$seed" --window "$window" --rate "$rate"
     --count-sample "$count_sample" --connect-batch "$connect_batch"
     --timeout "$client_timeout" --out "$work/client.json")
@@ -178,7 +180,7 @@ for ((w = 0; w < workers; w++)); do cp "$work/worker-$w.log" "$work/logs/"; done
 # ---- report ----------------------------------------------------------------------------------
 mkdir -p "$(dirname "$out")"
 tg_version=$("$bin" --version 2>/dev/null || echo tunegate)
-server_line="tunegate serve --listen 127.0.0.1:PORT --threads 1 --workers $workers --worker I --bus-dir DIR --ping-interval $ping_interval_ms   (I = 0..$((workers - 1)))"
+server_line="tunegate serve --listen 127.0.0.1:PORT --threads 1 --workers $workers --worker I --incarnation 100+I --bus-dir DIR --ping-interval $ping_interval_ms   (I = 0..$((workers - 1)))"
 python3 - "$work/client.json" "$work/metrics.txt" "$out" "$tg_version" "$invocation" \
     "$server_line" "$client_rc" "$client_secs" "${exit_codes[*]}" "$down" "$workers" "$messages" <<'PY'
 import datetime, json, os, platform, re, sys

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Room traffic over a multi-worker `tunegate serve`, for bench/bus-traffic.sh.
 
-Opens --clients WebSocket connections to one port shared by several worker processes, notes
-which worker holds each (bits 30..37 of the `hello` id), builds rooms of a skewed spread of
+Opens --clients WebSocket connections to one port shared by several worker processes (or to
+several hosts, --urls, each with its workers, joined by a Redis Cluster: then every connection
+goes to a host picked at random, as a load balancer would), notes which worker process holds
+each (the process in the `hello` id: node and incarnation, bits 33..52; the driving script gives
+worker i incarnation --first-incarnation + i and host h node h + 1), builds rooms of a skewed spread of
 sizes (--rooms, seeded), has every member join, waits until every worker's `count` of every
 room equals the room's size (member counts cross the inter-worker bus asynchronously), then
 publishes --messages room messages, each from a random membership (so a room talks in
@@ -26,13 +29,14 @@ import asyncio
 import inspect
 import json
 import random
+import subprocess
 import sys
 import time
 
 import websockets
 from websockets.asyncio.client import connect
 
-WORKER_SHIFT = 30  # id = generation (15) | worker (8) | event loop (6) | slot (24)
+PROCESS_SHIFT = 33  # id = node (8) | incarnation (12) | generation (9) | loop (5) | slot (19)
 # websockets 15+ would route through an HTTP(S)_PROXY from the environment (and reads the
 # environment on every connect): loopback only, so never.
 NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
@@ -40,8 +44,15 @@ NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters e
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--workers", type=int, required=True, help="worker processes of the server")
+    p.add_argument("--urls", required=True,
+                   help="ws://IP:PORT/ of every host, comma-separated (one: a single host)")
+    p.add_argument("--workers", type=int, required=True,
+                   help="worker processes, over all hosts (the same number on each)")
+    p.add_argument("--first-incarnation", type=int, default=100,
+                   help="incarnation of worker 0; worker i has this + i")
+    p.add_argument("--redis-ports", default="",
+                   help="ports of the Redis Cluster's nodes (on 127.0.0.1), comma-separated: "
+                        "their SPUBLISH calls are counted over the publish phase")
     p.add_argument("--clients", type=int, default=3000)
     p.add_argument("--messages", type=int, default=20000)
     p.add_argument("--rooms", default="chat=2:600,group=5:150,team=25:30,live=250:2",
@@ -100,15 +111,34 @@ class Phase(Exception):
     pass
 
 
+def redis_cli(port, *args):
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                         timeout=10, check=True)
+    return out.stdout
+
+
+def spublish_calls(ports):
+    """SPUBLISH calls the masters executed (replicas re-run what they replicate: not counted)."""
+    total = 0
+    for port in ports:
+        if "role:master" not in redis_cli(port, "info", "replication"):
+            continue
+        for line in redis_cli(port, "info", "commandstats").splitlines():
+            if line.startswith("cmdstat_spublish:"):
+                total += int(line.split("calls=")[1].split(",")[0])
+    return total
+
+
 class Client:
     __slots__ = ("idx", "ws", "id", "worker", "rooms", "seen", "dups", "bad", "pending",
                  "next_ref", "errors", "closed", "task")
 
-    def __init__(self, idx, ws, hello):
+    def __init__(self, idx, ws, hello, first_incarnation):
         self.idx = idx
         self.ws = ws
         self.id = hello["id"]
-        self.worker = (self.id >> WORKER_SHIFT) & 0xFF
+        process = self.id >> PROCESS_SHIFT
+        self.worker = (process & 0xFFF) - first_incarnation
         self.rooms = set()      # room indexes this client is a member of
         self.seen = set()       # publish seqs received
         self.dups = 0
@@ -136,19 +166,22 @@ class Bench:
         self.received = 0
         self.finishing = False
         self.t = {}
+        self.urls = [u.strip().rstrip("/") + "/" for u in a.urls.split(",")]
+        self.host_rng = random.Random(a.seed + 1)
 
     def left(self):
         return self.deadline - time.monotonic()
 
     # ---- connections ---------------------------------------------------------------------
     async def open_one(self, idx):
-        ws = await connect(f"ws://127.0.0.1:{self.a.port}/bench", compression=None,
+        url = self.urls[self.host_rng.randrange(len(self.urls))]
+        ws = await connect(f"{url}bench", compression=None,
                            ping_interval=None, max_queue=None, open_timeout=20,
                            close_timeout=1, **NO_PROXY)
         hello = json.loads(await asyncio.wait_for(ws.recv(), 20))
         if hello.get("op") != "hello":
             raise RuntimeError(f"first message was not hello: {hello}")
-        return Client(idx, ws, hello)
+        return Client(idx, ws, hello, self.a.first_incarnation)
 
     async def connect_all(self):
         t0 = time.monotonic()
@@ -389,11 +422,15 @@ class Bench:
                 received_ideal[w] += 1
             expected += len(self.room_members[r]) - 1
 
+        redis_ports = [int(p) for p in a.redis_ports.split(",") if p]
+        for port in redis_ports:
+            redis_cli(port, "config", "resetstat")
         await self.publish_all()
         log(f"{self.published} published in {self.t['publish_s']}s; "
             f"{self.received} of {expected} deliveries so far")
         await self.drain(expected)
         self.finishing = True
+        spublish = spublish_calls(redis_ports) if redis_ports else None
 
         # Delivery check per receiver.
         pubs_in_room = [0] * len(self.room_names)
@@ -421,7 +458,8 @@ class Bench:
                 "broadcast": pb["publishes"] * (W - 1), **pb,
             })
         return {
-            "config": {"clients": a.clients, "messages": a.messages, "rooms": a.rooms,
+            "config": {"urls": self.urls, "clients": a.clients, "messages": a.messages,
+                       "rooms": a.rooms,
                        "seed": a.seed, "workers": W, "window": a.window, "rate": a.rate,
                        "count_sample": a.count_sample, "connect_batch": a.connect_batch},
             "connections_per_worker": per_worker,
@@ -439,6 +477,9 @@ class Bench:
                       "broadcast": a.messages * (W - 1),
                       "received_per_worker": received_ideal},
             "buckets": buckets,
+            "redis": {"spublish_calls": spublish,
+                      "spublish_per_publish": round(spublish / a.messages, 4)
+                      if spublish is not None else None},
         }
 
 

@@ -12,6 +12,9 @@
 #
 # Environment (all optional):
 #   TUNEGATE_BIN       binary to measure (default target/release/tunegate; build it first)
+#   TUNEGATE_SERVE_ARGS  more `serve` flags, e.g. "--bus redis://127.0.0.1:7000" (default none;
+#                      split on spaces)
+#   BENCH_OUT          results path without extension (default bench/results/idle-memory)
 #   TUNEGATE_THREADS   `serve --threads` (default 1: one event loop, the per-connection cost
 #                      with no per-thread overhead mixed in)
 #   BENCH_CONNS        idle connections per server (default 10000)
@@ -35,6 +38,8 @@ source bench/lib.sh
 
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 threads=${TUNEGATE_THREADS:-1}
+read -ra serve_args <<<"${TUNEGATE_SERVE_ARGS:-}"
+out=${BENCH_OUT:-bench/results/idle-memory}
 conns=${BENCH_CONNS:-10000}
 warmup=${BENCH_WARMUP:-100}
 peers=${BENCH_PEERS-node python}
@@ -228,8 +233,9 @@ measure() {
 
 : >"$work/rows.jsonl"
 tg_version=$("$bin" --version 2>/dev/null || echo tunegate)
-measure tunegate "tunegate serve (--threads $threads)" 0 --expect-hello \
-    "$bin" serve --listen 127.0.0.1:0 --threads "$threads" --ping-interval "$ping_interval_ms"
+measure tunegate "tunegate serve (--threads $threads${serve_args[*]:+ ${serve_args[*]}})" 0 --expect-hello \
+    "$bin" serve --listen 127.0.0.1:0 --threads "$threads" --ping-interval "$ping_interval_ms" \
+    "${serve_args[@]}"
 slot=1
 for peer in $peers; do
     case $peer in
@@ -246,11 +252,11 @@ for peer in $peers; do
 done
 
 # ---- report --------------------------------------------------------------------------------
-mkdir -p bench/results
-python3 - "$work/rows.jsonl" "$tg_version" "$threads" "$warmup" <<'PY'
+mkdir -p "$(dirname "$out")"
+python3 - "$work/rows.jsonl" "$tg_version" "$threads" "$warmup" "$out" <<'PY'
 import datetime, json, os, platform, sys
 
-rows_file, tg_version, threads, warmup = sys.argv[1:5]
+rows_file, tg_version, threads, warmup, out = sys.argv[1:6]
 rows = [json.loads(l) for l in open(rows_file) if l.strip()]
 
 def mib(kb):
@@ -287,13 +293,12 @@ if problems:
     notes += ["(!) %s: %s" % sp for sp in problems]
 md = "\n".join(lines + notes) + "\n"
 print(md, end="")
-os.makedirs("bench/results", exist_ok=True)
-open("bench/results/idle-memory.md", "w").write(md)
+open(out + ".md", "w").write(md)
 json.dump({
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "tunegate": tg_version, "threads": int(threads), "warmup": int(warmup),
     "kernel": platform.release(), "cpus": os.cpu_count(),
     "results": rows,
-}, open("bench/results/idle-memory.json", "w"), indent=2)
+}, open(out + ".json", "w"), indent=2)
 sys.exit(1 if problems else 0)
 PY

@@ -53,6 +53,19 @@ fn rooms_direct_messages_and_counts_span_hosts() {
         &["steady", &a.url(), &b0.url(), &b1.url()],
         &context,
     );
+    // Every command went straight to the shard of its slot: a command sent elsewhere costs a
+    // MOVED and a fresh read of the whole slot map (fred re-reads it on every MOVED).
+    for port in 17200..17206 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "errorstats"])
+            .output()
+            .unwrap();
+        assert!(
+            !stdout(&out).contains("MOVED"),
+            "port {port}: {}",
+            stdout(&out)
+        );
+    }
     // Both of b's workers claimed the same node: one host, one node id.
     let node = |h: &Host| {
         let log = h.log();
@@ -75,6 +88,22 @@ fn a_sigkilled_host_stops_counting_within_the_lease_and_the_others_keep_their_cl
         &[],
         "cross_host",
         &["host_killed", &a.url(), &b.url(), &pid],
+        &context,
+    );
+}
+
+#[test]
+fn a_host_stopped_cleanly_stops_counting_at_once_and_its_ids_bounce() {
+    let _cluster = Redis::cluster(17260);
+    let bus = seeds(17260);
+    let a = Host::start("127.0.0.71:9101", &bus, &[]);
+    let b = Host::start("127.0.0.72:9101", &bus, &[]);
+    let pid = b.pid().to_string();
+    let context = logs(&[&a, &b]);
+    python_client(
+        &[],
+        "cross_host",
+        &["host_stopped", &a.url(), &b.url(), &pid],
         &context,
     );
 }

@@ -15,6 +15,11 @@ processes on their own loopback addresses.
         A's count of the room converges to A's members within the lease (15 s, plus 3 s).
         Prints the seconds it took.
 
+    cross_host.py host_stopped URL_A URL_B PID_B
+        Members on both hosts; SIGTERMs B (a clean stop). A's count of the room drops to A's
+        members within 3 s, and a `send` to B's connection answers `no_such_connection` within
+        3 s (B gave its alive lease back).
+
     cross_host.py failover URL_A URL_B CLUSTER_DIR PORT
         A publisher on A, a member on B, 20 messages/s; SIGKILLs the master (its pid in
         CLUSTER_DIR/PORT.pid; the cluster answers on PORT) that owns the room's channel. No
@@ -205,6 +210,35 @@ async def host_killed(url_a, url_b, pid_b):
     print(f"cross_host: ok host_killed (count converged after {took:.1f} s)")
 
 
+async def host_stopped(url_a, url_b, pid_b):
+    room = "leaving"
+    a, _ = await open_client(url_a)
+    b, b_id = await open_client(url_b)
+    await join(a, room)
+    await join(b, room)
+    assert await count(a, room) == 2
+    os.kill(pid_b, signal.SIGTERM)
+    t0 = time.monotonic()
+    await wait_until("A's count to drop B's member", lambda: count_is(a, room, 1), 3)
+    took = time.monotonic() - t0
+
+    async def bounced():
+        await a.send(json.dumps({"op": "send", "to": b_id, "data": "x", "ref": 7}))
+        while True:
+            r = await recv(a)
+            if r["op"] == "error":
+                return r.get("code") == "no_such_connection"
+            if r["op"] == "sent":
+                try:
+                    r = await recv(a, 1)
+                except asyncio.TimeoutError:
+                    return False
+                return r.get("code") == "no_such_connection"
+
+    await wait_until("a send to B's connection to bounce", bounced, 3)
+    print(f"cross_host: ok host_stopped (count dropped after {took:.2f} s)")
+
+
 def master_of(port, channel):
     slot = int(subprocess.check_output(["redis-cli", "-p", str(port), "cluster", "keyslot", channel]))
     nodes = subprocess.check_output(["redis-cli", "-p", str(port), "cluster", "nodes"]).decode()
@@ -319,6 +353,8 @@ def main():
         asyncio.run(steady(args))
     elif cmd == "host_killed":
         asyncio.run(host_killed(args[0], args[1], int(args[2])))
+    elif cmd == "host_stopped":
+        asyncio.run(host_stopped(args[0], args[1], int(args[2])))
     elif cmd == "failover":
         asyncio.run(failover(args[0], args[1], args[2], int(args[3])))
     elif cmd == "local":

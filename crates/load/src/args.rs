@@ -32,7 +32,9 @@ pub enum LoadEncoding {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Target, ws://HOST:PORT/PATH (an IP address; no TLS).
+    /// Target, ws://HOST:PORT/PATH (an IP address; no TLS); several, comma-separated, for the
+    /// hosts of one service (joined by `serve --bus`): connections are spread over them as a
+    /// load balancer would.
     pub url: String,
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]

@@ -63,6 +63,34 @@ impl Target {
     }
 }
 
+/// Every target: the hosts of one service (joined by `--bus`). Connections are spread over them
+/// as a load balancer would, by a hash of their global index: the same plan in every process,
+/// and the members of a room land on hosts independently of one another.
+#[derive(Clone, Debug)]
+pub struct Targets(Vec<Target>);
+
+impl Targets {
+    /// `URL[,URL...]`, each as `Target::parse` takes it.
+    pub fn parse(urls: &str, msgpack: bool) -> Result<Targets, String> {
+        let all = urls
+            .split(',')
+            .map(|u| Target::parse(u.trim(), msgpack))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Targets(all))
+    }
+
+    /// The target of connection `global`.
+    pub fn of(&self, global: u64) -> &Target {
+        let h = global.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        &self.0[(h % self.0.len() as u64) as usize]
+    }
+
+    /// Whether every target is on loopback (source addresses are then spread, `--source`).
+    pub fn loopback(&self) -> bool {
+        self.0.iter().all(|t| t.addr.ip().is_loopback())
+    }
+}
+
 /// Microseconds on CLOCK_MONOTONIC: one clock for every process on the host, so a message
 /// stamped by one shard can be timed by another.
 pub fn monotonic_us() -> u64 {
@@ -81,7 +109,7 @@ pub struct Finished {
 
 pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
     let msgpack = args.encoding == LoadEncoding::Msgpack;
-    let target = Target::parse(&args.url, msgpack).map_err(BadArguments)?;
+    let targets = Targets::parse(&args.url, msgpack).map_err(BadArguments)?;
     validate(args)?;
     if let Some(spec) = &args.shard {
         let (i, k) = spec
@@ -89,10 +117,10 @@ pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
             .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
             .filter(|&(i, k): &(u64, u64)| i < k)
             .ok_or_else(|| BadArguments(format!("--shard {spec:?}: expected I/K with I < K")))?;
-        let code = shard::run_shard(args, target, i, k)?;
+        let code = shard::run_shard(args, targets, i, k)?;
         return Ok(Finished { code, json: None });
     }
-    Coordinator::new(args.clone(), target)?.run()
+    Coordinator::new(args.clone())?.run()
 }
 
 fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
@@ -132,7 +160,6 @@ struct ShardProc {
 
 struct Coordinator {
     args: LoadArgs,
-    target: Target,
     shards: Vec<ShardProc>,
     events: mpsc::Receiver<(usize, Option<Event>)>,
     deadline: Instant,
@@ -141,7 +168,7 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(args: LoadArgs, target: Target) -> anyhow::Result<Coordinator> {
+    fn new(args: LoadArgs) -> anyhow::Result<Coordinator> {
         let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
         // Each shard holds its connections plus stdio, the runtime's epoll and a few spare.
         let per_process = hard.saturating_sub(64).max(1);
@@ -184,7 +211,6 @@ impl Coordinator {
         Ok(Coordinator {
             deadline: Instant::now() + Duration::from_secs_f64(args.max_time),
             args,
-            target,
             shards,
             events,
             tty: std::io::stderr().is_terminal(),
@@ -413,7 +439,6 @@ impl Coordinator {
                 "tunegate load: {phase}: open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
             );
         }
-        let _ = &self.target;
     }
 }
 
@@ -433,5 +458,19 @@ mod tests {
         assert_eq!(t.path, "/?encoding=msgpack");
         assert!(Target::parse("wss://127.0.0.1:1/", false).is_err());
         assert!(Target::parse("ws://localhost:1/", false).is_err());
+    }
+
+    #[test]
+    fn several_targets_share_the_connections_like_a_balancer() {
+        let t = Targets::parse("ws://127.0.0.11:9101/,ws://127.0.0.12:9101/", false).unwrap();
+        assert!(t.loopback());
+        let on_first = (0..10_000u64)
+            .filter(|&i| t.of(i).addr.ip().to_string() == "127.0.0.11")
+            .count();
+        assert!((4_500..5_500).contains(&on_first), "{on_first}");
+        // Consecutive connections (one room, with --rooms N) do not all land on one host.
+        let hosts: std::collections::HashSet<_> = (0..10).map(|i| t.of(i).addr).collect();
+        assert_eq!(hosts.len(), 2);
+        assert!(Targets::parse("ws://127.0.0.1:1/,http://x", false).is_err());
     }
 }

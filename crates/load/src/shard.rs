@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::plan::{self, Spread};
 use super::report::{self, Tally};
 use super::wire::Rng;
-use super::{Target, monotonic_us};
+use super::{Targets, monotonic_us};
 use crate::{LoadArgs, LoadProtocol};
 
 mod connection;
@@ -90,7 +90,7 @@ type Conn = Option<mpsc::UnboundedSender<Cmd>>;
 
 struct Shard {
     args: LoadArgs,
-    target: Target,
+    targets: Targets,
     spread: Option<Spread>,
     source: Option<Ipv4Addr>,
     tally: RefCell<Tally>,
@@ -112,7 +112,7 @@ struct Shard {
     pad: String,
 }
 
-pub fn run_shard(args: &LoadArgs, target: Target, index: u64, shards: u64) -> anyhow::Result<u8> {
+pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> anyhow::Result<u8> {
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     let range = plan::shard_range(args.connections, index, shards);
@@ -122,16 +122,12 @@ pub fn run_shard(args: &LoadArgs, target: Target, index: u64, shards: u64) -> an
         }
         LoadProtocol::Plain => None,
     };
-    let source = args.source.or_else(|| {
-        target
-            .addr
-            .ip()
-            .is_loopback()
-            .then(|| Ipv4Addr::new(127, 0, 0, 2))
-    });
+    let source = args
+        .source
+        .or_else(|| targets.loopback().then(|| Ipv4Addr::new(127, 0, 0, 2)));
     let shard = Rc::new(Shard {
         args: args.clone(),
-        target,
+        targets,
         spread,
         source,
         tally: RefCell::new(Tally::default()),
@@ -341,7 +337,10 @@ impl Shard {
     }
 
     /// The message phase: this process's share of the rate, from its connections in turn
-    /// (those in rooms with someone to receive), for `publish_seconds`.
+    /// (those in rooms with someone to receive), for `publish_seconds`. The turn order strides
+    /// through them (`lap_stride`), so every connection publishes once per lap whatever its
+    /// room, and a short run is not all from the first rooms of the plan (with a spread of
+    /// sizes, the smallest rooms come first).
     async fn publish(&self, conns: &[Conn], rooms: &[(String, u64)]) -> f64 {
         let shards = plan_shards(&self.args);
         let rate = self.args.publish_rate as f64 / shards as f64;
@@ -351,6 +350,7 @@ impl Shard {
             return 0.0;
         }
         let total = (rate * self.args.publish_seconds).round() as u64;
+        let stride = lap_stride(publishers.len());
         let mut next = 0usize;
         let mut tick = tokio::time::interval(Duration::from_millis(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -362,7 +362,7 @@ impl Shard {
                 // Skip connections that are gone; give up on a full lap of dead ones.
                 let mut tries = 0;
                 loop {
-                    let i = publishers[next % publishers.len()];
+                    let i = publishers[next.wrapping_mul(stride) % publishers.len()];
                     next += 1;
                     tries += 1;
                     if let Some(tx) = &conns[i]
@@ -384,6 +384,16 @@ impl Shard {
     }
 }
 
+/// A step that visits every one of `n` places once per lap (coprime with `n`) and jumps far
+/// each time: the first number coprime with `n` from n x 0.618 up.
+fn lap_stride(n: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let start = (n as f64 * 0.618) as usize;
+    (start.max(1)..).find(|&s| gcd(s, n) == 1).unwrap_or(1)
+}
+
 /// How many processes share the run (from `--shard I/K`).
 fn plan_shards(args: &LoadArgs) -> u64 {
     args.shard
@@ -392,4 +402,23 @@ fn plan_shards(args: &LoadArgs) -> u64 {
         .and_then(|(_, k)| k.parse().ok())
         .unwrap_or(1)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lap_stride;
+
+    #[test]
+    fn a_lap_visits_every_publisher_once_and_scatters() {
+        for n in [1usize, 2, 10, 38, 1000, 16_667] {
+            let s = lap_stride(n);
+            let mut seen: Vec<usize> = (0..n).map(|k| k.wrapping_mul(s) % n).collect();
+            // Scattered: the first tenth of a lap (and two) reaches past the first half.
+            if n >= 10 {
+                assert!(seen[..n / 10 + 2].iter().any(|&i| i > n / 2), "n {n}");
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n}");
+        }
+    }
 }

@@ -25,6 +25,7 @@
 //! of reach the process keeps serving its own rooms, answers counts from its own members, and
 //! drops (and counts) what it cannot send: pub/sub is at-most-once.
 
+mod batch;
 mod bridge;
 mod inbound;
 pub mod keys;

@@ -124,16 +124,13 @@ impl Shard {
                 .bind(SocketAddr::new(src.into(), 0))
                 .map_err(|e| format!("bind {src}: {}", io_cause(&e)))?;
         }
+        let target = self.targets.of(global);
         let mut stream = socket
-            .connect(self.target.addr)
+            .connect(target.addr)
             .await
             .map_err(|e| io_cause(&e))?;
         let _ = stream.set_nodelay(true);
-        let (req, accept) = wire::request(
-            &self.target.host,
-            &self.target.path,
-            &mut self.rng.borrow_mut(),
-        );
+        let (req, accept) = wire::request(&target.host, &target.path, &mut self.rng.borrow_mut());
         stream.write_all(&req).await.map_err(|e| io_cause(&e))?;
         let mut buf = Vec::with_capacity(512);
         let head_end = loop {

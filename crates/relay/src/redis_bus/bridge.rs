@@ -16,25 +16,25 @@ use std::time::Duration;
 use fred::clients::SubscriberClient;
 use fred::interfaces::LuaInterface;
 use fred::prelude::*;
+use fred::types::RespVersion;
 use fred::types::config::{ClusterDiscoveryPolicy, Server};
-use fred::types::{ClusterHash, CustomCommand, RespVersion};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use tokio::time::Instant;
 
-use super::{Bounce, LEASE, Outbound, Pending, RENEW, Settings, Waiting, keys, scripts};
-use crate::bus::{Bus, Item, LocalBus};
-use crate::id::{ConnId, ProcessId};
+use super::{LEASE, Outbound, Pending, RENEW, Settings, keys, scripts};
+use crate::bus::LocalBus;
+use crate::id::ProcessId;
 
 /// How long the first contact with the cluster may take before the process starts without it.
 const FIRST_CONTACT: Duration = Duration::from_secs(2);
 /// A command that has not been answered in this long fails (the message is dropped).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Commands per pipeline.
-const CHUNK: usize = 4096;
-/// A direct message for a live process that was between subscriptions is tried again after
-/// this, at most `DIRECT_TRIES` times (covering a failover, ~3 s with node-timeout 2000).
-const RETRY_AFTER: Duration = Duration::from_millis(250);
-const DIRECT_TRIES: u8 = 24;
+/// How soon what failed is tried again: a renewal, a subscription, a direct message for a live
+/// process that was between subscriptions (`batch.rs`).
+pub(super) const RETRY_AFTER: Duration = Duration::from_millis(250);
+/// The counts' lease renewals are spread over each period, a slice every tick: a process with
+/// many rooms never sends them all in one batch, which would hold up the messages behind it.
+const SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// The bridge thread, started and past its first contact with the cluster.
 pub(crate) struct Started {
@@ -198,33 +198,30 @@ async fn claim(client: &Client, key: &str, owner: &str) -> Result<Option<String>
     Ok((answer != "ok").then_some(answer))
 }
 
-/// EVAL as a command a pipeline can carry (fred pipelines lack `eval`), routed by its first
-/// key (argument 2: the script, the number of keys, the first key).
-fn eval() -> CustomCommand {
-    CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false)
-}
-
-/// One command of a batch's pipeline.
-enum Cmd {
-    Count(Arc<str>),
-    Out(Outbound),
-}
-
-struct Bridge {
-    settings: Settings,
-    process: ProcessId,
-    client: Client,
-    sub: SubscriberClient,
-    local: Arc<LocalBus>,
-    pending: Arc<Pending>,
+pub(super) struct Bridge {
+    pub(super) settings: Settings,
+    pub(super) process: ProcessId,
+    pub(super) client: Client,
+    pub(super) sub: SubscriberClient,
+    pub(super) local: Arc<LocalBus>,
+    pub(super) pending: Arc<Pending>,
     /// Rooms whose channel this process is subscribed to, confirmed by the cluster.
-    subscribed: FxHashSet<Arc<str>>,
+    pub(super) subscribed: FxHashSet<Arc<str>>,
     /// Whether this process's own channel is subscribed.
-    listening: bool,
+    pub(super) listening: bool,
     /// Whether the subscriptions must be made again (a subscriber connection came back).
-    resubscribe: bool,
+    pub(super) resubscribe: bool,
     /// Direct messages to try again, and when.
-    later: Vec<(Instant, Outbound)>,
+    pub(super) later: Vec<(Instant, Outbound)>,
+    /// Rooms whose count this period's sweep has yet to renew (taken from the end).
+    pub(super) sweep: Vec<Arc<str>>,
+    /// Rooms the sweep takes each tick.
+    pub(super) per_tick: usize,
+    /// Every count must be written again at once (a connection came back).
+    pub(super) rewrite_all: bool,
+    /// Rooms whose lease the next batch renews (the sweep's current slice).
+    pub(super) renewing: Vec<Arc<str>>,
+    pub(super) scripts: scripts::Scripts,
 }
 
 impl Bridge {
@@ -247,6 +244,11 @@ impl Bridge {
             listening: false,
             resubscribe: false,
             later: Vec::new(),
+            sweep: Vec::new(),
+            per_tick: 1,
+            rewrite_all: true,
+            renewing: Vec::new(),
+            scripts: scripts::Scripts::new(),
         }
     }
 
@@ -260,21 +262,31 @@ impl Bridge {
         let mut reconnects = self.client.reconnect_rx();
         let mut resubscribes = self.sub.reconnect_rx();
         let mut next_renew = Instant::now();
+        let mut next_sweep = Instant::now();
         loop {
             let retry_at = self.later.iter().map(|(t, _)| *t).min();
             let far = Instant::now() + RENEW;
+            let sweeping = !self.sweep.is_empty();
             tokio::select! {
                 _ = self.pending.wake.notified() => {}
                 _ = tokio::time::sleep_until(next_renew) => {}
                 _ = tokio::time::sleep_until(retry_at.unwrap_or(far)) => {}
+                _ = tokio::time::sleep_until(next_sweep), if sweeping => {}
                 // A connection came back (a restart, a failover): restore the leases now.
-                Ok(_) = reconnects.recv() => next_renew = Instant::now(),
+                Ok(_) = reconnects.recv() => {
+                    self.rewrite_all = true;
+                    next_renew = Instant::now();
+                }
                 // A subscriber connection came back: the node it now talks to may not know
                 // this process's subscriptions (a promoted replica, a restarted node).
                 Ok(_) = resubscribes.recv() => {
                     self.resubscribe = true;
                     next_renew = Instant::now();
                 }
+            }
+            if sweeping && Instant::now() >= next_sweep {
+                self.sweep_step();
+                next_sweep = Instant::now() + SWEEP_TICK;
             }
             if Instant::now() >= next_renew {
                 self.renew().await;
@@ -309,7 +321,7 @@ impl Bridge {
     /// Whether the cluster answers, judged by what commands did: fred's own connection state
     /// lags a failover (a dead node stays in it until the topology is read again), while a
     /// command that got its answer is proof.
-    fn reached(&self, up: bool) {
+    pub(super) fn reached(&self, up: bool) {
         let was = self.pending.stats.connected.swap(up, Ordering::Relaxed);
         if was != up {
             if up {
@@ -321,8 +333,9 @@ impl Bridge {
     }
 
     /// Renews this process's leases and checks the node claim; subscribes again where a
-    /// reconnection may have lost subscriptions; marks every room for a check of its count and
-    /// subscription in the batch that follows.
+    /// reconnection may have lost subscriptions; starts a sweep that renews every room's count
+    /// (and checks its subscription) over the next period, a slice each `SWEEP_TICK`, or marks
+    /// them all at once after a reconnection.
     async fn renew(&mut self) {
         let identity = self.settings.identity.clone();
         let node = keys::node_claim(self.process.node);
@@ -363,177 +376,40 @@ impl Bridge {
         }
         let mut rooms: Vec<Arc<str>> = self.local.snapshot().into_iter().map(|(r, _)| r).collect();
         rooms.extend(self.subscribed.iter().cloned());
-        self.pending.mark(rooms);
-    }
-
-    async fn work(&mut self, batch: Waiting) {
-        let Waiting {
-            asks, dirty, out, ..
-        } = batch;
-        self.sync_subscriptions(&dirty).await;
-        let mut rooms = dirty;
-        rooms.extend(asks.iter().map(|a| a.room.clone()));
-        let mut cmds: Vec<Cmd> = rooms.into_iter().map(Cmd::Count).collect();
-        cmds.extend(out.into_iter().map(Cmd::Out));
-        let mut totals = FxHashMap::default();
-        while !cmds.is_empty() {
-            let chunk: Vec<Cmd> = cmds.drain(..cmds.len().min(CHUNK)).collect();
-            self.pipeline(chunk, &mut totals).await;
-        }
-        for ask in asks {
-            let members = totals
-                .get(&ask.room)
-                .copied()
-                .unwrap_or_else(|| self.local.local_members(&ask.room));
-            if let Some(to) = ConnId::decode(ask.to) {
-                let _ = self.local.route(to, Item::Members { ask, members });
-            }
+        rooms.sort_unstable();
+        rooms.dedup();
+        if std::mem::take(&mut self.rewrite_all) {
+            // After a reconnection the cluster may have lost everything (the scripts too):
+            // all at once.
+            self.load_scripts().await;
+            self.pending.mark(rooms);
+            self.sweep.clear();
+        } else {
+            // In order, so a room's place (and the time between its renewals) barely moves.
+            let ticks = (RENEW.as_millis() / SWEEP_TICK.as_millis()) as usize;
+            self.per_tick = rooms.len().div_ceil(ticks).max(1);
+            rooms.reverse();
+            self.sweep = rooms;
         }
     }
 
-    /// Subscribes to the rooms that gained their first member here, unsubscribes from those
-    /// that lost their last. A failure leaves the room as it was; the next renewal retries.
-    async fn sync_subscriptions(&mut self, rooms: &FxHashSet<Arc<str>>) {
-        let (mut join, mut leave) = (Vec::new(), Vec::new());
-        for room in rooms {
-            let want = self.local.local_members(room) > 0 && !self.isolated();
-            match (want, self.subscribed.contains(room)) {
-                (true, false) => join.push(room.clone()),
-                (false, true) => leave.push(room.clone()),
-                _ => {}
-            }
-        }
-        let sub = &self.sub;
-        let joined =
-            futures::future::join_all(join.iter().map(|r| sub.ssubscribe(keys::room_channel(r))));
-        let left = futures::future::join_all(
-            leave
-                .iter()
-                .map(|r| sub.sunsubscribe(keys::room_channel(r))),
-        );
-        let (joined, left) = futures::join!(joined, left);
-        for (room, r) in join.into_iter().zip(joined) {
-            if r.is_ok() {
-                self.subscribed.insert(room);
-            }
-        }
-        for (room, r) in leave.into_iter().zip(left) {
-            if r.is_ok() {
-                self.subscribed.remove(&room);
-            }
-        }
+    /// Hands the next slice of the sweep to the next batch: a lease renewal and a
+    /// subscription check for each room.
+    fn sweep_step(&mut self) {
+        let n = self.per_tick.min(self.sweep.len());
+        let slice = self.sweep.split_off(self.sweep.len() - n);
+        self.renewing.extend(slice);
     }
 
-    fn isolated(&self) -> bool {
-        self.pending.stats.isolated.load(Ordering::Relaxed)
-    }
-
-    /// One pipeline: counts written and read back, messages sent; then what came of each.
-    async fn pipeline(&mut self, chunk: Vec<Cmd>, totals: &mut FxHashMap<Arc<str>, u64>) {
-        let p = self.client.pipeline();
-        let field = keys::field(self.process);
-        let lease = LEASE.as_millis() as i64;
-        for cmd in &chunk {
-            let _: Result<(), Error> = match cmd {
-                Cmd::Count(room) => {
-                    let mine = if self.isolated() {
-                        0
-                    } else {
-                        self.local.local_members(room)
-                    };
-                    let args: Vec<Value> = vec![
-                        scripts::COUNT.into(),
-                        1.into(),
-                        keys::room_counts(room).into(),
-                        field.as_str().into(),
-                        (mine as i64).into(),
-                        lease.into(),
-                    ];
-                    p.custom(eval(), args).await
-                }
-                Cmd::Out(Outbound::Room { room, bytes }) => {
-                    p.spublish(keys::room_channel(room), bytes.clone()).await
-                }
-                Cmd::Out(Outbound::Direct { to, bytes, .. }) => {
-                    let args: Vec<Value> = vec![
-                        scripts::DIRECT.into(),
-                        2.into(),
-                        keys::process_channel(*to).into(),
-                        keys::process_alive(*to).into(),
-                        Value::Bytes(bytes.clone()),
-                    ];
-                    p.custom(eval(), args).await
-                }
-            };
-        }
-        let results: Vec<Result<i64, Error>> = p.try_all().await;
-        if !results.is_empty() {
-            self.reached(results.iter().any(Result::is_ok));
-        }
-        let pending = self.pending.clone();
-        let stats = &pending.stats;
-        for (cmd, result) in chunk.into_iter().zip(results) {
-            match (cmd, result) {
-                (Cmd::Count(room), Ok(total)) => {
-                    totals.insert(room, total.max(0) as u64);
-                }
-                (Cmd::Count(_), Err(_)) => {}
-                (Cmd::Out(_), Err(_)) => {
-                    stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                (Cmd::Out(out), Ok(receivers)) => {
-                    stats.published.fetch_add(1, Ordering::Relaxed);
-                    self.delivered(out, receivers);
-                }
+    /// Loads the scripts on every master (after a reconnection, or a NOSCRIPT answer).
+    pub(super) async fn load_scripts(&self) -> bool {
+        for script in self.scripts.all() {
+            let loaded: Result<(), Error> = self.client.script_load_cluster(script.body).await;
+            if loaded.is_err() {
+                return false;
             }
         }
-    }
-
-    /// What to do after a message went out and `receivers` got it.
-    fn delivered(&mut self, out: Outbound, receivers: i64) {
-        let Outbound::Direct {
-            to,
-            bytes,
-            bounce,
-            tries,
-        } = out
-        else {
-            return;
-        };
-        match receivers {
-            0 => {
-                // Nobody listens and the process is dead: its connections are gone.
-                if let Some(b) = bounce {
-                    self.bounce(b);
-                }
-            }
-            -1 if tries + 1 < DIRECT_TRIES => {
-                // Alive but between subscriptions (a failover): once more, a little later.
-                let again = Outbound::Direct {
-                    to,
-                    bytes,
-                    bounce,
-                    tries: tries + 1,
-                };
-                self.later.push((Instant::now() + RETRY_AFTER, again));
-            }
-            -1 => {
-                self.pending.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
-    }
-
-    /// Tells a sender in this process that its direct message found nobody.
-    fn bounce(&self, b: Bounce) {
-        if let Some(sender) = ConnId::decode(b.sender) {
-            let item = Item::Bounce {
-                to: b.sender,
-                target: b.target,
-                reference: b.reference,
-            };
-            let _ = self.local.route(sender, item);
-        }
+        true
     }
 
     /// A clean stop: the counts are already out (the loops left every room before), so give
