@@ -153,11 +153,19 @@ pub struct CheckArgs {
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
 
-    /// Also check the Redis Cluster a cross-host bus would use (redis://HOST:PORT[,HOST:PORT...],
-    /// its seed nodes): reachable, Redis 7.0 or later, cluster mode, every slot served
-    /// (finding bus.redis).
+    /// Also check the Redis Cluster a cross-host bus would use
+    /// (redis[s]://[USER@]HOST:PORT[,HOST:PORT...], its seed nodes): reachable, Redis 7.0 or
+    /// later, cluster mode, every slot served (finding bus.redis).
     #[arg(long, value_name = "URL")]
     pub bus: Option<String>,
+
+    /// With --bus: a file whose first line is the Redis password (AUTH).
+    #[arg(long, value_name = "FILE", requires = "bus")]
+    pub bus_password_file: Option<std::path::PathBuf>,
+
+    /// With a rediss:// --bus: the CA certificates (PEM) to trust instead of the system's.
+    #[arg(long, value_name = "FILE", requires = "bus")]
+    pub bus_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

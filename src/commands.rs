@@ -59,10 +59,10 @@ fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>)> {
 
 fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(args)?;
-    let bus_seeds = bus_seeds(args)?;
+    let bus = bus(args)?;
     let mut report = preflight::check(&profile, host, &ports)?;
-    if let (Some(url), Some(seeds)) = (&args.bus, bus_seeds) {
-        report.findings.push(preflight::bus::check(url, &seeds));
+    if let Some(bus) = &bus {
+        report.findings.push(preflight::bus::check(bus));
     }
     match args.format {
         Format::Human => out!("{}", report::preflight_human(&report)),
@@ -75,17 +75,25 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     })
 }
 
-/// The seeds of `--bus`, checked before anything runs (a bad URL is bad usage, exit 2).
-fn bus_seeds(args: &CheckArgs) -> anyhow::Result<Option<Vec<String>>> {
-    match &args.bus {
-        Some(url) => Ok(Some(preflight::bus::seeds(url).map_err(UsageError)?)),
-        None => Ok(None),
+/// The bus of `--bus` and its secrets, checked before anything runs (a bad URL or an unreadable
+/// password file is bad usage, exit 2).
+fn bus(args: &CheckArgs) -> anyhow::Result<Option<preflight::bus::Bus>> {
+    let Some(url) = &args.bus else {
+        return Ok(None);
+    };
+    let mut bus = preflight::bus::Bus::parse(url).map_err(UsageError)?;
+    if let Some(file) = &args.bus_password_file {
+        bus = bus.password_from(file).map_err(UsageError)?;
     }
+    if let Some(file) = &args.bus_ca_file {
+        bus = bus.ca_file(file);
+    }
+    Ok(Some(bus))
 }
 
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     let (profile, ports) = check_target(&args.check)?;
-    let bus_seeds = bus_seeds(&args.check)?;
+    let bus = bus(&args.check)?;
     let before = preflight::check(&profile, host, &ports)?;
     let plan = Plan::from_report(&before);
     let human = args.check.format == Format::Human;
@@ -112,9 +120,9 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     };
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
     let mut after = preflight::check(&profile, host, &ports)?;
-    if let (Some(url), Some(seeds)) = (&args.check.bus, bus_seeds) {
+    if let Some(bus) = &bus {
         // Nothing apply can change; checked with the rest of what the host must still do.
-        after.findings.push(preflight::bus::check(url, &seeds));
+        after.findings.push(preflight::bus::check(bus));
     }
     if human {
         out!("{}", report::outcome_human(&outcome));

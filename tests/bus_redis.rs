@@ -114,7 +114,7 @@ fn a_bad_bus_url_is_bad_usage() {
     for url in [
         "http://127.0.0.1:1",
         "redis://nowhere",
-        "rediss://127.0.0.1:6380",
+        "redis://user:secret@127.0.0.1:1",
     ] {
         let out = Command::new(bin())
             .args(["preflight", "--bus", url])
@@ -122,4 +122,16 @@ fn a_bad_bus_url_is_bad_usage() {
             .unwrap();
         assert_eq!(code(&out), 2, "{url}: {}", stderr(&out));
     }
+    // A password file that cannot be read is bad input too, named in the error.
+    let out = Command::new(bin())
+        .args(["preflight", "--bus", "redis://127.0.0.1:1"])
+        .args(["--bus-password-file", "/nonexistent/redis.pw"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/redis.pw"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -127,15 +127,17 @@ fn a_master_killed_fails_over_and_room_traffic_resumes_without_disconnecting_any
 }
 
 /// Redis down when the hosts start: they serve their own clients, then join the cluster when
-/// it comes; the whole cluster restarted: they follow it again.
+/// it comes; the whole cluster killed: they go on serving their own rooms; restarted: they
+/// follow it again.
 #[test]
 fn hosts_start_without_redis_join_it_later_and_follow_a_full_restart() {
     let bus = seeds(17230);
     let a = Host::start("127.0.0.51:9101", &bus, &[]);
     let b = Host::start("127.0.0.52:9101", &bus, &[]);
     assert!(
-        a.log()
-            .contains("not reachable within 2 s; serving local clients"),
+        a.log().contains("not reachable within 2 s (")
+            && a.log().contains("Connection refused")
+            && a.log().contains("serving local clients"),
         "{}",
         a.log()
     );
@@ -147,6 +149,8 @@ fn hosts_start_without_redis_join_it_later_and_follow_a_full_restart() {
         &["resume", &a.url(), &b.url()],
         &logs(&[&a, &b]),
     );
+    cluster.kill_all();
+    python_client(&[], "cross_host", &["local", &a.url()], &a.log());
     cluster.restart();
     python_client(
         &[],
@@ -186,4 +190,81 @@ fn two_hosts_claiming_one_node_id_is_an_error_not_cross_talk() {
     );
     assert!(!c.log().contains("node id 5 is"), "{}", c.log());
     drop(a);
+}
+
+/// `preflight --bus ARGS...`: its bus.redis finding.
+fn preflight_bus(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(["preflight", "--format", "json", "--bus"])
+        .args(args)
+        .output()
+        .unwrap();
+    let r = json(&out);
+    r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == "bus.redis")
+        .cloned()
+        .unwrap_or_else(|| panic!("no bus.redis finding: {r:#}"))
+}
+
+/// A cluster that speaks only TLS and requires a password: preflight and the hosts reach it
+/// with the password file and the CA file, and say exactly what is wrong without them.
+#[test]
+fn a_tls_cluster_with_a_password_is_reached_with_the_ca_and_password_files() {
+    let tls = common::redis::tls_files();
+    let _cluster = Redis::secure_cluster(17270, tls.path(), "s3cret-pw");
+    let files = tempfile::tempdir().unwrap();
+    let (pw, wrong) = (files.path().join("pw"), files.path().join("wrong"));
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let (pw, wrong) = (pw.to_str().unwrap(), wrong.to_str().unwrap());
+    let ca = tls.path().join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let bus = "rediss://127.0.0.1:17270,127.0.0.1:17271";
+
+    let f = preflight_bus(&[bus, "--bus-password-file", pw, "--bus-ca-file", ca]);
+    assert_eq!(f["verdict"], "pass", "{f:#}");
+    let detail = |f: &serde_json::Value| f["detail"].as_str().unwrap().to_string();
+    let f = preflight_bus(&[bus, "--bus-ca-file", ca]);
+    assert!(
+        f["verdict"] == "fail" && detail(&f).contains("NOAUTH"),
+        "{f:#}"
+    );
+    let f = preflight_bus(&[bus, "--bus-password-file", wrong, "--bus-ca-file", ca]);
+    assert!(
+        f["verdict"] == "fail" && detail(&f).contains("WRONGPASS"),
+        "{f:#}"
+    );
+    assert!(
+        !detail(&f).contains("nope"),
+        "the password must not be repeated: {f:#}"
+    );
+    // The system's roots do not know the test CA.
+    let f = preflight_bus(&[bus, "--bus-password-file", pw]);
+    assert!(
+        f["verdict"] == "fail" && detail(&f).contains("certificate"),
+        "{f:#}"
+    );
+
+    let secrets = ["--bus-password-file", pw, "--bus-ca-file", ca];
+    let a = Host::start("127.0.0.81:9101", bus, &secrets);
+    let b = Host::start("127.0.0.82:9101", bus, &secrets);
+    python_client(
+        &[],
+        "cross_host",
+        &["steady", &a.url(), &b.url()],
+        &logs(&[&a, &b]),
+    );
+    let c = Host::start(
+        "127.0.0.83:9101",
+        bus,
+        &["--bus-password-file", wrong, "--bus-ca-file", ca],
+    );
+    let log = c.log();
+    assert!(
+        log.contains("not reachable within 2 s") && log.contains("WRONGPASS"),
+        "{log}"
+    );
 }

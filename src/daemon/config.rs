@@ -310,12 +310,12 @@ mod tests {
         assert!(e.message.contains("one by one"), "{e}");
         let e = Config::parse(
             "t.yaml",
-            "server:\n  ping_timeout_ms: 9\n  bus: rediss://h:1\n",
+            "server:\n  ping_timeout_ms: 9\n  bus: http://h:1\n",
         )
         .unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert!(
-            e.message.contains("server.bus") && e.message.contains("TLS"),
+            e.message.contains("server.bus") && e.message.contains("expected redis://"),
             "{e}"
         );
         let e = Config::parse("t.yaml", "server:\n  workers: 0\n").unwrap_err();

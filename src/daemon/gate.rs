@@ -14,6 +14,26 @@ use super::config::Mode;
 use super::status::now;
 
 impl Daemon {
+    /// The `bus.redis` finding of `server.bus`, reached the way the workers will reach it (its
+    /// password file, its CA file). A password file that cannot be read fails the check.
+    fn check_bus(&self, url: &str) -> Finding {
+        let server = &self.config.server;
+        let bus = preflight::bus::Bus::parse(url).and_then(|bus| match &server.bus_password_file {
+            Some(file) => bus.password_from(file),
+            None => Ok(bus),
+        });
+        match bus {
+            Ok(bus) => {
+                let bus = match &server.bus_ca_file {
+                    Some(file) => bus.ca_file(file),
+                    None => bus,
+                };
+                preflight::bus::check(&bus)
+            }
+            Err(why) => preflight::bus::unusable(url, why),
+        }
+    }
+
     /// Preflight, apply what is missing, preflight again, and log the gate's view.
     pub(super) fn tune_and_gate(&mut self) -> anyhow::Result<Vec<Finding>> {
         let ports = [self.config.listen.port()];
@@ -23,10 +43,8 @@ impl Daemon {
         let mut after = preflight::check(&self.profile, &self.opts.host, &ports)?;
         // The bundled server's cross-host bus is a dependency like any tunable: with
         // `server.bus`, its cluster is checked (finding `bus.redis`) and gated the same way.
-        if let (None, Some(url)) = (&self.config.child.command, &self.config.server.bus)
-            && let Ok(seeds) = preflight::bus::seeds(url)
-        {
-            after.findings.push(preflight::bus::check(url, &seeds));
+        if let (None, Some(url)) = (&self.config.child.command, &self.config.server.bus) {
+            after.findings.push(self.check_bus(url));
         }
         self.remember(&after);
         for id in &self.config.ignore {

@@ -3,7 +3,7 @@
 //! scripts/redis-cluster.sh and stopped when dropped; and `tunegate serve` hosts joined by it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// Where the servers run: nothing (this namespace), or `ip netns exec NS`.
     prefix: Vec<String>,
+    /// The script's environment (TLS, password).
+    env: Vec<(String, String)>,
 }
 
 impl Redis {
@@ -29,8 +31,24 @@ impl Redis {
         let redis = Redis {
             dir: tempfile::tempdir().unwrap(),
             prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         redis.script(args[0], &args[1..]);
+        redis
+    }
+
+    /// A cluster on `port`.. that speaks only TLS (the files of `tls_files`) and requires
+    /// `password`.
+    pub fn secure_cluster(port: u16, tls: &Path, password: &str) -> Redis {
+        let redis = Redis {
+            dir: tempfile::tempdir().unwrap(),
+            prefix: Vec::new(),
+            env: vec![
+                ("REDIS_TLS_DIR".into(), tls.display().to_string()),
+                ("REDIS_PASSWORD".into(), password.into()),
+            ],
+        };
+        redis.script("start", &[&port.to_string()]);
         redis
     }
 
@@ -48,7 +66,7 @@ impl Redis {
             }
             None => Command::new("bash"),
         };
-        c.arg(SCRIPT);
+        c.arg(SCRIPT).envs(self.env.iter().cloned());
         c
     }
 
@@ -77,6 +95,21 @@ impl Redis {
         self.dir.path().join("r")
     }
 
+    /// SIGKILLs every node (the whole cluster gone at once); `restart` brings it back.
+    pub fn kill_all(&self) {
+        for entry in std::fs::read_dir(self.dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(port) = name.strip_suffix(".pid") {
+                let pid = self.pid(port.parse().unwrap());
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "redis-server" {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
     pub fn pid(&self, port: u16) -> i32 {
         let path = self.dir().join(format!("{port}.pid"));
         std::fs::read_to_string(path)
@@ -91,6 +124,70 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.command().arg("stop").arg(self.dir()).output();
     }
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed (openssl, EC P-256, valid 2 days), for a TLS
+/// cluster: ca.crt, redis.crt, redis.key.
+pub fn tls_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tunegate CA",
+    ];
+    openssl(&[&["req", "-x509"], &ec[..], &ca[..]].concat());
+    let csr = [
+        "-keyout",
+        "redis.key",
+        "-out",
+        "redis.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ];
+    openssl(&[&["req"], &ec[..], &csr[..]].concat());
+    std::fs::write(
+        dir.path().join("san.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir
 }
 
 /// One worker process of a "host": `tunegate serve` on its own loopback address, joined to the

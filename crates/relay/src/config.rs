@@ -54,6 +54,10 @@ pub struct Options {
     /// A file whose first line is the Redis password (AUTH), with --bus.
     #[arg(long, value_name = "FILE")]
     pub bus_password_file: Option<PathBuf>,
+    /// With a rediss:// --bus: the CA certificates (PEM) to trust for the cluster's TLS, instead
+    /// of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub bus_ca_file: Option<PathBuf>,
     /// This host's node id, 0..=255, the top bits of its connection ids: every host of a
     /// service needs its own. [default: 0 without --bus; with --bus, derived from the host
     /// name and listen address and claimed in Redis]
@@ -97,6 +101,7 @@ impl Default for Options {
             bus_dir: None,
             bus: None,
             bus_password_file: None,
+            bus_ca_file: None,
             node: None,
             ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
             ping_timeout_ms: DEFAULT_PING_TIMEOUT_MS,
@@ -190,10 +195,17 @@ impl Config {
                 id::INCARNATIONS - 1
             ));
         }
-        if let Some(url) = &o.bus {
-            crate::redis_bus::url::parse(url)?;
-        } else if o.bus_password_file.is_some() {
-            return Err("--bus-password-file needs --bus".into());
+        match &o.bus {
+            Some(url) => {
+                let seeds = crate::redis_bus::url::parse(url)?;
+                if o.bus_ca_file.is_some() && !seeds.tls {
+                    return Err("--bus-ca-file needs a rediss:// --bus".into());
+                }
+            }
+            None if o.bus_password_file.is_some() || o.bus_ca_file.is_some() => {
+                return Err("--bus-password-file and --bus-ca-file need --bus".into());
+            }
+            None => {}
         }
         if o.max_pending_output < o.max_message_size + 14 {
             return Err(format!(
@@ -231,6 +243,9 @@ impl Config {
         }
         if let Some(file) = &o.bus_password_file {
             flag("bus-password-file", file.display().to_string());
+        }
+        if let Some(file) = &o.bus_ca_file {
+            flag("bus-ca-file", file.display().to_string());
         }
         if let Some(n) = o.node {
             flag("node", n.to_string());
@@ -317,8 +332,9 @@ mod tests {
                 threads: Some(3),
                 workers: Some(5),
                 bus_dir: Some("/run/tunegate/bus dir".into()),
-                bus: Some("redis://relay@127.0.0.1:7000,127.0.0.1:7001".into()),
+                bus: Some("rediss://relay@127.0.0.1:7000,127.0.0.1:7001".into()),
                 bus_password_file: Some("/etc/tunegate/redis password".into()),
+                bus_ca_file: Some("/etc/tunegate/redis ca.pem".into()),
                 node: Some(11),
                 ping_interval_ms: 1,
                 ping_timeout_ms: 2,

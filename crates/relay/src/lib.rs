@@ -200,6 +200,7 @@ fn redis_settings(
     Ok(redis_bus::Settings {
         seeds,
         password,
+        ca_file: config.options.bus_ca_file.clone(),
         node: config.options.node,
         identity: format!("{hostname}/{}", config.listen),
         incarnation,

@@ -30,6 +30,7 @@ mod bridge;
 mod inbound;
 pub mod keys;
 mod scripts;
+mod tls;
 pub mod url;
 
 use std::collections::VecDeque;
@@ -61,6 +62,8 @@ const MAX_WAITING_ASKS: usize = 1 << 20;
 pub struct Settings {
     pub seeds: url::Seeds,
     pub password: Option<String>,
+    /// With `rediss://`: the CA certificates to trust (`None`: the system's).
+    pub ca_file: Option<std::path::PathBuf>,
     /// The node id the operator chose; `None` derives one (`keys::preferred_node`).
     pub node: Option<u8>,
     /// This host, as other hosts see it in a node claim: `HOSTNAME/LISTEN-ADDRESS`.

@@ -57,7 +57,7 @@ enum Contact {
     /// The node id is this host's now.
     Claimed(u8),
     /// The cluster did not answer: the node id is the chosen or preferred one, unchecked.
-    Unreachable(u8),
+    Unreachable(u8, String),
     /// The node id is another host's (or every one is).
     Conflict(String),
 }
@@ -76,7 +76,7 @@ pub(crate) fn start(settings: Settings, pending: Arc<Pending>) -> anyhow::Result
             runtime.block_on(async move {
                 let contact = first_contact(&client, &sub, &settings).await;
                 let node = match contact {
-                    Contact::Claimed(n) | Contact::Unreachable(n) => n,
+                    Contact::Claimed(n) | Contact::Unreachable(n, _) => n,
                     Contact::Conflict(_) => {
                         let _ = contact_tx.send(contact);
                         return;
@@ -98,10 +98,10 @@ pub(crate) fn start(settings: Settings, pending: Arc<Pending>) -> anyhow::Result
             log!("bus: Redis Cluster reached; node id {n} is this host's");
             n
         }
-        Contact::Unreachable(n) => {
+        Contact::Unreachable(n, why) => {
             log!(
-                "bus: Redis Cluster not reachable within {} s; serving local clients, node id \
-                 {n} not yet checked (it is when the cluster answers)",
+                "bus: Redis Cluster not reachable within {} s ({why}); serving local clients, \
+                 node id {n} not yet checked (it is when the cluster answers)",
                 FIRST_CONTACT.as_secs()
             );
             n
@@ -131,6 +131,13 @@ fn clients(s: &Settings) -> anyhow::Result<(Client, SubscriberClient)> {
         fail_fast: false,
         ..Config::default()
     };
+    let config = Config {
+        tls: match s.seeds.tls {
+            true => Some(super::tls::connector(s.ca_file.as_deref())?.into()),
+            false => None,
+        },
+        ..config
+    };
     let perf = PerformanceConfig {
         default_command_timeout: COMMAND_TIMEOUT,
         // Messages arrive through a broadcast channel: room for bursts, so none is skipped.
@@ -157,6 +164,7 @@ fn clients(s: &Settings) -> anyhow::Result<(Client, SubscriberClient)> {
 
 /// Connects, and claims the chosen node id, or the first free one from the host's preferred.
 async fn first_contact(client: &Client, sub: &SubscriberClient, s: &Settings) -> Contact {
+    let mut errors = client.error_rx();
     client.connect();
     sub.connect();
     let _manage = sub.manage_subscriptions();
@@ -165,8 +173,18 @@ async fn first_contact(client: &Client, sub: &SubscriberClient, s: &Settings) ->
         client.wait_for_connect().await?;
         sub.wait_for_connect().await
     };
-    if !matches!(tokio::time::timeout(FIRST_CONTACT, both).await, Ok(Ok(()))) {
-        return Contact::Unreachable(fallback);
+    match tokio::time::timeout(FIRST_CONTACT, both).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Contact::Unreachable(fallback, e.details().to_string()),
+        Err(_) => {
+            // fred retries by itself; its last error says why (refused, WRONGPASS, TLS, ...).
+            let mut why = "no answer".to_string();
+            while let Ok((e, server)) = errors.try_recv() {
+                let at = server.map(|s| format!("{s}: ")).unwrap_or_default();
+                why = format!("{at}{}", e.details());
+            }
+            return Contact::Unreachable(fallback, why);
+        }
     }
     let candidates: Vec<u8> = match s.node {
         Some(n) => vec![n],
@@ -177,7 +195,7 @@ async fn first_contact(client: &Client, sub: &SubscriberClient, s: &Settings) ->
         match claim(client, &keys::node_claim(n), &s.identity).await {
             Ok(None) => return Contact::Claimed(n),
             Ok(Some(holder)) => holders.push((n, holder)),
-            Err(_) => return Contact::Unreachable(fallback),
+            Err(e) => return Contact::Unreachable(fallback, e.details().to_string()),
         }
     }
     Contact::Conflict(match (s.node, holders.first()) {

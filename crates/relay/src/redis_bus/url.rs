@@ -1,25 +1,27 @@
-//! The `--bus` value: `redis://[USER@]HOST:PORT[,HOST:PORT...]`, seed nodes of a Redis Cluster
-//! (any few of its nodes; the rest of the topology is discovered from them).
+//! The `--bus` value: `redis://[USER@]HOST:PORT[,HOST:PORT...]` (`rediss://` for TLS), seed
+//! nodes of a Redis Cluster (any few of its nodes; the rest of the topology is discovered from
+//! them).
 
 /// Where the cluster is, and who we are to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seeds {
     pub nodes: Vec<(String, u16)>,
     pub username: Option<String>,
+    /// `rediss://`: every connection, to the seeds and to the nodes they name, is TLS.
+    pub tls: bool,
 }
 
 /// Parses a `--bus` value; the error says what is wrong in the flag's terms.
 pub fn parse(url: &str) -> Result<Seeds, String> {
     let bad = |why: &str| format!("--bus {url:?}: {why}");
-    let rest = if let Some(rest) = url.strip_prefix("redis://") {
-        rest
-    } else if url.starts_with("rediss://") {
-        return Err(bad(
-            "TLS (rediss://) is not built into this tunegate; reach the cluster over a private \
-             network or a TLS tunnel, with redis://",
-        ));
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("redis://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("rediss://") {
+        (rest, true)
     } else {
-        return Err(bad("expected redis://HOST:PORT[,HOST:PORT...]"));
+        return Err(bad(
+            "expected redis://HOST:PORT[,HOST:PORT...] (or rediss:// for TLS)",
+        ));
     };
     let (username, hosts) = match rest.rsplit_once('@') {
         Some((user, _)) if user.contains(':') => {
@@ -49,7 +51,11 @@ pub fn parse(url: &str) -> Result<Seeds, String> {
         }
         nodes.push((host.to_string(), port));
     }
-    Ok(Seeds { nodes, username })
+    Ok(Seeds {
+        nodes,
+        username,
+        tls,
+    })
 }
 
 #[cfg(test)]
@@ -63,17 +69,17 @@ mod tests {
             s.nodes,
             vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)]
         );
-        assert_eq!(s.username, None);
-        let s = parse("redis://relay@[::1]:7000/").unwrap();
+        assert_eq!((s.username, s.tls), (None, false));
+        let s = parse("rediss://relay@[::1]:7000/").unwrap();
         assert_eq!(s.nodes, vec![("::1".into(), 7000)]);
         assert_eq!(s.username.as_deref(), Some("relay"));
+        assert!(s.tls);
     }
 
     #[test]
     fn bad_values_say_what_is_wrong() {
         for (url, says) in [
             ("http://h:1", "expected redis://"),
-            ("rediss://h:1", "TLS"),
             ("redis://u:secret@h:1", "--bus-password-file"),
             ("redis://h", "no :PORT"),
             ("redis://h:0", "1..=65535"),

@@ -1,10 +1,13 @@
 //! What a Redis server says about itself, for the preflight check of a cross-host bus: is it
-//! reachable, which version, is it a cluster member and is the cluster whole. Two read-only
-//! commands (`INFO server`, `CLUSTER INFO`) over a plain TCP connection with timeouts, in RESP2:
-//! a probe, not a client, so it needs no library and changes nothing on the server.
+//! reachable, which version, is it a cluster member and is the cluster whole. Read-only
+//! commands (`INFO server`, `INFO cluster`, `CLUSTER INFO`, after `AUTH` when the bus has a
+//! password) over TCP or TLS with timeouts, in RESP2: a probe, not a client, so it changes
+//! nothing on the server.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long the probe may take per node: connect, and each answer.
@@ -25,21 +28,41 @@ pub struct NodeFacts {
     pub known_nodes: Option<u32>,
 }
 
-/// Asks the node at `addr` (HOST:PORT). The error says what went wrong, in a person's words.
-pub fn probe(addr: &str) -> Result<NodeFacts, String> {
+/// How to reach the nodes: TLS or not, and who we are to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub tls: bool,
+    /// With TLS: the CA certificates (PEM) to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Asks the node at `addr` (HOST:PORT). The error says what went wrong, in a person's words
+/// (never the password).
+pub fn probe(addr: &str, access: &Access) -> Result<NodeFacts, String> {
     let sock = addr
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr} resolves to no address"))?;
-    let stream = TcpStream::connect_timeout(&sock, TIMEOUT)
+    let tcp = TcpStream::connect_timeout(&sock, TIMEOUT)
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
-    let _ = stream.set_write_timeout(Some(TIMEOUT));
-    let mut conn = Conn {
-        reader: BufReader::new(stream.try_clone().map_err(|e| e.to_string())?),
-        writer: stream,
+    let _ = tcp.set_read_timeout(Some(TIMEOUT));
+    let _ = tcp.set_write_timeout(Some(TIMEOUT));
+    let stream: Box<dyn Stream> = match access.tls {
+        true => Box::new(tls(addr, tcp, access)?),
+        false => Box::new(tcp),
     };
+    let mut conn = Conn {
+        stream: BufReader::new(stream),
+    };
+    if let Some(password) = &access.password {
+        let mut auth = vec!["AUTH"];
+        auth.extend(access.username.as_deref());
+        auth.push(password);
+        conn.command(&auth)?;
+    }
     let info = conn.command(&["INFO", "server"])?;
     let mut facts = NodeFacts {
         version: field(&info, "redis_version").unwrap_or_default(),
@@ -63,25 +86,72 @@ fn field(text: &str, name: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
+/// A TLS session over `tcp`, checking the node's certificate against the system's roots or
+/// the CA file.
+fn tls(
+    addr: &str,
+    tcp: TcpStream,
+    access: &Access,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    match &access.ca_file {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| format!("CA file {}: {e}", path.display());
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to check the node's TLS certificate against".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| format!("{host:?} is not a name TLS can check"))?;
+    let session = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    Ok(rustls::StreamOwned::new(session, tcp))
+}
+
+/// A byte stream to a node: TCP, or TLS over TCP.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    stream: BufReader<Box<dyn Stream>>,
 }
 
 impl Conn {
-    /// Sends one command; its bulk-string answer (an error reply becomes `Err`).
+    /// Sends one command; its bulk-string answer (an error reply becomes `Err`). Errors name
+    /// the command, never its arguments after AUTH.
     fn command(&mut self, args: &[&str]) -> Result<String, String> {
         let mut req = format!("*{}\r\n", args.len());
         for a in args {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
-        self.writer
-            .write_all(req.as_bytes())
-            .map_err(|e| format!("cannot send {}: {e}", args[0]))?;
+        let said = match args[0] {
+            "AUTH" => "AUTH".to_string(),
+            _ => args.join(" "),
+        };
+        let sent = self.stream.get_mut().write_all(req.as_bytes());
+        sent.and_then(|()| self.stream.get_mut().flush())
+            .map_err(|e| format!("cannot send {said}: {e}"))?;
         let mut line = String::new();
-        self.reader
+        self.stream
             .read_line(&mut line)
-            .map_err(|e| format!("no answer to {}: {e}", args[0]))?;
+            .map_err(|e| format!("no answer to {said}: {e}"))?;
         let line = line.trim_end();
         match line.as_bytes().first() {
             Some(b'$') => {
@@ -89,12 +159,13 @@ impl Conn {
                     .parse()
                     .map_err(|_| format!("a bulk string of length {:?}", &line[1..]))?;
                 let mut body = vec![0u8; len + 2];
-                std::io::Read::read_exact(&mut self.reader, &mut body)
-                    .map_err(|e| format!("a short answer to {}: {e}", args[0]))?;
+                self.stream
+                    .read_exact(&mut body)
+                    .map_err(|e| format!("a short answer to {said}: {e}"))?;
                 body.truncate(len);
                 String::from_utf8(body).map_err(|_| "an answer that is not text".into())
             }
-            Some(b'-') => Err(format!("{} answered: {}", args.join(" "), &line[1..])),
+            Some(b'-') => Err(format!("{said} answered: {}", &line[1..])),
             Some(b'+') => Ok(line[1..].to_string()),
             _ => Err(format!("not a Redis answer: {line:?}")),
         }
@@ -139,7 +210,7 @@ mod tests {
             bulk("# Cluster\r\ncluster_enabled:1\r\n"),
             bulk("cluster_state:ok\r\ncluster_slots_ok:16384\r\ncluster_known_nodes:6\r\n"),
         ];
-        let facts = probe(&fake(answers)).unwrap();
+        let facts = probe(&fake(answers), &Access::default()).unwrap();
         assert_eq!(
             facts,
             NodeFacts {
@@ -154,10 +225,18 @@ mod tests {
 
     #[test]
     fn errors_say_what_went_wrong() {
-        let e = probe("127.0.0.1:1").unwrap_err();
+        let e = probe("127.0.0.1:1", &Access::default()).unwrap_err();
         assert!(e.starts_with("cannot connect to 127.0.0.1:1"), "{e}");
         let auth = vec!["-NOAUTH Authentication required.\r\n".to_string()];
-        let e = probe(&fake(auth)).unwrap_err();
+        let e = probe(&fake(auth), &Access::default()).unwrap_err();
         assert_eq!(e, "INFO server answered: NOAUTH Authentication required.");
+        // A wrong password is named as such, and the password is not repeated.
+        let wrong = vec!["-WRONGPASS invalid username-password pair\r\n".to_string()];
+        let access = Access {
+            password: Some("s3cret".into()),
+            ..Access::default()
+        };
+        let e = probe(&fake(wrong), &access).unwrap_err();
+        assert_eq!(e, "AUTH answered: WRONGPASS invalid username-password pair");
     }
 }
