@@ -53,6 +53,31 @@ fn rooms_direct_messages_and_counts_span_hosts() {
         &["steady", &a.url(), &b0.url(), &b1.url()],
         &context,
     );
+    // The clients are gone, so are the members: no process stays subscribed to the room.
+    let subscribers = || {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-c",
+                "-p",
+                "17200",
+                "pubsub",
+                "shardnumsub",
+                "tg:r:{steady}",
+            ])
+            .output()
+            .unwrap();
+        stdout(&out)
+            .lines()
+            .nth(1)
+            .unwrap_or("?")
+            .trim()
+            .to_string()
+    };
+    eventually_true(
+        std::time::Duration::from_secs(3),
+        || format!("subscribers of the room left: {}", subscribers()),
+        || subscribers() == "0",
+    );
     // Every command went straight to the shard of its slot: a command sent elsewhere costs a
     // MOVED and a fresh read of the whole slot map (fred re-reads it on every MOVED).
     for port in 17200..17206 {
@@ -76,54 +101,43 @@ fn rooms_direct_messages_and_counts_span_hosts() {
     assert_ne!(node(&a), node(&b0), "{}", logs(&[&a, &b0]));
 }
 
+/// A cluster on `port`.. and two single-worker hosts, on `ips`, for `test`.
+fn two_hosts(port: u16, ips: [&str; 2], test: impl FnOnce(&Redis, &Host, &Host)) {
+    let cluster = Redis::cluster(port);
+    let bus = seeds(port);
+    let a = Host::start(&format!("{}:9101", ips[0]), &bus, &[]);
+    let b = Host::start(&format!("{}:9101", ips[1]), &bus, &[]);
+    test(&cluster, &a, &b);
+}
+
+/// `tests/clients/cross_host.py CMD A B EXTRA...`.
+fn between(cmd: &str, a: &Host, b: &Host, extra: &[&str]) -> String {
+    let (url_a, url_b) = (a.url(), b.url());
+    let args = [&[cmd, &url_a, &url_b][..], extra].concat();
+    python_client(&[], "cross_host", &args, &logs(&[a, b]))
+}
+
 #[test]
 fn a_sigkilled_host_stops_counting_within_the_lease_and_the_others_keep_their_clients() {
-    let _cluster = Redis::cluster(17210);
-    let bus = seeds(17210);
-    let a = Host::start("127.0.0.31:9101", &bus, &[]);
-    let b = Host::start("127.0.0.32:9101", &bus, &[]);
-    let pid = b.pid().to_string();
-    let context = logs(&[&a, &b]);
-    python_client(
-        &[],
-        "cross_host",
-        &["host_killed", &a.url(), &b.url(), &pid],
-        &context,
-    );
+    two_hosts(17210, ["127.0.0.31", "127.0.0.32"], |_, a, b| {
+        between("host_killed", a, b, &[&b.pid().to_string()]);
+    });
 }
 
 #[test]
 fn a_host_stopped_cleanly_stops_counting_at_once_and_its_ids_bounce() {
-    let _cluster = Redis::cluster(17260);
-    let bus = seeds(17260);
-    let a = Host::start("127.0.0.71:9101", &bus, &[]);
-    let b = Host::start("127.0.0.72:9101", &bus, &[]);
-    let pid = b.pid().to_string();
-    let context = logs(&[&a, &b]);
-    python_client(
-        &[],
-        "cross_host",
-        &["host_stopped", &a.url(), &b.url(), &pid],
-        &context,
-    );
+    two_hosts(17260, ["127.0.0.71", "127.0.0.72"], |_, a, b| {
+        between("host_stopped", a, b, &[&b.pid().to_string()]);
+    });
 }
 
 #[test]
 fn a_master_killed_fails_over_and_room_traffic_resumes_without_disconnecting_anyone() {
-    let cluster = Redis::cluster(17220);
-    let bus = seeds(17220);
-    let a = Host::start("127.0.0.41:9101", &bus, &[]);
-    let b = Host::start("127.0.0.42:9101", &bus, &[]);
-    let dir = cluster.dir();
-    let args = [
-        "failover",
-        &a.url(),
-        &b.url(),
-        dir.to_str().unwrap(),
-        "17220",
-    ];
-    let out = python_client(&[], "cross_host", &args, &logs(&[&a, &b]));
-    eprintln!("{out}");
+    two_hosts(17220, ["127.0.0.41", "127.0.0.42"], |cluster, a, b| {
+        let dir = cluster.dir();
+        let out = between("failover", a, b, &[dir.to_str().unwrap(), "17220"]);
+        eprintln!("{out}");
+    });
 }
 
 /// Redis down when the hosts start: they serve their own clients, then join the cluster when
@@ -143,21 +157,11 @@ fn hosts_start_without_redis_join_it_later_and_follow_a_full_restart() {
     );
     python_client(&[], "cross_host", &["local", &a.url()], &a.log());
     let cluster = Redis::cluster(17230);
-    python_client(
-        &[],
-        "cross_host",
-        &["resume", &a.url(), &b.url()],
-        &logs(&[&a, &b]),
-    );
+    between("resume", &a, &b, &[]);
     cluster.kill_all();
     python_client(&[], "cross_host", &["local", &a.url()], &a.log());
     cluster.restart();
-    python_client(
-        &[],
-        "cross_host",
-        &["resume", &a.url(), &b.url()],
-        &logs(&[&a, &b]),
-    );
+    between("resume", &a, &b, &[]);
 }
 
 /// A node id is one host's: a second host claiming it is refused with a clear error, and a
@@ -251,12 +255,7 @@ fn a_tls_cluster_with_a_password_is_reached_with_the_ca_and_password_files() {
     let secrets = ["--bus-password-file", pw, "--bus-ca-file", ca];
     let a = Host::start("127.0.0.81:9101", bus, &secrets);
     let b = Host::start("127.0.0.82:9101", bus, &secrets);
-    python_client(
-        &[],
-        "cross_host",
-        &["steady", &a.url(), &b.url()],
-        &logs(&[&a, &b]),
-    );
+    between("steady", &a, &b, &[]);
     let c = Host::start(
         "127.0.0.83:9101",
         bus,
