@@ -61,7 +61,8 @@ ct_exec test -f /usr/lib/systemd/system/tunegate.service || fail "unit not in /u
 for path in /usr/bin/tunegate /usr/share/man/man1/tunegate.1.gz /usr/share/man/man1/tunegate-run.1.gz \
     /usr/share/bash-completion/completions/tunegate /usr/share/zsh/vendor-completions/_tunegate \
     /usr/share/fish/vendor_completions.d/tunegate.fish /usr/share/tunegate/profiles/c100k.yaml \
-    /usr/share/doc/tunegate/copyright /usr/share/doc/tunegate/changelog.Debian.gz; do
+    /usr/share/doc/tunegate/copyright /usr/share/doc/tunegate/changelog.Debian.gz \
+    /usr/share/doc/tunegate/examples/nginx.conf; do
     ct_exec test -s "$path" || fail "$path is not installed"
 done
 # shellcheck disable=SC2016 # a dpkg-query field, not a shell expansion

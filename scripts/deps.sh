@@ -14,6 +14,8 @@ command -v strace >/dev/null || need_apt+=(strace)
 # The bus tests start a Redis 7 Cluster on loopback (scripts/redis-cluster.sh).
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+# The fleet tests put a real nginx in front of the hosts (packaging/nginx/tunegate.conf).
+[[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || need_apt+=(nginx)
 # The package test (packaging/test-deb.sh): lintian, and a Debian 12 root booted with nspawn.
 command -v lintian >/dev/null || need_apt+=(lintian)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
