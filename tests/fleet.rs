@@ -142,3 +142,49 @@ fn a_host_stopped_behind_nginx_moves_its_clients_to_the_other_without_losing_mes
         &context(&hosts, &nginx),
     );
 }
+
+/// One host behind nginx, trusting it: the per-address limit counts each real client (from the
+/// X-Forwarded-For nginx sends), never the proxy's address, never an address a client claims;
+/// the refusals and the ignored headers show in the log and on /metrics.
+#[test]
+fn behind_a_trusted_proxy_the_per_address_limit_counts_real_clients() {
+    let host = Host::start_with(
+        "127.0.0.96:9101",
+        &[
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--max-connections-per-address",
+            "3",
+        ],
+    );
+    let nginx = Nginx::start("127.0.0.97:9180", &["127.0.0.96:9101"]);
+    let ctx = || context(std::slice::from_ref(&host), &nginx);
+    python_client(
+        &[],
+        "fleet",
+        &["trusted_proxy", "ws://127.0.0.97:9180/", &host.url()],
+        &ctx(),
+    );
+    let log = host.log();
+    assert!(
+        log.contains("trusted proxies 127.0.0.1, at most 3 connections per address"),
+        "{}",
+        ctx()
+    );
+    assert!(
+        log.contains("refused an upgrade from 127.0.0.121 (via proxy 127.0.0.1) with 429"),
+        "{}",
+        ctx()
+    );
+    assert!(
+        log.contains("ignored X-Forwarded-For/X-Real-IP from 127.0.0.124: not a --trusted-proxy"),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        log.matches("ignored X-Forwarded-For").count(),
+        1,
+        "{}",
+        ctx()
+    );
+}

@@ -16,6 +16,15 @@ real load balancer come from their own addresses.
         reconnect through nginx from the same address, land on the other host, and rejoin;
         the count converges to 12; no message published after they rejoined is lost.
 
+    fleet.py trusted_proxy NGINX_URL DIRECT_URL
+        One host started with --trusted-proxy (nginx's address) and
+        --max-connections-per-address 3. Through nginx the limit counts each client's own
+        address (from the X-Forwarded-For nginx adds): a 4th connection from one address gets
+        429 while another address still gets 3; a client forging X-Forwarded-For through nginx
+        is counted as itself; a closed connection gives its place back. Straight to the host
+        (a peer not trusted), forged headers are ignored: the 4th connection from one address
+        gets 429 whatever address it claims. The host's /metrics counts all of it.
+
 Prints "fleet: ok ..." and exits 0 when every check passes; raises otherwise. Bounded: every
 wait has a deadline.
 """
@@ -26,9 +35,10 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TIMEOUT = 5
 
@@ -153,12 +163,84 @@ async def host_stopped(url, pid, node):
     print(f"fleet: ok host_stopped ({len(doomed)} of {len(clients)} members moved)")
 
 
+async def try_open(url, addr, headers=None):
+    """An open client, or the HTTP status the upgrade was refused with."""
+    try:
+        ws = await connect(url, max_size=None, ping_interval=None, local_addr=(addr, 0),
+                           additional_headers=headers or {}, open_timeout=TIMEOUT)
+    except InvalidStatus as e:
+        return e.response.status_code
+    hello = await recv(ws)
+    assert hello["op"] == "hello", hello
+    return ws
+
+
+async def open_n(url, addr, n, headers=None):
+    out = []
+    for k in range(n):
+        ws = await try_open(url, addr, headers(k) if headers else None)
+        assert not isinstance(ws, int), f"connection {k + 1} from {addr} refused: {ws}"
+        out.append(ws)
+    return out
+
+
+def metrics(direct_url):
+    base = direct_url.replace("ws://", "http://").rstrip("/")
+    with urllib.request.urlopen(base + "/metrics", timeout=TIMEOUT) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+async def trusted_proxy(nginx_url, direct_url):
+    limit = 3
+    a, b, forger, direct = "127.0.0.121", "127.0.0.122", "127.0.0.123", "127.0.0.124"
+    held_a = await open_n(nginx_url, a, limit)
+    assert await try_open(nginx_url, a) == 429, f"a 4th from {a} through nginx was not refused"
+    held_b = await open_n(nginx_url, b, limit)
+    # Claiming to be `a` (full) through nginx: nginx appends the real address, which counts.
+    held_f = await open_n(nginx_url, forger, limit, lambda k: {"X-Forwarded-For": a})
+    # A place given back is taken again.
+    await held_a.pop().close()
+
+    async def a_admitted():
+        ws = await try_open(nginx_url, a)
+        if isinstance(ws, int):
+            return False
+        held_a.append(ws)
+        return True
+
+    await wait_until(f"{a} to get its place back", a_admitted, 10)
+    # Straight to the host: forged addresses are not believed; the peer counts.
+    held_d = await open_n(direct_url, direct, limit,
+                          lambda k: {"X-Forwarded-For": f"198.51.100.{k}", "X-Real-IP": f"198.51.100.{k}"})
+    refused = await try_open(direct_url, direct, {"X-Forwarded-For": "198.51.100.99"})
+    assert refused == 429, f"a 4th straight from {direct} claiming another address: {refused}"
+    m = metrics(direct_url)
+    forwarded = m["tunegate_upgrades_forwarded_total"]
+    ignored = m["tunegate_forwarded_headers_ignored_total"]
+    limited = m['tunegate_connections_closed_total{reason="address_limit"}']
+    assert forwarded >= 3 * limit + 1, f"upgrades forwarded: {forwarded}"
+    assert ignored == limit + 1, f"forwarded headers ignored: {ignored}"
+    assert limited >= 2, f"refused by the address limit: {limited}"
+    for ws in held_a + held_b + held_f + held_d:
+        await ws.close()
+    print(f"fleet: ok trusted_proxy ({forwarded:.0f} forwarded, {ignored:.0f} ignored, "
+          f"{limited:.0f} refused)")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "sticky":
         asyncio.run(sticky(args[0]))
     elif cmd == "rooms":
         asyncio.run(rooms(args[0]))
+    elif cmd == "trusted_proxy":
+        asyncio.run(trusted_proxy(args[0], args[1]))
     elif cmd == "host_stopped":
         asyncio.run(host_stopped(args[0], int(args[1]), int(args[2])))
     else:

@@ -202,10 +202,16 @@ impl Host {
     /// Starts `serve --listen ADDR --threads 2 --bus BUS EXTRA...` and waits (10 s) until it
     /// listens.
     pub fn start(addr: &str, bus: &str, extra: &[&str]) -> Host {
+        Host::start_with(addr, &[&["--bus", bus], extra].concat())
+    }
+
+    /// Starts `serve --listen ADDR --threads 2 ARGS...` (a host of its own when ARGS has no
+    /// --bus) and waits (10 s) until it listens.
+    pub fn start_with(addr: &str, args: &[&str]) -> Host {
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(bin())
-            .args(["serve", "--listen", addr, "--threads", "2", "--bus", bus])
-            .args(extra)
+            .args(["serve", "--listen", addr, "--threads", "2"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use super::client_addr::Cidr;
 use super::id;
 
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -87,6 +88,15 @@ pub struct Options {
     /// Accept only these Origin header values (repeatable); default: any origin.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
+    /// A proxy in front of the server whose X-Forwarded-For / X-Real-IP name the client
+    /// (repeatable; an address or ADDR/BITS). From any other peer those headers are ignored.
+    #[arg(long = "trusted-proxy", value_name = "ADDR[/BITS]")]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Refuse an upgrade with 429 when its client address (behind a trusted proxy, the
+    /// forwarded one; IPv6 per /64) already has this many connections open in this worker
+    /// process. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connections_per_address: u32,
     /// Echo every message back instead of speaking the relay protocol (for conformance suites
     /// such as Autobahn).
     #[arg(long)]
@@ -111,6 +121,8 @@ impl Default for Options {
             max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
             max_rooms: DEFAULT_MAX_ROOMS,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            max_connections_per_address: 0,
             echo: false,
         }
     }
@@ -278,6 +290,11 @@ impl Config {
                 d.options.max_pending_output as u64,
             ),
             ("max-rooms", o.max_rooms as u64, d.options.max_rooms as u64),
+            (
+                "max-connections-per-address",
+                u64::from(o.max_connections_per_address),
+                0,
+            ),
         ];
         for (name, value, default) in numbers {
             if value != default {
@@ -286,6 +303,9 @@ impl Config {
         }
         for origin in &o.allowed_origins {
             flag("allowed-origin", origin.clone());
+        }
+        for proxy in &o.trusted_proxies {
+            flag("trusted-proxy", proxy.to_string());
         }
         if o.echo {
             v.push("--echo".into());
@@ -344,6 +364,12 @@ mod tests {
                 max_pending_output: 6,
                 max_rooms: 7,
                 allowed_origins: vec!["https://a.example".into(), "https://b.example".into()],
+                trusted_proxies: vec![
+                    "127.0.0.1".parse().unwrap(),
+                    "10.0.0.0/8".parse().unwrap(),
+                    "fd00::/8".parse().unwrap(),
+                ],
+                max_connections_per_address: 8,
                 echo: true,
             },
         };
@@ -361,6 +387,11 @@ mod tests {
                 ..Options::default()
             }
         );
+        let o: Options =
+            serde_yaml::from_str("trusted_proxies: [127.0.0.1, 10.0.0.0/8]\n").unwrap();
+        assert_eq!(o.trusted_proxies[1].to_string(), "10.0.0.0/8");
+        let e = serde_yaml::from_str::<Options>("trusted_proxies: [10.0.0.5/8]\n").unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
         let e = serde_yaml::from_str::<Options>("ping_interval: 100\n").unwrap_err();
         assert!(
             e.to_string().contains("unknown field `ping_interval`"),

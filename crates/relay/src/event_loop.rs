@@ -7,6 +7,8 @@
 //! Timeouts are swept by ticks: each connection keeps two 32-bit tick stamps, and a sweep
 //! walks a slice of the slab every tick, so there is no timer object per connection.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
+use super::client_addr::{self, Admission, Forwarded, Source};
 use super::conn::{self, AWAIT_PONG, Incoming, State};
 use super::frame::{self, Fail, close};
 use super::handler::{Handler, Sink};
@@ -70,6 +73,14 @@ pub struct EventLoop<H: Handler> {
     sweep_at: usize,
     shutting_down: bool,
     drain_deadline: u32,
+    admission: Arc<Admission>,
+    /// With a per-address limit: the client address each admitted connection counts against,
+    /// given back when it ends. Empty (and never touched) without a limit.
+    held: HashMap<u32, IpAddr>,
+    /// Refusals by the per-address limit: the tick of the last log line, and how many were
+    /// not logged since (one line per second at most, whatever a flood does).
+    refusals_logged_at: u32,
+    refusals_unlogged: u64,
 }
 
 /// How much earlier than the full interval `slot` is pinged: a fixed share of up to a quarter
@@ -92,6 +103,7 @@ impl<H: Handler> EventLoop<H> {
         config: Config,
         metrics: Arc<LoopMetrics>,
         stop: Arc<Stop>,
+        admission: Arc<Admission>,
     ) -> std::io::Result<EventLoop<H>> {
         let poller = sys::Poller::new()?;
         poller.add(listener.as_fd(), TOKEN_LISTENER, sys::listener_interest())?;
@@ -126,6 +138,10 @@ impl<H: Handler> EventLoop<H> {
             sweep_at: 0,
             shutting_down: false,
             drain_deadline: 0,
+            admission,
+            held: HashMap::new(),
+            refusals_logged_at: 0,
+            refusals_unlogged: 0,
         })
     }
 
@@ -189,6 +205,9 @@ impl<H: Handler> EventLoop<H> {
             for slot in std::mem::take(&mut self.ended) {
                 self.handler.on_end(&mut self.sockets, slot);
                 self.sockets.release(slot);
+                if let Some(client) = self.held.remove(&(slot as u32)) {
+                    self.admission.release(client);
+                }
             }
         }
     }
@@ -355,10 +374,20 @@ impl<H: Handler> EventLoop<H> {
                 response,
                 consumed,
                 path,
+                forwarded,
             } => {
+                let Ok(counted) = self.admit(slot, &forwarded) else {
+                    return;
+                };
                 self.sockets.send_bytes(slot, &response);
                 if !self.sockets.conns[slot].live() {
+                    if let Some(client) = counted {
+                        self.admission.release(client);
+                    }
                     return;
+                }
+                if let Some(client) = counted {
+                    self.held.insert(slot as u32, client);
                 }
                 self.sockets.opened(slot);
                 self.handler.on_open(&mut self.sockets, slot, &path);
@@ -383,6 +412,84 @@ impl<H: Handler> EventLoop<H> {
                     .finish(slot, &response, CloseReason::HandshakeRejected);
             }
         }
+    }
+
+    /// Who the client is, when that matters (a trusted proxy or a per-address limit is
+    /// configured), and whether the limit admits one more connection from it. `Ok(Some)`: the
+    /// address this connection now counts against; `Err`: refused (answered 429, or gone).
+    fn admit(&mut self, slot: usize, fwd: &Forwarded) -> Result<Option<IpAddr>, ()> {
+        let peer = if self.admission.needs_peer() || !fwd.is_empty() {
+            let fd = self.sockets.conns[slot].fd.as_ref();
+            match fd.map(|fd| sys::peer_addr(fd.as_fd())) {
+                Some(Ok(peer)) => peer.ip(),
+                _ => {
+                    // ENOTCONN: it went away between its request and our answer.
+                    self.sockets.close(slot, CloseReason::PeerGone);
+                    return Err(());
+                }
+            }
+        } else {
+            return Ok(None);
+        };
+        let (client, source) = client_addr::resolve(peer, self.admission.trusted(), fwd);
+        let m = &self.sockets.metrics;
+        match source {
+            Source::Forwarded => LoopMetrics::add(&m.forwarded, 1),
+            Source::Ignored => {
+                LoopMetrics::add(&m.forwarded_ignored, 1);
+                if self.admission.first_ignored() {
+                    log!(
+                        "loop {}: ignored X-Forwarded-For/X-Real-IP from {peer}: not a \
+                         --trusted-proxy (logged once; counted in \
+                         tunegate_forwarded_headers_ignored_total)",
+                        self.sockets.loop_index()
+                    );
+                }
+            }
+            Source::Peer => {}
+        }
+        if self.admission.limit() == 0 {
+            return Ok(None);
+        }
+        match self.admission.admit(client) {
+            Ok(()) => Ok(Some(client)),
+            Err(open) => {
+                self.log_refusal(client, peer, open);
+                let response = handshake::response(
+                    429,
+                    "",
+                    "text/plain; charset=utf-8",
+                    "too many connections from this address\n",
+                );
+                self.sockets
+                    .finish(slot, &response, CloseReason::AddressLimit);
+                Err(())
+            }
+        }
+    }
+
+    /// One line per second at most, naming the latest refused address and how many other
+    /// refusals the line stands for.
+    fn log_refusal(&mut self, client: IpAddr, peer: IpAddr, open: u32) {
+        let now = self.sockets.now;
+        if self.refusals_logged_at != 0 && now.wrapping_sub(self.refusals_logged_at) < ticks(1000) {
+            self.refusals_unlogged += 1;
+            return;
+        }
+        let via = if client == peer {
+            String::new()
+        } else {
+            format!(" (via proxy {peer})")
+        };
+        log!(
+            "loop {}: refused an upgrade from {client}{via} with 429: it has {open} connections \
+             open, the --max-connections-per-address limit ({} other refusals since the last \
+             such line)",
+            self.sockets.loop_index(),
+            self.refusals_unlogged
+        );
+        self.refusals_logged_at = now;
+        self.refusals_unlogged = 0;
     }
 
     fn on_frame_bytes(&mut self, slot: usize, buf: &mut [u8], range: std::ops::Range<usize>) {

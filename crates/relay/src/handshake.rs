@@ -7,6 +7,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+use super::client_addr::Forwarded;
+
 /// Requests longer than this (line plus headers) are refused with 431: bounded memory whatever
 /// a client sends.
 pub const MAX_REQUEST: usize = 8192;
@@ -18,11 +20,13 @@ pub enum Parsed {
     /// Not a whole request yet.
     Incomplete,
     /// A valid upgrade of `path` (query included): answer with `response`; frames start at
-    /// `consumed`.
+    /// `consumed`. `forwarded`: the request's X-Forwarded-For / X-Real-IP, believed or not by
+    /// the caller (`client_addr::resolve`), which knows the peer.
     Upgrade {
         response: Vec<u8>,
         consumed: usize,
         path: String,
+        forwarded: Forwarded,
     },
     /// A plain GET of `path` (no upgrade asked); the loop answers /healthz and /metrics.
     Get { path: String },
@@ -127,6 +131,19 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
             return reject(403, "origin not allowed", "");
         }
     }
+    let mut forwarded = Forwarded::default();
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded.add_forwarded_for(h.value);
+        } else if h.name.eq_ignore_ascii_case("x-real-ip") {
+            if forwarded.real_ip.is_some() {
+                // Two of them: which one a proxy wrote cannot be told, so neither counts.
+                forwarded.real_ip = Some(None);
+            } else {
+                forwarded.set_real_ip(h.value);
+            }
+        }
+    }
     Parsed::Upgrade {
         response: format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -136,6 +153,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         .into_bytes(),
         consumed,
         path,
+        forwarded,
     }
 }
 
@@ -178,6 +196,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -234,8 +253,10 @@ mod tests {
                 response,
                 consumed,
                 path,
+                forwarded,
             } => {
                 assert_eq!(consumed, GOOD.len());
+                assert!(forwarded.is_empty());
                 assert_eq!(query_param(&path, "encoding"), Some("msgpack"));
                 let r = String::from_utf8(response).unwrap();
                 assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
@@ -290,6 +311,33 @@ mod tests {
         assert_eq!(status(parse(GOOD.as_bytes(), &ok)), 101);
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_REQUEST));
         assert_eq!(status(parse(long.as_bytes(), &p)), 431);
+    }
+
+    #[test]
+    fn forwarding_headers_are_collected_in_order_and_a_doubled_real_ip_is_void() {
+        let req = GOOD.replace(
+            "Origin:",
+            "X-Forwarded-For: 6.6.6.6, 203.0.113.9\r\nx-real-ip: 203.0.113.9\r\n\
+             X-Forwarded-For: 10.0.0.3\r\nOrigin:",
+        );
+        let Parsed::Upgrade { forwarded, .. } = parse(req.as_bytes(), &Policy::default()) else {
+            panic!("not an upgrade");
+        };
+        let ips: Vec<_> = forwarded
+            .chain
+            .iter()
+            .map(|a| a.unwrap().to_string())
+            .collect();
+        assert_eq!(ips, ["6.6.6.6", "203.0.113.9", "10.0.0.3"]);
+        assert_eq!(
+            forwarded.real_ip,
+            Some(Some("203.0.113.9".parse().unwrap()))
+        );
+        let twice = req.replace("Origin:", "X-Real-IP: 1.1.1.1\r\nOrigin:");
+        let Parsed::Upgrade { forwarded, .. } = parse(twice.as_bytes(), &Policy::default()) else {
+            panic!("not an upgrade");
+        };
+        assert_eq!(forwarded.real_ip, Some(None));
     }
 
     #[test]

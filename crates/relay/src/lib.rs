@@ -21,6 +21,7 @@ pub fn log_line(args: std::fmt::Arguments) {
 }
 
 pub mod bus;
+pub mod client_addr;
 pub mod config;
 pub mod conn;
 pub mod echo;
@@ -66,6 +67,8 @@ pub struct Shared {
     pub accepting: AtomicBool,
     /// This process (node and incarnation), the high bits of its connection ids.
     pub process: ProcessId,
+    /// Trusted proxies and the per-address limit, one table for all the loops.
+    pub admission: Arc<client_addr::Admission>,
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
@@ -170,6 +173,10 @@ impl Shared {
                 .collect(),
             accepting: AtomicBool::new(true),
             process,
+            admission: Arc::new(client_addr::Admission::new(
+                config.options.trusted_proxies.clone(),
+                config.options.max_connections_per_address,
+            )),
             config: config.clone(),
         })
     }
@@ -228,11 +235,12 @@ fn start_loops(
         let metrics = shared.metrics[loop_index].clone();
         let routes = routes::Routes::new(shared.clone());
         let (inc, c, s) = (shared.process, config.clone(), stop.clone());
+        let a = shared.admission.clone();
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s)?,
+                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s, a)?,
             )?
         } else {
             let settings = relay::RelaySettings {
@@ -245,7 +253,7 @@ fn start_loops(
             let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes);
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s)?,
+                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, a)?,
             )?
         };
         loops.push((thread, stop));
@@ -271,9 +279,25 @@ fn log_listening(config: &Config, addr: SocketAddr, process: ProcessId) {
     } else {
         ""
     };
+    let mut proxies = String::new();
+    if !config.options.trusted_proxies.is_empty() {
+        let list: Vec<String> = config
+            .options
+            .trusted_proxies
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        proxies = format!(", trusted proxies {}", list.join(" "));
+    }
+    if config.options.max_connections_per_address > 0 {
+        proxies.push_str(&format!(
+            ", at most {} connections per address",
+            config.options.max_connections_per_address
+        ));
+    }
     let (node, incarnation) = (process.node, process.incarnation);
     log!(
-        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus})",
+        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus}{proxies})",
         config.worker,
         config.workers(),
         config.threads(),

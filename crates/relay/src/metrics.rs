@@ -23,10 +23,12 @@ pub enum CloseReason {
     /// A plain HTTP request, answered.
     HttpDone,
     IoError,
+    /// Refused with 429: its client address already had --max-connections-per-address open.
+    AddressLimit,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::ClientClose,
         CloseReason::PeerGone,
         CloseReason::ProtocolError,
@@ -39,6 +41,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::HttpDone,
         CloseReason::IoError,
+        CloseReason::AddressLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -55,6 +58,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::HttpDone => "http_done",
             CloseReason::IoError => "io_error",
+            CloseReason::AddressLimit => "address_limit",
         }
     }
 
@@ -76,7 +80,7 @@ pub struct LoopMetrics {
     /// Output waiting in the server for slow readers, in bytes (all this loop's connections).
     pub queued: AtomicI64,
     pub accepted: AtomicU64,
-    closed: [AtomicU64; 12],
+    closed: [AtomicU64; 13],
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -89,6 +93,10 @@ pub struct LoopMetrics {
     /// has gone out or the wait ran out).
     pub backpressure_cutoffs: AtomicU64,
     pub protocol_errors_replied: AtomicU64,
+    /// Upgrades whose client address a trusted proxy forwarded.
+    pub forwarded: AtomicU64,
+    /// Upgrades with X-Forwarded-For or X-Real-IP from a peer not trusted (headers ignored).
+    pub forwarded_ignored: AtomicU64,
 }
 
 /// The counters as plain numbers: summed over loops, written to the bus directory for the
@@ -101,7 +109,7 @@ pub struct Snapshot {
     #[serde(default)]
     pub queued: i64,
     pub accepted: u64,
-    pub closed: [u64; 12],
+    pub closed: [u64; 13],
     pub messages_in: u64,
     pub messages_out: u64,
     pub bytes_in: u64,
@@ -111,6 +119,10 @@ pub struct Snapshot {
     pub pings: u64,
     pub backpressure_cutoffs: u64,
     pub protocol_errors_replied: u64,
+    #[serde(default)]
+    pub forwarded: u64,
+    #[serde(default)]
+    pub forwarded_ignored: u64,
     pub worker: usize,
     pub bus_routed: u64,
     pub bus_broadcast_equivalent: u64,
@@ -162,6 +174,8 @@ impl Snapshot {
         self.pings += o.pings;
         self.backpressure_cutoffs += o.backpressure_cutoffs;
         self.protocol_errors_replied += o.protocol_errors_replied;
+        self.forwarded += o.forwarded;
+        self.forwarded_ignored += o.forwarded_ignored;
         self.bus_routed += o.bus_routed;
         self.bus_broadcast_equivalent += o.bus_broadcast_equivalent;
         self.bus_received += o.bus_received;
@@ -199,6 +213,8 @@ impl LoopMetrics {
             pings: self.pings.load(Relaxed),
             backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
             protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
+            forwarded: self.forwarded.load(Relaxed),
+            forwarded_ignored: self.forwarded_ignored.load(Relaxed),
             ..Snapshot::default()
         }
     }
@@ -351,6 +367,16 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             "protocol_errors_total",
             "Relay requests answered with an error message.",
             t.protocol_errors_replied,
+        ),
+        counter(
+            "upgrades_forwarded_total",
+            "WebSocket upgrades whose client address came from a --trusted-proxy's X-Forwarded-For or X-Real-IP.",
+            t.forwarded,
+        ),
+        counter(
+            "forwarded_headers_ignored_total",
+            "WebSocket upgrades carrying X-Forwarded-For or X-Real-IP from a peer not in --trusted-proxy (the headers were ignored; a proxy missing from the list makes every client look like the proxy).",
+            t.forwarded_ignored,
         ),
     ]
 }

@@ -83,14 +83,23 @@ pub fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
 
 /// The address a listener is bound to (to learn the port after binding port 0).
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    let ss: SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
+    inet(nix::sys::socket::getsockname(fd.as_raw_fd())?)
+}
+
+/// The address of a connection's peer (asked only when the client's address matters: a
+/// trusted proxy or a per-address limit is configured).
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    inet(nix::sys::socket::getpeername(fd.as_raw_fd())?)
+}
+
+fn inet(ss: SockaddrStorage) -> io::Result<SocketAddr> {
     if let Some(v4) = ss.as_sockaddr_in() {
         return Ok(SocketAddr::V4((*v4).into()));
     }
     if let Some(v6) = ss.as_sockaddr_in6() {
         return Ok(SocketAddr::V6((*v6).into()));
     }
-    Err(io::Error::other("listener has no inet address"))
+    Err(io::Error::other("not an inet socket address"))
 }
 
 /// One accept4; the caller loops until `WouldBlock`. TCP_NODELAY is set because relay

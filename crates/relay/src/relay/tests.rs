@@ -99,6 +99,7 @@ fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         metrics: (0..loops).map(|_| Arc::default()).collect(),
         accepting: AtomicBool::new(true),
         process: PROCESS,
+        admission: Arc::default(),
         config,
     });
     let settings = RelaySettings {
