@@ -135,7 +135,7 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// A built-in profile name (default, c10k, c100k, c1m) or a path to a YAML profile.
+    /// A built-in profile name (default, c10k, c100k, c1m, proxy) or a path to a YAML profile.
     #[arg(long, short, default_value = "default", value_name = "NAME|PATH")]
     pub profile: String,
 

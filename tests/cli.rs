@@ -17,7 +17,7 @@ fn profile_list_names_every_builtin() {
     let out = tunegate(&["profile", "list"]);
     assert_eq!(code(&out), 0);
     let text = stdout(&out);
-    for name in ["default", "c10k", "c100k", "c1m"] {
+    for name in ["default", "c10k", "c100k", "c1m", "proxy"] {
         assert!(text.lines().any(|l| l.starts_with(name)), "{name}: {text}");
     }
     assert!(text.contains("100000"));

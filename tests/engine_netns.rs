@@ -65,6 +65,59 @@ fn preflight_c100k_fails_in_a_fresh_namespace_and_names_what_matters() {
     assert!(text.rfind("\nFAIL").unwrap() < first_pass, "{text}");
 }
 
+/// The proxy host's wall: with the kernel's default range (32768-60999) two upstreams cannot
+/// carry 100,000 proxied connections from one nginx address; after `apply --profile proxy`
+/// the namespace's range (1024-65535, 8080 reserved) can, as the real kernel reports it.
+#[test]
+fn a_proxy_host_is_warned_of_upstream_port_exhaustion_until_the_range_is_widened() {
+    let host = host_snapshot();
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mine = profile(
+        dir.path(),
+        "front.yaml",
+        "target_connections: 100000\nproxy:\n  upstreams: 2\n",
+    );
+    let mine = mine.to_str().unwrap();
+    let check = |spec: &str| {
+        let out = ns.tunegate(&["preflight", "--profile", spec, "--format", "json"]);
+        let r = json(&out);
+        finding(&r, "derived.upstream_ports").clone()
+    };
+    let f = check(mine);
+    assert_eq!(f["verdict"], "warn", "{f:#}");
+    assert!(
+        f["wanted"]
+            .as_str()
+            .unwrap()
+            .contains("28232 ports per pair"),
+        "{f:#}"
+    );
+    assert!(
+        f["fix"].as_str().unwrap().contains("at least 5 pairs"),
+        "{f:#}"
+    );
+    assert!(
+        f["source"].as_str().unwrap().ends_with("front.yaml:2:1"),
+        "{f:#}"
+    );
+    // The built-in proxy profile plans the wider range, so its preflight already passes it.
+    assert_eq!(check("proxy")["verdict"], "pass");
+    let out = ns.tunegate(&["apply", "--profile", "proxy"]);
+    assert!(code(&out) <= 1, "{}", stderr(&out));
+    assert_eq!(ns.read("net/ipv4/ip_local_port_range"), "1024\t65535\n");
+    let f = check(mine);
+    assert_eq!(f["verdict"], "pass", "{f:#}");
+    assert!(
+        f["wanted"]
+            .as_str()
+            .unwrap()
+            .contains("64511 ports per pair (1024-65535 after apply, 1 of them reserved)"),
+        "{f:#}"
+    );
+    assert_eq!(host_snapshot(), host);
+}
+
 #[test]
 fn apply_c100k_passes_every_namespace_finding_and_revert_restores_them() {
     let host = host_snapshot();

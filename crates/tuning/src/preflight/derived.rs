@@ -76,6 +76,9 @@ pub fn checks(
             out.push(file_max_for_target(file_max, target));
         }
         out.push(ephemeral_range(profile, host, target)?);
+        if let Some(proxy) = &profile.proxy {
+            out.push(upstream_ports(profile, host, target, proxy)?);
+        }
         out.push(tcp_memory(profile, host, target)?);
         if let Some(f) = conntrack(host, target)? {
             out.push(f);
@@ -202,6 +205,72 @@ fn ephemeral_range(profile: &Profile, host: &Host, target: u64) -> anyhow::Resul
             }
         }
         None => f.verdict = Verdict::Warn,
+    }
+    Ok(f)
+}
+
+/// nginx's consistent hash puts 160 points per upstream on its ring, so an upstream's share
+/// wanders by about 1/sqrt(160), 8 %, around the even split; 20 % covers 2.5 of those.
+const HASH_SKEW_PERCENT: u64 = 20;
+
+/// A proxy opens one outgoing connection per client, so each (source address, upstream
+/// address:port) pair carries its share of the target, and the kernel can give one pair at most
+/// as many ports as the ephemeral range has, less the reserved ones. Past that, connect() fails
+/// with EADDRNOTAVAIL and nginx answers 502 while the upstreams are idle.
+fn upstream_ports(
+    profile: &Profile,
+    host: &Host,
+    target: u64,
+    proxy: &crate::profile::Proxy,
+) -> anyhow::Result<Finding> {
+    let mut f = finding(
+        "upstream_ports",
+        "net.ipv4.ip_local_port_range per upstream",
+        Scope::NetNamespace,
+    );
+    f.rule = "at most".into();
+    f.source = Some(proxy.source.to_string());
+    f.why = "A proxy opens one outgoing connection per client to one upstream: each (proxy \
+             address, upstream address:port) pair can hold at most the ephemeral range, less its \
+             reserved ports; past that connect() fails with EADDRNOTAVAIL and clients get 502 \
+             while the upstreams are idle (the port exhaustion of the write-up)."
+        .into();
+    let pairs = u64::from(proxy.upstreams) * u64::from(proxy.source_addresses);
+    let per_pair = target.div_ceil(pairs) * (100 + HASH_SKEW_PERCENT) / 100;
+    f.current = Some(format!(
+        "{per_pair} connections on the busiest pair: {target} over {} upstream(s) x {} source \
+         address(es), +{HASH_SKEW_PERCENT} % for uneven hashing",
+        proxy.upstreams, proxy.source_addresses
+    ));
+    let range = numbers(effective(profile, host, "net.ipv4.ip_local_port_range")?);
+    let reserved = match effective(profile, host, "net.ipv4.ip_local_reserved_ports")? {
+        Some(Value::Ports(p)) => p,
+        _ => PortSet::default(),
+    };
+    let Some(r) = range else {
+        f.verdict = Verdict::Warn;
+        f.wanted = "the range is not visible here".into();
+        return Ok(f);
+    };
+    let taken = (r[0]..=r[1])
+        .filter(|&p| p <= u64::from(u16::MAX) && reserved.contains(p as u16))
+        .count() as u64;
+    let usable = (r[1] - r[0] + 1).saturating_sub(taken);
+    f.wanted = format!(
+        "{usable} ports per pair ({}-{} after apply, {taken} of them reserved)",
+        r[0], r[1]
+    );
+    if per_pair > usable {
+        f.verdict = Verdict::Warn;
+        let need = (target * (100 + HASH_SKEW_PERCENT) / 100).div_ceil(usable.max(1));
+        let upstreams = need.div_ceil(u64::from(proxy.source_addresses));
+        f.fix = format!(
+            "give the proxy at least {need} pairs: list each host under more addresses or ports \
+             in the upstream block ({upstreams} upstreams from {} source address(es)), or connect \
+             out from more addresses (proxy_bind), or widen net.ipv4.ip_local_port_range (1024 \
+             65535 is 64,512 ports)",
+            proxy.source_addresses
+        );
     }
     Ok(f)
 }
@@ -442,6 +511,69 @@ mod tests {
         let f = findings(&host, "target_connections: 1\n", &[40000, 8080]);
         assert_eq!(get(&f, "derived.listen_port.40000").verdict, Verdict::Fail);
         assert_eq!(get(&f, "derived.listen_port.8080").verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn a_proxy_warns_when_a_pair_of_addresses_runs_out_of_ports() {
+        let (_d, host) = tree(&[]);
+        // The fake tree's range is 32768-60999 (28,232 ports), settable.
+        let proxy = |upstreams: u32, sources: u32, extra: &str| {
+            format!(
+                "target_connections: 100000\nproxy:\n  upstreams: {upstreams}\n  \
+                 source_addresses: {sources}\n{extra}"
+            )
+        };
+        let f = findings(&host, &proxy(2, 1, ""), &[]);
+        let g = get(&f, "derived.upstream_ports");
+        assert_eq!(g.verdict, Verdict::Warn, "{g:?}");
+        assert!(
+            g.current.as_ref().unwrap().starts_with("60000 connections"),
+            "{g:?}"
+        );
+        assert!(g.wanted.contains("28232 ports"), "{g:?}");
+        // 120,000 / 28,232 -> 5 pairs: 5 upstreams from one address, 3 from two.
+        assert!(
+            g.fix.contains("at least 5 pairs") && g.fix.contains("(5 upstreams"),
+            "{g:?}"
+        );
+        let f = findings(&host, &proxy(2, 2, ""), &[]);
+        assert!(
+            get(&f, "derived.upstream_ports")
+                .fix
+                .contains("(3 upstreams")
+        );
+        assert_eq!(
+            get(
+                &findings(&host, &proxy(5, 1, ""), &[]),
+                "derived.upstream_ports"
+            )
+            .verdict,
+            Verdict::Pass
+        );
+        // A wider range after apply passes; reserved ports inside it count against it.
+        let wide = "sysctl:\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n";
+        assert_eq!(
+            get(
+                &findings(&host, &proxy(2, 1, wide), &[]),
+                "derived.upstream_ports"
+            )
+            .verdict,
+            Verdict::Pass
+        );
+        let reserved = format!("{wide}  net.ipv4.ip_local_reserved_ports: \"10000-14999\"\n");
+        let g = get(
+            &findings(&host, &proxy(2, 1, &reserved), &[]),
+            "derived.upstream_ports",
+        )
+        .clone();
+        assert_eq!(g.verdict, Verdict::Warn, "{g:?}");
+        assert!(
+            g.wanted.contains("59512 ports") && g.wanted.contains("5000 of them reserved"),
+            "{g:?}"
+        );
+        // No proxy section: no finding.
+        let f = findings(&host, "target_connections: 100000\n", &[]);
+        assert!(f.iter().all(|x| x.id != "derived.upstream_ports"));
     }
 
     #[test]

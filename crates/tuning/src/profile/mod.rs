@@ -22,6 +22,7 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("c10k", include_str!("../../../../profiles/c10k.yaml")),
     ("c100k", include_str!("../../../../profiles/c100k.yaml")),
     ("c1m", include_str!("../../../../profiles/c1m.yaml")),
+    ("proxy", include_str!("../../../../profiles/proxy.yaml")),
 ];
 
 /// Where a profile came from.
@@ -77,6 +78,15 @@ pub struct Setting {
     pub source: Source,
 }
 
+/// The `proxy:` section: the host proxies `target_connections` to `upstreams` endpoints,
+/// connecting out from `source_addresses` addresses.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    pub upstreams: u32,
+    pub source_addresses: u32,
+    pub source: Source,
+}
+
 /// A resolved profile: `extends` applied, child values over parent values.
 #[derive(Clone, Debug)]
 pub struct Profile {
@@ -87,6 +97,7 @@ pub struct Profile {
     pub description: Option<String>,
     pub target_connections: Option<u64>,
     pub listen_ports: Vec<u16>,
+    pub proxy: Option<Proxy>,
     pub nofile: Option<(u64, Source)>,
     /// In the order the chain wrote them: parent keys first, each overridden in place.
     pub sysctl: Vec<Setting>,
@@ -188,6 +199,7 @@ fn build(
             description: None,
             target_connections: None,
             listen_ports: Vec::new(),
+            proxy: None,
             nofile: None,
             sysctl: Vec::new(),
         },
@@ -223,6 +235,13 @@ fn build(
     }
     if let Some(ports) = raw.listen_ports {
         profile.listen_ports = ports;
+    }
+    if let Some(p) = raw.proxy {
+        profile.proxy = Some(Proxy {
+            upstreams: p.upstreams.get(),
+            source_addresses: p.source_addresses.get(),
+            source: here(&["proxy"]),
+        });
     }
     if let Some(n) = raw.limits.nofile {
         profile.nofile = Some((n, here(&["limits", "nofile"])));

@@ -21,6 +21,7 @@ pub struct RawProfile {
     pub extends: Option<String>,
     pub target_connections: Option<u64>,
     pub listen_ports: Option<Vec<u16>>,
+    pub proxy: Option<RawProxy>,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -33,6 +34,22 @@ pub struct RawProfile {
 pub struct RawLimits {
     /// RLIMIT_NOFILE, soft and hard.
     pub nofile: Option<u64>,
+}
+
+/// A host that proxies its `target_connections` to upstreams (nginx in front of tunegate
+/// hosts): one outgoing connection per client, to one of `upstreams`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    /// Upstream endpoints (address:port pairs) the connections are spread over.
+    pub upstreams: std::num::NonZeroU32,
+    /// Addresses the proxy connects out from (1 unless it uses several with proxy_bind).
+    #[serde(default = "one")]
+    pub source_addresses: std::num::NonZeroU32,
+}
+
+fn one() -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::MIN
 }
 
 /// The `sysctl:` mapping, in file order, every key and value already validated.

@@ -387,6 +387,13 @@ pub fn profile_yaml(p: &Profile) -> String {
         let ports: Vec<String> = p.listen_ports.iter().map(u16::to_string).collect();
         let _ = writeln!(s, "listen_ports: [{}]", ports.join(", "));
     }
+    if let Some(x) = &p.proxy {
+        let _ = writeln!(
+            s,
+            "proxy:  # {}\n  upstreams: {}\n  source_addresses: {}",
+            x.source, x.upstreams, x.source_addresses
+        );
+    }
     if let Some((n, src)) = &p.nofile {
         let _ = writeln!(s, "limits:\n  nofile: {n}  # {src}");
     }
@@ -424,6 +431,11 @@ pub fn profile_json(p: &Profile) -> String {
         "description": p.description,
         "target_connections": p.target_connections,
         "listen_ports": p.listen_ports,
+        "proxy": p.proxy.as_ref().map(|x| serde_json::json!({
+            "upstreams": x.upstreams,
+            "source_addresses": x.source_addresses,
+            "source": x.source.to_string(),
+        })),
         "nofile": p.nofile.as_ref().map(|(n, _)| n),
         "sysctl": sysctl,
     }))
@@ -451,6 +463,8 @@ mod tests {
             assert_eq!(flat(&p), flat(&q), "{name}");
             assert_eq!(p.target_connections, q.target_connections);
             assert_eq!(p.listen_ports, q.listen_ports);
+            let proxy = |p: &Profile| p.proxy.as_ref().map(|x| (x.upstreams, x.source_addresses));
+            assert_eq!(proxy(&p), proxy(&q), "{name}");
             assert_eq!(p.nofile.map(|n| n.0), q.nofile.map(|n| n.0));
         }
     }
