@@ -184,7 +184,8 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Also write the raised values to a sysctl.d drop-in so they survive a reboot.
+    /// Also write every key of the profile this host can set (at the value that passes, never
+    /// below the host's) to a sysctl.d drop-in, so the host still passes after a reboot.
     #[arg(long)]
     pub persist: bool,
 

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::process::Command;
 
 fn finding<'a>(report: &'a Value, id: &str) -> &'a Value {
     report["findings"]
@@ -191,6 +192,60 @@ fn apply_c100k_passes_every_namespace_finding_and_revert_restores_them() {
     let nothing = ns.tunegate(&["revert"]);
     assert_eq!(code(&nothing), 0);
     assert!(stdout(&nothing).contains("nothing to revert"));
+    assert_eq!(host_snapshot(), host, "the host's own values changed");
+}
+
+/// The drop-in alone makes a host pass after boot, even for a key that was already satisfied by
+/// hand at apply time (it was not "raised", so it used to be left out). The "boot" is a second
+/// fresh namespace into which the drop-in is loaded with sysctl(8), as systemd-sysctl would.
+#[test]
+fn persist_writes_the_whole_profile_so_a_fresh_namespace_loading_it_passes() {
+    let host = host_snapshot();
+    let ns = Netns::new();
+    let by_hand = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w"])
+        .arg("net.core.somaxconn=65535")
+        .status()
+        .unwrap();
+    assert!(by_hand.success());
+    let out = ns.tunegate(&[
+        "apply",
+        "--profile",
+        "c100k",
+        "--persist",
+        "--format",
+        "json",
+    ]);
+    assert!(code(&out) <= 1, "{}", stderr(&out));
+    let steps = json(&out)["plan"]["steps"].clone();
+    assert!(
+        steps
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["key"] != "net.core.somaxconn"),
+        "somaxconn was already satisfied: {steps:#}"
+    );
+    let dropin = ns.sysctl_dir().join("60-tunegate.conf");
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(text.contains("net.core.somaxconn = 65535\n"), "{text}");
+
+    let boot = Netns::new();
+    let load = Command::new("ip")
+        .args(["netns", "exec", &boot.name, "sysctl", "-q", "-p"])
+        .arg(&dropin)
+        .output()
+        .unwrap();
+    assert!(load.status.success(), "sysctl -p: {}", stderr(&load));
+    let r = json(&boot.tunegate(&["preflight", "--profile", "c100k", "--format", "json"]));
+    for f in r["findings"].as_array().unwrap() {
+        if f["scope"] == "net-namespace" && f["id"].as_str().unwrap().starts_with("sysctl.") {
+            assert_eq!(
+                f["verdict"], "pass",
+                "after loading the drop-in: {f:#}\n{text}"
+            );
+        }
+    }
     assert_eq!(host_snapshot(), host, "the host's own values changed");
 }
 

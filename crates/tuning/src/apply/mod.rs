@@ -137,7 +137,8 @@ pub fn apply(
     if outcome.failure.is_some() {
         roll_back(host, &done, &journal, prior, paths, &mut outcome)?;
     } else if persist {
-        outcome.persisted = Some(persist::write(&dropin, &journal, profile)?);
+        let lines = persist::lines(host, &plan.persistable, &journal, &dropin);
+        outcome.persisted = Some(persist::write(&dropin, &lines, profile)?);
     }
     outcome.nofile = raise_nofile(host, plan);
     Ok(outcome)
@@ -404,6 +405,59 @@ mod tests {
         assert_eq!(read(&d, "net/ipv4/tcp_wmem"), "4096\t16384\t4194304\n");
         assert!(!paths.sysctl_dir.join(DROPIN_NAME).exists());
         assert!(Journal::load(&paths.state_dir).unwrap().is_none());
+    }
+
+    /// The drop-in holds the whole profile: tcp_max_syn_backlog (8192, above the 4096 asked)
+    /// passes untouched but is persisted at the host's higher value; a later run with another
+    /// profile keeps what the first persisted; revert still restores only the journal.
+    #[test]
+    fn persist_writes_every_settable_key_of_the_profile_never_below_the_host() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        assert!(
+            plan.steps
+                .iter()
+                .all(|s| s.key.dotted() != "net.ipv4.tcp_max_syn_backlog")
+        );
+        apply(&plan, &host, &paths, "p", true).unwrap();
+        let dropin = || std::fs::read_to_string(paths.sysctl_dir.join(DROPIN_NAME)).unwrap();
+        let body: Vec<String> = dropin()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            body,
+            [
+                "net.core.somaxconn = 65535",
+                "net.ipv4.tcp_max_syn_backlog = 8192",
+                "net.ipv4.tcp_wmem = 4096 65536 4194304",
+                "net.ipv4.ip_local_port_range = 1024 65535",
+            ],
+            "{}",
+            dropin()
+        );
+        assert!(dropin().contains("Every key of profile p this host can set"));
+
+        // Another profile, naming only somaxconn: the first one's keys stay persisted.
+        let p2 = d.path().join("p2.yaml");
+        std::fs::write(&p2, "sysctl:\n  net.core.somaxconn: 1024\n").unwrap();
+        let prof = crate::profile::load(p2.to_str().unwrap(), false).unwrap();
+        let plan2 = Plan::from_report(&preflight::check(&prof, &host, &[]).unwrap());
+        apply(&plan2, &host, &paths, "p2", true).unwrap();
+        let text = dropin();
+        for line in [
+            "net.core.somaxconn = 65535\n",
+            "net.ipv4.tcp_max_syn_backlog = 8192\n",
+            "net.ipv4.ip_local_port_range = 1024 65535\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+
+        let r = revert(&host, &paths, false).unwrap();
+        assert!(r.failed.is_empty() && r.skipped.is_empty(), "{r:?}");
+        assert_eq!(read(&d, "net/ipv4/tcp_max_syn_backlog"), "8192\n");
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+        assert!(!paths.sysctl_dir.join(DROPIN_NAME).exists());
     }
 
     #[test]

@@ -50,17 +50,39 @@ pub struct NofileChange {
     pub wanted: u64,
 }
 
+/// A profile key this host can set: what `--persist` writes to the drop-in, whether or not
+/// this run changes it, so that the drop-in alone makes the host pass after a reboot.
+#[derive(Clone, Debug)]
+pub struct Persistable {
+    pub key: SysctlKey,
+    pub shape: Shape,
+    pub wanted: Value,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Plan {
     pub steps: Vec<Step>,
     pub blocked: Vec<Blocked>,
     pub nofile: Option<NofileChange>,
+    #[serde(skip)]
+    pub persistable: Vec<Persistable>,
 }
 
 impl Plan {
     pub fn from_report(report: &Report) -> Plan {
         let mut plan = Plan::default();
         for f in &report.findings {
+            if let Subject::Sysctl {
+                key, shape, wanted, ..
+            } = &f.subject
+                && f.changeable
+            {
+                plan.persistable.push(Persistable {
+                    key: key.clone(),
+                    shape: *shape,
+                    wanted: wanted.clone(),
+                });
+            }
             match &f.subject {
                 Subject::Sysctl {
                     key,
