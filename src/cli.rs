@@ -166,6 +166,12 @@ pub struct CheckArgs {
     /// With a rediss:// --bus: the CA certificates (PEM) to trust instead of the system's.
     #[arg(long, value_name = "FILE", requires = "bus")]
     pub bus_ca_file: Option<std::path::PathBuf>,
+
+    /// The sysctl.d directory standing for /etc/sysctl.d: where apply --persist writes
+    /// 60-tunegate.conf, and what is read as /etc/sysctl.d when checking what the next boot
+    /// sets (the persist.* findings).
+    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = tuning::apply::DEFAULT_SYSCTL_DIR)]
+    pub sysctl_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -191,10 +197,6 @@ pub struct ApplyArgs {
 
     #[command(flatten)]
     pub state: StateArgs,
-
-    /// Directory for the --persist drop-in (60-tunegate.conf).
-    #[arg(long, value_name = "DIR", env = "TUNEGATE_SYSCTL_DIR", default_value = tuning::apply::DEFAULT_SYSCTL_DIR)]
-    pub sysctl_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

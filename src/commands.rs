@@ -42,28 +42,44 @@ fn load(spec: &str) -> anyhow::Result<Profile> {
     Ok(profile::load(spec, host::running_as_root())?)
 }
 
-/// What a check is against: the profile, and the ports the port guard adds to its
-/// listen_ports. With `--config`, the service's own: its profile and its listen port.
-fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>)> {
+/// What a check is against: the profile, the ports the port guard adds to its listen_ports,
+/// and the finding ids to ignore. With `--config`, the service's own: its profile, its listen
+/// port and its `ignore:` list.
+fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>, Vec<String>)> {
     let mut ports = args.ports.clone();
+    let mut ignore = Vec::new();
     let spec = match &args.config {
         Some(path) => {
             let config = crate::daemon::config::Config::load(path, true, host::running_as_root())?;
             ports.push(config.listen.port());
+            ignore = config.ignore.clone();
             config.profile
         }
         None => args.profile.clone(),
     };
-    Ok((load(&spec)?, ports))
+    Ok((load(&spec)?, ports, ignore))
+}
+
+/// Marks the ignored findings of `report`, and says on stderr which ignored ids match no check
+/// (a typo would otherwise silently ignore nothing), as the service's gate does.
+fn mark_ignored(report: &mut preflight::Report, ignore: Vec<String>) {
+    for id in &ignore {
+        if !report.findings.iter().any(|f| &f.id == id) {
+            eprintln!("tunegate: warning: ignore: no check has the id {id:?} (typo?)");
+        }
+    }
+    report.ignored = ignore;
 }
 
 fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
-    let (profile, ports) = check_target(args)?;
+    let (profile, ports, ignore) = check_target(args)?;
     let bus = bus(args)?;
     let mut report = preflight::check(&profile, host, &ports)?;
+    preflight::add_boot_checks(&mut report, &profile, host, &args.sysctl_dir);
     if let Some(bus) = &bus {
         report.findings.push(preflight::bus::check(bus));
     }
+    mark_ignored(&mut report, ignore);
     match args.format {
         Format::Human => out!("{}", report::preflight_human(&report)),
         Format::Json => outln!("{}", report::preflight_json(&report)),
@@ -92,7 +108,7 @@ fn bus(args: &CheckArgs) -> anyhow::Result<Option<preflight::bus::Bus>> {
 }
 
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
-    let (profile, ports) = check_target(&args.check)?;
+    let (profile, ports, ignore) = check_target(&args.check)?;
     let bus = bus(&args.check)?;
     let before = preflight::check(&profile, host, &ports)?;
     let plan = Plan::from_report(&before);
@@ -116,14 +132,16 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
     }
     let paths = Paths {
         state_dir: args.state.state_dir.clone(),
-        sysctl_dir: args.sysctl_dir.clone(),
+        sysctl_dir: args.check.sysctl_dir.clone(),
     };
     let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
     let mut after = preflight::check(&profile, host, &ports)?;
+    preflight::add_boot_checks(&mut after, &profile, host, &args.check.sysctl_dir);
     if let Some(bus) = &bus {
         // Nothing apply can change; checked with the rest of what the host must still do.
         after.findings.push(preflight::bus::check(bus));
     }
+    mark_ignored(&mut after, ignore);
     if human {
         out!("{}", report::outcome_human(&outcome));
         out!("{}", report::blocked_human(&Plan::from_report(&after)));

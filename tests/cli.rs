@@ -135,10 +135,9 @@ fn host_global_keys_are_applied_and_reverted_on_a_host_like_tree() {
     assert_eq!(read("net/core/rmem_max"), "16777216\n");
     let dropin = std::fs::read_to_string(dir.path().join("sysctl.d/60-tunegate.conf")).unwrap();
     assert!(dropin.contains("fs.nr_open = 2097152\n"), "{dropin}");
-    assert!(
-        !dropin.contains("fs.file-max"),
-        "a key tunegate did not raise was persisted"
-    );
+    // Not raised (the host's 100000 is above the 50000 asked) but persisted at the host's
+    // value, never the lower one asked: the drop-in alone must make the host pass after boot.
+    assert!(dropin.contains("fs.file-max = 100000\n"), "{dropin}");
 
     let rev = run(&["revert"]);
     assert_eq!(code(&rev), 0, "{}{}", stdout(&rev), stderr(&rev));
@@ -228,4 +227,68 @@ fn preflight_with_the_service_configuration() {
     let bad = tunegate(&["preflight", "--config", bad.to_str().unwrap()]);
     assert_eq!(code(&bad), 2);
     assert!(stderr(&bad).contains("bad.yaml:1:"), "{}", stderr(&bad));
+}
+
+/// `preflight --config` is the check the service makes, `ignore:` included: an ignored failing
+/// check is shown (with its id, as every warn and fail line is) but fails nothing; an ignored
+/// id that matches no check is said. The boot configuration under the host root is read as
+/// systemd-sysctl would: a later file that lowers a key is named with its line.
+#[test]
+fn preflight_config_honours_ignore_and_names_the_file_the_boot_ends_with() {
+    let root = host_like_tree();
+    let dir = tempfile::tempdir().unwrap();
+    let prof = profile(
+        dir.path(),
+        "mine.yaml",
+        "sysctl:\n  net.core.netdev_max_backlog: 4096\n  fs.file-max: 50000\n",
+    );
+    let config = dir.path().join("tunegate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "profile: {}\nignore: [sysctl.net.core.netdev_max_backlog, derived.no_such_check]\n",
+            prof.display()
+        ),
+    )
+    .unwrap();
+    let etc = root.path().join("etc/sysctl.d");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("99-local.conf"), "# mine\nfs.file-max = 1000\n").unwrap();
+    let run = |args: &[&str]| {
+        on_fake_host(root.path(), dir.path(), args)
+            .env_remove("TUNEGATE_SYSCTL_DIR")
+            .output()
+            .unwrap()
+    };
+    let plain = run(&["preflight", "--profile", prof.to_str().unwrap()]);
+    assert_eq!(code(&plain), 1, "{}", stdout(&plain));
+    assert!(
+        stdout(&plain).contains("      id     sysctl.net.core.netdev_max_backlog"),
+        "{}",
+        stdout(&plain)
+    );
+    let with = run(&["preflight", "--config", config.to_str().unwrap()]);
+    let text = stdout(&with);
+    assert_eq!(code(&with), 0, "{text}\n{}", stderr(&with));
+    assert!(
+        text.contains("IGNORED FAIL net.core.netdev_max_backlog"),
+        "{text}"
+    );
+    assert!(stderr(&with).contains("no check has the id \"derived.no_such_check\""));
+    // fs.file-max passes live (100000) but the boot ends with 99-local.conf's 1000.
+    assert!(text.contains("WARN  fs.file-max at boot"), "{text}");
+    assert!(
+        text.contains("id     persist.overridden.fs.file-max"),
+        "{text}"
+    );
+    assert!(text.contains("change or remove line 2 of"), "{text}");
+    let j = json(&run(&[
+        "preflight",
+        "--config",
+        config.to_str().unwrap(),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(j["summary"]["result"], "pass", "{j:#}");
+    assert_eq!(j["ignored"][0], "sysctl.net.core.netdev_max_backlog");
 }

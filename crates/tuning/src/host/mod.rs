@@ -9,6 +9,7 @@
 //! hard-codes `/proc/sys` (no fake tree), turns every `.` into `/` (breaking `eth0.100`), and
 //! its `set_value` re-reads without comparing. Read-back comparison happens in `apply`.
 
+pub mod boot;
 pub mod files;
 pub mod process;
 pub mod redis;

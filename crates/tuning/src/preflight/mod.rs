@@ -5,6 +5,7 @@
 //! changed from here and, when not, exactly what blocks it, because an SRE inside a container
 //! needs to know which lines to hand to whoever owns the host.
 
+mod boot;
 pub mod bus;
 mod derived;
 
@@ -104,11 +105,22 @@ pub struct Report {
     pub listen_ports: Vec<u16>,
     pub context: Context,
     pub findings: Vec<Finding>,
+    /// Finding ids the service's configuration ignores (`ignore:`; `preflight --config`): they
+    /// are reported but neither counted nor failing.
+    pub ignored: Vec<String>,
 }
 
 impl Report {
+    /// Findings with verdict `v`, not counting ignored ones.
     pub fn count(&self, v: Verdict) -> usize {
-        self.findings.iter().filter(|f| f.verdict == v).count()
+        self.findings
+            .iter()
+            .filter(|f| f.verdict == v && !self.is_ignored(f))
+            .count()
+    }
+
+    pub fn is_ignored(&self, f: &Finding) -> bool {
+        self.ignored.contains(&f.id)
     }
 
     pub fn passed(&self) -> bool {
@@ -155,7 +167,23 @@ pub fn check(profile: &Profile, host: &Host, extra_ports: &[u16]) -> anyhow::Res
         listen_ports: ports,
         context,
         findings,
+        ignored: Vec::new(),
     })
+}
+
+/// Adds the boot-persistence findings (`persist.*`): each sysctl key of the profile against
+/// the configuration the next boot applies, read under the host's root with `sysctl_dir`
+/// standing for /etc/sysctl.d.
+pub fn add_boot_checks(
+    report: &mut Report,
+    profile: &Profile,
+    host: &Host,
+    sysctl_dir: &std::path::Path,
+) {
+    let etc = boot::etc_dir(host.root(), sysctl_dir);
+    let config = crate::host::boot::BootConfig::read(host.root(), Some(&etc));
+    let found = boot::checks(profile, &report.findings, &config);
+    report.findings.extend(found);
 }
 
 /// Reads a single-number sysctl; None when this kernel or namespace does not show it.

@@ -98,6 +98,8 @@ pub struct Profile {
     pub target_connections: Option<u64>,
     pub listen_ports: Vec<u16>,
     pub proxy: Option<Proxy>,
+    /// `boot_persistence: fail`: keys the next boot would lose fail preflight (default: warn).
+    pub boot_persistence_fails: bool,
     pub nofile: Option<(u64, Source)>,
     /// In the order the chain wrote them: parent keys first, each overridden in place.
     pub sysctl: Vec<Setting>,
@@ -200,6 +202,7 @@ fn build(
             target_connections: None,
             listen_ports: Vec::new(),
             proxy: None,
+            boot_persistence_fails: false,
             nofile: None,
             sysctl: Vec::new(),
         },
@@ -242,6 +245,9 @@ fn build(
             source_addresses: p.source_addresses.get(),
             source: here(&["proxy"]),
         });
+    }
+    if let Some(b) = raw.boot_persistence {
+        profile.boot_persistence_fails = b == parse::BootPersistence::Fail;
     }
     if let Some(n) = raw.limits.nofile {
         profile.nofile = Some((n, here(&["limits", "nofile"])));

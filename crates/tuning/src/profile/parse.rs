@@ -22,6 +22,9 @@ pub struct RawProfile {
     pub target_connections: Option<u64>,
     pub listen_ports: Option<Vec<u16>>,
     pub proxy: Option<RawProxy>,
+    /// What a key the next boot would lose (persist.missing / persist.overridden) is: `warn`
+    /// (the default) or `fail`.
+    pub boot_persistence: Option<BootPersistence>,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -34,6 +37,13 @@ pub struct RawProfile {
 pub struct RawLimits {
     /// RLIMIT_NOFILE, soft and hard.
     pub nofile: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootPersistence {
+    Warn,
+    Fail,
 }
 
 /// A host that proxies its `target_connections` to upstreams (nginx in front of tunegate

@@ -39,6 +39,8 @@ struct PreflightJson<'a> {
     context: &'a crate::preflight::Context,
     summary: Summary,
     findings: Vec<&'a Finding>,
+    /// Ids of findings the configuration ignores (counted in none of the summary's numbers).
+    ignored: &'a [String],
 }
 
 fn preflight_value(report: &Report) -> PreflightJson<'_> {
@@ -60,6 +62,7 @@ fn preflight_value(report: &Report) -> PreflightJson<'_> {
             pass: report.count(Verdict::Pass),
         },
         findings: sorted(report),
+        ignored: &report.ignored,
     }
 }
 
@@ -100,6 +103,18 @@ pub fn preflight_human(report: &Report) -> String {
     s.push('\n');
     for f in sorted(report) {
         let current = f.current.as_deref().unwrap_or("(not visible)");
+        if report.is_ignored(f) && f.verdict != Verdict::Pass {
+            let _ = writeln!(
+                s,
+                "IGNORED {} {:<38} {}  (want {}: {}; ignored by the configuration's ignore:)",
+                f.verdict.label(),
+                f.key,
+                current,
+                f.rule,
+                f.wanted
+            );
+            continue;
+        }
         if f.verdict == Verdict::Pass {
             let _ = writeln!(
                 s,
@@ -117,6 +132,7 @@ pub fn preflight_human(report: &Report) -> String {
             f.rule,
             f.wanted
         );
+        let _ = writeln!(s, "      id     {} (what `ignore:` takes)", f.id);
         let _ = writeln!(s, "      scope  {}", f.scope.label());
         if let Some(d) = &f.detail {
             let _ = writeln!(s, "      note   {d}");

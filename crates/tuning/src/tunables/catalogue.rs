@@ -40,6 +40,10 @@ pub struct Tunable {
     pub scope: Scope,
     /// Why it matters for holding many connections, in one or two sentences.
     pub why: &'static str,
+    /// What the kernel sets at boot when no sysctl.d file does, where that is a constant of
+    /// Linux 5.4 and later (not derived from memory): a key whose default passes the profile
+    /// needs nothing at boot.
+    pub boot_default: Option<&'static str>,
 }
 
 const INT_MAX: u64 = i32::MAX as u64;
@@ -53,6 +57,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Caps the accept queue any listen() can ask for; when a burst of connects fills it, \
               the kernel drops SYNs and clients see timeouts (128, the old default, is far too small).",
+        boot_default: Some("4096"),
     },
     Tunable {
         key: "net.ipv4.tcp_max_syn_backlog",
@@ -60,6 +65,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Half-open connections the kernel keeps per listener while handshakes complete; \
               too small and connect storms are dropped before accept() sees them.",
+        boot_default: None,
     },
     Tunable {
         key: "net.ipv4.ip_local_port_range",
@@ -68,6 +74,7 @@ pub static CATALOGUE: &[Tunable] = &[
         why: "Ephemeral ports for outgoing connections: each (source address, destination) pair \
               can have at most this many connections open, so proxies and load generators run \
               out of ports (port exhaustion).",
+        boot_default: Some("32768 60999"),
     },
     Tunable {
         key: "net.ipv4.ip_local_reserved_ports",
@@ -75,6 +82,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Ports inside the ephemeral range that outgoing connections must not take, so a \
               server can still bind its listen port after a wide ip_local_port_range.",
+        boot_default: Some(""),
     },
     Tunable {
         key: "net.ipv4.tcp_rmem",
@@ -86,6 +94,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Per-socket receive buffer min/default/max in bytes: the minimum is what every idle \
               connection can pin under pressure, the maximum bounds throughput per connection.",
+        boot_default: None,
     },
     Tunable {
         key: "net.ipv4.tcp_wmem",
@@ -97,6 +106,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Per-socket send buffer min/default/max in bytes; bounds how much a slow reader \
               can queue in the kernel per connection.",
+        boot_default: None,
     },
     Tunable {
         key: "net.ipv4.tcp_migrate_req",
@@ -105,6 +115,7 @@ pub static CATALOGUE: &[Tunable] = &[
         why: "With several processes on one port (SO_REUSEPORT workers), a listener that closes \
               hands the connections waiting in its accept queue to another listener of the port \
               instead of resetting them: restarting one worker loses no connect.",
+        boot_default: Some("0"),
     },
     Tunable {
         key: "net.ipv4.tcp_tw_reuse",
@@ -112,6 +123,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::NetNamespace,
         why: "Lets outgoing connections reuse TIME-WAIT ports, which keeps a proxy's ephemeral \
               ports from running out under churn.",
+        boot_default: Some("2"),
     },
     Tunable {
         key: "net.core.rmem_max",
@@ -119,6 +131,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::HostGlobal,
         why: "Largest receive buffer a program may ask for with SO_RCVBUF; read-only inside a \
               network namespace.",
+        boot_default: Some("212992"),
     },
     Tunable {
         key: "net.core.wmem_max",
@@ -126,12 +139,14 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::HostGlobal,
         why: "Largest send buffer a program may ask for with SO_SNDBUF; read-only inside a \
               network namespace.",
+        boot_default: Some("212992"),
     },
     Tunable {
         key: "net.core.netdev_max_backlog",
         shape: Shape::Int { max: INT_MAX },
         scope: Scope::HostGlobal,
         why: "Packets queued per CPU between the NIC and the stack; bursts beyond it are dropped.",
+        boot_default: Some("1000"),
     },
     Tunable {
         key: "net.ipv4.tcp_mem",
@@ -143,6 +158,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::HostGlobal,
         why: "Pages all TCP sockets together may use (low/pressure/high); past the high mark \
               new buffer allocations fail and connections stall or drop.",
+        boot_default: None,
     },
     Tunable {
         key: "net.netfilter.nf_conntrack_max",
@@ -150,12 +166,14 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::HostGlobal,
         why: "Connections the firewall tracks; when the table is full new connections are \
               dropped (\"nf_conntrack: table full\").",
+        boot_default: None,
     },
     Tunable {
         key: "fs.file-max",
         shape: Shape::Int { max: LONG_MAX },
         scope: Scope::HostGlobal,
         why: "Open files the whole kernel allows; every socket is a file.",
+        boot_default: None,
     },
     Tunable {
         key: "fs.nr_open",
@@ -163,6 +181,7 @@ pub static CATALOGUE: &[Tunable] = &[
         scope: Scope::HostGlobal,
         why: "Ceiling for any process's RLIMIT_NOFILE hard limit: no process can hold more \
               sockets than this.",
+        boot_default: Some("1048576"),
     },
 ];
 
