@@ -40,3 +40,6 @@ rm -rf "$proof"
 
 echo "== the Debian package: lintian, then install/reload/restart/upgrade/purge under systemd (packaging/test-deb.sh)"
 bash packaging/test-deb.sh
+
+echo "== after a reboot: apply --persist, sysctl.d precedence, in a rebooted container (packaging/test-reboot.sh)"
+bash packaging/test-reboot.sh

@@ -16,8 +16,15 @@ use crate::profile::Profile;
 use crate::tunables::{self, Shape, SysctlKey, Value};
 
 /// The persistence findings for every sysctl key of `profile`, given the live findings of the
-/// same run (`findings`, for each key's live value and verdict).
-pub fn checks(profile: &Profile, findings: &[Finding], boot: &BootConfig) -> Vec<Finding> {
+/// same run (`findings`, for each key's live value and verdict). Inside a network namespace of
+/// its own (a container), host-global keys are skipped: this root's boot does not set them,
+/// the host's does (their `sysctl.*` findings already say to check them there).
+pub fn checks(
+    profile: &Profile,
+    findings: &[Finding],
+    boot: &BootConfig,
+    initial_netns: bool,
+) -> Vec<Finding> {
     let severity = if profile.boot_persistence_fails {
         Verdict::Fail
     } else {
@@ -35,6 +42,9 @@ pub fn checks(profile: &Profile, findings: &[Finding], boot: &BootConfig) -> Vec
         else {
             continue;
         };
+        if f.scope == crate::tunables::Scope::HostGlobal && !initial_netns {
+            continue;
+        }
         let live_passes = shape.satisfied(live, wanted);
         let apply = format!("tunegate apply --profile {} --persist", profile.name);
         if let Some(finding) =

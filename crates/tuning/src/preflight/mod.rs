@@ -182,7 +182,12 @@ pub fn add_boot_checks(
 ) {
     let etc = boot::etc_dir(host.root(), sysctl_dir);
     let config = crate::host::boot::BootConfig::read(host.root(), Some(&etc));
-    let found = boot::checks(profile, &report.findings, &config);
+    let found = boot::checks(
+        profile,
+        &report.findings,
+        &config,
+        report.context.initial_netns,
+    );
     report.findings.extend(found);
 }
 
