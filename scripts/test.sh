@@ -41,5 +41,5 @@ rm -rf "$proof"
 echo "== the Debian package: lintian, then install/reload/restart/upgrade/purge under systemd (packaging/test-deb.sh)"
 bash packaging/test-deb.sh
 
-echo "== after a reboot: apply --persist, sysctl.d precedence, in a rebooted container (packaging/test-reboot.sh)"
-bash packaging/test-reboot.sh
+echo "== across reboots and restarts: apply --persist, sysctl.d precedence, --unit, in a container (packaging/test-persistence.sh)"
+bash packaging/test-persistence.sh

@@ -167,6 +167,17 @@ pub struct CheckArgs {
     #[arg(long, value_name = "FILE", requires = "bus")]
     pub bus_ca_file: Option<std::path::PathBuf>,
 
+    /// Also check the user's own server, a systemd service: its RLIMIT_NOFILE (what its main
+    /// process got, or what its next start is configured to get), descriptors in use, and the
+    /// accept queue of each port it listens on (server.* findings). With apply: write
+    /// LimitNOFILE= in a drop-in for it.
+    #[arg(long, value_name = "NAME[.service]", conflicts_with = "pid")]
+    pub unit: Option<String>,
+
+    /// Also check a running process (and its children) the same way as --unit.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<i32>,
+
     /// The sysctl.d directory standing for /etc/sysctl.d: where apply --persist writes
     /// 60-tunegate.conf, and what is read as /etc/sysctl.d when checking what the next boot
     /// sets (the persist.* findings).

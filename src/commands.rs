@@ -60,6 +60,18 @@ fn check_target(args: &CheckArgs) -> anyhow::Result<(Profile, Vec<u16>, Vec<Stri
     Ok((load(&spec)?, ports, ignore))
 }
 
+/// The user's own server of `--unit` / `--pid`, checked before anything runs (a bad unit name
+/// is bad usage, exit 2).
+fn server_target(args: &CheckArgs) -> anyhow::Result<Option<preflight::server::Target>> {
+    Ok(match (&args.unit, args.pid) {
+        (Some(name), _) => Some(preflight::server::Target::Unit(
+            host::systemd::unit_name(name).map_err(UsageError)?,
+        )),
+        (None, Some(pid)) => Some(preflight::server::Target::Pid(pid)),
+        (None, None) => None,
+    })
+}
+
 /// Marks the ignored findings of `report`, and says on stderr which ignored ids match no check
 /// (a typo would otherwise silently ignore nothing), as the service's gate does.
 fn mark_ignored(report: &mut preflight::Report, ignore: Vec<String>) {
@@ -76,6 +88,11 @@ fn preflight_cmd(host: &Host, args: &CheckArgs) -> anyhow::Result<u8> {
     let bus = bus(args)?;
     let mut report = preflight::check(&profile, host, &ports)?;
     preflight::add_boot_checks(&mut report, &profile, host, &args.sysctl_dir);
+    if let Some(target) = server_target(args)? {
+        report
+            .findings
+            .extend(preflight::server::checks(&profile, host, &target)?);
+    }
     if let Some(bus) = &bus {
         report.findings.push(preflight::bus::check(bus));
     }
@@ -108,6 +125,15 @@ fn bus(args: &CheckArgs) -> anyhow::Result<Option<preflight::bus::Bus>> {
 }
 
 fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
+    if args.check.pid.is_some() {
+        return Err(UsageError(
+            "apply --pid: a running process keeps the limits it started with; give its unit \
+             (--unit NAME) so its next start gets them, or raise it with prlimit"
+                .into(),
+        )
+        .into());
+    }
+    let target = server_target(&args.check)?;
     let (profile, ports, ignore) = check_target(&args.check)?;
     let bus = bus(&args.check)?;
     let before = preflight::check(&profile, host, &ports)?;
@@ -134,9 +160,30 @@ fn apply_cmd(host: &Host, args: &ApplyArgs) -> anyhow::Result<u8> {
         state_dir: args.state.state_dir.clone(),
         sysctl_dir: args.check.sysctl_dir.clone(),
     };
-    let outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
+    let mut outcome = apply::apply(&plan, host, &paths, &profile.name, args.persist)?;
+    if let (Some(preflight::server::Target::Unit(unit)), None) = (&target, &outcome.failure) {
+        let Some((wanted, _)) = &profile.nofile else {
+            return Err(UsageError(format!(
+                "apply --unit: profile {} has no limits.nofile to give {unit}",
+                profile.name
+            ))
+            .into());
+        };
+        outcome.unit = Some(apply::unit::apply_unit(
+            host,
+            &paths,
+            unit,
+            *wanted,
+            &profile.name,
+        )?);
+    }
     let mut after = preflight::check(&profile, host, &ports)?;
     preflight::add_boot_checks(&mut after, &profile, host, &args.check.sysctl_dir);
+    if let Some(target) = &target {
+        after
+            .findings
+            .extend(preflight::server::checks(&profile, host, target)?);
+    }
     if let Some(bus) = &bus {
         // Nothing apply can change; checked with the rest of what the host must still do.
         after.findings.push(preflight::bus::check(bus));

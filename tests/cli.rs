@@ -292,3 +292,86 @@ fn preflight_config_honours_ignore_and_names_the_file_the_boot_ends_with() {
     assert_eq!(j["summary"]["result"], "pass", "{j:#}");
     assert_eq!(j["ignored"][0], "sysctl.net.core.netdev_max_backlog");
 }
+
+/// `--pid`: what a running server really got. A Python listener started with a soft limit of
+/// 1024 and listen(5), as the write-up's readers' servers ran: both are failures, with the
+/// program's own backlog named; `apply --pid` is refused (a running process keeps its limits).
+#[test]
+fn preflight_pid_reports_the_limit_and_the_accept_queue_the_process_really_has() {
+    let mut server = Command::new("prlimit")
+        .args(["--nofile=1024:4096", "python3", "-c"])
+        .arg(
+            "import socket, sys, time\n\
+             s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(5)\n\
+             print(s.getsockname()[1], flush=True); time.sleep(60)\n",
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit and python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let pid = server.id().to_string();
+    let out = Command::new(bin())
+        .args([
+            "preflight",
+            "--profile",
+            "default",
+            "--pid",
+            &pid,
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let j = json(&out);
+    let find = |id: &str| {
+        j["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {j:#}"))
+            .clone()
+    };
+    let nofile = find("server.nofile");
+    assert_eq!(nofile["verdict"], "fail", "{nofile:#}");
+    assert_eq!(nofile["current"], "soft 1024, hard 4096");
+    assert!(
+        nofile["fix"].as_str().unwrap().contains("prlimit --pid"),
+        "{nofile:#}"
+    );
+    let backlog = find(&format!("server.backlog.{port}"));
+    assert_eq!(backlog["verdict"], "fail", "{backlog:#}");
+    assert_eq!(backlog["current"], "5 (1 socket(s))");
+    assert!(
+        backlog["detail"]
+            .as_str()
+            .unwrap()
+            .contains("asked listen() for 5")
+    );
+    assert_eq!(find("server.descriptors")["verdict"], "pass");
+
+    let refused = Command::new(bin())
+        .args(["apply", "--profile", "default", "--pid", &pid])
+        .output()
+        .unwrap();
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    let missing = Command::new(bin())
+        .args(["preflight", "--pid", "999999999"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&missing), 2);
+    assert!(
+        stderr(&missing).contains("no process 999999999"),
+        "{}",
+        stderr(&missing)
+    );
+}

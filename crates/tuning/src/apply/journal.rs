@@ -23,6 +23,10 @@ pub struct Journal {
     pub entries: Vec<Entry>,
     /// The sysctl.d drop-in tunegate created, removed again by revert.
     pub dropin: Option<PathBuf>,
+    /// systemd unit drop-ins tunegate created (`apply --unit`: LimitNOFILE=), removed again by
+    /// revert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unit_dropins: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,7 +81,7 @@ impl Journal {
     /// Writes the journal atomically, or removes it when it holds nothing.
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
         let path = Journal::path(state_dir);
-        if self.entries.is_empty() && self.dropin.is_none() {
+        if self.entries.is_empty() && self.dropin.is_none() && self.unit_dropins.is_empty() {
             return files::remove_durably(&path);
         }
         let mut text = serde_json::to_string_pretty(self).expect("journal serialises");

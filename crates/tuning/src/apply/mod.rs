@@ -12,6 +12,7 @@ pub mod journal;
 mod persist;
 pub mod plan;
 mod revert;
+pub mod unit;
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +88,9 @@ pub struct Outcome {
     pub nofile: Option<NofileOutcome>,
     pub persisted: Option<PathBuf>,
     pub journal: Option<PathBuf>,
+    /// `--unit`: the user's service's LimitNOFILE drop-in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<unit::UnitOutcome>,
 }
 
 /// Carries out a plan. Errors before the first write (lock, journal, drop-in ownership) leave

@@ -20,7 +20,7 @@ use crate::host::{Host, files};
 pub const DROPIN_NAME: &str = "60-tunegate.conf";
 
 /// The first line of every drop-in tunegate writes; a file without it is not ours.
-const MARKER: &str = "# Written by tunegate";
+pub(crate) const MARKER: &str = "# Written by tunegate";
 
 /// Fails unless `path` is absent or a file tunegate wrote.
 pub fn check_owned(path: &Path) -> anyhow::Result<()> {

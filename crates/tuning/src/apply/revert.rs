@@ -29,6 +29,10 @@ pub struct RevertOutcome {
     /// (key, error): could not be put back; still in the journal.
     pub failed: Vec<(String, String)>,
     pub dropin_removed: Option<std::path::PathBuf>,
+    /// systemd unit drop-ins of `apply --unit` removed.
+    pub unit_dropins_removed: Vec<std::path::PathBuf>,
+    /// Whether `systemctl daemon-reload` ran after removing unit drop-ins.
+    pub reloaded: bool,
     pub had_journal: bool,
     /// Temp files of killed writers that were removed.
     pub temp_files_removed: Vec<std::path::PathBuf>,
@@ -45,6 +49,7 @@ pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertO
         // No journal: nothing to restore, but a drop-in of ours may outlive one (a journal
         // removed by hand, an apply of an older tunegate killed before it journaled it).
         remove_dropins(&[(own_dropin, false)], &mut out, &mut None);
+        remove_unit_dropins(host, &[], &mut out);
         return Ok(out);
     };
     out.had_journal = true;
@@ -62,6 +67,7 @@ pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertO
     let mut kept = Journal {
         entries: Vec::new(),
         dropin: None,
+        unit_dropins: Vec::new(),
         ..journal.clone()
     };
     for entry in journal.entries.iter().rev() {
@@ -123,8 +129,56 @@ pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertO
         dropins.push((own_dropin, false));
     }
     remove_dropins(&dropins, &mut out, &mut kept.dropin);
+    kept.unit_dropins = remove_unit_dropins(host, &journal.unit_dropins, &mut out);
     kept.save(&paths.state_dir)?;
     Ok(out)
+}
+
+/// Removes the unit drop-ins the journal names and any other of ours on disk; returns those
+/// that could not be removed (they stay in the journal). Runs `systemctl daemon-reload` when
+/// one went, so systemd forgets it (the running service keeps its limit until restarted).
+fn remove_unit_dropins(host: &Host, named: &[PathBuf], out: &mut RevertOutcome) -> Vec<PathBuf> {
+    let mut all: Vec<(PathBuf, bool)> = named.iter().map(|p| (p.clone(), true)).collect();
+    for p in super::unit::ours_on_disk(host) {
+        if !named.contains(&p) {
+            all.push((p, false));
+        }
+    }
+    let mut kept = Vec::new();
+    for (path, named) in all {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            out.temp_files_removed
+                .extend(files::remove_stale_temps(dir, &name.to_string_lossy()));
+        }
+        if !named && persist::check_owned(&path).is_err() {
+            continue;
+        }
+        match persist::remove(&path) {
+            Ok(true) => {
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::remove_dir(dir); // only if empty: never someone else's
+                }
+                out.unit_dropins_removed.push(path);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                out.failed
+                    .push((path.display().to_string(), format!("{e:#}")));
+                kept.push(path);
+            }
+        }
+    }
+    let live =
+        host.root() == std::path::Path::new("/") && crate::host::systemd::booted(host.root());
+    if !out.unit_dropins_removed.is_empty() && live {
+        match crate::host::systemd::daemon_reload() {
+            Ok(()) => out.reloaded = true,
+            Err(e) => out
+                .failed
+                .push(("systemctl daemon-reload".into(), format!("{e:#}"))),
+        }
+    }
+    kept
 }
 
 /// Removes each drop-in that is ours (marker line), and the temp files killed writers left

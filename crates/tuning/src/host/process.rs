@@ -23,6 +23,13 @@ pub fn nofile_of(pid: i32) -> anyhow::Result<(u64, u64)> {
     Ok((v(l.soft_limit), v(l.hard_limit)))
 }
 
+/// Descriptors `pid` holds now.
+pub fn fds_in_use(pid: i32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("cannot list /proc/{pid}/fd"))?
+        .count())
+}
+
 /// `pid` and all its descendants (via /proc/PID/task/TID/children).
 pub fn process_tree(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];

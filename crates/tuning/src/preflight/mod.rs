@@ -8,6 +8,7 @@
 mod boot;
 pub mod bus;
 mod derived;
+pub mod server;
 
 use serde::Serialize;
 

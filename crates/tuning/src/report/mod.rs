@@ -222,6 +222,9 @@ pub fn blocked_human(plan: &Plan) -> String {
 
 pub fn outcome_human(out: &Outcome) -> String {
     let mut s = String::new();
+    if let Some(u) = &out.unit {
+        s.push_str(&unit_human(u));
+    }
     if let Some(j) = &out.journal {
         let _ = writeln!(
             s,
@@ -319,6 +322,49 @@ pub fn apply_json(
     .expect("apply serialises")
 }
 
+fn unit_human(u: &crate::apply::unit::UnitOutcome) -> String {
+    let mut s = String::new();
+    if let Some(why) = &u.unchanged {
+        let _ = writeln!(s, "unit     {}: nothing written: {why}", u.unit);
+        return s;
+    }
+    if let (Some(set), Some(path)) = (u.set, &u.dropin) {
+        let before = u.before.map_or("?".into(), |b| b.to_string());
+        let _ = writeln!(
+            s,
+            "unit     {}: LimitNOFILE {before} -> {set} in {}",
+            u.unit,
+            path.display()
+        );
+    }
+    if let Some(c) = &u.capped {
+        let _ = writeln!(s, "         capped: {c}");
+    }
+    if u.reloaded {
+        let _ = writeln!(
+            s,
+            "         systemctl daemon-reload done: its next start gets LimitNOFILE {}",
+            u.after.map_or("?".into(), |a| a.to_string())
+        );
+    }
+    if !u.overridden_by.is_empty() {
+        let list: Vec<String> = u
+            .overridden_by
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "         WARNING: a drop-in applied after ours keeps it lower: {} (tunegate never edits it)",
+            list.join(", ")
+        );
+    }
+    if let Some(n) = &u.next {
+        let _ = writeln!(s, "         to take effect: {n}");
+    }
+    s
+}
+
 pub fn revert_human(out: &RevertOutcome) -> String {
     let mut s = String::new();
     for p in &out.temp_files_removed {
@@ -353,6 +399,12 @@ pub fn revert_human(out: &RevertOutcome) -> String {
     }
     if let Some(p) = &out.dropin_removed {
         let _ = writeln!(s, "removed   {}", p.display());
+    }
+    for p in &out.unit_dropins_removed {
+        let _ = writeln!(s, "removed   {}", p.display());
+    }
+    if out.reloaded {
+        s.push_str("systemctl daemon-reload done: restart the unit(s) to drop the raised limit\n");
     }
     if out.failed.is_empty() {
         s.push_str("journal cleared\n");

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Will the host still pass after a reboot? A real one: a minimal Debian 12 booted with
+# What holds across reboots and restarts: the host's sysctls after a real reboot, and the
+# descriptor limit of the user's own systemd service after a restart. A real reboot: a minimal Debian 12 booted with
 # systemd-nspawn in its own network namespace (packaging/container.sh), its root kept between
 # boots, so a reboot is a poweroff and a boot of the same root, with systemd-sysctl applying
 # /etc/sysctl.d at boot as on any Debian host. The tunegate binary is copied in (no package and no
@@ -14,7 +15,12 @@
 #   4. an operator's /etc/sysctl.d/99-local.conf lowers somaxconn; reboot: the host fails it and
 #      preflight names that file and line (persist.overridden.net.core.somaxconn);
 #   5. `tunegate revert` removes the drop-in; reboot: no drop-in, and preflight says what the
-#      boot no longer sets.
+#      boot no longer sets;
+#   6. the user's own server, a small Python listener under its own unit (systemd's default
+#      LimitNOFILE, soft 1024): `preflight --unit` fails its limit; `apply --unit` writes
+#      /etc/systemd/system/NAME.service.d/60-tunegate.conf and reloads systemd; after
+#      `systemctl restart`, `preflight --unit` passes; `revert` removes the drop-in and systemd
+#      is back to 1024.
 # Exit 0 only if all of it holds. Root. Bounded: every wait has a timeout; the container is
 # powered off and its root removed on any exit.
 #
@@ -24,13 +30,13 @@ cd "$(dirname "$0")/.."
 # shellcheck source=packaging/container.sh
 source packaging/container.sh
 
-log() { printf 'test-reboot: %s\n' "$*" >&2; }
+log() { printf 'test-persistence: %s\n' "$*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
 ok() { log "ok: $*"; }
 
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 [[ -x $bin ]] || fail "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
-work=$(mktemp -d "${TUNEGATE_CT_WORKDIR:-/var/tmp}/tunegate-reboot.XXXXXX")
+work=$(mktemp -d "${TUNEGATE_CT_WORKDIR:-/var/tmp}/tunegate-persistence.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 ct_trap # powers the container off first, then removes $work
 root=$work/root
@@ -45,11 +51,14 @@ reboot() {
     boot
     log "rebooted"
 }
-# report NAME: preflight c100k as JSON into $work/NAME.json (exit 1 means "fails": expected).
+# report NAME [ARGS...]: preflight (c100k unless ARGS say otherwise) as JSON into
+# $work/NAME.json (exit 1 means "fails": expected).
 report() {
-    local rc=0
-    ct_exec tunegate preflight --profile c100k --format json >"$work/$1.json" 2>"$work/$1.err" || rc=$?
-    ((rc <= 1)) || { cat "$work/$1.err" >&2; fail "preflight exited $rc"; }
+    local rc=0 name=$1
+    shift
+    (($# > 0)) || set -- --profile c100k
+    ct_exec tunegate preflight "$@" --format json >"$work/$name.json" 2>"$work/$name.err" || rc=$?
+    ((rc <= 1)) || { cat "$work/$name.err" >&2; fail "preflight exited $rc"; }
 }
 # check NAME PYTHON: runs PYTHON with `r` = the report and `f(id)` = a finding (or None);
 # fails the test with its message on AssertionError.
@@ -121,4 +130,54 @@ assert f("sysctl.net.core.somaxconn")["verdict"] == "fail", "somaxconn passes af
 left = [x["id"] for x in r["findings"] if "60-tunegate.conf" in (x["current"] or "")]
 assert not left, f"findings still see the drop-in: {left}"'
 ok "revert removed the drop-in; after a reboot the host is back to the kernel's values"
+
+# 6. The user's own server under its own unit. listen(4096) is the default profile's somaxconn,
+# so only the descriptor limit is wrong.
+cat >"$work/echo-server.service" <<'UNIT'
+[Unit]
+Description=the user's own server (a Python listener)
+[Service]
+ExecStart=/usr/bin/python3 -c "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 9000)); s.listen(4096); time.sleep(86400)"
+UNIT
+chmod 0644 "$work/echo-server.service"
+ct_copy_in "$work/echo-server.service" /etc/systemd/system/echo-server.service
+ct_exec tunegate apply --profile default >/dev/null 2>&1 || true # somaxconn 4096 before it listens
+ct_exec systemctl daemon-reload
+ct_exec systemctl start echo-server
+listening() { ct_exec sh -c 'ss -Hltn "sport = :9000" | grep -q .'; }
+ct_poll 10 listening || fail "echo-server does not listen on 9000"
+soft_of_unit() { ct_exec systemctl show -p LimitNOFILESoft --value echo-server; }
+report unit_before --profile default --unit echo-server
+check unit_before '
+n = f("server.nofile")
+assert n["verdict"] == "fail" and n["current"].startswith("soft 1024,"), n
+assert "tunegate apply --unit echo-server.service" in n["fix"], n
+assert f("server.backlog.9000")["verdict"] == "pass", f("server.backlog.9000")'
+ok "preflight --unit echo-server: RLIMIT_NOFILE soft 1024 fails the default profile's 16384"
+
+ct_exec tunegate apply --profile default --unit echo-server >"$work/unit-apply.txt" 2>&1 || true
+grep -q "LimitNOFILE 1024 -> 16384 in /etc/systemd/system/echo-server.service.d/60-tunegate.conf" "$work/unit-apply.txt" ||
+    { cat "$work/unit-apply.txt" >&2; fail "apply --unit"; }
+grep -q "daemon-reload done" "$work/unit-apply.txt" || { cat "$work/unit-apply.txt" >&2; fail "no daemon-reload"; }
+[[ $(soft_of_unit) == 16384 ]] || fail "systemd says LimitNOFILESoft=$(soft_of_unit) after apply --unit"
+report unit_applied --profile default --unit echo-server
+check unit_applied '
+n = f("server.nofile")
+assert n["verdict"] == "fail" and "takes effect when it restarts" in n["detail"], n'
+ct_exec systemctl restart echo-server
+ct_poll 10 listening || fail "echo-server does not listen after the restart"
+report unit_restarted --profile default --unit echo-server
+check unit_restarted '
+bad = [(x["id"], x["current"]) for x in r["findings"] if x["id"].startswith("server.") and x["verdict"] != "pass"]
+assert not bad, bad
+assert f("server.nofile")["current"].startswith("soft 16384,"), f("server.nofile")'
+ok "apply --unit wrote LimitNOFILE=16384 and reloaded systemd; after a restart preflight --unit passes"
+
+ct_exec tunegate revert >"$work/unit-revert.txt" 2>&1 || { cat "$work/unit-revert.txt" >&2; fail "revert"; }
+grep -q "removed   /etc/systemd/system/echo-server.service.d/60-tunegate.conf" "$work/unit-revert.txt" ||
+    { cat "$work/unit-revert.txt" >&2; fail "revert did not remove the unit drop-in"; }
+ct_exec test ! -e /etc/systemd/system/echo-server.service.d || fail "revert left the drop-in directory"
+[[ $(soft_of_unit) == 1024 ]] || fail "LimitNOFILESoft=$(soft_of_unit) after revert"
+ct_exec test -s /etc/systemd/system/echo-server.service || fail "revert touched the user's own unit"
+ok "revert removed the unit drop-in and reloaded systemd; the user's own unit file untouched"
 log "all checks passed"
