@@ -151,6 +151,21 @@ ct_exec tunegate apply --profile c100k --persist >"$work/apply.txt" 2>&1 || true
 grep -q "persisted: /etc/sysctl.d/60-tunegate.conf" "$work/apply.txt" || { cat "$work/apply.txt" >&2; fail "apply --persist"; }
 ct_exec grep -q "net.core.somaxconn = 65535" /etc/sysctl.d/60-tunegate.conf || fail "no somaxconn in the drop-in"
 ok "apply --persist wrote /etc/sysctl.d/60-tunegate.conf"
+# The operator's apply ran as root; the journal and the lock it wrote must still be the
+# service's: readable and lockable by user tunegate, and the daemon must start on them.
+for f in journal.json lock; do
+    owner=$(ct_exec stat -c %U:%G "/var/lib/tunegate/$f")
+    [[ $owner == tunegate:tunegate ]] || fail "root's apply left /var/lib/tunegate/$f to $owner"
+done
+as_tunegate() { ct_exec setpriv --reuid=tunegate --regid=tunegate --init-groups "$@"; }
+as_tunegate cat /var/lib/tunegate/journal.json >/dev/null || fail "user tunegate cannot read the journal"
+as_tunegate flock --nonblock /var/lib/tunegate/lock true || fail "user tunegate cannot take the lock"
+ct_exec systemctl restart tunegate
+wait_active
+if ct_exec journalctl -u tunegate --no-pager -o cat --since=-30s | grep -Ei 'permission denied|cannot (open|read)'; then
+    fail "the daemon could not use the state root's apply left"
+fi
+ok "after root's apply, journal and lock belong to user tunegate; the daemon restarted on them"
 
 # 7. purge
 # tunegate processes, by name and by executable path (the pattern is anchored: ct_exec's own

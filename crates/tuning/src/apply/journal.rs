@@ -86,7 +86,7 @@ impl Journal {
         }
         let mut text = serde_json::to_string_pretty(self).expect("journal serialises");
         text.push('\n');
-        files::write_atomic(&path, text.as_bytes(), 0o600)
+        files::write_atomic_owned(&path, text.as_bytes(), 0o600, files::owner_for(state_dir))
     }
 
     pub fn entry(&self, key: &str) -> Option<&Entry> {

@@ -15,6 +15,29 @@ use anyhow::Context;
 /// may well have the same PID (a container's PID 1 always does), so the PID alone would collide
 /// with the leftover. [`remove_stale_temps`] clears leftovers under the state lock.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    write_atomic_owned(path, bytes, mode, None)
+}
+
+/// The owner files in `dir` should have when root writes them: the directory's own owner when
+/// that is not root. The state directory belongs to the service's user (systemd's
+/// StateDirectory=), and an operator's `sudo tunegate apply` must not leave a journal or lock
+/// that user can no longer read or update. None when not root, or the directory is root's.
+pub fn owner_for(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let meta = fs::metadata(dir).ok()?;
+    (meta.uid() != 0).then_some((meta.uid(), meta.gid()))
+}
+
+/// [`write_atomic`], the new file given to `owner` (uid, gid) before it replaces the old one.
+pub fn write_atomic_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> anyhow::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -36,6 +59,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
@@ -127,6 +153,11 @@ impl StateLock {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        if let Some((uid, gid)) = owner_for(state_dir) {
+            // Ours to hand over: the service's user must be able to take this lock too.
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .with_context(|| format!("cannot chown {}", path.display()))?;
+        }
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
             .with_context(|| {
@@ -146,6 +177,33 @@ impl StateLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As root, files in a state directory owned by the service's user are that user's: the
+    /// lock and an atomically written file (a journal).
+    #[test]
+    fn root_hands_files_in_a_service_users_directory_to_that_user() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        fs::create_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+        let _lock = StateLock::acquire(&state).unwrap();
+        let j = state.join("journal.json");
+        write_atomic_owned(&j, b"{}", 0o600, owner_for(&state)).unwrap();
+        for p in [state.join("lock"), j] {
+            let m = fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", p.display());
+        }
+        assert_eq!(
+            owner_for(d.path()),
+            None,
+            "a root-owned directory keeps root's files"
+        );
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp_files() {
