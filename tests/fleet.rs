@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -38,12 +39,14 @@ impl Nginx {
             "pid {}; daemon off;",
             dir.path().join("nginx.pid").display()
         );
+        // Its own process group: the drop signals the master and its workers together.
         let child = Command::new(nginx)
             .arg("-c")
             .arg(&conf)
             .args(["-g", &pid])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap();
         let n = Nginx { child, dir };
@@ -62,8 +65,20 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM (nginx's fast shutdown: the master stops its workers), then, after 5 s, SIGKILL to
+    /// the whole group. Killing only the master would leave its workers listening, orphaned.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        use nix::sys::signal::{Signal, killpg};
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }

@@ -121,8 +121,15 @@ impl Redis {
 }
 
 impl Drop for Redis {
+    /// Stops the nodes by their pid files, from here rather than through the prefix: the
+    /// namespace of `ip netns exec NS` may be gone already (a Netns dropped first), and signals
+    /// reach the nodes from any namespace.
     fn drop(&mut self) {
-        let _ = self.command().arg("stop").arg(self.dir()).output();
+        let _ = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("stop")
+            .arg(self.dir())
+            .output();
     }
 }
 
