@@ -117,6 +117,16 @@ fn between(cmd: &str, a: &Host, b: &Host, extra: &[&str]) -> String {
     python_client(&[], "cross_host", &args, &logs(&[a, b]))
 }
 
+/// At rest, the cluster's work is per process, not per room: 150 rooms held on two hosts cost
+/// fewer commands in 12 s than there are rooms (each room's count is written when it changes,
+/// and refreshed only every `ROOM_REFRESH`; liveness is one lease per process).
+#[test]
+fn rooms_held_at_rest_cost_the_cluster_per_process_not_per_room() {
+    two_hosts(17300, ["127.0.0.33", "127.0.0.34"], |_, a, b| {
+        between("idle_cost", a, b, &["17300"]);
+    });
+}
+
 #[test]
 fn a_sigkilled_host_stops_counting_within_the_lease_and_the_others_keep_their_clients() {
     two_hosts(17210, ["127.0.0.31", "127.0.0.32"], |_, a, b| {

@@ -10,6 +10,12 @@ processes on their own loopback addresses.
         connection gone from another host, or to a process that never was, answers
         `no_such_connection`.
 
+    cross_host.py idle_cost URL_A URL_B PORT
+        150 rooms, each with a member on A and one on B (300 room-process pairs); with no
+        message and no join, the commands the hosts make the cluster (nodes on PORT..PORT+5,
+        replicas included) run in 12 s (two lease periods and more) are fewer than half the
+        rooms: the standing cost is per process, not per room. The counts stay right meanwhile. Prints the figure.
+
     cross_host.py host_killed URL_A URL_B PID_B
         Members on both hosts; SIGKILLs B. A's clients keep their connections and their room;
         A's count of the room converges to A's members within the lease (15 s, plus 3 s).
@@ -350,10 +356,50 @@ async def resume(url_a, url_b):
     print("cross_host: ok resume")
 
 
+def cluster_calls(port):
+    """Commands every node of the cluster on port..port+5 ran since its stats were reset:
+    the total, and per command."""
+    by = {}
+    for p in range(port, port + 6):
+        out = subprocess.run(["redis-cli", "-p", str(p), "info", "commandstats"],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("cmdstat_"):
+                name = line.split(":", 1)[0][len("cmdstat_"):]
+                calls = int(line.split("calls=", 1)[1].split(",", 1)[0])
+                by[name] = by.get(name, 0) + calls
+    return sum(by.values()), by
+
+
+async def idle_cost(url_a, url_b, port):
+    rooms = 150
+    held = []
+    for i in range(rooms):
+        a, _ = await open_client(url_a)
+        b, _ = await open_client(url_b)
+        await join(a, f"idle-{i}")
+        await join(b, f"idle-{i}")
+        held += [a, b]
+    await asyncio.sleep(1)  # the joins' own commands are done
+    for p in range(port, port + 6):
+        subprocess.run(["redis-cli", "-p", str(p), "config", "resetstat"],
+                       capture_output=True, check=True)
+    await asyncio.sleep(12)
+    _, by = cluster_calls(port)
+    # Redis's own (replication heartbeats, our reset) are not the hosts'.
+    calls = sum(n for c, n in by.items() if c not in ("replconf", "ping", "config|resetstat"))
+    assert calls < rooms / 2, f"{calls} commands in 12 s at rest for {rooms} rooms on 2 hosts: {by}"
+    assert await count(held[0], "idle-0") == 2
+    assert await count(held[-1], f"idle-{rooms - 1}") == 2
+    print(f"cross_host: ok idle_cost ({calls} commands in 12 s for {rooms} rooms x 2 hosts)")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "steady":
         asyncio.run(steady(args))
+    elif cmd == "idle_cost":
+        asyncio.run(idle_cost(args[0], args[1], int(args[2])))
     elif cmd == "host_killed":
         asyncio.run(host_killed(args[0], args[1], int(args[2])))
     elif cmd == "host_stopped":

@@ -14,9 +14,12 @@
 //!   send is one SPUBLISH there. Nobody listening means the process is gone (the sender gets
 //!   `no_such_connection`), unless its alive lease says it is between subscriptions (a
 //!   failover): then the message is tried again for a while.
-//! - **Counts**: each process writes its member count of a room into the room's hash under a
-//!   lease (15 s, renewed every 5 s) and reads the live total back in the same script, so a
-//!   host that died without a goodbye stops counting within 15 s.
+//! - **Counts**: each process writes its member count of a room into the room's hash when it
+//!   changes and reads every process's count back in the same script; the bridge adds up the
+//!   counts of processes whose alive key (a lease: 15 s, renewed every 5 s, one per process)
+//!   exists, so a host that died without a goodbye stops counting within about 15 s, and it
+//!   forgets the dead ones' fields. Nothing is renewed per room but a slow refresh that keeps
+//!   the hashes from expiring: the standing cost in Redis is per process, not per room.
 //!
 //! The event loops never wait for Redis: they hand work to `Pending` (one lock, a wake-up) and
 //! go on; one thread with a single-threaded tokio runtime (`bridge.rs`) does the talking, in
@@ -48,10 +51,15 @@ use super::peers::WorkerBus;
 use super::protocol::{Encoding, Outgoing};
 use keys::Wire;
 
-/// How long a process's counts, alive key and node claim outlive it without renewal.
+/// How long a process's alive key and node claim (and so its counts) outlive it without renewal.
 pub const LEASE: Duration = Duration::from_secs(15);
 /// How often a live process renews them.
 pub const RENEW: Duration = Duration::from_secs(5);
+/// A room's count hash expires this long after its last write: the counts of processes that
+/// all died without a goodbye go away by themselves.
+pub const ROOM_TTL: Duration = Duration::from_secs(30 * 60);
+/// How often a live process writes each of its rooms' counts again, well within `ROOM_TTL`.
+pub const ROOM_REFRESH: Duration = Duration::from_secs(10 * 60);
 /// Bytes of messages waiting for Redis beyond which new ones are dropped (and counted).
 const MAX_WAITING_BYTES: usize = 64 << 20;
 /// Count questions waiting for Redis beyond which new ones are answered from this process.

@@ -1,9 +1,11 @@
 //! One batch of the bridge: what the loops left since the last one (`Pending::take`) and the
-//! sweep's slice of lease renewals, in one round: first the subscription changes, then one
-//! pipeline with every message in the order the loops sent them, the count of every room that
-//! changed or was asked about (read back in the same script), and the renewals; then the
-//! answers go back to the loops. A batch takes one round trip however much it carries, which
-//! is what keeps a hop through Redis cheap under load.
+//! sweep's slice, in one round: first the subscription changes, then one pipeline with every
+//! message in the order the loops sent them, the count of every room that changed or was asked
+//! about (every process's count read back in the same script), the sweep's count refreshes and
+//! the dead processes' fields to forget; then, if a count named a process whose liveness this
+//! process has not checked in the last `ALIVE_FRESH`, one pipeline of EXISTS on their alive
+//! keys; then the answers go back to the loops. A batch takes one or two round trips however
+//! much it carries, which is what keeps a hop through Redis cheap under load.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +15,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::Instant;
 
 use super::bridge::{Bridge, RETRY_AFTER};
-use super::{Bounce, LEASE, Outbound, Waiting, keys, scripts};
+use super::{Bounce, Outbound, ROOM_TTL, Waiting, keys, scripts};
 use crate::bus::{Bus, Item};
 use crate::id::ConnId;
 
@@ -22,13 +24,45 @@ const CHUNK: usize = 4096;
 /// Tries of a direct message whose process is alive but between subscriptions, `RETRY_AFTER`
 /// apart: 6 s, which covers a failover (about 3 s with cluster-node-timeout 2000).
 const DIRECT_TRIES: u8 = 24;
+/// How long what this process learned of another process's alive key is taken as true. A
+/// killed process's members stop counting at most this long after its alive lease lapsed.
+const ALIVE_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+/// Other processes' liveness remembered at most (the oldest are forgotten first).
+const ALIVE_REMEMBERED: usize = 4096;
+
+/// Subscription changes in flight at once. Each is a future of about 4 KiB: a join storm that
+/// creates a thousand rooms in one batch must not hold a thousand of them at the same time
+/// (their memory stays with the process after they are done).
+pub(super) const SUBSCRIBING: usize = 64;
+
+/// Runs `f` on every room, at most `n` at a time; whether each succeeded.
+pub(super) async fn at_most<F, Fut, T>(
+    n: usize,
+    rooms: Vec<Arc<str>>,
+    f: F,
+) -> Vec<(Arc<str>, bool)>
+where
+    F: Fn(&str) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    use futures::StreamExt;
+    futures::stream::iter(rooms.into_iter().map(|room| {
+        let fut = f(&room);
+        async move { (room, fut.await.is_ok()) }
+    }))
+    .buffer_unordered(n)
+    .collect()
+    .await
+}
 
 /// One command of a batch's pipeline.
 enum Cmd {
-    /// Write this process's count of a room and read the room's total back.
+    /// Write this process's count of a room and read every process's count back.
     Count(Arc<str>),
-    /// Write this process's count of a room under a new lease.
+    /// Write this process's count of a room again (the slow refresh).
     Renew(Arc<str>),
+    /// Remove a dead process's field from a room's counts.
+    Forget(Arc<str>, String),
     Out(Outbound),
 }
 
@@ -50,20 +84,28 @@ impl Bridge {
         // which are answered once the whole batch is back.
         let mut cmds: Vec<Cmd> = out.into_iter().map(Cmd::Out).collect();
         cmds.extend(rooms.into_iter().map(Cmd::Count));
-        cmds.extend(renew.into_iter().map(Cmd::Renew));
-        let mut totals = FxHashMap::default();
+        if self.refreshing {
+            cmds.extend(renew.into_iter().map(Cmd::Renew));
+        }
+        cmds.extend(
+            std::mem::take(&mut self.forget)
+                .into_iter()
+                .map(|(room, field)| Cmd::Forget(room, field)),
+        );
+        let mut counts = FxHashMap::default();
         while !cmds.is_empty() {
             let chunk: Vec<Cmd> = cmds.drain(..cmds.len().min(CHUNK)).collect();
-            let unknown = self.pipeline(chunk, &mut totals).await;
+            let unknown = self.pipeline(chunk, &mut counts).await;
             // Scripts a node did not know: load them everywhere, send those commands again.
             if !unknown.is_empty() && self.load_scripts().await {
-                let again = self.pipeline(unknown, &mut totals).await;
+                let again = self.pipeline(unknown, &mut counts).await;
                 self.pending
                     .stats
                     .dropped
                     .fetch_add(count_out(&again), Ordering::Relaxed);
             }
         }
+        let totals = self.live_totals(counts).await;
         for ask in asks {
             let members = totals
                 .get(&ask.room)
@@ -73,6 +115,69 @@ impl Bridge {
                 let _ = self.local.route(to, Item::Members { ask, members });
             }
         }
+    }
+
+    /// Each room's total over the processes alive: this one, and those whose alive key exists
+    /// (checked now for those not checked within `ALIVE_FRESH`). A dead process's field is
+    /// forgotten by the next batch. A process whose liveness cannot be read (Redis answered
+    /// with an error) is counted: a transient error must not make members vanish.
+    async fn live_totals(
+        &mut self,
+        counts: FxHashMap<Arc<str>, Vec<(String, u64)>>,
+    ) -> FxHashMap<Arc<str>, u64> {
+        let own = keys::field(self.process);
+        let now = Instant::now();
+        let mut ask: Vec<String> = Vec::new();
+        for fields in counts.values() {
+            for (field, _) in fields {
+                let fresh = self
+                    .alive
+                    .get(field)
+                    .is_some_and(|(_, at)| now.duration_since(*at) < ALIVE_FRESH);
+                if *field != own && !fresh && !ask.contains(field) {
+                    ask.push(field.clone());
+                }
+            }
+        }
+        let mut unknown = FxHashSet::default();
+        if !ask.is_empty() {
+            let p = self.client.pipeline();
+            for field in &ask {
+                let (c, args) = scripts::keyed("EXISTS", keys::alive_of_field(field), vec![]);
+                let _: Result<(), Error> = p.custom(c, args).await;
+            }
+            let results: Vec<Result<i64, Error>> = p.try_all().await;
+            for (field, r) in ask.into_iter().zip(results) {
+                match r {
+                    Ok(n) => {
+                        self.alive.insert(field, (n > 0, now));
+                    }
+                    Err(_) => {
+                        unknown.insert(field);
+                    }
+                }
+            }
+            if self.alive.len() > ALIVE_REMEMBERED {
+                self.alive
+                    .retain(|_, (_, at)| now.duration_since(*at) < ALIVE_FRESH * 60);
+            }
+        }
+        let mut totals = FxHashMap::default();
+        for (room, fields) in counts {
+            let mut total = 0;
+            for (field, n) in fields {
+                let alive = field == own
+                    || unknown.contains(&field)
+                    || self.alive.get(&field).is_some_and(|(a, _)| *a);
+                if alive {
+                    total += n;
+                } else {
+                    self.forget.push((room.clone(), field));
+                }
+            }
+            totals.insert(room, total);
+        }
+        totals
     }
 
     /// Subscribes to the rooms that gained their first member here, unsubscribes from those
@@ -91,21 +196,18 @@ impl Bridge {
             return;
         }
         let sub = &self.sub;
-        let joined =
-            futures::future::join_all(join.iter().map(|r| sub.ssubscribe(keys::room_channel(r))));
-        let left = futures::future::join_all(
-            leave
-                .iter()
-                .map(|r| sub.sunsubscribe(keys::room_channel(r))),
-        );
+        let joined = at_most(SUBSCRIBING, join, |r| sub.ssubscribe(keys::room_channel(r)));
+        let left = at_most(SUBSCRIBING, leave, |r| {
+            sub.sunsubscribe(keys::room_channel(r))
+        });
         let (joined, left) = futures::join!(joined, left);
-        for (room, r) in join.into_iter().zip(joined) {
-            if r.is_ok() {
+        for (room, ok) in joined {
+            if ok {
                 self.subscribed.insert(room);
             }
         }
-        for (room, r) in leave.into_iter().zip(left) {
-            if r.is_ok() {
+        for (room, ok) in left {
+            if ok {
                 self.subscribed.remove(&room);
             }
         }
@@ -124,20 +226,21 @@ impl Bridge {
         }
     }
 
-    /// One pipeline; then what came of each command. Gives back the commands that failed
-    /// because a node did not know their script.
+    /// One pipeline; then what came of each command (every process's count of each room
+    /// counted, into `counts`). Gives back the commands that failed because a node did not know
+    /// their script.
     async fn pipeline(
         &mut self,
         chunk: Vec<Cmd>,
-        totals: &mut FxHashMap<Arc<str>, u64>,
+        counts: &mut FxHashMap<Arc<str>, Vec<(String, u64)>>,
     ) -> Vec<Cmd> {
         let p = self.client.pipeline();
         let field = keys::field(self.process);
-        let lease = LEASE.as_millis() as i64;
+        let ttl = ROOM_TTL.as_millis() as i64;
         let s = &self.scripts;
         for cmd in &chunk {
             let count = |script: &scripts::Script, room: &str| {
-                let args = vec![field.as_str().into(), self.mine(room).into(), lease.into()];
+                let args = vec![field.as_str().into(), self.mine(room).into(), ttl.into()];
                 script.call(vec![keys::room_counts(room)], args)
             };
             let _: Result<(), Error> = match cmd {
@@ -147,6 +250,11 @@ impl Bridge {
                 }
                 Cmd::Renew(room) => {
                     let (c, args) = count(&s.renew, room);
+                    p.custom(c, args).await
+                }
+                Cmd::Forget(room, dead) => {
+                    let args = vec![dead.as_str().into()];
+                    let (c, args) = scripts::keyed("HDEL", keys::room_counts(room), args);
                     p.custom(c, args).await
                 }
                 Cmd::Out(Outbound::Room { room, bytes }) => {
@@ -159,7 +267,7 @@ impl Bridge {
                 }
             };
         }
-        let results: Vec<Result<i64, Error>> = p.try_all().await;
+        let results: Vec<Result<Value, Error>> = p.try_all().await;
         if !results.is_empty() {
             self.reached(results.iter().any(Result::is_ok));
         }
@@ -169,16 +277,16 @@ impl Bridge {
         for (cmd, result) in chunk.into_iter().zip(results) {
             match (cmd, result) {
                 (cmd, Err(e)) if scripts::unknown_script(&e) => unknown.push(cmd),
-                (Cmd::Count(room), Ok(total)) => {
-                    totals.insert(room, total.max(0) as u64);
+                (Cmd::Count(room), Ok(all)) => {
+                    counts.insert(room, fields_of(all));
                 }
-                (Cmd::Count(_) | Cmd::Renew(_), _) => {}
+                (Cmd::Count(_) | Cmd::Renew(_) | Cmd::Forget(..), _) => {}
                 (Cmd::Out(_), Err(_)) => {
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 (Cmd::Out(out), Ok(receivers)) => {
                     stats.published.fetch_add(1, Ordering::Relaxed);
-                    self.delivered(out, receivers);
+                    self.delivered(out, receivers.as_i64().unwrap_or(0));
                 }
             }
         }
@@ -231,6 +339,22 @@ impl Bridge {
             let _ = self.local.route(sender, item);
         }
     }
+}
+
+/// A count hash as `HGETALL` returns it (field, count, field, count, ...) as pairs; anything
+/// else in it (another build's format) is skipped.
+fn fields_of(all: Value) -> Vec<(String, u64)> {
+    let Value::Array(items) = all else {
+        return Vec::new();
+    };
+    items
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let field = pair[0].as_str()?.into_owned();
+            let n = pair[1].as_str()?.parse::<u64>().ok()?;
+            Some((field, n))
+        })
+        .collect()
 }
 
 /// Messages among `cmds` (what a second NOSCRIPT failure loses).

@@ -6,8 +6,9 @@
 //! out in one round: first the subscription changes, then one pipeline with the count of every
 //! room that changed and every message in the order the loops sent them; then the answers go
 //! back to the loops. A batch takes one round trip however much it carries, which is what keeps
-//! a hop through Redis cheap under load. Every `RENEW` it renews the leases (the counts of
-//! every room with members here, the alive key, the node claim) and re-checks subscriptions.
+//! a hop through Redis cheap under load. Every `RENEW` it renews this process's leases (the
+//! alive key, the node claim) and re-checks subscriptions, room by room; every `ROOM_REFRESH`
+//! it also writes every room's count again.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,10 +19,10 @@ use fred::interfaces::LuaInterface;
 use fred::prelude::*;
 use fred::types::RespVersion;
 use fred::types::config::{ClusterDiscoveryPolicy, Server};
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::Instant;
 
-use super::{LEASE, Outbound, Pending, RENEW, Settings, keys, scripts};
+use super::{LEASE, Outbound, Pending, RENEW, ROOM_REFRESH, Settings, keys, scripts};
 use crate::bus::LocalBus;
 use crate::id::ProcessId;
 
@@ -32,8 +33,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How soon what failed is tried again: a renewal, a subscription, a direct message for a live
 /// process that was between subscriptions (`batch.rs`).
 pub(super) const RETRY_AFTER: Duration = Duration::from_millis(250);
-/// The counts' lease renewals are spread over each period, a slice every tick: a process with
-/// many rooms never sends them all in one batch, which would hold up the messages behind it.
+/// The sweep over every room (a subscription check, and every `ROOM_REFRESH` a count refresh) is
+/// spread over each period, a slice every tick: a process with many rooms never sends them all
+/// in one batch, which would hold up the messages behind it.
 const SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// The bridge thread, started and past its first contact with the cluster.
@@ -140,8 +142,11 @@ fn clients(s: &Settings) -> anyhow::Result<(Client, SubscriberClient)> {
     };
     let perf = PerformanceConfig {
         default_command_timeout: COMMAND_TIMEOUT,
-        // Messages arrive through a broadcast channel: room for bursts, so none is skipped.
-        broadcast_channel_capacity: 1 << 16,
+        // Messages arrive through a broadcast channel: room for bursts (a lag beyond it is
+        // counted as dropped). fred sizes every one of its broadcast channels with this, and
+        // tokio allocates them whole at start: 1 << 16 cost 92 MiB of RSS per process before
+        // the first client; 1 << 13 is about 1.6 s of 5,000 incoming messages/s.
+        broadcast_channel_capacity: 1 << 13,
         ..PerformanceConfig::default()
     };
     let connection = ConnectionConfig {
@@ -237,8 +242,17 @@ pub(super) struct Bridge {
     pub(super) per_tick: usize,
     /// Every count must be written again at once (a connection came back).
     pub(super) rewrite_all: bool,
-    /// Rooms whose lease the next batch renews (the sweep's current slice).
+    /// Rooms the next batch checks (the sweep's current slice).
     pub(super) renewing: Vec<Arc<str>>,
+    /// Whether the current sweep also writes the counts again (one sweep in
+    /// `ROOM_REFRESH / RENEW`).
+    pub(super) refreshing: bool,
+    /// Sweeps started.
+    sweeps: u64,
+    /// What this process last learned of other processes' alive keys: alive?, and when.
+    pub(super) alive: FxHashMap<String, (bool, Instant)>,
+    /// Fields of dead processes seen in count hashes, removed by the next batch.
+    pub(super) forget: Vec<(Arc<str>, String)>,
     pub(super) scripts: scripts::Scripts,
 }
 
@@ -266,6 +280,12 @@ impl Bridge {
             per_tick: 1,
             rewrite_all: true,
             renewing: Vec::new(),
+            refreshing: false,
+            // The start writes every count (`rewrite_all`): the first refresh is a whole
+            // `ROOM_REFRESH` later.
+            sweeps: 1,
+            alive: FxHashMap::default(),
+            forget: Vec::new(),
             scripts: scripts::Scripts::new(),
         }
     }
@@ -351,9 +371,9 @@ impl Bridge {
     }
 
     /// Renews this process's leases and checks the node claim; subscribes again where a
-    /// reconnection may have lost subscriptions; starts a sweep that renews every room's count
-    /// (and checks its subscription) over the next period, a slice each `SWEEP_TICK`, or marks
-    /// them all at once after a reconnection.
+    /// reconnection may have lost subscriptions; starts a sweep that checks every room's
+    /// subscription (and, one sweep in `ROOM_REFRESH / RENEW`, writes its count again) over the
+    /// next period, a slice each `SWEEP_TICK`, or writes them all at once after a reconnection.
     async fn renew(&mut self) {
         let identity = self.settings.identity.clone();
         let node = keys::node_claim(self.process.node);
@@ -379,17 +399,15 @@ impl Bridge {
         }
         if self.resubscribe {
             let rooms: Vec<Arc<str>> = self.subscribed.iter().cloned().collect();
+            let n = rooms.len();
             let sub = &self.sub;
-            let results = futures::future::join_all(
-                rooms.iter().map(|r| sub.ssubscribe(keys::room_channel(r))),
-            )
+            let results = super::batch::at_most(super::batch::SUBSCRIBING, rooms, |r| {
+                sub.ssubscribe(keys::room_channel(r))
+            })
             .await;
-            self.resubscribe = results.iter().any(Result::is_err);
+            self.resubscribe = results.iter().any(|(_, ok)| !ok);
             if !self.resubscribe {
-                log!(
-                    "bus: subscribed again to every room held here ({})",
-                    rooms.len()
-                );
+                log!("bus: subscribed again to every room held here ({n})");
             }
         }
         let mut rooms: Vec<Arc<str>> = self.local.snapshot().into_iter().map(|(r, _)| r).collect();
@@ -402,8 +420,12 @@ impl Bridge {
             self.load_scripts().await;
             self.pending.mark(rooms);
             self.sweep.clear();
+            self.sweeps = 1;
         } else {
-            // In order, so a room's place (and the time between its renewals) barely moves.
+            // In order, so a room's place (and the time between its refreshes) barely moves.
+            let every = (ROOM_REFRESH.as_millis() / RENEW.as_millis()).max(1) as u64;
+            self.refreshing = self.sweeps.is_multiple_of(every);
+            self.sweeps += 1;
             let ticks = (RENEW.as_millis() / SWEEP_TICK.as_millis()) as usize;
             self.per_tick = rooms.len().div_ceil(ticks).max(1);
             rooms.reverse();
@@ -411,8 +433,8 @@ impl Bridge {
         }
     }
 
-    /// Hands the next slice of the sweep to the next batch: a lease renewal and a
-    /// subscription check for each room.
+    /// Hands the next slice of the sweep to the next batch: a subscription check for each room,
+    /// and a count refresh when this sweep refreshes.
     fn sweep_step(&mut self) {
         let n = self.per_tick.min(self.sweep.len());
         let slice = self.sweep.split_off(self.sweep.len() - n);

@@ -7,7 +7,7 @@
 //! | name | what | lives |
 //! |------|------|-------|
 //! | `tg:r:{ROOM}` | sharded channel of a room's messages | while a process holds members |
-//! | `tg:n:{ROOM}` | hash: process -> `count:expiry_ms` | lease, refreshed every 5 s |
+//! | `tg:n:{ROOM}` | hash: process -> its member count; counted only while that process's `tg:a` lives | 30 min after its last write; every process writes its rooms again every 10 min |
 //! | `tg:p:{NODE.INC}` | sharded channel of one process's direct messages | the process |
 //! | `tg:a:{NODE.INC}` | the process is alive | lease, refreshed every 5 s |
 //! | `tg:node:{NODE}` | which host holds node id NODE | lease, refreshed every 5 s |
@@ -42,6 +42,11 @@ pub fn node_claim(node: u8) -> String {
 /// The field of a process in a room's count hash.
 pub fn field(p: ProcessId) -> String {
     p.to_string()
+}
+
+/// The alive key of the process whose field in a count hash is `field`.
+pub fn alive_of_field(field: &str) -> String {
+    format!("tg:a:{{{field}}}")
 }
 
 /// What a channel is about.
@@ -137,6 +142,7 @@ mod tests {
         let p = ProcessId::new(3, 77);
         assert_eq!(process_channel(p), "tg:p:{3.77}");
         assert_eq!(process_alive(p), "tg:a:{3.77}");
+        assert_eq!(alive_of_field(&field(p)), process_alive(p));
         assert_eq!(node_claim(9), "tg:node:{9}");
         assert_eq!(parse_channel(&room_channel("a}b{")), Channel::Room("a}b{"));
         assert_eq!(parse_channel(&process_channel(p)), Channel::Process);

@@ -39,6 +39,18 @@ impl Script {
     }
 }
 
+/// A plain command on one key (`EXISTS`, `HDEL`), sent to the key's shard: fred's typed
+/// commands for them need features the bus does not otherwise use.
+pub fn keyed(name: &'static str, key: String, args: Vec<Value>) -> (CustomCommand, Vec<Value>) {
+    let slot = redis_keyslot(key.as_bytes());
+    let mut v: Vec<Value> = vec![key.into()];
+    v.extend(args);
+    (
+        CustomCommand::new_static(name, ClusterHash::Custom(slot), false),
+        v,
+    )
+}
+
 /// The scripts sent by SHA1, hashed once.
 pub struct Scripts {
     pub count: Script,
@@ -65,48 +77,35 @@ pub fn unknown_script(e: &fred::error::Error) -> bool {
     e.details().contains("NOSCRIPT")
 }
 
-/// Writes this process's member count of a room and returns the room's total over every
-/// process whose lease has not lapsed, dropping lapsed ones.
+/// Writes this process's member count of a room and returns every process's count of it
+/// (`HGETALL`: field, count, field, count, ...). The bridge adds up the counts of the processes
+/// it knows to be alive (their alive keys, which live in other slots than a room's, so a script
+/// cannot read them) and forgets the others' fields. The hash itself expires `ARGV[3]` ms after
+/// the last write, so the counts of processes that all died unseen go away by themselves; a
+/// live process writes each of its rooms again well within that (`ROOM_REFRESH`).
 /// KEYS[1] the room's count hash; ARGV[1] this process's field, ARGV[2] its count (0 removes
-/// it), ARGV[3] the lease in ms.
+/// it), ARGV[3] the hash's time to live in ms.
 pub const COUNT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
 if tonumber(ARGV[2]) > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + lease))
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-local total = 0
 local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local count, expiry = string.match(all[i + 1], '^(%d+):(%d+)$')
-  if count and tonumber(expiry) > now then
-    total = total + tonumber(count)
-  else
-    redis.call('HDEL', KEYS[1], all[i])
-  end
+if #all > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-if total > 0 then
-  redis.call('PEXPIRE', KEYS[1], lease)
-end
-return total
+return all
 "#;
 
-/// Renews this process's lease in a room's count hash, without reading the total back: the
-/// periodic renewal of every room held, as cheap as a script can be.
+/// Writes this process's count of a room again, without reading anything back: the slow
+/// refresh of every room held, which keeps the hash from expiring.
 /// KEYS[1] the room's count hash; ARGV[1] this process's field, ARGV[2] its count (0 removes
-/// it), ARGV[3] the lease in ms.
+/// it), ARGV[3] the hash's time to live in ms.
 pub const RENEW: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
 if tonumber(ARGV[2]) > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + lease))
-  if redis.call('PTTL', KEYS[1]) < lease then
-    redis.call('PEXPIRE', KEYS[1], lease)
-  end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
