@@ -1,11 +1,25 @@
-// Load client for bench/peer_socketio_server.js: `tunegate load`'s phases (docs/load.md) for
-// one Node process, on `socket.io-client` 4 (WebSocket transport only, no polling, no
-// reconnection, one Manager per client so every client is its own connection).
+// Load client for bench/peer_socketio_server.js: `tunegate load`'s phases (docs/load.md) on
+// `socket.io-client` 4 (WebSocket transport only, no polling, no reconnection, one Manager per
+// client so every client is its own connection), in one Node process or several.
 //
-//   node bench/peer_socketio_load.js http://127.0.0.1:PORT -n N [--rooms SIZE]
+//   node bench/peer_socketio_load.js URL[,URL...] -n N [--rooms SIZE|SIZE:PCT,...]
 //        [--connect-rate R] [--max-inflight M] [--source 127.0.0.2] [--per-source 20000]
 //        [--publish-rate R] [--publish-seconds S] [--payload BYTES] [--hold H]
-//        [--connect-timeout S] [--max-time S] [--json]
+//        [--connect-timeout S] [--max-time S] [--processes K] [--json]
+//
+// The plan is tunegate load's (crates/load/src/plan.rs), so both stacks get the same load:
+//  - several URLs (the hosts of one service): client i goes to URL number
+//    ((i * 0x9E3779B97F4A7C15 mod 2^64) >> 32) mod count, the hash tunegate load uses, so the
+//    members of a room land on hosts independently of one another;
+//  - --rooms SIZE puts every SIZE consecutive clients in a room; --rooms 2:38,5:23,... gives
+//    each size its percentage of the clients (rounded; the last size takes the remainder), room
+//    `sSIZE-K`, and a remainder room is smaller and says so;
+//  - the publishers take turns in a scattered order (a stride coprime with their count, from
+//    0.618 of it up), so every client publishes once per lap whatever its room.
+//  - --processes K: K Node processes (this file forked with --shard I/K), each holding its
+//    range of the clients and publishing its share of the rate, coordinated by this one as
+//    `tunegate load` coordinates its shards; one Node process tops out near one core. Latency
+//    is timed with CLOCK_MONOTONIC (process.hrtime), one clock for every process on the host.
 //
 // Phases, as in tunegate load:
 //  1. connect: N clients at --connect-rate per second, at most --max-inflight in flight. Client
@@ -14,16 +28,18 @@
 //     hands to `ws`, which hands it to net.connect; every opened client's bound address is read
 //     back from its TCP socket and counted in `sources` (a mismatch is a problem). Open means
 //     Socket.IO's `connect` event (engine.io handshake plus namespace CONNECT answered).
-//  2. join: client i joins room `sS-floor(i/S)` with an acknowledgement; every ack counts.
-//  3. verify: `count` on up to 64 rooms until each has its planned members (at most 10 s).
+//  2. join: each client joins its room with an acknowledgement; every ack counts.
+//  3. verify: `count` on up to 64 rooms per process until each has its planned members (at
+//     most 10 s); across servers the server asks every other one (see the server).
 //  4. hold: --hold seconds; the clients answer engine.io pings (counted as pings_answered).
 //  5. publish: --publish-rate messages/s for --publish-seconds, from the members of rooms of 2
 //     or more in turn: emit("publish", {room, data: {t, p}}), t = CLOCK_MONOTONIC in us
 //     (process.hrtime.bigint()), p = --payload bytes of padding. Each message should reach the
 //     room's other members: expected += planned size - 1. Every `message` received records
-//     now - t (same process, same clock).
+//     now - t.
 //  6. drain: until every expected delivery arrived, nothing moved for 2 s, or 10 s passed.
 //  7. finish: every client disconnects; the result goes to stdout (--json) or stderr.
+// Progress: one line a second on stderr, `peer_socketio_load: PHASE: open ...`.
 // Exit 0 only if ok: every connection opened, none dropped, every message arrived once, every
 // client bound the planned source address. --max-time stops everything whatever the phase
 // (exit 1, with what was measured so far).
@@ -44,16 +60,17 @@ function versionOf(name) {
 
 // ---- arguments ------------------------------------------------------------------------------
 const defaults = {
-  n: 1000, rooms: 10, 'connect-rate': 20000, 'max-inflight': 1000, source: null,
+  n: 1000, rooms: '10', 'connect-rate': 20000, 'max-inflight': 1000, source: null,
   'per-source': 20000, 'publish-rate': 0, 'publish-seconds': 10, payload: 64, hold: 0,
-  'connect-timeout': 120, 'max-time': 900, json: false,
+  'connect-timeout': 120, 'max-time': 900, processes: 1, shard: null, json: false,
 };
+const textOptions = new Set(['source', 'rooms', 'shard']);
 function usage(msg) {
-  process.stderr.write(`peer_socketio_load: ${msg}\nusage: node peer_socketio_load.js URL -n N [--rooms SIZE] [--connect-rate R] [--max-inflight M] [--source IPV4] [--per-source K] [--publish-rate R] [--publish-seconds S] [--payload BYTES] [--hold S] [--connect-timeout S] [--max-time S] [--json]\n`);
+  process.stderr.write(`peer_socketio_load: ${msg}\nusage: node peer_socketio_load.js URL[,URL...] -n N [--rooms SIZE|SIZE:PCT,...] [--connect-rate R] [--max-inflight M] [--source IPV4] [--per-source K] [--publish-rate R] [--publish-seconds S] [--payload BYTES] [--hold S] [--connect-timeout S] [--max-time S] [--processes K] [--json]\n`);
   process.exit(2);
 }
 const opt = { ...defaults };
-let url = null;
+let urlArg = null;
 {
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
@@ -62,28 +79,74 @@ let url = null;
     if (a === '-h' || a === '--help') usage('help');
     const key = a === '-n' ? 'n' : a.startsWith('--') ? a.slice(2) : null;
     if (key === null) {
-      if (url !== null) usage(`unexpected argument ${a}`);
-      url = a;
+      if (urlArg !== null) usage(`unexpected argument ${a}`);
+      urlArg = a;
       continue;
     }
     if (!(key in defaults)) usage(`unknown option ${a}`);
     if (i + 1 >= argv.length) usage(`${a} needs a value`);
     const v = argv[++i];
-    if (key === 'source') { opt.source = v; continue; }
+    if (textOptions.has(key)) { opt[key] = v; continue; }
     const num = Number(v);
     if (!Number.isFinite(num) || num < 0) usage(`${a}: ${v} is not a number >= 0`);
     opt[key] = num;
   }
 }
-if (!url) usage('no URL');
-url = url.replace(/^ws:/, 'http:');
-const target = new URL(url);
+if (!urlArg) usage('no URL');
+const urls = urlArg.split(',').map((u) => u.trim().replace(/^ws:/, 'http:'));
+const targets = urls.map((u) => { try { return new URL(u); } catch (e) { return usage(`${u}: not a URL`); } });
 const N = Math.floor(opt.n);
-const S = Math.floor(opt.rooms);
-if (N < 1 || S < 1 || opt['connect-rate'] <= 0 || opt['max-inflight'] < 1 || opt['per-source'] < 1) {
-  usage('-n, --rooms, --connect-rate, --max-inflight and --per-source must be above 0');
+const K = Math.max(1, Math.floor(opt.processes));
+if (N < 1 || opt['connect-rate'] <= 0 || opt['max-inflight'] < 1 || opt['per-source'] < 1) {
+  usage('-n, --connect-rate, --max-inflight and --per-source must be above 0');
 }
-const isLoopback = /^127\./.test(target.hostname);
+
+// ---- the plan (crates/load/src/plan.rs and lib.rs, the same function of the index) -----------
+// --rooms: [[size, clients], ...]
+function parseSpread(text, n) {
+  const parts = String(text).split(',').map((s) => s.trim());
+  const sized = parts.map((part) => {
+    const [s, p] = part.includes(':') ? part.split(':') : (parts.length === 1 ? [part, '100'] : usage(`--rooms: ${part} needs SIZE:PERCENT in a spread`));
+    const size = Number(s);
+    const pct = Number(p);
+    if (!Number.isInteger(size) || size < 1) usage(`--rooms: room size ${s} is not a whole number >= 1`);
+    if (!(pct > 0 && pct <= 100)) usage(`--rooms: percentage ${p} is not in (0, 100]`);
+    return [size, pct];
+  });
+  const total = sized.reduce((a, x) => a + x[1], 0);
+  if (Math.abs(total - 100) > 0.01) usage(`--rooms: percentages add up to ${total}, not 100`);
+  let given = 0;
+  return sized.map(([size, pct], i) => {
+    const want = i + 1 === sized.length ? n - given : Math.round((n * pct) / 100);
+    const count = Math.min(want, n - given);
+    given += count;
+    return [size, count];
+  });
+}
+const spread = parseSpread(opt.rooms, N);
+const roomOf = (i) => {
+  let start = 0;
+  for (const [size, count] of spread) {
+    if (i < start + count) {
+      const offset = i - start;
+      const roomStart = Math.floor(offset / size) * size;
+      return [`s${size}-${Math.floor(offset / size)}`, Math.min(size, count - roomStart)];
+    }
+    start += count;
+  }
+  throw new Error(`index ${i} beyond the plan`);
+};
+const MASK64 = (1n << 64n) - 1n;
+const targetOf = (i) => {
+  if (targets.length === 1) return 0;
+  const h = ((BigInt(i) * 0x9E3779B97F4A7C15n) & MASK64) >> 32n;
+  return Number(h % BigInt(targets.length));
+};
+function lapStride(n) {
+  const gcd = (a, b) => (b === 0 ? a : gcd(b, a % b));
+  for (let s = Math.max(1, Math.floor(n * 0.618)); ; s++) if (gcd(s, n) === 1) return s;
+}
+const isLoopback = targets.every((t) => /^127\./.test(t.hostname));
 const sourceBase = opt.source || (isLoopback ? '127.0.0.2' : null);
 function ipAdd(ip, k) {
   const p = ip.split('.').map(Number);
@@ -92,31 +155,10 @@ function ipAdd(ip, k) {
   return [v >>> 24, (v >>> 16) & 255, (v >>> 8) & 255, v & 255].join('.');
 }
 const sourceOf = (i) => (sourceBase ? ipAdd(sourceBase, Math.floor(i / opt['per-source'])) : undefined);
-const roomOf = (i) => {
-  const r = Math.floor(i / S);
-  return [`s${S}-${r}`, Math.min(S, N - r * S)];
-};
 
-// ---- state ----------------------------------------------------------------------------------
 const nowUs = () => Number(process.hrtime.bigint() / 1000n);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const t = {
-  attempted: 0, opened: 0, connect_errors: {}, disconnects: {}, joined: 0, server_errors: 0,
-  rooms_checked: 0, rooms_short: 0, sent: 0, expected: 0, received: 0, pings_answered: 0,
-};
-const bump = (map, k) => { map[k] = (map[k] || 0) + 1; };
-const clients = []; // { socket, room, members, settled, open }
-const sources = {};
-let sourceMismatch = 0;
-let inflight = 0;
-let dropped = 0;
-let finishing = false;
-let lastOpenUs = 0;
-let connectSeconds = 0;
-let heldSeconds = 0;
-let publishSeconds = 0;
-let phase = 'connect';
-const pad = 'x'.repeat(Math.floor(opt.payload));
+const bump = (map, k, by = 1) => { map[k] = (map[k] || 0) + by; };
 
 // Samples in microseconds, sorted at the end (exact percentiles, no histogram rounding).
 class Samples {
@@ -125,6 +167,8 @@ class Samples {
     if (this.n === this.a.length) { const b = new Float64Array(this.a.length * 2); b.set(this.a); this.a = b; }
     this.a[this.n++] = v;
   }
+  pushAll(arr) { for (let i = 0; i < arr.length; i++) this.push(arr[i]); }
+  values() { return this.a.slice(0, this.n); }
   percentiles() {
     const s = this.a.subarray(0, this.n).sort();
     const at = (q) => (this.n ? s[Math.min(this.n - 1, Math.max(0, Math.ceil(q * this.n) - 1))] : 0);
@@ -132,8 +176,6 @@ class Samples {
     return { p50_ms: ms(at(0.5)), p99_ms: ms(at(0.99)), p999_ms: ms(at(0.999)), max_ms: ms(this.n ? s[this.n - 1] : 0), samples: this.n };
   }
 }
-const connectUs = new Samples(Math.max(1024, N));
-const latencyUs = new Samples(1 << 20);
 
 function causeOf(err) {
   if (!err) return 'unknown';
@@ -144,167 +186,330 @@ function causeOf(err) {
   return String(err.message || err);
 }
 
-// ---- connect --------------------------------------------------------------------------------
-function connectOne(i, deadline) {
-  const [room, members] = roomOf(i);
-  const c = { socket: null, room, members, settled: false, open: false };
-  clients.push(c);
-  t.attempted++;
-  inflight++;
-  const started = nowUs();
-  const src = sourceOf(i);
-  const socket = io(url, {
-    transports: ['websocket'],
-    reconnection: false,
-    forceNew: true,
-    perMessageDeflate: false,
-    timeout: Math.max(1, deadline - Date.now()),
-    ...(src ? { localAddress: src } : {}),
-  });
-  c.socket = socket;
-  socket.io.engine.on('ping', () => { t.pings_answered++; });
-  socket.on('connect', () => {
-    if (c.settled) return;
-    c.settled = true;
-    c.open = true;
-    inflight--;
-    t.opened++;
-    const now = nowUs();
-    connectUs.push(Math.max(1, now - started));
-    if (now > lastOpenUs) lastOpenUs = now;
-    let local;
-    try { local = socket.io.engine.transport.ws._socket.localAddress; } catch (e) { local = undefined; }
-    bump(sources, String(local));
-    if (src && local !== src) sourceMismatch++;
-  });
-  socket.on('connect_error', (err) => {
-    if (c.settled) return;
-    c.settled = true;
-    inflight--;
-    bump(t.connect_errors, causeOf(err));
-    socket.close();
-  });
-  socket.on('disconnect', (reason) => {
-    if (!c.open) return;
-    c.open = false;
-    if (!finishing) { dropped++; bump(t.disconnects, reason); }
-  });
-  socket.on('message', (data) => {
-    const now = nowUs();
-    const sent = data && typeof data.t === 'number' ? data.t : now;
-    latencyUs.push(Math.max(1, now - sent));
-    t.received++;
-  });
-}
-
-async function connectPhase() {
-  const rate = opt['connect-rate'];
-  const cap = opt['max-inflight'];
-  const start = Date.now();
-  const deadline = start + opt['connect-timeout'] * 1000;
-  const firstUs = nowUs();
-  let i = 0;
-  while (i < N) {
-    if (Date.now() >= deadline) {
-      const left = N - i;
-      t.attempted += left;
-      t.connect_errors['not started: connect timeout'] = (t.connect_errors['not started: connect timeout'] || 0) + left;
-      break;
-    }
-    const due = Math.min(N, Math.floor(((Date.now() - start) / 1000) * rate) + 1);
-    let started = 0;
-    while (i < due && inflight < cap) { connectOne(i++, deadline); started++; }
-    // Yield to the event loop; 1 ms is the timer granularity.
-    await sleep(started ? 0 : 1);
+// ---- one process's clients: global indices [lo, hi), `share` of the rates -------------------
+class Shard {
+  constructor(lo, hi, share) {
+    this.lo = lo; this.hi = hi; this.share = share;
+    this.t = {
+      attempted: 0, opened: 0, connect_errors: {}, disconnects: {}, joined: 0, server_errors: 0,
+      rooms_checked: 0, rooms_short: 0, sent: 0, expected: 0, received: 0, pings_answered: 0,
+    };
+    this.clients = []; // { socket, room, members, settled, open }
+    this.sources = {};
+    this.sourceMismatch = 0;
+    this.inflight = 0;
+    this.dropped = 0;
+    this.finishing = false;
+    this.firstUs = 0;
+    this.lastOpenUs = 0;
+    this.pad = 'x'.repeat(Math.floor(opt.payload));
+    this.connectUs = new Samples(Math.max(1024, hi - lo));
+    this.latencyUs = new Samples(1 << 18);
   }
-  while (inflight > 0 && Date.now() < deadline) await sleep(5);
-  for (const c of clients) {
-    if (!c.settled) { c.settled = true; inflight--; bump(t.connect_errors, 'timeout'); c.socket.close(); }
-  }
-  connectSeconds = lastOpenUs ? (lastOpenUs - firstUs) / 1e6 : 0;
-}
 
-// ---- join, verify ---------------------------------------------------------------------------
-async function joinPhase() {
-  let asked = 0;
-  let answers = 0;
-  for (const c of clients) {
-    if (!c.open) continue;
-    asked++;
-    c.socket.timeout(60000).emit('join', c.room, (err, res) => {
-      answers++;
-      if (err || !res || res.error) t.server_errors++;
-      else t.joined++;
+  connectOne(i, deadline) {
+    const [room, members] = roomOf(i);
+    const c = { socket: null, room, members, settled: false, open: false };
+    const t = this.t;
+    this.clients.push(c);
+    t.attempted++;
+    this.inflight++;
+    const started = nowUs();
+    const src = sourceOf(i);
+    const socket = io(urls[targetOf(i)], {
+      transports: ['websocket'],
+      reconnection: false,
+      forceNew: true,
+      perMessageDeflate: false,
+      timeout: Math.max(1, deadline - Date.now()),
+      ...(src ? { localAddress: src } : {}),
+    });
+    c.socket = socket;
+    socket.io.engine.on('ping', () => { t.pings_answered++; });
+    socket.on('connect', () => {
+      if (c.settled) return;
+      c.settled = true;
+      c.open = true;
+      this.inflight--;
+      t.opened++;
+      const now = nowUs();
+      this.connectUs.push(Math.max(1, now - started));
+      if (now > this.lastOpenUs) this.lastOpenUs = now;
+      let local;
+      try { local = socket.io.engine.transport.ws._socket.localAddress; } catch (e) { local = undefined; }
+      bump(this.sources, String(local));
+      if (src && local !== src) this.sourceMismatch++;
+    });
+    socket.on('connect_error', (err) => {
+      if (c.settled) return;
+      c.settled = true;
+      this.inflight--;
+      bump(t.connect_errors, causeOf(err));
+      socket.close();
+    });
+    socket.on('disconnect', (reason) => {
+      if (!c.open) return;
+      c.open = false;
+      if (!this.finishing) { this.dropped++; bump(t.disconnects, reason); }
+    });
+    socket.on('message', (data) => {
+      const now = nowUs();
+      const sent = data && typeof data.t === 'number' ? data.t : now;
+      this.latencyUs.push(Math.max(1, now - sent));
+      t.received++;
     });
   }
-  const until = Date.now() + 60000;
-  while (answers + dropped < asked && Date.now() < until) await sleep(5);
-}
 
-async function verifyPhase() {
-  const step = Math.max(1, Math.floor(clients.length / 64));
-  const until = Date.now() + 10000;
-  for (let k = 0, i = 0; i < clients.length && k < 64; i += step, k++) {
-    const c = clients[i];
-    if (!c.open) continue;
-    t.rooms_checked++;
-    let ok = false;
-    while (Date.now() < until && c.open) {
-      let res;
-      try { res = await c.socket.timeout(2000).emitWithAck('count', c.room); } catch (e) { break; }
-      if (res && res.members >= c.members) { ok = true; break; }
-      await sleep(20);
-    }
-    if (!ok) t.rooms_short++;
-  }
-}
-
-// ---- publish, drain -------------------------------------------------------------------------
-async function publishPhase() {
-  const rate = opt['publish-rate'];
-  const publishers = clients.filter((c) => c.members >= 2);
-  const start = Date.now();
-  if (rate <= 0 || publishers.length === 0) return 0;
-  const total = Math.round(rate * opt['publish-seconds']);
-  let next = 0;
-  let sent = 0;
-  while (sent < total) {
-    await sleep(2);
-    const due = Math.min(total, Math.floor(((Date.now() - start) / 1000) * rate));
-    while (sent < due) {
-      let tries = 0;
-      for (;;) {
-        const c = publishers[next++ % publishers.length];
-        tries++;
-        if (c.open) {
-          c.socket.emit('publish', { room: c.room, data: { t: nowUs(), p: pad } });
-          t.sent++;
-          t.expected += c.members - 1;
-          break;
-        }
-        if (tries > publishers.length) return (Date.now() - start) / 1000;
+  async connect() {
+    const rate = opt['connect-rate'] * this.share;
+    const cap = Math.max(1, Math.ceil(opt['max-inflight'] * this.share));
+    const start = Date.now();
+    const deadline = start + opt['connect-timeout'] * 1000;
+    this.firstUs = nowUs();
+    let i = this.lo;
+    while (i < this.hi) {
+      if (Date.now() >= deadline) {
+        const left = this.hi - i;
+        this.t.attempted += left;
+        bump(this.t.connect_errors, 'not started: connect timeout', left);
+        break;
       }
-      sent++;
+      const due = Math.min(this.hi, this.lo + Math.floor(((Date.now() - start) / 1000) * rate) + 1);
+      let started = 0;
+      while (i < due && this.inflight < cap) { this.connectOne(i++, deadline); started++; }
+      // Yield to the event loop; 1 ms is the timer granularity.
+      await sleep(started ? 0 : 1);
+    }
+    while (this.inflight > 0 && Date.now() < deadline) await sleep(5);
+    for (const c of this.clients) {
+      if (!c.settled) { c.settled = true; this.inflight--; bump(this.t.connect_errors, 'timeout'); c.socket.close(); }
     }
   }
-  return (Date.now() - start) / 1000;
+
+  async join() {
+    let asked = 0;
+    let answers = 0;
+    for (const c of this.clients) {
+      if (!c.open) continue;
+      asked++;
+      c.socket.timeout(60000).emit('join', c.room, (err, res) => {
+        answers++;
+        if (err || !res || res.error) this.t.server_errors++;
+        else this.t.joined++;
+      });
+    }
+    const until = Date.now() + 60000;
+    while (answers + this.dropped < asked && Date.now() < until) await sleep(5);
+  }
+
+  async verify() {
+    const clients = this.clients;
+    const step = Math.max(1, Math.floor(clients.length / 64));
+    const until = Date.now() + 10000;
+    for (let k = 0, i = 0; i < clients.length && k < 64; i += step, k++) {
+      const c = clients[i];
+      if (!c.open) continue;
+      this.t.rooms_checked++;
+      let ok = false;
+      while (Date.now() < until && c.open) {
+        let res;
+        try { res = await c.socket.timeout(6000).emitWithAck('count', c.room); } catch (e) { break; }
+        if (res && res.members >= c.members) { ok = true; break; }
+        await sleep(20);
+      }
+      if (!ok) this.t.rooms_short++;
+    }
+  }
+
+  // Returns how long it published, in seconds.
+  async publish() {
+    const rate = opt['publish-rate'] * this.share;
+    const publishers = this.clients.filter((c) => c.members >= 2);
+    const start = Date.now();
+    if (rate <= 0 || publishers.length === 0) return 0;
+    const total = Math.round(rate * opt['publish-seconds']);
+    const stride = lapStride(publishers.length);
+    let next = 0;
+    let sent = 0;
+    while (sent < total) {
+      await sleep(2);
+      const due = Math.min(total, Math.floor(((Date.now() - start) / 1000) * rate));
+      while (sent < due) {
+        // Skip clients that are gone; give up on a full lap of dead ones.
+        let tries = 0;
+        for (;;) {
+          const c = publishers[(next * stride) % publishers.length];
+          next++;
+          tries++;
+          if (c.open) {
+            c.socket.emit('publish', { room: c.room, data: { t: nowUs(), p: this.pad } });
+            this.t.sent++;
+            this.t.expected += c.members - 1;
+            break;
+          }
+          if (tries > publishers.length) return (Date.now() - start) / 1000;
+        }
+        sent++;
+      }
+    }
+    return (Date.now() - start) / 1000;
+  }
+
+  progress() {
+    const t = this.t;
+    return {
+      opened: t.opened, failed: Object.values(t.connect_errors).reduce((a, b) => a + b, 0),
+      inflight: this.inflight, dropped: this.dropped, sent: t.sent, expected: t.expected, received: t.received,
+    };
+  }
+
+  // What it measured; from now on a disconnect is expected.
+  result() {
+    this.finishing = true;
+    return {
+      t: this.t, dropped: this.dropped, open_at_end: this.clients.filter((c) => c.open).length,
+      sources: this.sources, source_mismatch: this.sourceMismatch, first_us: this.firstUs,
+      last_open_us: this.lastOpenUs, connect_us: this.connectUs.values(), latency_us: this.latencyUs.values(),
+    };
+  }
+
+  close() {
+    this.finishing = true;
+    for (const c of this.clients) { try { c.socket.disconnect(); } catch (e) { /* already gone */ } }
+    return null;
+  }
+}
+
+const commands = ['connect', 'join', 'verify', 'publish', 'progress', 'result', 'close'];
+
+// ---- a shard in a child process (--shard I/K): runs the coordinator's commands -------------
+if (opt.shard !== null) {
+  const m = /^(\d+)\/(\d+)$/.exec(opt.shard);
+  if (!m || Number(m[1]) >= Number(m[2]) || typeof process.send !== 'function') usage('--shard I/K is for the coordinator');
+  const [i, k] = [Number(m[1]), Number(m[2])];
+  const shard = new Shard(Math.floor((N * i) / k), Math.floor((N * (i + 1)) / k), 1 / k);
+  process.on('message', async (msg) => {
+    if (!msg || !commands.includes(msg.cmd)) return;
+    try {
+      const r = await shard[msg.cmd]();
+      process.send({ id: msg.id, r });
+      if (msg.cmd === 'close') setTimeout(() => process.exit(0), 500);
+    } catch (e) {
+      process.send({ id: msg.id, error: String(e && e.stack ? e.stack : e) });
+    }
+  });
+  // The coordinator went away: so do we.
+  process.on('disconnect', () => process.exit(1));
+  setTimeout(() => process.exit(1), (opt['max-time'] + 30) * 1000).unref();
+  process.send({ ready: true });
+  return;
+}
+
+// ---- the coordinator ------------------------------------------------------------------------
+// A shard's interface: the same commands, here or in a child.
+function localShard() {
+  const s = new Shard(0, N, 1);
+  const o = {};
+  for (const c of commands) o[c] = async () => s[c]();
+  o.kill = () => {};
+  return o;
+}
+function childShard(i) {
+  const { fork } = require('child_process');
+  const child = fork(__filename, [...process.argv.slice(2), '--shard', `${i}/${K}`], {
+    serialization: 'advanced', stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
+  });
+  const pending = new Map();
+  let nextId = 0;
+  let exited = null;
+  let readyResolve;
+  const ready = new Promise((r) => { readyResolve = r; });
+  child.on('message', (m) => {
+    if (m && m.ready) return readyResolve();
+    const p = pending.get(m.id);
+    if (!p) return;
+    pending.delete(m.id);
+    if (m.error) p.reject(new Error(`shard ${i}: ${m.error}`));
+    else p.resolve(m.r);
+  });
+  child.on('exit', (code, sig) => {
+    exited = `shard ${i} exited (${sig || code})`;
+    readyResolve();
+    for (const p of pending.values()) p.reject(new Error(exited));
+    pending.clear();
+  });
+  const o = {};
+  for (const c of commands) {
+    o[c] = async () => {
+      await ready;
+      if (exited) throw new Error(exited);
+      const id = nextId++;
+      return new Promise((resolve, reject) => { pending.set(id, { resolve, reject }); child.send({ id, cmd: c }); });
+    };
+  }
+  o.kill = () => { try { child.kill('SIGKILL'); } catch (e) { /* gone */ } };
+  return o;
+}
+const shards = K === 1 ? [localShard()] : Array.from({ length: K }, (_, i) => childShard(i));
+
+let phase = 'connect';
+let heldSeconds = 0;
+let publishSeconds = 0;
+const all = (cmd) => Promise.all(shards.map((s) => s[cmd]()));
+// A command that must answer within `ms`, or null.
+const within = (p, ms) => Promise.race([p.catch(() => null), sleep(ms).then(() => null)]);
+
+async function totals() {
+  const ps = await within(all('progress'), 2000);
+  const sum = { opened: 0, failed: 0, inflight: 0, dropped: 0, sent: 0, expected: 0, received: 0 };
+  for (const p of ps || []) for (const k of Object.keys(sum)) sum[k] += p[k];
+  return sum;
 }
 
 async function drain() {
   const end = Date.now() + 10000;
-  let last = [t.received, Date.now()];
-  while (t.received < t.expected && Date.now() < end) {
-    if (t.received !== last[0]) last = [t.received, Date.now()];
+  let s = await totals();
+  let last = [s.received, Date.now()];
+  while (s.received < s.expected && Date.now() < end) {
+    if (s.received !== last[0]) last = [s.received, Date.now()];
     else if (Date.now() - last[1] > 2000) break;
     await sleep(100);
+    s = await totals();
   }
 }
 
 // ---- report ---------------------------------------------------------------------------------
-function outcome(extraProblems) {
-  const openAtEnd = clients.filter((c) => c.open).length;
+function outcome(results, extraProblems) {
+  const t = {
+    attempted: 0, opened: 0, connect_errors: {}, disconnects: {}, joined: 0, server_errors: 0,
+    rooms_checked: 0, rooms_short: 0, sent: 0, expected: 0, received: 0, pings_answered: 0,
+  };
+  const sources = {};
+  const connectUs = new Samples(Math.max(1024, N));
+  const latencyUs = new Samples(1 << 18);
+  let dropped = 0;
+  let openAtEnd = 0;
+  let sourceMismatch = 0;
+  let firstUs = Infinity;
+  let lastOpenUs = 0;
+  for (const r of results) {
+    for (const k of Object.keys(t)) {
+      if (typeof t[k] === 'number') t[k] += r.t[k];
+      else for (const [c, v] of Object.entries(r.t[k])) bump(t[k], c, v);
+    }
+    for (const [a, v] of Object.entries(r.sources)) bump(sources, a, v);
+    dropped += r.dropped;
+    openAtEnd += r.open_at_end;
+    sourceMismatch += r.source_mismatch;
+    if (r.first_us) firstUs = Math.min(firstUs, r.first_us);
+    lastOpenUs = Math.max(lastOpenUs, r.last_open_us);
+    connectUs.pushAll(r.connect_us);
+    latencyUs.pushAll(r.latency_us);
+  }
+  const connectSeconds = lastOpenUs && Number.isFinite(firstUs) ? (lastOpenUs - firstUs) / 1e6 : 0;
   const o = {
-    target: target.href, connections: N, processes: 1, client: `socket.io-client ${versionOf('socket.io-client')} (node ${process.version})`,
+    target: urls.join(','), connections: N, processes: K,
+    client: `socket.io-client ${versionOf('socket.io-client')} (node ${process.version})`,
     ...t, open_at_end: openAtEnd, sources, source_mismatch: sourceMismatch,
     connect_seconds: connectSeconds, connects_per_second: t.opened / Math.max(connectSeconds, 1e-6),
     connect_time: connectUs.percentiles(), held_seconds: heldSeconds, publish_seconds: publishSeconds,
@@ -312,6 +517,7 @@ function outcome(extraProblems) {
     latency: latencyUs.percentiles(), lost: Math.max(0, t.expected - t.received), ok: false, problems: [],
   };
   const p = [...extraProblems];
+  if (results.length < shards.length) p.push(`${shards.length - results.length} of ${shards.length} processes gave no result`);
   if (t.opened < N) p.push(`${t.opened} of ${N} connections opened; errors: ${JSON.stringify(t.connect_errors)}`);
   if (dropped > 0) p.push(`${dropped} unexpected disconnects: ${JSON.stringify(t.disconnects)}`);
   if (t.server_errors > 0) p.push(`${t.server_errors} failed joins (error ack or ack timeout)`);
@@ -321,15 +527,16 @@ function outcome(extraProblems) {
   if (sourceMismatch > 0) p.push(`${sourceMismatch} clients not bound to their planned source address: ${JSON.stringify(sources)}`);
   o.ok = p.length === 0;
   o.problems = p;
-  return o;
+  return [o, dropped];
 }
 
-function human(o) {
+function human(o, dropped) {
   const l = o.latency;
   const c = o.connect_time;
+  const nSources = Object.keys(o.sources).length;
   return [
-    `peer_socketio_load: ${o.connections} -> ${o.target} (${o.client})`,
-    `connect: ${o.opened} of ${o.connections} open in ${o.connect_seconds.toFixed(2)} s (${o.connects_per_second.toFixed(0)}/s); connect time p50 ${c.p50_ms} ms, p99 ${c.p99_ms} ms, max ${c.max_ms} ms; sources ${JSON.stringify(o.sources)}`,
+    `peer_socketio_load: ${o.connections} -> ${o.target} (${o.client}, ${o.processes} process(es))`,
+    `connect: ${o.opened} of ${o.connections} open in ${o.connect_seconds.toFixed(2)} s (${o.connects_per_second.toFixed(0)}/s); connect time p50 ${c.p50_ms} ms, p99 ${c.p99_ms} ms, max ${c.max_ms} ms; sources ${nSources > 8 ? `${nSources} addresses` : JSON.stringify(o.sources)}`,
     Object.keys(o.connect_errors).length ? `connect errors: ${JSON.stringify(o.connect_errors)}` : null,
     `held ${o.held_seconds.toFixed(1)} s; ${o.open_at_end} still open at the end; pings answered ${o.pings_answered}; unexpected disconnects ${dropped}`,
     o.sent ? `messages: ${o.sent} sent in ${o.publish_seconds.toFixed(1)} s (${o.publish_rate_achieved.toFixed(0)}/s); deliveries ${o.received} of ${o.expected} (${o.lost} lost)` : null,
@@ -339,41 +546,53 @@ function human(o) {
 }
 
 let reported = false;
-function report(extraProblems) {
+async function report(extraProblems) {
   if (reported) return;
   reported = true;
-  finishing = true;
   clearInterval(progressTimer);
-  const o = outcome(extraProblems);
-  process.stderr.write(human(o));
+  const results = [];
+  for (const s of shards) {
+    const r = await within(s.result(), 10000);
+    if (r) results.push(r);
+  }
+  const [o, dropped] = outcome(results, extraProblems);
+  process.stderr.write(human(o, dropped));
   if (opt.json) process.stdout.write(`${JSON.stringify(o, null, 2)}\n`);
-  for (const c of clients) { try { c.socket.disconnect(); } catch (e) { /* already gone */ } }
+  await within(all('close'), 2000);
   // Let the Close frames go out, then exit whatever is still pending (bounded).
-  setTimeout(() => process.exit(o.ok ? 0 : 1), 500);
+  setTimeout(() => { for (const s of shards) s.kill(); process.exit(o.ok ? 0 : 1); }, 500);
 }
 
-const progressTimer = setInterval(() => {
-  process.stderr.write(`peer_socketio_load: ${phase}: open ${t.opened}/${N} failed ${Object.values(t.connect_errors).reduce((a, b) => a + b, 0)} inflight ${inflight} dropped ${dropped} sent ${t.sent} delivered ${t.received}/${t.expected}\n`);
+let progressBusy = false;
+const progressTimer = setInterval(async () => {
+  if (progressBusy) return;
+  progressBusy = true;
+  const s = await totals();
+  progressBusy = false;
+  if (reported) return;
+  process.stderr.write(`peer_socketio_load: ${phase}: open ${s.opened}/${N} failed ${s.failed} inflight ${s.inflight} dropped ${s.dropped} sent ${s.sent} delivered ${s.received}/${s.expected}\n`);
 }, 1000);
 
 setTimeout(() => report([`--max-time ${opt['max-time']} s reached during the ${phase} phase; stopped`]), opt['max-time'] * 1000);
 
 (async () => {
-  process.stderr.write(`peer_socketio_load: ${N} client(s) to ${target.href}, ${opt['connect-rate']} connects/s, at most ${opt['max-inflight']} in flight, rooms of ${S}, sources from ${sourceBase || 'kernel choice'}\n`);
-  await connectPhase();
+  const rooms = spread.map(([size, count]) => `${size}:${count}`).join(',');
+  process.stderr.write(`peer_socketio_load: ${N} client(s) to ${urls.join(',')} from ${K} process(es), ${opt['connect-rate']} connects/s, at most ${opt['max-inflight']} in flight, rooms (size:clients) ${rooms}, sources from ${sourceBase || 'kernel choice'}\n`);
+  await all('connect');
   phase = 'join';
-  await joinPhase();
+  await all('join');
   phase = 'verify';
-  await verifyPhase();
+  await all('verify');
   phase = 'hold';
   const holdStart = Date.now();
   await sleep(opt.hold * 1000);
   if (opt['publish-rate'] > 0) {
     phase = 'publish';
-    publishSeconds = await publishPhase();
+    publishSeconds = Math.max(...(await all('publish')));
     phase = 'drain';
     await drain();
   }
   heldSeconds = (Date.now() - holdStart) / 1000;
-  report([]);
+  phase = 'finish';
+  await report([]);
 })().catch((e) => report([`internal error: ${e && e.stack ? e.stack : e}`]));
