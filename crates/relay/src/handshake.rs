@@ -119,31 +119,10 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
     if BASE64.decode(key).map(|k| k.len()) != Ok(16) {
         return reject(400, "Sec-WebSocket-Key must be 16 bytes in base64", "");
     }
-    if !policy.allowed_origins.is_empty() {
-        let allowed = match one("origin") {
-            Ok(Some(o)) => policy
-                .allowed_origins
-                .iter()
-                .any(|a| a.as_bytes().eq_ignore_ascii_case(o.trim_ascii())),
-            _ => false,
-        };
-        if !allowed {
-            return reject(403, "origin not allowed", "");
-        }
+    if !origin_allowed(policy, one("origin")) {
+        return reject(403, "origin not allowed", "");
     }
-    let mut forwarded = Forwarded::default();
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded.add_forwarded_for(h.value);
-        } else if h.name.eq_ignore_ascii_case("x-real-ip") {
-            if forwarded.real_ip.is_some() {
-                // Two of them: which one a proxy wrote cannot be told, so neither counts.
-                forwarded.real_ip = Some(None);
-            } else {
-                forwarded.set_real_ip(h.value);
-            }
-        }
-    }
+    let forwarded = forwarded(req.headers);
     Parsed::Upgrade {
         response: format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -155,6 +134,39 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         path,
         forwarded,
     }
+}
+
+/// Whether `origin` (the request's one Origin header, if exactly one) passes the policy: any
+/// origin when the policy lists none, else one of those listed, compared case-insensitively.
+fn origin_allowed(policy: &Policy, origin: Result<Option<&[u8]>, ()>) -> bool {
+    if policy.allowed_origins.is_empty() {
+        return true;
+    }
+    match origin {
+        Ok(Some(o)) => policy
+            .allowed_origins
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(o.trim_ascii())),
+        _ => false,
+    }
+}
+
+/// The request's X-Forwarded-For headers, in order, and its X-Real-IP.
+fn forwarded(headers: &[httparse::Header<'_>]) -> Forwarded {
+    let mut forwarded = Forwarded::default();
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded.add_forwarded_for(h.value);
+        } else if h.name.eq_ignore_ascii_case("x-real-ip") {
+            if forwarded.real_ip.is_some() {
+                // Two of them: which one a proxy wrote cannot be told, so neither counts.
+                forwarded.real_ip = Some(None);
+            } else {
+                forwarded.set_real_ip(h.value);
+            }
+        }
+    }
+    forwarded
 }
 
 /// Sec-WebSocket-Accept for a key (section 4.2.2): base64(SHA-1(key + GUID)).
