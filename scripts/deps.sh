@@ -16,6 +16,9 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 # The fleet tests put a real nginx in front of the hosts (packaging/nginx/tunegate.conf).
 [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || need_apt+=(nginx)
+# The daemon's metrics are checked with promtool (Debian ships it in the prometheus package;
+# policy-rc.d below keeps its server from starting).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 # The package test (packaging/test-deb.sh): lintian, and a Debian 12 root booted with nspawn.
 command -v lintian >/dev/null || need_apt+=(lintian)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)

@@ -19,6 +19,8 @@ struct Daemon {
     dir: tempfile::TempDir,
     proc: Child,
     log: PathBuf,
+    /// A command the daemon runs under (e.g. `prlimit --nofile=300:300`), or nothing.
+    wrap: Vec<String>,
 }
 
 impl Daemon {
@@ -30,6 +32,12 @@ impl Daemon {
 
     /// The same, in a namespace the test made (and may have started servers in).
     fn start_in(ns: Netns, config: &str, notify: Option<&Path>) -> Daemon {
+        Daemon::start_wrapped(ns, config, notify, &[])
+    }
+
+    /// The same, the daemon run under `wrap` (inside the namespace).
+    fn start_wrapped(ns: Netns, config: &str, notify: Option<&Path>, wrap: &[&str]) -> Daemon {
+        let wrap: Vec<String> = wrap.iter().map(|s| s.to_string()).collect();
         let dir = tempfile::tempdir().unwrap();
         let cfg = profile(
             dir.path(),
@@ -41,8 +49,14 @@ impl Daemon {
             ),
         );
         let log = dir.path().join("daemon.log");
-        let proc = Daemon::spawn(&ns, &dir, &cfg, &log, notify);
-        Daemon { ns, dir, proc, log }
+        let proc = Daemon::spawn(&ns, &dir, &cfg, &log, notify, &wrap);
+        Daemon {
+            ns,
+            dir,
+            proc,
+            log,
+            wrap,
+        }
     }
 
     /// `tunegate run --config CFG` inside `ns`, its log appended to `log`.
@@ -52,9 +66,12 @@ impl Daemon {
         cfg: &Path,
         log: &Path,
         notify: Option<&Path>,
+        wrap: &[String],
     ) -> Child {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, bin(), "run", "--config"])
+        cmd.args(["netns", "exec", &ns.name])
+            .args(wrap)
+            .args([bin(), "run", "--config"])
             .arg(cfg)
             .env("CHILD_DIR", dir.path())
             .env_remove("NOTIFY_SOCKET")
@@ -78,7 +95,7 @@ impl Daemon {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         assert_eq!(self.exit(Duration::from_secs(10)), 0, "{}", self.log());
         let cfg = self.dir.path().join("tunegate.yaml");
-        self.proc = Daemon::spawn(&self.ns, &self.dir, &cfg, &self.log, None);
+        self.proc = Daemon::spawn(&self.ns, &self.dir, &cfg, &self.log, None, &self.wrap);
     }
 
     /// Runs a client we did not write (tests/clients/NAME.py) inside the namespace.
@@ -854,4 +871,121 @@ fn server_bus_is_gated_on_and_the_workers_meet_through_the_cluster() {
     assert_eq!(nodes[0], nodes[1], "one host, one node: {}", d.log());
     let url = "ws://127.0.0.1:18080/";
     d.python("cross_host", &["steady", url, url]);
+}
+
+/// The saturation watch against the real kernel of the test's namespace. A worker under a
+/// 300-descriptor limit holding 260 connections: the journal says so once (with the fix), the
+/// status lists it worst first, and the daemon's metrics listener serves it in a form promtool
+/// accepts. Then the worker stopped (SIGSTOP) while 60 clients connect to an accept queue of 8
+/// (somaxconn 8, set in the namespace before the start): the overflow counter rises and the
+/// daemon says so naming somaxconn and the queue's limit.
+#[test]
+fn saturation_is_sampled_said_listed_and_served() {
+    let ns = Netns::new();
+    let small = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.core.somaxconn=8",
+        ])
+        .status()
+        .unwrap();
+    assert!(small.success());
+    let dir = tempfile::tempdir().unwrap();
+    // No somaxconn in the profile: the namespace keeps its 8.
+    let prof = profile(dir.path(), "small.yaml", "target_connections: 100\n");
+    let config = format!(
+        "profile: {}\nmode: warn\nserver:\n  workers: 1\n  threads: 1\n  \
+         handshake_timeout_ms: 60000\nsaturation:\n  interval_s: 1\nmetrics_listen: 127.0.0.1:19464\n",
+        prof.display()
+    );
+    let d = Daemon::start_wrapped(ns, &config, None, &["prlimit", "--nofile=300:300"]);
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    d.python("saturation", &["hold", "127.0.0.1", "18080", "260", "4"]);
+    let said = |d: &Daemon| d.log().contains("saturation: descriptors.child at");
+    d.wait_for(Duration::from_secs(5), "the descriptor warning", said);
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("saturation: descriptors.child at"))
+        .unwrap();
+    assert!(
+        line.contains("of 300: descriptors of child") && line.contains("fix: raise limits.nofile"),
+        "{line}"
+    );
+    assert_eq!(
+        log.matches("saturation: descriptors.child at").count(),
+        1,
+        "said once: {log}"
+    );
+    let st = d.status();
+    let worst = &st["saturation"][0];
+    assert_eq!(worst["id"], "descriptors.child", "{st:#}");
+    assert_eq!(worst["limit"], 300);
+    let mode = std::fs::metadata(d.dir.path().join("status.json")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o644
+    );
+
+    let page = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &d.ns.name,
+            "curl",
+            "-sf",
+            "http://127.0.0.1:19464/metrics",
+        ])
+        .output()
+        .unwrap();
+    assert!(page.status.success(), "{}", d.log());
+    let text = stdout(&page);
+    assert!(
+        text.contains("tunegate_process_max_fds{process=\"child\"} 300"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tunegate_saturation_ratio{resource=\"descriptors.child\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tunegate_listen_queue_limit{process=\"child\",port=\"18080\"} 8"),
+        "{text}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/deps.sh installs the prometheus package)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && stdout(&checked).is_empty() && stderr(&checked).is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        stdout(&checked),
+        stderr(&checked)
+    );
+
+    let child = nix::unistd::Pid::from_raw(d.child_pid());
+    nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    d.python("saturation", &["burst", "127.0.0.1", "18080", "60"]);
+    let overflowed = |d: &Daemon| d.log().contains("saturation: accept queues overflowed");
+    d.wait_for(Duration::from_secs(5), "the overflow line", overflowed);
+    nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("accept queues overflowed"))
+        .unwrap();
+    assert!(
+        line.contains("somaxconn (now 8)") && line.contains("accept queue limit 8 on port 18080"),
+        "{line}"
+    );
 }

@@ -57,6 +57,10 @@ pub struct Config {
     /// How long the child has to start listening before it counts as failed.
     pub ready_timeout_ms: u64,
     pub drift: Drift,
+    /// The saturation watch (docs/daemon.md, "Saturation").
+    pub saturation: super::saturation::Settings,
+    /// Where the daemon serves its own Prometheus metrics (GET /metrics); none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// Finding ids to ignore in the gate, named one by one (there is no "all").
     pub ignore: Vec<String>,
     pub state_dir: PathBuf,
@@ -107,6 +111,8 @@ impl Default for Config {
             stop_grace_ms: 10_000,
             ready_timeout_ms: 30_000,
             drift: Drift::default(),
+            saturation: super::saturation::Settings::default(),
+            metrics_listen: None,
             ignore: Vec::new(),
             // The environment can move the defaults (tests, packaging); a config file still wins.
             state_dir: std::env::var_os("TUNEGATE_STATE_DIR")
@@ -220,6 +226,14 @@ impl Config {
             && cmd.is_empty()
         {
             return Err(at(&["child", "command"], "child.command is empty".into()));
+        }
+        let sat = &self.saturation;
+        if sat.warn_percent == 0 || sat.warn_percent > sat.error_percent || sat.error_percent > 100
+        {
+            return Err(at(
+                &["saturation"],
+                "saturation: need 0 < warn_percent <= error_percent <= 100".into(),
+            ));
         }
         let r = &self.restart;
         if r.initial_backoff_ms == 0 || r.max_backoff_ms < r.initial_backoff_ms {

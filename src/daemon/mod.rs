@@ -14,7 +14,9 @@ pub mod config;
 mod gate;
 pub mod incarnation;
 pub mod log;
+mod metrics;
 pub mod notify;
+pub mod saturation;
 pub mod sizing;
 pub mod status;
 pub mod supervisor;
@@ -72,6 +74,9 @@ struct Daemon {
     last_values: HashMap<String, String>,
     /// Where every worker start gets its connection-id incarnation.
     incarnations: incarnation::Incarnations,
+    watch: saturation::Watch,
+    /// What the metrics listener serves.
+    page: metrics::Page,
 }
 
 /// A child ended: (worker, pid, how).
@@ -95,6 +100,7 @@ impl Daemon {
             log.warn(&note);
         }
         let sup = Supervisor::new(policy(&config), 0, Instant::now());
+        let watch = saturation::Watch::new(config.saturation.clone());
         Daemon {
             opts,
             config,
@@ -110,6 +116,8 @@ impl Daemon {
             exits,
             last_values: HashMap::new(),
             incarnations,
+            watch,
+            page: metrics::Page::default(),
         }
     }
 
@@ -160,6 +168,16 @@ impl Daemon {
             self.opts.config_path.display()
         ));
         self.save_status("starting", "checking the host");
+        if let Some(addr) = self.config.metrics_listen {
+            match metrics::serve(addr, self.page.clone()).await {
+                Ok(bound) => self
+                    .log
+                    .notice(&format!("metrics on http://{bound}/metrics")),
+                Err(e) => self.log.err(&format!(
+                    "cannot serve metrics on {addr}: {e} (going on without)"
+                )),
+            }
+        }
         let failing = self.tune_and_gate()?;
         if !failing.is_empty() && self.config.effective_mode() == Mode::Enforce {
             let msg = format!(
@@ -187,6 +205,8 @@ impl Daemon {
         let mut watchdog =
             tokio::time::interval(self.notify.watchdog.unwrap_or(Duration::from_secs(3600)));
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let every = self.config.saturation.interval_s;
+        let mut sample = tokio::time::interval(Duration::from_secs(every.max(1)));
         loop {
             let event = tokio::select! {
                 Some((worker, pid, st)) = self.exits.recv() => Some(exited(worker, pid, st)),
@@ -204,12 +224,71 @@ impl Daemon {
                     self.look_for_listeners();
                     Some(Event::Tick(Instant::now()))
                 }
+                _ = sample.tick(), if every > 0 => {
+                    self.sample_saturation();
+                    None
+                }
             };
             if let Some(event) = event
                 && let Some(code) = self.feed(event)
             {
                 return Ok(code);
             }
+        }
+    }
+
+    /// One sample of the saturation watch: the host and every running server process; what
+    /// crossed a threshold is logged; the status and the metrics page are brought up to date.
+    fn sample_saturation(&mut self) {
+        use tuning::host::saturation;
+        let host = saturation::sample_host(&self.opts.host);
+        let workers: Vec<(usize, u32)> = self
+            .sup
+            .workers()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.pid.map(|p| (i, p)))
+            .collect();
+        let mut processes = Vec::new();
+        for (i, pid) in workers {
+            let name = if self.sizing.workers > 1 {
+                format!("worker-{i}")
+            } else {
+                "child".to_string()
+            };
+            processes.extend(saturation::sample_process(pid as i32, &name));
+        }
+        let somaxconn = tuning::tunables::SysctlKey::parse("net.core.somaxconn")
+            .ok()
+            .and_then(|k| self.opts.host.read_sysctl(&k).ok().flatten())
+            .and_then(|v| v.trim().parse().ok());
+        let mut queues: Vec<String> = processes
+            .iter()
+            .filter_map(|l| {
+                let port = l.id.strip_prefix("accept_queue.")?.rsplit_once('.')?.1;
+                Some(format!("accept queue limit {} on port {port}; ", l.limit))
+            })
+            .collect();
+        queues.sort();
+        queues.dedup();
+        let context = self::saturation::OverflowContext {
+            somaxconn,
+            queues: queues.concat(),
+        };
+        let page = metrics::render(&host, &[&host.levels[..], &processes[..]].concat());
+        let (lines, levels) = self
+            .watch
+            .observe(&host, processes, &context, Instant::now());
+        for (priority, line) in lines {
+            self.log.line(priority, &line);
+        }
+        if let Ok(mut p) = self.page.lock() {
+            *p = page;
+        }
+        self.status.saturation = levels;
+        self.status.last_saturation_sample = Some(now());
+        if let Err(e) = self.status.save(&self.config.status_file) {
+            self.log.warn(&format!("cannot write status file: {e:#}"));
         }
     }
 

@@ -31,6 +31,11 @@ pub struct Status {
     pub drifts: u64,
     pub last_drift_check: Option<u64>,
     pub message: String,
+    /// The saturation watch's last sample, worst first.
+    #[serde(default)]
+    pub saturation: Vec<super::saturation::LevelStatus>,
+    #[serde(default)]
+    pub last_saturation_sample: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -128,6 +133,22 @@ impl Status {
             self.drifts,
             age(self.last_drift_check)
         ));
+        if !self.saturation.is_empty() {
+            s.push_str(&format!(
+                "saturation, worst first (sampled {} ago):\n",
+                age(self.last_saturation_sample)
+            ));
+            for l in &self.saturation {
+                s.push_str(&format!(
+                    "  {:<32} {:>5.1} %  {} of {}  ({})\n",
+                    l.id,
+                    l.ratio * 100.0,
+                    l.used,
+                    l.limit,
+                    l.what
+                ));
+            }
+        }
         for f in &self.failing_checks {
             s.push_str(&format!("FAIL {f}\n"));
         }

@@ -58,6 +58,9 @@ pub fn write_atomic_owned(
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        // Exactly `mode`, whatever the umask (a unit's UMask=0077 would make a status file
+        // meant for every operator 0600).
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(bytes)?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;

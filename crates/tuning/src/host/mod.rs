@@ -13,6 +13,7 @@ pub mod boot;
 pub mod files;
 pub mod process;
 pub mod redis;
+pub mod saturation;
 pub mod systemd;
 
 use std::fs::OpenOptions;
