@@ -270,7 +270,19 @@ fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let st = crate::daemon::status::Status::load(&args.status_file)?;
     match args.format {
         Format::Human => out!("{}", st.human()),
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&st)?),
+        Format::Json => {
+            #[derive(serde::Serialize)]
+            struct StatusJson<'a> {
+                schema: &'static str,
+                #[serde(flatten)]
+                status: &'a crate::daemon::status::Status,
+            }
+            let doc = StatusJson {
+                schema: "tunegate.status/1",
+                status: &st,
+            };
+            outln!("{}", serde_json::to_string_pretty(&doc)?)
+        }
     }
     Ok(if st.alive() { exit::OK } else { exit::FAIL })
 }

@@ -926,7 +926,26 @@ fn saturation_is_sampled_said_listed_and_served() {
     let worst = &st["saturation"][0];
     assert_eq!(worst["id"], "descriptors.child", "{st:#}");
     assert_eq!(worst["limit"], 300);
-    let mode = std::fs::metadata(d.dir.path().join("status.json")).unwrap();
+    let status_file = d.dir.path().join("status.json");
+    let shown = Command::new(bin())
+        .args(["status", "--format", "json", "--status-file"])
+        .arg(&status_file)
+        .output()
+        .unwrap();
+    let shown = json(&shown);
+    assert_eq!(shown["schema"], "tunegate.status/1");
+    assert_eq!(shown["saturation"][0]["id"], "descriptors.child");
+    let human = Command::new(bin())
+        .args(["status", "--status-file"])
+        .arg(&status_file)
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&human).contains("saturation, worst first"),
+        "{}",
+        stdout(&human)
+    );
+    let mode = std::fs::metadata(&status_file).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o644
