@@ -62,7 +62,8 @@ for path in /usr/bin/tunegate /usr/share/man/man1/tunegate.1.gz /usr/share/man/m
     /usr/share/bash-completion/completions/tunegate /usr/share/zsh/vendor-completions/_tunegate \
     /usr/share/fish/vendor_completions.d/tunegate.fish /usr/share/tunegate/profiles/c100k.yaml \
     /usr/share/doc/tunegate/copyright /usr/share/doc/tunegate/changelog.Debian.gz \
-    /usr/share/doc/tunegate/examples/nginx.conf; do
+    /usr/share/doc/tunegate/examples/nginx.conf /usr/share/tunegate/monitoring/tunegate-alerts.yml \
+    /usr/share/tunegate/monitoring/tunegate-dashboard.json; do
     ct_exec test -s "$path" || fail "$path is not installed"
 done
 # shellcheck disable=SC2016 # a dpkg-query field, not a shell expansion
