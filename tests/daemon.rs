@@ -1045,3 +1045,24 @@ fn saturation_is_sampled_said_listed_and_served() {
         "{line}"
     );
 }
+
+/// The bundled server's counters on /metrics never go down, whichever worker answers a scrape,
+/// while a worker is SIGKILLed and restarted: its peers keep the counters it reached, and its
+/// successor carries them on from the bus directory (issue 19).
+#[test]
+fn server_counters_never_go_down_across_a_worker_restart() {
+    let d = Daemon::start(
+        "mode: warn\nserver:\n  workers: 2\n  threads: 1\nrestart:\n  initial_backoff_ms: 50\n",
+        None,
+    );
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let two = |d: &Daemon| d.status()["workers"][1]["pid"].as_u64().is_some();
+    d.wait_for(Duration::from_secs(10), "worker 1's pid", two);
+    let pid = d.status()["workers"][1]["pid"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    d.python("monotonic", &["127.0.0.1", "18080", "8", &pid, "3"]);
+    let restarted = |d: &Daemon| d.status()["workers"][1]["restarts"].as_u64() >= Some(1);
+    d.wait_for(Duration::from_secs(10), "worker 1 restarted", restarted);
+}

@@ -107,10 +107,18 @@ impl Workers {
         body.split_once("\r\n\r\n").expect("a body").1.to_string()
     }
 
+    /// A metric summed over its series. A worker that just started answers 503 until it has
+    /// every other worker's counters (at most 2 s): asked again then, as Prometheus would.
     fn metric(&self, name: &str) -> u64 {
-        let (status, body) =
-            common::ws::http(self.addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
-        assert_eq!(status, 200);
+        let body = eventually(
+            Duration::from_secs(5),
+            || "a 200 from /metrics".into(),
+            || {
+                let (status, body) =
+                    common::ws::http(self.addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+                (status == 200).then_some(body)
+            },
+        );
         body.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

@@ -92,6 +92,15 @@ pub trait Bus: Send + Sync {
     fn peer_metrics(&self) -> Vec<Snapshot> {
         Vec::new()
     }
+    /// Counters of worker `worker` from before this process (read from the bus directory at
+    /// start), used until that worker reports.
+    fn seed_metrics(&self, _worker: usize, _counters: Snapshot) {}
+    /// Whether every other worker's counters are in (or it is too late to wait for them): a
+    /// worker that just started answers /metrics only then, so that no scrape sees the whole
+    /// server's counters lower than an earlier one did.
+    fn metrics_ready(&self) -> bool {
+        true
+    }
     /// The link to other hosts (Redis), when there is one.
     fn remote(&self) -> RemoteStats {
         RemoteStats::default()

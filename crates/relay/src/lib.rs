@@ -69,6 +69,12 @@ pub struct Shared {
     pub process: ProcessId,
     /// Trusted proxies and the per-address limit, one table for all the loops.
     pub admission: Arc<client_addr::Admission>,
+    /// The counters this worker's predecessors reached (read from the bus directory at start),
+    /// added to its own so the whole server's counters go on from there.
+    pub carried: metrics::Snapshot,
+    /// This worker's counters as last shared with the others: what it reports for itself too,
+    /// so every worker answers /metrics with the same figures.
+    pub published: std::sync::Mutex<Option<metrics::Snapshot>>,
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
@@ -98,6 +104,9 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     };
     let (listeners, addr) = listen(&config)?;
     let shared = Arc::new(Shared::start(&config, incarnation, connecting)?);
+    for (worker, counters) in peer_counters(&config) {
+        shared.bus.seed_metrics(worker, counters);
+    }
     let loops = start_loops(&config, &shared, listeners)?;
     log_listening(&config, addr, shared.process);
     ready(addr);
@@ -177,6 +186,8 @@ impl Shared {
                 config.options.trusted_proxies.clone(),
                 config.options.max_connections_per_address,
             )),
+            carried: carried_counters(config),
+            published: std::sync::Mutex::new(None),
             config: config.clone(),
         })
     }
@@ -352,16 +363,69 @@ fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
 /// /metrics answered by any worker covers the whole server. A worker that dies takes its last
 /// snapshot with its link: nothing stale is ever summed.
 fn metrics_publisher(shared: &Shared) {
+    let file = counters_file(&shared.config);
     loop {
-        shared.bus.share_metrics(&own_snapshot(shared));
+        let snap = own_snapshot(shared);
+        shared.bus.share_metrics(&snap);
+        if let Some(file) = &file {
+            // For the next process in this worker's place (a restart): best effort, no fsync,
+            // at most half a second behind.
+            if let Ok(bytes) = serde_json::to_vec(&snap.counters()) {
+                let tmp = file.with_extension("tmp");
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, file);
+                }
+            }
+        }
+        if let Ok(mut p) = shared.published.lock() {
+            *p = Some(snap);
+        }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
-/// The whole server's counters: this process's, live, plus the last snapshot (at most half a
-/// second old) of every other worker the bus links to.
+/// Where a worker of several keeps its counters for its successor: `BUS_DIR/worker-N.counters`.
+fn counters_file(config: &Config) -> Option<std::path::PathBuf> {
+    let dir = config.options.bus_dir.as_ref()?;
+    (config.workers() > 1).then(|| dir.join(format!("worker-{}.counters", config.worker)))
+}
+
+/// The counters every other worker left in the bus directory, for the sums until they report.
+fn peer_counters(config: &Config) -> Vec<(usize, metrics::Snapshot)> {
+    let Some(dir) = config
+        .options
+        .bus_dir
+        .as_ref()
+        .filter(|_| config.workers() > 1)
+    else {
+        return Vec::new();
+    };
+    (0..config.workers())
+        .filter(|w| *w != config.worker)
+        .filter_map(|w| {
+            let bytes = std::fs::read(dir.join(format!("worker-{w}.counters"))).ok()?;
+            let s = serde_json::from_slice::<metrics::Snapshot>(&bytes).ok()?;
+            Some((w, s.counters()))
+        })
+        .collect()
+}
+
+/// The counters the previous process in this worker's place left (none without one).
+fn carried_counters(config: &Config) -> metrics::Snapshot {
+    counters_file(config)
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| serde_json::from_slice::<metrics::Snapshot>(&b).ok())
+        .map(|s| s.counters())
+        .unwrap_or_default()
+}
+
+/// The whole server's counters: this process's as last shared (live when it shares nothing:
+/// one worker), plus the last snapshot (at most half a second old) of every other worker, or
+/// the counters a dead one reached. Every worker thus answers with the same figures, and none
+/// of them goes down when a worker dies and is replaced.
 pub fn server_snapshot(shared: &Shared) -> (metrics::Snapshot, Vec<(usize, u64)>) {
-    let mut total = own_snapshot(shared);
+    let published = shared.published.lock().ok().and_then(|p| p.clone());
+    let mut total = published.unwrap_or_else(|| own_snapshot(shared));
     let mut received = vec![(shared.config.worker, total.bus_received)];
     for snap in shared.bus.peer_metrics() {
         received.push((snap.worker, snap.bus_received));
@@ -380,5 +444,6 @@ fn own_snapshot(shared: &Shared) -> metrics::Snapshot {
     snap.bus_broadcast_equivalent = all;
     snap.bus_received = shared.bus.received();
     snap.remote = shared.bus.remote();
+    snap.add(&shared.carried);
     snap
 }

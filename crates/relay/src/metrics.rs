@@ -182,6 +182,54 @@ impl Snapshot {
         self.remote.add(&o.remote);
     }
 
+    /// Only the counters, the gauges zeroed: what outlives the process that counted them (a
+    /// restarted worker carries its predecessor's; its peers keep a dead one's).
+    pub fn counters(&self) -> Snapshot {
+        Snapshot {
+            open: 0,
+            websockets: 0,
+            queued: 0,
+            remote: RemoteStats {
+                connected: 0,
+                ..self.remote
+            },
+            ..self.clone()
+        }
+    }
+
+    /// Each counter raised to at least `o`'s: a worker's counters as its peers see them never
+    /// go down, even when a restarted worker starts from a carried figure a little behind the
+    /// last one they saw of its predecessor. Gauges are left as they are.
+    pub fn max_counters(&mut self, o: &Snapshot) {
+        let m = |a: &mut u64, b: u64| *a = (*a).max(b);
+        m(&mut self.accepted, o.accepted);
+        for i in 0..self.closed.len() {
+            m(&mut self.closed[i], o.closed[i]);
+        }
+        m(&mut self.messages_in, o.messages_in);
+        m(&mut self.messages_out, o.messages_out);
+        m(&mut self.bytes_in, o.bytes_in);
+        m(&mut self.bytes_out, o.bytes_out);
+        for i in 0..self.accept_errors.len() {
+            m(&mut self.accept_errors[i], o.accept_errors[i]);
+        }
+        m(&mut self.shed, o.shed);
+        m(&mut self.pings, o.pings);
+        m(&mut self.backpressure_cutoffs, o.backpressure_cutoffs);
+        m(&mut self.protocol_errors_replied, o.protocol_errors_replied);
+        m(&mut self.forwarded, o.forwarded);
+        m(&mut self.forwarded_ignored, o.forwarded_ignored);
+        m(&mut self.bus_routed, o.bus_routed);
+        m(
+            &mut self.bus_broadcast_equivalent,
+            o.bus_broadcast_equivalent,
+        );
+        m(&mut self.bus_received, o.bus_received);
+        m(&mut self.remote.published, o.remote.published);
+        m(&mut self.remote.received, o.remote.received);
+        m(&mut self.remote.dropped, o.remote.dropped);
+    }
+
     /// The sum over this process's loops.
     pub fn of(loops: &[std::sync::Arc<LoopMetrics>]) -> Snapshot {
         let mut total = Snapshot {

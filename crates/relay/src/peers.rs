@@ -86,8 +86,11 @@ enum Wire {
 /// a message routed to, a link that has been replaced.
 struct Peers {
     links: Vec<Option<Link>>,
-    /// Each peer's latest counters, valid while its link lives.
+    /// Each peer's latest counters; once its link is gone, its counters alone (kept so the
+    /// whole server's sums never go down when a worker dies), until its successor reports.
     metrics: Vec<Option<Snapshot>>,
+    /// Whether `metrics[w]` came over the current link to `w`.
+    reported: Vec<bool>,
     /// Per room with remote members: the members each worker holds.
     counts: FxHashMap<Arc<str>, Box<[u64]>>,
     generations: u64,
@@ -103,7 +106,8 @@ impl Peers {
 
     fn forget(&mut self, worker: usize) {
         self.links[worker] = None;
-        self.metrics[worker] = None;
+        self.metrics[worker] = self.metrics[worker].take().map(|s| s.counters());
+        self.reported[worker] = false;
         self.counts.retain(|_, per| {
             per[worker] = 0;
             per.iter().any(|&c| c > 0)
@@ -124,7 +128,12 @@ pub struct WorkerBus {
     broadcast_equivalent: AtomicU64,
     /// Room messages received from other workers.
     received: AtomicU64,
+    started: std::time::Instant,
 }
+
+/// How long a worker that just started waits for every peer's counters before it answers
+/// /metrics anyway (a peer that is down may never report).
+const METRICS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Worker `worker`'s socket in the bus directory.
 pub fn socket_path(dir: &Path, worker: usize) -> PathBuf {
@@ -134,7 +143,8 @@ pub fn socket_path(dir: &Path, worker: usize) -> PathBuf {
 /// Whether a file in the bus directory is one the workers make (their sockets; files of
 /// earlier versions too), which whoever prepares the directory for a new run may remove.
 pub fn is_bus_file(name: &str) -> bool {
-    (name.starts_with("worker-") && name.ends_with(".sock"))
+    (name.starts_with("worker-")
+        && (name.ends_with(".sock") || name.ends_with(".counters") || name.ends_with(".tmp")))
         || (name.starts_with("metrics-") && name.ends_with(".json"))
         || (name.starts_with(".metrics-") && name.ends_with(".tmp"))
 }
@@ -182,12 +192,14 @@ impl WorkerBus {
             peers: Mutex::new(Peers {
                 links: (0..workers).map(|_| None).collect(),
                 metrics: (0..workers).map(|_| None).collect(),
+                reported: vec![false; workers],
                 counts: FxHashMap::default(),
                 generations: 0,
             }),
             routed: AtomicU64::new(0),
             broadcast_equivalent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         });
         for peer in 0..me {
             let b = bus.clone();
@@ -398,7 +410,12 @@ impl WorkerBus {
                 Wire::Metrics(snapshot) => {
                     let mut peers = self.lock();
                     if peers.is_current(peer, generation) {
-                        peers.metrics[peer] = Some(*snapshot);
+                        let mut snapshot = *snapshot;
+                        if let Some(before) = &peers.metrics[peer] {
+                            snapshot.max_counters(before);
+                        }
+                        peers.metrics[peer] = Some(snapshot);
+                        peers.reported[peer] = true;
                     }
                 }
                 Wire::Bounce {
@@ -589,5 +606,20 @@ impl Bus for WorkerBus {
 
     fn peer_metrics(&self) -> Vec<Snapshot> {
         self.lock().metrics.iter().flatten().cloned().collect()
+    }
+
+    fn seed_metrics(&self, worker: usize, counters: Snapshot) {
+        let mut peers = self.lock();
+        if worker != self.me && worker < peers.metrics.len() && peers.metrics[worker].is_none() {
+            peers.metrics[worker] = Some(counters);
+        }
+    }
+
+    fn metrics_ready(&self) -> bool {
+        if self.started.elapsed() >= METRICS_WAIT {
+            return true;
+        }
+        let peers = self.lock();
+        (0..self.workers).all(|w| w == self.me || peers.reported[w])
     }
 }

@@ -378,6 +378,16 @@ impl Bus for RedisBus {
             .map_or_else(Vec::new, |h| h.peer_metrics())
     }
 
+    fn seed_metrics(&self, worker: usize, counters: Snapshot) {
+        if let Some(h) = &self.host {
+            h.seed_metrics(worker, counters);
+        }
+    }
+
+    fn metrics_ready(&self) -> bool {
+        self.host.as_ref().is_none_or(|h| h.metrics_ready())
+    }
+
     fn remote(&self) -> RemoteStats {
         let s = &self.pending.stats;
         RemoteStats {

@@ -34,6 +34,12 @@ impl Routes {
                 handshake::response(200, "", "text/plain; charset=utf-8", &body)
             }
             "/healthz" => handshake::response(503, "", "text/plain; charset=utf-8", "draining\n"),
+            "/metrics" if !bus.metrics_ready() => handshake::response(
+                503,
+                "Retry-After: 1\r\n",
+                "text/plain; charset=utf-8",
+                "this worker just started and waits for the others' counters\n",
+            ),
             "/metrics" => {
                 let (total, received_by_worker) = super::server_snapshot(&self.shared);
                 let body = super::metrics::render(

@@ -100,6 +100,8 @@ fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         accepting: AtomicBool::new(true),
         process: PROCESS,
         admission: Arc::default(),
+        carried: Default::default(),
+        published: std::sync::Mutex::new(None),
         config,
     });
     let settings = RelaySettings {
