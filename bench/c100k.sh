@@ -27,6 +27,9 @@
 #   BENCH_PUBLISH_SECONDS message phase length (default 10)
 #   BENCH_CONNECT_RATE    connects started per second (default 30000)
 #   BENCH_LOAD_PROCESSES  load processes (default: tunegate load decides, at least 2)
+#   BENCH_SATURATION_S    the daemon's saturation watch interval (default 1: five times its
+#                         default rate, so the daemon's CPU during the hold bounds the watch's
+#                         cost from above)
 #   BENCH_OUT             results path without extension (default bench/results/c100k)
 #
 # Bounded: every wait has a timeout, tunegate load has --max-time, and the trap stops every
@@ -49,6 +52,7 @@ publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
 connect_rate=${BENCH_CONNECT_RATE:-30000}
 load_processes=${BENCH_LOAD_PROCESSES:-}
 out=${BENCH_OUT:-bench/results/c100k}
+export BENCH_SATURATION_S=${BENCH_SATURATION_S:-1}
 port=18080
 
 [[ $(id -u) == 0 ]] || die "run as root (it creates a network namespace)"
@@ -113,9 +117,12 @@ wait_phase() {  # wait_phase NAME SECONDS: the load reached phase NAME (not: it 
 }
 wait_phase hold 300 || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
 rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
+daemon_cpu() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
+dcpu1=$(daemon_cpu)
 pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
+dcpu2=$(daemon_cpu)
 rss2=$(workers_sum rss)
 wait "$load_pid" && load_rc=0 || load_rc=$?
 # The workers' counters travel the bus every half second: wait until every connection's close
@@ -128,10 +135,12 @@ tail -n 8 "$work/load.log" >&2
 
 python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "$rss2" "$slab0" "$slab1" \
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
-    "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" <<'PY'
+    "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
+    "$BENCH_SATURATION_S" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
- pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs) = sys.argv[1:]
+ pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
+ sat_s) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -140,6 +149,7 @@ except Exception as e:
 hz = os.sysconf("SC_CLK_TCK")
 held_s = float(t2) - float(t1)
 hb_cpu = (int(cpu2) - int(cpu1)) / hz
+daemon_cpu = (int(dcpu2) - int(dcpu1)) / hz
 pings = int(pings2) - int(pings1)
 rss_per = (int(rss1) - int(rss0)) * 1024 / conns
 slab_per = (int(slab1) - int(slab0)) * 1024 / conns
@@ -165,6 +175,9 @@ res = {
     "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
     "heartbeat_cpu_seconds": round(hb_cpu, 2),
     "heartbeat_cpu_share_of_one_core": round(hb_cpu / held_s, 4) if held_s else None,
+    "saturation_interval_s": int(sat_s),
+    "daemon_cpu_seconds_during_hold": round(daemon_cpu, 3),
+    "daemon_cpu_share_of_one_core": round(daemon_cpu / held_s, 5) if held_s else None,
     "pings_answered_by_clients": r.get("pings_answered"),
     "rooms": rooms, "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
     "sent": r.get("sent"), "expected": r.get("expected"), "received": r.get("received"),
@@ -188,6 +201,7 @@ md = [
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
     "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
     "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
+    "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),
     "| room messages (rooms %s) | %s sent at %.0f/s |" % (rooms, r.get("sent"), r.get("publish_rate_achieved") or 0),
     "| deliveries received / expected | %s / %s (lost %s) |" % (r.get("received"), r.get("expected"), r.get("lost")),
     "| delivery latency p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % (lat.get("p50_ms"), lat.get("p99_ms"), lat.get("p999_ms"), lat.get("max_ms")),

@@ -78,6 +78,8 @@ server:
 $2
 drift:
   interval_s: 0
+saturation:
+  interval_s: ${BENCH_SATURATION_S:-5}
 EOF
     # Not through in_ns: a backgrounded function is a subshell, and $! must be the daemon.
     ip netns exec "$ns" "$bin" run --config "$work/tunegate.yaml" 2>"$work/daemon.log" &

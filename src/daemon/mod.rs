@@ -77,6 +77,9 @@ struct Daemon {
     watch: saturation::Watch,
     /// What the metrics listener serves.
     page: metrics::Page,
+    /// Each running worker's listener inodes, found once per process (a readlink per
+    /// descriptor is too dear to repeat every sample with 20,000 connections held).
+    listener_inodes: HashMap<u32, Option<std::collections::HashSet<u64>>>,
 }
 
 /// A child ended: (worker, pid, how).
@@ -118,6 +121,7 @@ impl Daemon {
             incarnations,
             watch,
             page: metrics::Page::default(),
+            listener_inodes: HashMap::new(),
         }
     }
 
@@ -250,13 +254,16 @@ impl Daemon {
             .filter_map(|(i, w)| w.pid.map(|p| (i, p)))
             .collect();
         let mut processes = Vec::new();
+        self.listener_inodes
+            .retain(|pid, _| workers.iter().any(|(_, p)| p == pid));
         for (i, pid) in workers {
             let name = if self.sizing.workers > 1 {
                 format!("worker-{i}")
             } else {
                 "child".to_string()
             };
-            processes.extend(saturation::sample_process(pid as i32, &name));
+            let inodes = self.listener_inodes.entry(pid).or_default();
+            processes.extend(saturation::sample_process(pid as i32, &name, inodes));
         }
         let somaxconn = tuning::tunables::SysctlKey::parse("net.core.somaxconn")
             .ok()

@@ -10,6 +10,8 @@
 //! does not grow with them (BENCHMARKS.md measures it with 100,000 held). /proc/net is the
 //! reading process's network namespace: the daemon's, which its server shares.
 
+use std::collections::HashSet;
+
 use super::Host;
 use super::process;
 use crate::tunables::SysctlKey;
@@ -157,8 +159,10 @@ pub fn sample_host(host: &Host) -> HostSample {
 
 /// One server process's levels: descriptors against its soft RLIMIT_NOFILE, and the fullest
 /// accept queue of each port it (or its children) listens on. `name` says which process
-/// (`worker-0`, `child`); a process that is gone gives nothing.
-pub fn sample_process(pid: i32, name: &str) -> Vec<Level> {
+/// (`worker-0`, `child`); a process that is gone gives nothing. `listeners` are the socket
+/// inodes of its listeners, found once (it takes a readlink per descriptor) and kept by the
+/// caller; `None` looks them up.
+pub fn sample_process(pid: i32, name: &str, listeners: &mut Option<HashSet<u64>>) -> Vec<Level> {
     let mut out = Vec::new();
     if let (Ok(used), Ok((soft, _))) = (process::fds_in_use(pid), process::nofile_of(pid)) {
         out.push(Level {
@@ -171,33 +175,48 @@ pub fn sample_process(pid: i32, name: &str) -> Vec<Level> {
                 .into(),
         });
     }
-    if let Ok(listeners) = process::listeners_of(pid) {
-        let mut ports: Vec<u16> = listeners.iter().map(|l| l.port).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        for port in ports {
-            let (queued, limit) = listeners
-                .iter()
-                .filter(|l| l.port == port)
-                .map(|l| (l.queued, l.backlog))
-                .max_by(|a, b| {
-                    let r = |(q, b): (u32, u32)| q as f64 / b.max(1) as f64;
-                    r(*a).total_cmp(&r(*b))
-                })
-                .unwrap_or((0, 0));
-            out.push(Level {
-                id: format!("accept_queue.{name}.{port}"),
-                what: format!(
-                    "connections waiting in {name}'s fullest accept queue on port {port} \
-                     against its limit"
-                ),
-                used: queued.into(),
-                limit: limit.into(),
-                fix: "raise net.core.somaxconn and the server's listen() backlog, or add \
-                      workers: the process does not accept fast enough"
-                    .into(),
-            });
-        }
+    let Ok(all) = process::all_listeners() else {
+        return out;
+    };
+    if listeners.is_none() {
+        let held = process::socket_inodes(&process::process_tree(pid));
+        let mine: HashSet<u64> = all
+            .iter()
+            .map(|l| l.inode)
+            .filter(|i| held.contains(i))
+            .collect();
+        // Not listening yet: looked up again next time.
+        *listeners = (!mine.is_empty()).then_some(mine);
+    }
+    let Some(inodes) = listeners.as_ref() else {
+        return out;
+    };
+    let mine: Vec<&process::Listener> = all.iter().filter(|l| inodes.contains(&l.inode)).collect();
+    let mut ports: Vec<u16> = mine.iter().map(|l| l.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        let (queued, limit) = mine
+            .iter()
+            .filter(|l| l.port == port)
+            .map(|l| (l.queued, l.backlog))
+            .max_by(|a, b| {
+                let r = |(q, b): (u32, u32)| q as f64 / b.max(1) as f64;
+                r(*a).total_cmp(&r(*b))
+            })
+            .unwrap_or((0, 0));
+        out.push(Level {
+            id: format!("accept_queue.{name}.{port}"),
+            what: format!(
+                "connections waiting in {name}'s fullest accept queue on port {port} against \
+                 its limit"
+            ),
+            used: queued.into(),
+            limit: limit.into(),
+            fix: "raise net.core.somaxconn and the server's listen() backlog, or add workers: \
+                  the process does not accept fast enough"
+                .into(),
+        });
     }
     out
 }
@@ -302,7 +321,9 @@ mod tests {
     fn this_process_has_descriptors_and_a_listener() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let levels = sample_process(std::process::id() as i32, "self");
+        let mut inodes = None;
+        let levels = sample_process(std::process::id() as i32, "self", &mut inodes);
+        assert!(inodes.is_some(), "found once, kept by the caller");
         let fds = levels.iter().find(|l| l.id == "descriptors.self").unwrap();
         assert!(fds.used > 0 && fds.limit >= fds.used, "{fds:?}");
         let q = levels
@@ -311,6 +332,8 @@ mod tests {
             .unwrap();
         assert_eq!(q.used, 0);
         assert!(q.limit > 0);
-        assert!(sample_process(i32::MAX, "gone").is_empty());
+        let again = sample_process(std::process::id() as i32, "self", &mut inodes);
+        assert_eq!(again, levels);
+        assert!(sample_process(i32::MAX, "gone", &mut None).is_empty());
     }
 }
