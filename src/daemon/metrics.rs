@@ -102,8 +102,6 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 /// The page for one sample.
 pub fn render(host: &HostSample, levels: &[Level]) -> String {
     let mut s = String::new();
-    let one = |v: u64| vec![(String::new(), v as f64)];
-    let by_id = |id: &str| levels.iter().find(|l| l.id == id);
     family(
         &mut s,
         "saturation_ratio",
@@ -114,6 +112,14 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
             .map(|l| (labels(&[("resource", &l.id)]), l.ratio()))
             .collect::<Vec<_>>(),
     );
+    process_families(&mut s, levels);
+    tcp_families(&mut s, host, levels);
+    limit_families(&mut s, host, levels);
+    s
+}
+
+/// Per server process: descriptors and accept queues.
+fn process_families(s: &mut String, levels: &[Level]) {
     let per = |prefix: &str, limit: bool| -> Vec<(String, f64)> {
         levels
             .iter()
@@ -130,35 +136,41 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
             .collect()
     };
     family(
-        &mut s,
+        s,
         "process_open_fds",
         "gauge",
         "Descriptors each server process holds.",
         &per("descriptors.", false),
     );
     family(
-        &mut s,
+        s,
         "process_max_fds",
         "gauge",
         "Each server process's soft RLIMIT_NOFILE.",
         &per("descriptors.", true),
     );
     family(
-        &mut s,
+        s,
         "listen_queue_length",
         "gauge",
         "Connections waiting in each server process's fullest accept queue per port.",
         &per("accept_queue.", false),
     );
     family(
-        &mut s,
+        s,
         "listen_queue_limit",
         "gauge",
         "That accept queue's limit: min(listen() backlog, net.core.somaxconn).",
         &per("accept_queue.", true),
     );
+}
+
+/// TCP sockets and memory (this network namespace; memory host-wide).
+fn tcp_families(s: &mut String, host: &HostSample, levels: &[Level]) {
+    let one = |v: u64| vec![(String::new(), v as f64)];
+    let by_id = |id: &str| levels.iter().find(|l| l.id == id);
     family(
-        &mut s,
+        s,
         "tcp_sockets",
         "gauge",
         "TCP sockets in this network namespace, by state (/proc/net/sockstat, IPv4 and IPv6 in use).",
@@ -170,14 +182,14 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
     );
     if let Some(marks) = host.tcp_mem_marks_bytes {
         family(
-            &mut s,
+            s,
             "tcp_memory_bytes",
             "gauge",
             "Memory the kernel's TCP stack holds (host-wide).",
             &one(host.tcp_memory_bytes),
         );
         family(
-            &mut s,
+            s,
             "tcp_mem_threshold_bytes",
             "gauge",
             "net.ipv4.tcp_mem's marks in bytes: low, pressure (buffers start to shrink), high (allocations fail).",
@@ -188,16 +200,9 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
             ],
         );
     }
-    let gauge_of =
-        |s: &mut String, id: &str, used: &str, limit: &str, help_used: &str, help_limit: &str| {
-            if let Some(l) = by_id(id) {
-                family(s, used, "gauge", help_used, &one(l.used));
-                family(s, limit, "gauge", help_limit, &one(l.limit));
-            }
-        };
     if let Some(l) = by_id("tcp_orphans") {
         family(
-            &mut s,
+            s,
             "tcp_max_orphans",
             "gauge",
             "net.ipv4.tcp_max_orphans.",
@@ -206,15 +211,28 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
     }
     if let Some(l) = by_id("tcp_time_wait") {
         family(
-            &mut s,
+            s,
             "tcp_max_tw_buckets",
             "gauge",
             "net.ipv4.tcp_max_tw_buckets.",
             &one(l.limit),
         );
     }
+}
+
+/// Files, conntrack, ephemeral ports and the kernel's drop counters.
+fn limit_families(s: &mut String, host: &HostSample, levels: &[Level]) {
+    let one = |v: u64| vec![(String::new(), v as f64)];
+    let by_id = |id: &str| levels.iter().find(|l| l.id == id);
+    let gauge_of =
+        |s: &mut String, id: &str, used: &str, limit: &str, help_used: &str, help_limit: &str| {
+            if let Some(l) = by_id(id) {
+                family(s, used, "gauge", help_used, &one(l.used));
+                family(s, limit, "gauge", help_limit, &one(l.limit));
+            }
+        };
     gauge_of(
-        &mut s,
+        s,
         "files",
         "files_open",
         "files_max",
@@ -222,33 +240,40 @@ pub fn render(host: &HostSample, levels: &[Level]) -> String {
         "fs.file-max.",
     );
     gauge_of(
-        &mut s,
+        s,
         "conntrack",
         "conntrack_entries",
         "conntrack_entries_limit",
         "Connection-tracking entries (net.netfilter.nf_conntrack_count).",
         "net.netfilter.nf_conntrack_max.",
     );
+    gauge_of(
+        s,
+        "ephemeral_ports",
+        "ephemeral_ports_in_use",
+        "ephemeral_ports_usable",
+        "Local ports in use towards the busiest (source address, destination) pair.",
+        "Ports of net.ipv4.ip_local_port_range not in ip_local_reserved_ports: the most one pair can use.",
+    );
     family(
-        &mut s,
+        s,
         "tcp_listen_overflows_total",
         "counter",
         "Times a listener's accept queue was full (TcpExt ListenOverflows).",
         &one(host.drops.listen_overflows),
     );
     family(
-        &mut s,
+        s,
         "tcp_listen_drops_total",
         "counter",
         "Connection requests dropped at listeners (TcpExt ListenDrops).",
         &one(host.drops.listen_drops),
     );
     family(
-        &mut s,
+        s,
         "tcp_backlog_drops_total",
         "counter",
         "Segments dropped because a socket's backlog was full (TcpExt TCPBacklogDrop).",
         &one(host.drops.backlog_drops),
     );
-    s
 }

@@ -254,6 +254,14 @@ impl Daemon {
             .filter_map(|(i, w)| w.pid.map(|p| (i, p)))
             .collect();
         let mut processes = Vec::new();
+        let outgoing = self
+            .config
+            .saturation
+            .ephemeral_ports
+            .unwrap_or(self.profile.proxy.is_some());
+        if outgoing && let Some(level) = saturation::sample_ephemeral(&self.opts.host) {
+            processes.push(level);
+        }
         self.listener_inodes
             .retain(|pid, _| workers.iter().any(|(_, p)| p == pid));
         for (i, pid) in workers {

@@ -31,6 +31,10 @@ pub struct Settings {
     pub warn_percent: u8,
     /// ... and at or above this one an error.
     pub error_percent: u8,
+    /// Sample the ephemeral ports in use per (source, destination) pair (`ephemeral_ports`):
+    /// one dump of every TCP socket per sample, so its cost grows with the connections. Default:
+    /// on when the profile has a `proxy:` section (a host that connects out), off otherwise.
+    pub ephemeral_ports: Option<bool>,
 }
 
 impl Default for Settings {
@@ -39,6 +43,7 @@ impl Default for Settings {
             interval_s: 5,
             warn_percent: 80,
             error_percent: 95,
+            ephemeral_ports: None,
         }
     }
 }

@@ -9,6 +9,10 @@ watched, so no WebSocket is needed), bounded in count and time.
         Starts N non-blocking connects at once (the server is stopped, so its accept queue
         fills and the kernel counts overflows), waits 2 s, closes them all.
 
+    saturation.py churn HOST PORT N
+        Opens N connections one after the other and closes each at once from this side, so
+        each leaves its local port in TIME_WAIT for 60 s; then waits 3 s.
+
 Prints "saturation: ok ..." and exits 0.
 """
 
@@ -44,10 +48,20 @@ def burst(host, port, n):
     print(f"saturation: ok burst ({n} connects)")
 
 
+def churn(host, port, n):
+    for _ in range(n):
+        s = socket.create_connection((host, port), timeout=5)
+        s.close()
+    time.sleep(3)
+    print(f"saturation: ok churn ({n} connections opened and closed)")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "hold":
         hold(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif cmd == "churn":
+        churn(args[0], int(args[1]), int(args[2]))
     elif cmd == "burst":
         burst(args[0], int(args[1]), int(args[2]))
     else:

@@ -125,12 +125,51 @@ const fn libc_af_inet6() -> u8 {
 
 /// Every TCP socket in LISTEN state of one address family in this network namespace.
 fn listening_sockets(family: u8) -> anyhow::Result<Vec<Listener>> {
+    const TCP_LISTEN: u32 = 10;
+    Ok(dump(family, 1 << TCP_LISTEN)?
+        .into_iter()
+        .map(|s| Listener {
+            port: s.sport,
+            ipv6: family == libc_af_inet6(),
+            queued: s.rqueue,
+            backlog: s.wqueue,
+            inode: s.inode,
+        })
+        .collect())
+}
+
+/// One TCP socket as sock_diag describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Socket {
+    pub src: std::net::IpAddr,
+    pub sport: u16,
+    pub dst: std::net::IpAddr,
+    pub dport: u16,
+    /// The kernel's TCP state number (1 established, 2 syn-sent, 6 time-wait, 10 listen, ...).
+    pub state: u8,
+    /// For a listener: connections waiting; otherwise bytes not yet read.
+    pub rqueue: u32,
+    /// For a listener: the accept queue's limit; otherwise bytes not yet acknowledged.
+    pub wqueue: u32,
+    pub inode: u64,
+}
+
+/// Every TCP socket of both families in this network namespace whose state is not LISTEN:
+/// what holds a local port (established, connecting, closing, TIME_WAIT). One dump per family.
+pub fn connections() -> anyhow::Result<Vec<Socket>> {
+    const ALL_BUT_LISTEN: u32 = 0xfff & !(1 << 10);
+    let mut all = dump(libc_af_inet(), ALL_BUT_LISTEN)?;
+    all.extend(dump(libc_af_inet6(), ALL_BUT_LISTEN)?);
+    Ok(all)
+}
+
+/// A sock_diag dump of the TCP sockets of `family` whose state is in `states` (a bit per state).
+fn dump(family: u8, states: u32) -> anyhow::Result<Vec<Socket>> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
-    const TCP_LISTEN: u32 = 10;
     const IPPROTO_TCP: u8 = 6;
 
     let fd = socket(
@@ -148,7 +187,7 @@ fn listening_sockets(family: u8) -> anyhow::Result<Vec<Listener>> {
     req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
     req.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-    req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req.extend_from_slice(&states.to_ne_bytes());
     req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: match everything
     sendto(
         fd.as_raw_fd(),
@@ -158,6 +197,15 @@ fn listening_sockets(family: u8) -> anyhow::Result<Vec<Listener>> {
     )
     .context("sock_diag request")?;
 
+    let addr = |b: &[u8]| -> std::net::IpAddr {
+        if family == libc_af_inet6() {
+            let a: [u8; 16] = b[..16].try_into().expect("16 bytes");
+            std::net::IpAddr::from(a)
+        } else {
+            let a: [u8; 4] = b[..4].try_into().expect("4 bytes");
+            std::net::IpAddr::from(a)
+        }
+    };
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -175,11 +223,14 @@ fn listening_sockets(family: u8) -> anyhow::Result<Vec<Listener>> {
                 NLMSG_ERROR => anyhow::bail!("sock_diag refused the request"),
                 _ if len >= 16 + 72 => {
                     let m = at + 16; // inet_diag_msg
-                    out.push(Listener {
-                        port: u16::from_be_bytes([buf[m + 4], buf[m + 5]]),
-                        ipv6: buf[m] == libc_af_inet6(),
-                        queued: u32_at(m + 56),
-                        backlog: u32_at(m + 60),
+                    out.push(Socket {
+                        state: buf[m + 1],
+                        sport: u16::from_be_bytes([buf[m + 4], buf[m + 5]]),
+                        dport: u16::from_be_bytes([buf[m + 6], buf[m + 7]]),
+                        src: addr(&buf[m + 8..m + 24]),
+                        dst: addr(&buf[m + 24..m + 40]),
+                        rqueue: u32_at(m + 56),
+                        wqueue: u32_at(m + 60),
                         inode: u32_at(m + 68) as u64,
                     });
                 }
@@ -213,6 +264,25 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(counted, listed);
+    }
+
+    #[test]
+    fn our_own_connection_is_dumped_with_both_ends() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let local = c.local_addr().unwrap();
+        let all = connections().unwrap();
+        let mine = all
+            .iter()
+            .find(|s| s.sport == local.port() && s.dport == port)
+            .expect("the client end");
+        assert_eq!(mine.state, 1, "established");
+        assert_eq!(mine.dst, local.ip());
+        assert!(
+            all.iter().all(|s| s.state != 10),
+            "no listener in this dump"
+        );
     }
 
     #[test]

@@ -221,6 +221,57 @@ pub fn sample_process(pid: i32, name: &str, listeners: &mut Option<HashSet<u64>>
     out
 }
 
+/// Local ports in use towards the busiest (source address, destination address, destination
+/// port) against the ephemeral range less its reserved ports: what runs out first on a host
+/// that connects out (a proxy, a load generator), since each such pair can hold at most that
+/// many connections, TIME_WAIT ones included. One sock_diag dump of every TCP socket that is
+/// not listening: its cost grows with the connections, so the daemon takes it only where the
+/// host connects out (docs/daemon.md). None when the range is not visible or the dump fails.
+pub fn sample_ephemeral(host: &Host) -> Option<Level> {
+    let read = |k: &str| -> Option<String> { host.read_sysctl(&SysctlKey::parse(k).ok()?).ok()? };
+    let range: Vec<u16> = read("net.ipv4.ip_local_port_range")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [lo, hi] = range[..] else {
+        return None;
+    };
+    let reserved = read("net.ipv4.ip_local_reserved_ports")
+        .and_then(|t| crate::tunables::PortSet::parse(&t).ok())
+        .unwrap_or_default();
+    let ephemeral = |p: u16| lo <= p && p <= hi && !reserved.contains(p);
+    let usable = (lo..=hi).filter(|p| ephemeral(*p)).count() as u64;
+    let mut pairs: std::collections::HashMap<(std::net::IpAddr, std::net::IpAddr, u16), u64> =
+        std::collections::HashMap::new();
+    for s in process::connections().ok()? {
+        if ephemeral(s.sport) {
+            *pairs.entry((s.src, s.dst, s.dport)).or_default() += 1;
+        }
+    }
+    let busiest = pairs.into_iter().max_by_key(|(_, n)| *n);
+    let what = match busiest {
+        Some(((src, dst, dport), _)) => format!(
+            "local ports in use from {src} to {} (the busiest pair), against the ephemeral \
+             range {lo}-{hi} less its reserved ports",
+            std::net::SocketAddr::new(dst, dport)
+        ),
+        None => format!(
+            "local ports in use towards any one destination (none now), against the \
+             ephemeral range {lo}-{hi} less its reserved ports"
+        ),
+    };
+    Some(Level {
+        id: "ephemeral_ports".into(),
+        what,
+        used: busiest.map_or(0, |(_, n)| n),
+        limit: usable,
+        fix: "widen net.ipv4.ip_local_port_range, or connect out from more source addresses or \
+              to more destination addresses or ports; a closed connection keeps its port 60 s \
+              in TIME_WAIT"
+            .into(),
+    })
+}
+
 /// `key value key value ...` after `prefix` on its line of /proc/net/sockstat.
 fn fields<'a>(text: &'a str, prefix: &str) -> impl Fn(&str) -> Option<u64> + 'a {
     let line = text
@@ -332,8 +383,11 @@ mod tests {
             .unwrap();
         assert_eq!(q.used, 0);
         assert!(q.limit > 0);
+        // Again with what was found kept: the same levels (their figures move with the other
+        // tests running in this process).
         let again = sample_process(std::process::id() as i32, "self", &mut inodes);
-        assert_eq!(again, levels);
+        let ids = |v: &[Level]| v.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&again), ids(&levels));
         assert!(sample_process(i32::MAX, "gone", &mut None).is_empty());
     }
 }
