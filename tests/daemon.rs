@@ -1132,3 +1132,51 @@ fn ephemeral_port_and_time_wait_pressure_is_said() {
         "{line}"
     );
 }
+
+/// The watch works for any child: a custom command (a Python listener) is sampled as `child`
+/// (its descriptors, its accept queue), listed in the status and served on the daemon's own
+/// metrics listener, with the drop counters and their rates.
+#[test]
+fn a_custom_command_is_watched_too() {
+    let config = format!(
+        "{}mode: warn\nsaturation:\n  interval_s: 1\nmetrics_listen: 127.0.0.1:19466\n",
+        child("listen")
+    );
+    let d = Daemon::start(&config, None);
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    let sampled = |d: &Daemon| {
+        let st = d.status();
+        let ids: Vec<String> = st["saturation"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|x| x["id"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.contains(&"descriptors.child".to_string())
+            && ids.contains(&"accept_queue.child.18080".to_string())
+            && st["drops"]["listen_overflows_per_second"].is_number()
+    };
+    d.wait_for(Duration::from_secs(5), "the child sampled", sampled);
+    let page = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &d.ns.name,
+            "curl",
+            "-sf",
+            "http://127.0.0.1:19466/metrics",
+        ])
+        .output()
+        .unwrap();
+    let text = stdout(&page);
+    assert!(
+        text.contains("tunegate_process_open_fds{process=\"child\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tunegate_listen_queue_limit{process=\"child\",port=\"18080\"}"),
+        "{text}"
+    );
+}

@@ -124,7 +124,8 @@ fn process_families(s: &mut String, levels: &[Level]) {
         levels
             .iter()
             .filter_map(|l| {
-                let rest = l.id.strip_prefix(prefix)?;
+                // The whole server's sum is a ratio only: its own figures are the workers'.
+                let rest = l.id.strip_prefix(prefix).filter(|r| *r != "server")?;
                 let v = if limit { l.limit } else { l.used };
                 Some(match rest.rsplit_once('.') {
                     Some((process, port)) if prefix == "accept_queue." => {

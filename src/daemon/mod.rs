@@ -273,6 +273,25 @@ impl Daemon {
             let inodes = self.listener_inodes.entry(pid).or_default();
             processes.extend(saturation::sample_process(pid as i32, &name, inodes));
         }
+        if self.sizing.workers > 1 {
+            // The whole server, as well as each worker.
+            let fds: Vec<&tuning::host::saturation::Level> = processes
+                .iter()
+                .filter(|l| l.id.starts_with("descriptors.worker-"))
+                .collect();
+            if !fds.is_empty() {
+                processes.push(tuning::host::saturation::Level {
+                    id: "descriptors.server".into(),
+                    what: format!(
+                        "descriptors of all {} workers against their limits",
+                        fds.len()
+                    ),
+                    used: fds.iter().map(|l| l.used).sum(),
+                    limit: fds.iter().map(|l| l.limit).sum(),
+                    fix: "raise limits.nofile, or target_connections for more workers".into(),
+                });
+            }
+        }
         let somaxconn = tuning::tunables::SysctlKey::parse("net.core.somaxconn")
             .ok()
             .and_then(|k| self.opts.host.read_sysctl(&k).ok().flatten())
@@ -301,6 +320,7 @@ impl Daemon {
             *p = page;
         }
         self.status.saturation = levels;
+        self.status.drops = Some(self.watch.drops.clone());
         self.status.last_saturation_sample = Some(now());
         if let Err(e) = self.status.save(&self.config.status_file) {
             self.log.warn(&format!("cannot write status file: {e:#}"));

@@ -59,6 +59,18 @@ pub struct LevelStatus {
     pub ratio: f64,
 }
 
+/// The kernel's drop counters as the status file shows them: totals, and per second over the
+/// last sample's interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DropsStatus {
+    pub listen_overflows_total: u64,
+    pub listen_drops_total: u64,
+    pub backlog_drops_total: u64,
+    pub listen_overflows_per_second: f64,
+    pub listen_drops_per_second: f64,
+    pub backlog_drops_per_second: f64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Band {
     Ok,
@@ -76,6 +88,8 @@ pub struct Watch {
     unsaid_drops: u64,
     unsaid_since: Option<Instant>,
     last_overflow_line: Option<Instant>,
+    /// The drop counters and their recent rates, for the status.
+    pub drops: DropsStatus,
 }
 
 impl Watch {
@@ -88,6 +102,7 @@ impl Watch {
             unsaid_drops: 0,
             unsaid_since: None,
             last_overflow_line: None,
+            drops: DropsStatus::default(),
         }
     }
 
@@ -185,6 +200,26 @@ impl Watch {
         now: Instant,
     ) -> Option<(Priority, String)> {
         let previous = self.last_drops.replace((drops, now));
+        let rate = |now: u64, before: u64, secs: f64| {
+            now.checked_sub(before).map_or(0.0, |d| d as f64 / secs)
+        };
+        let secs = previous.map_or(0.0, |(_, t)| now.duration_since(t).as_secs_f64());
+        self.drops = DropsStatus {
+            listen_overflows_total: drops.listen_overflows,
+            listen_drops_total: drops.listen_drops,
+            backlog_drops_total: drops.backlog_drops,
+            ..DropsStatus::default()
+        };
+        if let Some((before, _)) = previous
+            && secs > 0.0
+        {
+            self.drops.listen_overflows_per_second =
+                rate(drops.listen_overflows, before.listen_overflows, secs);
+            self.drops.listen_drops_per_second =
+                rate(drops.listen_drops, before.listen_drops, secs);
+            self.drops.backlog_drops_per_second =
+                rate(drops.backlog_drops, before.backlog_drops, secs);
+        }
         let (before, _) = previous?;
         // A counter that went down is a new namespace or a reboot of the counters: start over.
         let overflows = drops
@@ -329,6 +364,12 @@ mod tests {
         let (lines, _) = w.observe(&sample(vec![], 1312), vec![], &ctx, at(5));
         assert_eq!(lines.len(), 1);
         assert!(lines[0].1.contains("overflowed 312 times"), "{lines:?}");
+        assert_eq!(w.drops.listen_overflows_total, 1312);
+        assert!(
+            (w.drops.listen_overflows_per_second - 62.4).abs() < 1e-9,
+            "{:?}",
+            w.drops
+        );
         assert!(lines[0].1.contains("somaxconn (now 4096)") && lines[0].1.contains("limit 511"));
         assert!(
             w.observe(&sample(vec![], 1400), vec![], &ctx, at(10))

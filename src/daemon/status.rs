@@ -36,6 +36,9 @@ pub struct Status {
     pub saturation: Vec<super::saturation::LevelStatus>,
     #[serde(default)]
     pub last_saturation_sample: Option<u64>,
+    /// The kernel's connection-drop counters and their rates over the last sample's interval.
+    #[serde(default)]
+    pub drops: Option<super::saturation::DropsStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -148,6 +151,17 @@ impl Status {
                     l.what
                 ));
             }
+        }
+        if let Some(d) = &self.drops {
+            s.push_str(&format!(
+                "accept-queue overflows {} ({:.1}/s), listen drops {} ({:.1}/s), backlog drops {} ({:.1}/s)\n",
+                d.listen_overflows_total,
+                d.listen_overflows_per_second,
+                d.listen_drops_total,
+                d.listen_drops_per_second,
+                d.backlog_drops_total,
+                d.backlog_drops_per_second
+            ));
         }
         for f in &self.failing_checks {
             s.push_str(&format!("FAIL {f}\n"));
