@@ -56,6 +56,12 @@ wait_active
 status=$(ct_exec systemctl show -p StatusText --value tunegate)
 [[ $status == running:* ]] || fail "the daemon's STATUS= is '$status'"
 ok "tunegate.service active (running), Type=notify, STATUS=\"$status\""
+# The unit's UMask=0077 must not hide the status from an operator who is not root.
+ct_exec setpriv --reuid=nobody --regid=nogroup --clear-groups tunegate status >"$work/status.txt" 2>&1 ||
+    { cat "$work/status.txt" >&2; fail "tunegate status as user nobody"; }
+grep -q "saturation, worst first" "$work/status.txt" || { cat "$work/status.txt" >&2; fail "no saturation in the status"; }
+if grep -q "daemon not running" "$work/status.txt"; then cat "$work/status.txt" >&2; fail "the daemon looks dead to user nobody"; fi
+ok "tunegate status works for a user who is not root, with the saturation watch's levels"
 [[ $(ct_exec systemctl is-enabled tunegate) == enabled ]] || fail "not enabled"
 ct_exec test -f /usr/lib/systemd/system/tunegate.service || fail "unit not in /usr/lib/systemd/system"
 for path in /usr/bin/tunegate /usr/share/man/man1/tunegate.1.gz /usr/share/man/man1/tunegate-run.1.gz \

@@ -79,9 +79,13 @@ impl Status {
         Ok(serde_json::from_str(&text)?)
     }
 
-    /// Whether the daemon that wrote this file is still alive.
+    /// Whether the daemon that wrote this file is still alive. EPERM means it is, but belongs
+    /// to another user (the service's, for an operator who is not root).
     pub fn alive(&self) -> bool {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok()
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None) {
+            Ok(()) | Err(nix::errno::Errno::EPERM) => true,
+            Err(_) => false,
+        }
     }
 
     pub fn human(&self) -> String {
