@@ -7,10 +7,9 @@
 //! sharded pub/sub: SSUBSCRIBE/SPUBLISH per room), implements the same trait without touching
 //! the loop or the codec.
 
+use crate::names::NameMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use rustc_hash::FxHashMap;
 
 use super::id::{ConnId, ProcessId};
 use super::metrics::{RemoteStats, Snapshot};
@@ -151,7 +150,7 @@ impl Inbox {
 pub struct LocalBus {
     /// This process: the ids `route` can reach.
     process: ProcessId,
-    directory: Mutex<FxHashMap<Arc<str>, Entry>>,
+    directory: Mutex<NameMap<Entry>>,
     inboxes: Vec<Arc<Inbox>>,
     routed: AtomicU64,
     broadcast_equivalent: AtomicU64,
@@ -161,7 +160,7 @@ impl LocalBus {
     pub fn new(loops: usize, process: ProcessId) -> std::io::Result<LocalBus> {
         Ok(LocalBus {
             process,
-            directory: Mutex::new(FxHashMap::default()),
+            directory: Mutex::new(NameMap::default()),
             inboxes: (0..loops)
                 .map(|_| Inbox::new().map(Arc::new))
                 .collect::<Result<_, _>>()?,

@@ -31,6 +31,7 @@ pub mod handler;
 pub mod handshake;
 pub mod id;
 pub mod metrics;
+pub mod names;
 pub mod outq;
 pub mod peers;
 pub mod protocol;

@@ -21,6 +21,7 @@
 //! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
+use crate::names::NameMap;
 use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -92,7 +93,7 @@ struct Peers {
     /// Whether `metrics[w]` came over the current link to `w`.
     reported: Vec<bool>,
     /// Per room with remote members: the members each worker holds.
-    counts: FxHashMap<Arc<str>, Box<[u64]>>,
+    counts: NameMap<Box<[u64]>>,
     generations: u64,
 }
 
@@ -193,7 +194,7 @@ impl WorkerBus {
                 links: (0..workers).map(|_| None).collect(),
                 metrics: (0..workers).map(|_| None).collect(),
                 reported: vec![false; workers],
-                counts: FxHashMap::default(),
+                counts: NameMap::default(),
                 generations: 0,
             }),
             routed: AtomicU64::new(0),

@@ -36,13 +36,13 @@ mod scripts;
 mod tls;
 pub mod url;
 
+use crate::names::NameSet;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fred::bytes::Bytes;
-use rustc_hash::FxHashSet;
 
 use super::bus::{Ask, Bus, Item, LocalBus};
 use super::id::{ConnId, ProcessId};
@@ -114,7 +114,7 @@ pub(crate) struct Bounce {
 pub(crate) struct Waiting {
     pub asks: Vec<Ask>,
     /// Rooms whose member count in this process changed.
-    pub dirty: FxHashSet<Arc<str>>,
+    pub dirty: NameSet,
     pub out: VecDeque<Outbound>,
     out_bytes: usize,
     pub stopping: bool,

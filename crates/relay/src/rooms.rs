@@ -3,9 +3,10 @@
 //! Membership lives on the room side (a hash set of slot numbers), so a connection pays nothing
 //! per room beyond its own short list of room ids; leaving is O(1) whatever the room's size.
 
+use crate::names::NameMap;
 use std::sync::Arc;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 
 /// A room's index in this loop's table.
 pub type RoomId = u32;
@@ -17,7 +18,7 @@ struct Room {
 
 #[derive(Default)]
 pub struct Rooms {
-    by_name: FxHashMap<Arc<str>, RoomId>,
+    by_name: NameMap<RoomId>,
     rooms: Vec<Option<Room>>,
     free: Vec<RoomId>,
 }
@@ -115,5 +116,47 @@ mod tests {
         let (b, _) = r.join("b", 3);
         assert_eq!(a, b, "freed ids are reused");
         assert_eq!(&**r.name(b), "b");
+    }
+
+    /// Names built to collide under the hasher rooms used before (FxHash) join as fast as
+    /// ordinary ones. The same names in an FxHash map show what they are built for: there every
+    /// insert walks all earlier ones. The bounds are loose, for a machine shared with other tests:
+    /// the quadratic case is hundreds of times slower, the keyed one within noise.
+    #[test]
+    fn adversarial_room_names_join_as_fast_as_ordinary_ones() {
+        let n = 8_000;
+        let evil = crate::names::adversarial::names(n);
+        let plain: Vec<String> = (0..n).map(|i| format!("room-{i:027}")).collect();
+        let rooms = |names: &[String]| {
+            let mut r = Rooms::default();
+            let t = std::time::Instant::now();
+            for (i, name) in names.iter().enumerate() {
+                r.join(name, i as u32);
+            }
+            assert_eq!(r.len(), names.len());
+            t.elapsed()
+        };
+        let fx = |names: &[String]| {
+            let mut m: rustc_hash::FxHashMap<Arc<str>, u32> = Default::default();
+            let t = std::time::Instant::now();
+            for (i, name) in names.iter().enumerate() {
+                m.insert(Arc::from(name.as_str()), i as u32);
+            }
+            t.elapsed()
+        };
+        let (fx_plain, fx_evil) = (fx(&plain), fx(&evil));
+        assert!(
+            fx_evil > fx_plain * 20,
+            "not adversarial: {fx_evil:?} vs {fx_plain:?} under FxHash"
+        );
+        let (plain_t, evil_t) = (rooms(&plain), rooms(&evil));
+        eprintln!(
+            "{n} joins: FxHash {fx_plain:?} ordinary, {fx_evil:?} adversarial; \
+             rooms {plain_t:?} ordinary, {evil_t:?} adversarial"
+        );
+        assert!(
+            evil_t < plain_t * 5 + std::time::Duration::from_millis(20),
+            "adversarial {evil_t:?} against ordinary {plain_t:?} (FxHash: {fx_evil:?})"
+        );
     }
 }

@@ -7,11 +7,12 @@
 //! keys; then the answers go back to the loops. A batch takes one or two round trips however
 //! much it carries, which is what keeps a hop through Redis cheap under load.
 
+use crate::names::{NameMap, NameSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fred::prelude::*;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use tokio::time::Instant;
 
 use super::bridge::{Bridge, RETRY_AFTER};
@@ -92,7 +93,7 @@ impl Bridge {
                 .into_iter()
                 .map(|(room, field)| Cmd::Forget(room, field)),
         );
-        let mut counts = FxHashMap::default();
+        let mut counts = NameMap::default();
         while !cmds.is_empty() {
             let chunk: Vec<Cmd> = cmds.drain(..cmds.len().min(CHUNK)).collect();
             let unknown = self.pipeline(chunk, &mut counts).await;
@@ -121,10 +122,7 @@ impl Bridge {
     /// (checked now for those not checked within `ALIVE_FRESH`). A dead process's field is
     /// forgotten by the next batch. A process whose liveness cannot be read (Redis answered
     /// with an error) is counted: a transient error must not make members vanish.
-    async fn live_totals(
-        &mut self,
-        counts: FxHashMap<Arc<str>, Vec<(String, u64)>>,
-    ) -> FxHashMap<Arc<str>, u64> {
+    async fn live_totals(&mut self, counts: NameMap<Vec<(String, u64)>>) -> NameMap<u64> {
         let own = keys::field(self.process);
         let now = Instant::now();
         let mut ask: Vec<String> = Vec::new();
@@ -162,7 +160,7 @@ impl Bridge {
                     .retain(|_, (_, at)| now.duration_since(*at) < ALIVE_FRESH * 60);
             }
         }
-        let mut totals = FxHashMap::default();
+        let mut totals = NameMap::default();
         for (room, fields) in counts {
             let mut total = 0;
             for (field, n) in fields {
@@ -182,7 +180,7 @@ impl Bridge {
 
     /// Subscribes to the rooms that gained their first member here, unsubscribes from those
     /// that lost their last. A failure leaves the room as it was; the sweep retries.
-    async fn sync_subscriptions(&mut self, rooms: &FxHashSet<Arc<str>>) {
+    async fn sync_subscriptions(&mut self, rooms: &NameSet) {
         let (mut join, mut leave) = (Vec::new(), Vec::new());
         for room in rooms {
             let want = self.local.local_members(room) > 0 && !self.isolated();
@@ -232,7 +230,7 @@ impl Bridge {
     async fn pipeline(
         &mut self,
         chunk: Vec<Cmd>,
-        counts: &mut FxHashMap<Arc<str>, Vec<(String, u64)>>,
+        counts: &mut NameMap<Vec<(String, u64)>>,
     ) -> Vec<Cmd> {
         let p = self.client.pipeline();
         let field = keys::field(self.process);

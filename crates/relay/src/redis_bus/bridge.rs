@@ -10,6 +10,7 @@
 //! alive key, the node claim) and re-checks subscriptions, room by room; every `ROOM_REFRESH`
 //! it also writes every room's count again.
 
+use crate::names::NameSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use fred::interfaces::LuaInterface;
 use fred::prelude::*;
 use fred::types::RespVersion;
 use fred::types::config::{ClusterDiscoveryPolicy, Server};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 use super::{LEASE, Outbound, Pending, RENEW, ROOM_REFRESH, Settings, keys, scripts};
@@ -229,7 +230,7 @@ pub(super) struct Bridge {
     pub(super) local: Arc<LocalBus>,
     pub(super) pending: Arc<Pending>,
     /// Rooms whose channel this process is subscribed to, confirmed by the cluster.
-    pub(super) subscribed: FxHashSet<Arc<str>>,
+    pub(super) subscribed: NameSet,
     /// Whether this process's own channel is subscribed.
     pub(super) listening: bool,
     /// Whether the subscriptions must be made again (a subscriber connection came back).
@@ -272,7 +273,7 @@ impl Bridge {
             sub,
             local,
             pending,
-            subscribed: FxHashSet::default(),
+            subscribed: NameSet::default(),
             listening: false,
             resubscribe: false,
             later: Vec::new(),
