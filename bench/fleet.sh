@@ -139,18 +139,11 @@ fi
 [[ " $modes " == *" nginx "* ]] && log "nginx's descriptor limit bounds the proxied connections: $nginx_workers workers x $nginx_nofile descriptors, 2 per connection, so at most $nginx_max proxied (5 % kept for the uneven spread); this run: $conns"
 
 # Node packages: pinned, installed once into the cache, never into the repo.
-if [[ " $stacks " == *" socketio "* ]] && ! NODE_PATH=$cache/bench-node/node_modules node -e '
-    const want = process.argv.slice(1);
-    for (const w of want) { const [n, v] = [w.slice(0, w.lastIndexOf("@")), w.slice(w.lastIndexOf("@") + 1)];
-      const fs = require("fs"), p = require("path");
-      const pj = JSON.parse(fs.readFileSync(p.join(process.env.NODE_PATH, n, "package.json")));
-      if (pj.version !== v) process.exit(1); }' "${node_pkgs[@]}" 2>/dev/null; then
-    log "installing ${node_pkgs[*]} into $cache/bench-node"
-    mkdir -p "$cache/bench-node"
-    timeout 300 npm install --prefix "$cache/bench-node" --save-exact --no-audit --no-fund \
-        --loglevel=error "${node_pkgs[@]}" >&2
+if [[ " $stacks " == *" socketio "* ]]; then
+    node_packages "$cache/bench-node" "${node_pkgs[@]}"
+else
+    export NODE_PATH=$cache/bench-node/node_modules # the report names the versions found there
 fi
-export NODE_PATH=$cache/bench-node/node_modules
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-fleet.XXXXXX")
 pids=()

@@ -9,6 +9,25 @@
 log() { printf '%s: %s\n' "${bench_name:-bench}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# node_packages DIR NAME@VERSION...: makes DIR/node_modules hold exactly these versions (npm
+# install, bounded, only when one is missing or another version) and exports NODE_PATH to it.
+node_packages() {
+    local dir=$1
+    shift
+    if ! NODE_PATH=$dir/node_modules node -e '
+        const want = process.argv.slice(1);
+        for (const w of want) { const [n, v] = [w.slice(0, w.lastIndexOf("@")), w.slice(w.lastIndexOf("@") + 1)];
+          const fs = require("fs"), p = require("path");
+          const pj = JSON.parse(fs.readFileSync(p.join(process.env.NODE_PATH, n, "package.json")));
+          if (pj.version !== v) process.exit(1); }' "$@" 2>/dev/null; then
+        log "installing $* into $dir"
+        mkdir -p "$dir"
+        timeout 300 npm install --prefix "$dir" --save-exact --no-audit --no-fund \
+            --loglevel=error "$@" >&2
+    fi
+    export NODE_PATH=$dir/node_modules
+}
+
 # poll SECONDS CMD...: runs CMD every 0.1 s until it succeeds (returns 0) or SECONDS have passed
 # (returns 1). The bounded wait every script here uses.
 poll() {

@@ -50,18 +50,7 @@ ulimit -n "$(ulimit -Hn)"
 ((conns + 200 <= $(ulimit -n))) || die "BENCH_CONNS=$conns does not fit in RLIMIT_NOFILE $(ulimit -n)"
 
 # Node packages: pinned, installed once into the cache, never into the repo.
-if ! NODE_PATH=$cache/bench-node/node_modules node -e '
-    const want = process.argv.slice(1);
-    for (const w of want) { const [n, v] = [w.slice(0, w.lastIndexOf("@")), w.slice(w.lastIndexOf("@") + 1)];
-      const fs = require("fs"), p = require("path");
-      const pj = JSON.parse(fs.readFileSync(p.join(process.env.NODE_PATH, n, "package.json")));
-      if (pj.version !== v) process.exit(1); }' "${node_pkgs[@]}" 2>/dev/null; then
-    log "installing ${node_pkgs[*]} into $cache/bench-node"
-    mkdir -p "$cache/bench-node"
-    timeout 300 npm install --prefix "$cache/bench-node" --save-exact --no-audit --no-fund \
-        --loglevel=error "${node_pkgs[@]}" >&2
-fi
-export NODE_PATH=$cache/bench-node/node_modules
+node_packages "$cache/bench-node" "${node_pkgs[@]}"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-side.XXXXXX")
 pids=()
