@@ -109,6 +109,27 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most `limit`) for a log line containing `needle`, and gives that line.
+    fn log_line(&self, limit: Duration, needle: &str) -> String {
+        let what = || format!("a log line with {needle:?}\nlog:\n{}", self.log());
+        eventually(limit, what, || {
+            self.log()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(String::from)
+        })
+    }
+
+    /// GET `url` from inside the namespace (curl): the body of a 2xx answer.
+    fn get(&self, url: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "curl", "-sf", url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "GET {url}\n{}", self.log());
+        stdout(&out)
+    }
+
     fn events(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("events")).unwrap_or_default()
     }
@@ -882,19 +903,7 @@ fn server_bus_is_gated_on_and_the_workers_meet_through_the_cluster() {
 #[test]
 fn saturation_is_sampled_said_listed_and_served() {
     let ns = Netns::new();
-    let small = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.core.somaxconn=8",
-        ])
-        .status()
-        .unwrap();
-    assert!(small.success());
+    ns.sysctl(&["-w", "net.core.somaxconn=8"]);
     let dir = tempfile::tempdir().unwrap();
     // No somaxconn in the profile: the namespace keeps its 8.
     let prof = profile(dir.path(), "small.yaml", "target_connections: 100\n");
@@ -906,13 +915,8 @@ fn saturation_is_sampled_said_listed_and_served() {
     let d = Daemon::start_wrapped(ns, &config, None, &["prlimit", "--nofile=300:300"]);
     d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
     d.python("saturation", &["hold", "127.0.0.1", "18080", "260", "4"]);
-    let said = |d: &Daemon| d.log().contains("saturation: descriptors.child at");
-    d.wait_for(Duration::from_secs(5), "the descriptor warning", said);
+    let line = d.log_line(Duration::from_secs(5), "saturation: descriptors.child at");
     let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("saturation: descriptors.child at"))
-        .unwrap();
     assert!(
         line.contains("of 300: descriptors of child") && line.contains("fix: raise limits.nofile"),
         "{line}"
@@ -951,19 +955,7 @@ fn saturation_is_sampled_said_listed_and_served() {
         0o644
     );
 
-    let page = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &d.ns.name,
-            "curl",
-            "-sf",
-            "http://127.0.0.1:19464/metrics",
-        ])
-        .output()
-        .unwrap();
-    assert!(page.status.success(), "{}", d.log());
-    let text = stdout(&page);
+    let text = d.get("http://127.0.0.1:19464/metrics");
     assert!(
         text.contains("tunegate_process_max_fds{process=\"child\"} 300"),
         "{text}"
@@ -978,18 +970,7 @@ fn saturation_is_sampled_said_listed_and_served() {
     );
     // Every metric the shipped alerts and dashboard name is one tunegate serves: on this page or
     // on the bundled server's.
-    let server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &d.ns.name,
-            "curl",
-            "-sf",
-            "http://127.0.0.1:18080/metrics",
-        ])
-        .output()
-        .unwrap();
-    let served = format!("{text}{}", stdout(&server));
+    let served = format!("{text}{}", d.get("http://127.0.0.1:18080/metrics"));
     let read = |rel: &str| {
         std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     };
@@ -1032,14 +1013,11 @@ fn saturation_is_sampled_said_listed_and_served() {
     let child = nix::unistd::Pid::from_raw(d.child_pid());
     nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGSTOP).unwrap();
     d.python("saturation", &["burst", "127.0.0.1", "18080", "60"]);
-    let overflowed = |d: &Daemon| d.log().contains("saturation: accept queues overflowed");
-    d.wait_for(Duration::from_secs(5), "the overflow line", overflowed);
+    let line = d.log_line(
+        Duration::from_secs(5),
+        "saturation: accept queues overflowed",
+    );
     nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("accept queues overflowed"))
-        .unwrap();
     assert!(
         line.contains("somaxconn (now 8)") && line.contains("accept queue limit 8 on port 18080"),
         "{line}"
@@ -1078,11 +1056,7 @@ fn ephemeral_port_and_time_wait_pressure_is_said() {
         "net.ipv4.ip_local_port_range=40000 40099",
         "net.ipv4.tcp_max_tw_buckets=100",
     ] {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w", kv])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "{kv}");
+        ns.sysctl(&["-w", kv]);
     }
     let dir = tempfile::tempdir().unwrap();
     let prof = profile(dir.path(), "small.yaml", "target_connections: 100\n");
@@ -1121,16 +1095,18 @@ fn ephemeral_port_and_time_wait_pressure_is_said() {
         "80 or more ports in TIME_WAIT",
         high,
     );
-    let line = d
-        .log()
-        .lines()
-        .find(|l| l.contains("saturation: ephemeral_ports at"))
-        .unwrap()
-        .to_string();
+    let line = d.log_line(Duration::ZERO, "saturation: ephemeral_ports at");
     assert!(
         line.contains("fix: widen net.ipv4.ip_local_port_range"),
         "{line}"
     );
+    // And served on the metrics listener.
+    let text = d.get("http://127.0.0.1:19465/metrics");
+    assert!(
+        text.contains("tunegate_ephemeral_ports_usable 100\n"),
+        "{text}"
+    );
+    assert!(text.contains("tunegate_ephemeral_ports_in_use "), "{text}");
 }
 
 /// The watch works for any child: a custom command (a Python listener) is sampled as `child`
@@ -1159,18 +1135,7 @@ fn a_custom_command_is_watched_too() {
             && st["drops"]["listen_overflows_per_second"].is_number()
     };
     d.wait_for(Duration::from_secs(5), "the child sampled", sampled);
-    let page = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &d.ns.name,
-            "curl",
-            "-sf",
-            "http://127.0.0.1:19466/metrics",
-        ])
-        .output()
-        .unwrap();
-    let text = stdout(&page);
+    let text = d.get("http://127.0.0.1:19466/metrics");
     assert!(
         text.contains("tunegate_process_open_fds{process=\"child\"}"),
         "{text}"

@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::process::Command;
 
 fn finding<'a>(report: &'a Value, id: &str) -> &'a Value {
     report["findings"]
@@ -202,12 +201,7 @@ fn apply_c100k_passes_every_namespace_finding_and_revert_restores_them() {
 fn persist_writes_the_whole_profile_so_a_fresh_namespace_loading_it_passes() {
     let host = host_snapshot();
     let ns = Netns::new();
-    let by_hand = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w"])
-        .arg("net.core.somaxconn=65535")
-        .status()
-        .unwrap();
-    assert!(by_hand.success());
+    ns.sysctl(&["-w", "net.core.somaxconn=65535"]);
     let out = ns.tunegate(&[
         "apply",
         "--profile",
@@ -231,12 +225,7 @@ fn persist_writes_the_whole_profile_so_a_fresh_namespace_loading_it_passes() {
     assert!(text.contains("net.core.somaxconn = 65535\n"), "{text}");
 
     let boot = Netns::new();
-    let load = Command::new("ip")
-        .args(["netns", "exec", &boot.name, "sysctl", "-q", "-p"])
-        .arg(&dropin)
-        .output()
-        .unwrap();
-    assert!(load.status.success(), "sysctl -p: {}", stderr(&load));
+    boot.sysctl(&["-p", dropin.to_str().unwrap()]);
     let r = json(&boot.tunegate(&["preflight", "--profile", "c100k", "--format", "json"]));
     for f in r["findings"].as_array().unwrap() {
         if f["scope"] == "net-namespace" && f["id"].as_str().unwrap().starts_with("sysctl.") {

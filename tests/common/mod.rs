@@ -197,6 +197,16 @@ impl Netns {
         self.state.path().join("sysctl.d")
     }
 
+    /// Runs `sysctl -q ARGS` inside the namespace (`-w KEY=VALUE`, `-p FILE`); it must succeed.
+    pub fn sysctl(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-q"])
+            .args(args)
+            .output()
+            .expect("run sysctl in the namespace");
+        assert!(out.status.success(), "sysctl {args:?}: {}", stderr(&out));
+    }
+
     /// Reads a key as the namespace sees it.
     pub fn read(&self, key: &str) -> String {
         let out = Command::new("ip")
