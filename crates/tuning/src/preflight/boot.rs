@@ -68,23 +68,18 @@ fn check_key(
     apply: &str,
 ) -> Option<Finding> {
     let mut f = Finding {
-        id: format!("persist.{key}"),
-        key: format!("{key} at boot"),
-        current: None,
         wanted: live.wanted.clone(),
         rule: live.rule.clone(),
-        verdict: Verdict::Pass,
-        scope: live.scope,
-        changeable: false,
-        blocked_by: None,
         why: "What the next boot sets: a value that passes only until the next reboot (a \
               `sysctl -w` by hand, an edit to a file the boot does not read) fails the profile \
               again on a host nobody touched."
             .into(),
-        fix: "nothing to do".into(),
-        detail: None,
         source: live.source.clone(),
-        subject: Subject::None,
+        ..Finding::new(
+            format!("persist.{key}"),
+            format!("{key} at boot"),
+            live.scope,
+        )
     };
     match boot.effective(key) {
         Some(a) => {

@@ -5,7 +5,7 @@
 //! minimums), these checks look at the value as it will be after apply, because that is the
 //! host the server will live on; the detail says so.
 
-use super::{Context, Finding, Subject, Verdict, read_number};
+use super::{Context, Finding, Verdict, read_number};
 use crate::host::{Host, page_size};
 use crate::profile::Profile;
 use crate::tunables::{self, PortSet, Scope, SysctlKey, Value};
@@ -14,22 +14,7 @@ use crate::tunables::{self, PortSet, Scope, SysctlKey, Value};
 pub const FD_HEADROOM: u64 = 64;
 
 fn finding(id: &str, key: &str, scope: Scope) -> Finding {
-    Finding {
-        id: format!("derived.{id}"),
-        key: key.into(),
-        current: None,
-        wanted: String::new(),
-        rule: "at least".into(),
-        verdict: Verdict::Pass,
-        scope,
-        changeable: false,
-        blocked_by: None,
-        why: String::new(),
-        fix: "nothing to do".into(),
-        detail: None,
-        source: None,
-        subject: Subject::None,
-    }
+    Finding::new(format!("derived.{id}"), key.into(), scope)
 }
 
 /// A key's value as it will be after apply: the raise-only target when the profile names it

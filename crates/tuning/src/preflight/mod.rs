@@ -67,6 +67,29 @@ pub struct Finding {
     pub subject: Subject,
 }
 
+impl Finding {
+    /// A passing finding with nothing to do and nothing filled in: the checks that build
+    /// findings of their own start from it and set what they found.
+    pub fn new(id: String, key: String, scope: Scope) -> Finding {
+        Finding {
+            id,
+            key,
+            current: None,
+            wanted: String::new(),
+            rule: "at least".into(),
+            verdict: Verdict::Pass,
+            scope,
+            changeable: false,
+            blocked_by: None,
+            why: String::new(),
+            fix: "nothing to do".into(),
+            detail: None,
+            source: None,
+            subject: Subject::None,
+        }
+    }
+}
+
 /// What a finding is about, for apply.
 #[derive(Clone, Debug)]
 pub enum Subject {

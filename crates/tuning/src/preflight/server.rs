@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Finding, Subject, Verdict};
+use super::{Finding, Verdict};
 use crate::error::UsageError;
 use crate::host::{Host, process, systemd};
 use crate::profile::Profile;
@@ -31,22 +31,7 @@ pub enum Target {
 const BUSY_PERCENT: usize = 80;
 
 fn finding(id: String, key: String) -> Finding {
-    Finding {
-        id,
-        key,
-        current: None,
-        wanted: String::new(),
-        rule: "at least".into(),
-        verdict: Verdict::Pass,
-        scope: Scope::Process,
-        changeable: false,
-        blocked_by: None,
-        why: String::new(),
-        fix: "nothing to do".into(),
-        detail: None,
-        source: None,
-        subject: Subject::None,
-    }
+    Finding::new(id, key, Scope::Process)
 }
 
 pub fn checks(profile: &Profile, host: &Host, target: &Target) -> anyhow::Result<Vec<Finding>> {
