@@ -264,6 +264,8 @@ impl Daemon {
         }
         self.listener_inodes
             .retain(|pid, _| workers.iter().any(|(_, p)| p == pid));
+        // One dump of the listeners for every process of the sample.
+        let listeners = tuning::host::process::all_listeners().unwrap_or_default();
         for (i, pid) in workers {
             let name = if self.sizing.workers > 1 {
                 format!("worker-{i}")
@@ -271,7 +273,9 @@ impl Daemon {
                 "child".to_string()
             };
             let inodes = self.listener_inodes.entry(pid).or_default();
-            processes.extend(saturation::sample_process(pid as i32, &name, inodes));
+            processes.extend(saturation::sample_process(
+                pid as i32, &name, &listeners, inodes,
+            ));
         }
         if self.sizing.workers > 1 {
             // The whole server, as well as each worker.

@@ -161,8 +161,14 @@ pub fn sample_host(host: &Host) -> HostSample {
 /// accept queue of each port it (or its children) listens on. `name` says which process
 /// (`worker-0`, `child`); a process that is gone gives nothing. `listeners` are the socket
 /// inodes of its listeners, found once (it takes a readlink per descriptor) and kept by the
-/// caller; `None` looks them up.
-pub fn sample_process(pid: i32, name: &str, listeners: &mut Option<HashSet<u64>>) -> Vec<Level> {
+/// caller; `None` looks them up. `all` is this namespace's listeners (`process::all_listeners`,
+/// one dump for every process of a sample).
+pub fn sample_process(
+    pid: i32,
+    name: &str,
+    all: &[process::Listener],
+    listeners: &mut Option<HashSet<u64>>,
+) -> Vec<Level> {
     let mut out = Vec::new();
     if let (Ok(used), Ok((soft, _))) = (process::fds_in_use(pid), process::nofile_of(pid)) {
         out.push(Level {
@@ -175,10 +181,8 @@ pub fn sample_process(pid: i32, name: &str, listeners: &mut Option<HashSet<u64>>
                 .into(),
         });
     }
-    let Ok(all) = process::all_listeners() else {
-        return out;
-    };
-    if listeners.is_none() {
+    // With no listener in the namespace (or no dump) there is nothing to match its fds with.
+    if listeners.is_none() && !all.is_empty() {
         let held = process::socket_inodes(&process::process_tree(pid));
         let mine: HashSet<u64> = all
             .iter()
@@ -372,8 +376,9 @@ mod tests {
     fn this_process_has_descriptors_and_a_listener() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
+        let all = process::all_listeners().unwrap();
         let mut inodes = None;
-        let levels = sample_process(std::process::id() as i32, "self", &mut inodes);
+        let levels = sample_process(std::process::id() as i32, "self", &all, &mut inodes);
         assert!(inodes.is_some(), "found once, kept by the caller");
         let fds = levels.iter().find(|l| l.id == "descriptors.self").unwrap();
         assert!(fds.used > 0 && fds.limit >= fds.used, "{fds:?}");
@@ -385,9 +390,9 @@ mod tests {
         assert!(q.limit > 0);
         // Again with what was found kept: the same levels (their figures move with the other
         // tests running in this process).
-        let again = sample_process(std::process::id() as i32, "self", &mut inodes);
+        let again = sample_process(std::process::id() as i32, "self", &all, &mut inodes);
         let ids = |v: &[Level]| v.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&again), ids(&levels));
-        assert!(sample_process(i32::MAX, "gone", &mut None).is_empty());
+        assert!(sample_process(i32::MAX, "gone", &all, &mut None).is_empty());
     }
 }
