@@ -53,11 +53,13 @@ for component in rustfmt clippy; do
 done
 
 # Clients we did not write, for the server tests.
-if ! python3 -c 'import websockets, msgpack' 2>/dev/null; then
-    echo "deps: installing Python websockets and msgpack"
-    python3 -m pip install --quiet --disable-pip-version-check websockets msgpack
+# PyJWT (with cryptography, for EdDSA and RS256) mints tokens tunegate did not make.
+if ! python3 -c 'import websockets, msgpack, jwt, cryptography' 2>/dev/null; then
+    echo "deps: installing Python websockets, msgpack, PyJWT and cryptography"
+    python3 -m pip install --quiet --disable-pip-version-check websockets msgpack 'pyjwt[crypto]==2.15.1'
 fi
-python3 -c 'import websockets, msgpack' || { echo "deps: Python websockets/msgpack missing" >&2; exit 1; }
+python3 -c 'import websockets, msgpack, jwt, cryptography' \
+    || { echo "deps: Python websockets/msgpack/PyJWT/cryptography missing" >&2; exit 1; }
 command -v prlimit >/dev/null || { echo "deps: prlimit (util-linux) missing" >&2; exit 1; }
 redis-server --version | grep -q 'v=[7-9]\.' || { echo "deps: redis-server 7 or later is needed" >&2; exit 1; }
 

@@ -61,6 +61,71 @@ pub enum Command {
     /// Show the running daemon's state: profile, verdicts, child, restarts, drifts.
     #[command(after_long_help = STATUS_MORE)]
     Status(StatusArgs),
+    /// Mint a signed token (JWT) for `serve --auth-secret-file` or `--auth-public-key`: for
+    /// operators and tests; applications mint their own with any JWT library.
+    #[command(after_long_help = TOKEN_MORE)]
+    Token(TokenArgs),
+}
+
+const TOKEN_MORE: &str = "\
+Prints the token on stdout. Clients pass it as ?token=TOKEN on the upgrade URL or as
+`Authorization: Bearer TOKEN`; a connection whose token expires is closed with 4001 unless it
+sent {\"op\": \"refresh\", \"token\": NEW} first.
+
+Examples:
+  tunegate token --secret-file /etc/tunegate/token.secret --sub alice --rooms call-42 --ttl 1h
+  tunegate token --private-key issuer.pem --sub bot --rooms 'team-7/*' --publish team-7/news --send
+
+See also: tunegate-serve(1); docs/security.md.";
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("key").required(true).args(["secret_file", "private_key"])))]
+pub struct TokenArgs {
+    /// Sign with HS256 and the secret in this file (the file `serve --auth-secret-file` reads).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Sign with this PEM private key: Ed25519 (EdDSA) or RSA (RS256).
+    #[arg(long, value_name = "FILE")]
+    pub private_key: Option<std::path::PathBuf>,
+    /// The user (claim `sub`): shown in the server's logs and to receivers of their messages.
+    #[arg(long, value_name = "USER")]
+    pub sub: String,
+    /// A room the token may join: a name, or a prefix ending in `*` (`team-7/*`; `*` alone is
+    /// every room). Repeatable; none: no room.
+    #[arg(long = "rooms", value_name = "PATTERN")]
+    pub rooms: Vec<String>,
+    /// A room the token may publish to (repeatable) [default: the rooms it may join].
+    #[arg(long = "publish", value_name = "PATTERN")]
+    pub publish: Vec<String>,
+    /// The token may send direct messages.
+    #[arg(long)]
+    pub send: bool,
+    /// How long the token is valid: a number with s, m, h or d (`90s`, `30m`, `1h`, `7d`).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub ttl: u64,
+    /// Not valid before this long from now (claim `nbf`), same units as --ttl.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub not_before: Option<u64>,
+}
+
+/// `90s`, `30m`, `1h`, `7d` (or bare seconds) as seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (90s, 30m, 1h, 7d)"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 // What `--help` (and so the man pages) add after the options, for the commands an operator

@@ -28,6 +28,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(config) => serve(config),
         Command::Run(args) => run_daemon(host, &args),
         Command::Status(args) => status(&args),
+        Command::Token(args) => token(&args),
         Command::Load(args) => {
             let finished = load::generate(&args)?;
             if let Some(json) = finished.json {
@@ -251,6 +252,8 @@ fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
 
 fn serve(config: relay::Config) -> anyhow::Result<u8> {
     config.validate().map_err(UsageError)?;
+    // Unreadable or unsafe key files are bad usage: said before anything listens.
+    relay::auth::Verifier::load(&config.options.key_files()).map_err(UsageError)?;
     relay::serve(config, |_| {})?;
     Ok(exit::OK)
 }
@@ -264,6 +267,27 @@ fn run_daemon(host: Host, args: &RunArgs) -> anyhow::Result<u8> {
         explicit: args.config.is_some(),
         host,
     })
+}
+
+fn token(args: &crate::cli::TokenArgs) -> anyhow::Result<u8> {
+    use relay::auth::{Claims, SigningKey};
+    let key = match (&args.secret_file, &args.private_key) {
+        (Some(file), _) => SigningKey::Secret(file.clone()),
+        (None, Some(file)) => SigningKey::Private(file.clone()),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let now = relay::auth::now();
+    let claims = Claims {
+        sub: args.sub.clone(),
+        exp: now + args.ttl,
+        nbf: args.not_before.map(|d| now + d),
+        rooms: args.rooms.clone(),
+        publish: (!args.publish.is_empty()).then(|| args.publish.clone()),
+        send: args.send,
+    };
+    let token = relay::auth::mint(&key, &claims).map_err(UsageError)?;
+    outln!("{token}");
+    Ok(exit::OK)
 }
 
 fn status(args: &StatusArgs) -> anyhow::Result<u8> {

@@ -188,7 +188,24 @@ impl Config {
                 ));
             }
         }
-        Config::parse(&label, &text)
+        let config = Config::parse(&label, &text)?;
+        // The token keys are files of their own: read now, so a missing or loose one stops
+        // the start with the configuration's line rather than a crash loop of workers.
+        if let Err(m) = relay::auth::Verifier::load(&config.server.key_files()) {
+            let key = if config.server.auth_secret_file.is_some() && m.contains("secret") {
+                "auth_secret_file"
+            } else {
+                "auth_public_key"
+            };
+            let e = ConfigError::new(&label, format!("server.{key}: {m}"));
+            return Err(
+                match tuning::profile::locate_exact(&text, &["server", key]) {
+                    Some((l, c)) => e.at(l, c),
+                    None => e,
+                },
+            );
+        }
+        Ok(config)
     }
 
     pub fn parse(label: &str, text: &str) -> Result<Config, ConfigError> {
@@ -308,6 +325,33 @@ mod tests {
         let c = Config::parse("t.yaml", "listen: 0.0.0.0:8080\nmode: warn\n").unwrap();
         assert_eq!(c.effective_mode(), Mode::Warn);
         assert!(Config::load(Path::new("/nonexistent/x.yaml"), true, true).is_err());
+    }
+
+    #[test]
+    fn a_loose_or_missing_token_secret_stops_the_start_at_its_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = dir.path().join("tunegate.yaml");
+        let text = format!(
+            "profile: c10k\nserver:\n  max_rooms: 8\n  auth_secret_file: {}\n",
+            secret.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let e = Config::load(&config, true, false).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(
+            e.message.contains("server.auth_secret_file") && e.message.contains("0644"),
+            "{e}"
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(&config, true, false).unwrap();
+        assert_eq!(c.server.auth_secret_file.as_deref(), Some(secret.as_path()));
+        std::fs::remove_file(&secret).unwrap();
+        let e = Config::load(&config, true, false).unwrap_err();
+        assert!(e.message.contains("cannot read the token secret"), "{e}");
     }
 
     #[test]

@@ -49,10 +49,13 @@ impl Server {
             .unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(line));
         let sink = log.clone();
+        // Line by line, so a test can read what the server logged while it runs.
         std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = err.read_to_string(&mut rest);
-            sink.lock().unwrap().push_str(&rest);
+            let mut line = String::new();
+            while err.read_line(&mut line).is_ok_and(|n| n > 0) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
         });
         Server {
             child,

@@ -23,6 +23,8 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::limits::{Bucket, Clock};
+
 /// Entries of `X-Forwarded-For` kept (the rightmost ones): more hops than this in front of a
 /// server is not a deployment, and the request's size is bounded anyway.
 const MAX_HOPS: usize = 16;
@@ -223,29 +225,70 @@ pub fn limit_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// What every loop of one process consults at an upgrade: the trusted proxies, and the open
-/// connections per client address when a limit is set.
+/// Addresses with an upgrade-rate bucket before the table is first pruned of full buckets; it
+/// is pruned again whenever it doubles, so a flood from ever new addresses costs the addresses
+/// of about the last second, and each upgrade amortised O(1).
+const RATE_TABLE_PRUNE_AT: usize = 4096;
+
+/// Each address's upgrade-rate bucket.
+#[derive(Debug, Default)]
+struct UpgradeRates {
+    buckets: HashMap<IpAddr, Bucket>,
+    prune_at: usize,
+}
+
+/// What every loop of one process consults at an upgrade: the trusted proxies, the open
+/// connections per client address when a limit is set, and each address's upgrade rate.
 #[derive(Debug, Default)]
 pub struct Admission {
     trusted: Vec<Cidr>,
     /// 0: no limit (and no table).
     limit: u32,
     open: Mutex<HashMap<IpAddr, u32>>,
+    /// Upgrades per second per address; 0: no limit (and no table).
+    rate: u32,
+    upgrades: Mutex<UpgradeRates>,
+    clock: Clock,
     told_ignored: AtomicBool,
 }
 
 impl Admission {
-    pub fn new(trusted: Vec<Cidr>, limit: u32) -> Admission {
+    pub fn new(trusted: Vec<Cidr>, limit: u32, rate: u32) -> Admission {
         Admission {
             trusted,
             limit,
+            rate,
             ..Admission::default()
         }
     }
 
     /// Whether upgrades need the peer's address at all (otherwise no getpeername is spent).
     pub fn needs_peer(&self) -> bool {
-        self.limit > 0 || !self.trusted.is_empty()
+        self.limit > 0 || self.rate > 0 || !self.trusted.is_empty()
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// One more upgrade from `client`, if its rate allows (always, without a rate). The
+    /// table forgets an address once its bucket is full again.
+    pub fn upgrade_allowed(&self, client: IpAddr) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let now = self.clock.now_ms();
+        let mut table = self.upgrades.lock().unwrap_or_else(|p| p.into_inner());
+        if table.buckets.len() >= table.prune_at.max(RATE_TABLE_PRUNE_AT) {
+            let rate = self.rate;
+            table.buckets.retain(|_, b| !b.is_full(rate, rate, now));
+            table.prune_at = 2 * table.buckets.len();
+        }
+        table
+            .buckets
+            .entry(limit_key(client))
+            .or_insert_with(|| Bucket::full(self.rate, now))
+            .take(self.rate, self.rate, now)
     }
 
     pub fn limit(&self) -> u32 {
@@ -429,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_limit_counts_per_address_and_per_ipv6_64() {
-        let a = Admission::new(Vec::new(), 2);
+        let a = Admission::new(Vec::new(), 2, 0);
         assert_eq!(a.admit(ip("198.51.100.1")), Ok(()));
         assert_eq!(a.admit(ip("198.51.100.1")), Ok(()));
         assert_eq!(a.admit(ip("198.51.100.1")), Err(2));
@@ -449,11 +492,51 @@ mod tests {
             3,
             "an address with nothing open is forgotten"
         );
-        let none = Admission::new(Vec::new(), 0);
+        let none = Admission::new(Vec::new(), 0, 0);
         for _ in 0..100 {
             assert_eq!(none.admit(ip("198.51.100.1")), Ok(()));
         }
         assert_eq!(none.addresses(), 0);
+        assert!((0..100).all(|_| none.upgrade_allowed(ip("198.51.100.1"))));
+    }
+
+    #[test]
+    fn the_upgrade_rate_is_per_address_and_per_ipv6_64_and_forgets_quiet_addresses() {
+        let a = Admission::new(Vec::new(), 0, 3);
+        assert!(a.needs_peer());
+        assert!((0..3).all(|_| a.upgrade_allowed(ip("198.51.100.1"))));
+        assert!(
+            !a.upgrade_allowed(ip("198.51.100.1")),
+            "a 4th in the same second"
+        );
+        assert!(
+            a.upgrade_allowed(ip("198.51.100.2")),
+            "another address has its own"
+        );
+        assert!((0..3).all(|_| a.upgrade_allowed(ip("2001:db8:1:2::1"))));
+        assert!(!a.upgrade_allowed(ip("2001:db8:1:2::99")), "the same /64");
+        // Floods from ever new addresses: the table is pruned of full buckets as it doubles,
+        // so the first flood's addresses are forgotten during the second, a second later.
+        let flood = |base: u32| {
+            for i in 0..3 * RATE_TABLE_PRUNE_AT as u32 {
+                let addr = IpAddr::from(std::net::Ipv4Addr::from(base + i));
+                assert!(a.upgrade_allowed(addr));
+            }
+        };
+        flood(0x0A00_0000);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(
+            a.upgrade_allowed(ip("198.51.100.1")),
+            "refilled after a second"
+        );
+        flood(0x0B00_0000);
+        let table = a.upgrades.lock().unwrap();
+        assert!(!table.buckets.contains_key(&ip("10.0.0.0")));
+        assert!(
+            table.buckets.len() <= 3 * RATE_TABLE_PRUNE_AT + 1,
+            "{}",
+            table.buckets.len()
+        );
     }
 
     proptest! {

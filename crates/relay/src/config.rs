@@ -27,6 +27,7 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 4 << 20;
 pub const DEFAULT_MAX_ROOMS: usize = 64;
+pub const DEFAULT_AUTH_LEEWAY_S: u64 = super::auth::DEFAULT_LEEWAY_S;
 /// Worker processes one server can have.
 pub const MAX_WORKERS: usize = 256;
 
@@ -97,10 +98,47 @@ pub struct Options {
     /// process. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_connections_per_address: u32,
+    /// Refuse an upgrade with 429 when its client address (as for
+    /// --max-connections-per-address) has upgraded more than N times in the last second
+    /// (a token bucket: N per second, bursts of N). 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_upgrade_rate: u32,
+    /// Require a token signed with HS256 and this secret on every upgrade (`?token=` or
+    /// `Authorization: Bearer`; docs/security.md). The file (at least 32 bytes; one trailing
+    /// newline is not part of it) must not be readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Require a token signed by the private key of this PEM public key (Ed25519: EdDSA; RSA:
+    /// RS256) on every upgrade; with --auth-secret-file too, either kind is accepted.
+    #[arg(long, value_name = "FILE")]
+    pub auth_public_key: Option<PathBuf>,
+    /// Clock skew allowed on a token's exp and nbf, in seconds.
+    #[arg(long = "auth-leeway", value_name = "SECONDS", default_value_t = DEFAULT_AUTH_LEEWAY_S)]
+    pub auth_leeway_s: u64,
+    /// Publishes and direct messages one connection may send per second (a token bucket);
+    /// beyond it, error rate_limited, and a connection that keeps on is closed with 1008.
+    /// 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub message_rate: u32,
+    /// How many publishes and direct messages a connection may send at once above
+    /// --message-rate [default: one second's worth, the rate itself].
+    #[arg(long, value_name = "N")]
+    pub message_burst: Option<u32>,
     /// Echo every message back instead of speaking the relay protocol (for conformance suites
     /// such as Autobahn).
     #[arg(long)]
     pub echo: bool,
+}
+
+impl Options {
+    /// The token keys as configured (read by `auth::Verifier::load`).
+    pub fn key_files(&self) -> super::auth::KeyFiles {
+        super::auth::KeyFiles {
+            secret_file: self.auth_secret_file.clone(),
+            public_key: self.auth_public_key.clone(),
+            leeway_s: self.auth_leeway_s,
+        }
+    }
 }
 
 impl Default for Options {
@@ -123,6 +161,12 @@ impl Default for Options {
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             max_connections_per_address: 0,
+            max_upgrade_rate: 0,
+            auth_secret_file: None,
+            auth_public_key: None,
+            auth_leeway_s: DEFAULT_AUTH_LEEWAY_S,
+            message_rate: 0,
+            message_burst: None,
             echo: false,
         }
     }
@@ -219,6 +263,9 @@ impl Config {
             }
             None => {}
         }
+        if o.message_burst.is_some() && o.message_rate == 0 {
+            return Err("--message-burst needs --message-rate".into());
+        }
         if o.max_pending_output < o.max_message_size + 14 {
             return Err(format!(
                 "--max-pending-output ({}) must hold at least one largest message (--max-message-size {} + 14)",
@@ -262,6 +309,15 @@ impl Config {
         if let Some(n) = o.node {
             flag("node", n.to_string());
         }
+        if let Some(file) = &o.auth_secret_file {
+            flag("auth-secret-file", file.display().to_string());
+        }
+        if let Some(file) = &o.auth_public_key {
+            flag("auth-public-key", file.display().to_string());
+        }
+        if let Some(n) = o.message_burst {
+            flag("message-burst", n.to_string());
+        }
         let numbers = [
             (
                 "ping-interval",
@@ -295,6 +351,9 @@ impl Config {
                 u64::from(o.max_connections_per_address),
                 0,
             ),
+            ("max-upgrade-rate", u64::from(o.max_upgrade_rate), 0),
+            ("auth-leeway", o.auth_leeway_s, d.options.auth_leeway_s),
+            ("message-rate", u64::from(o.message_rate), 0),
         ];
         for (name, value, default) in numbers {
             if value != default {
@@ -370,6 +429,12 @@ mod tests {
                     "fd00::/8".parse().unwrap(),
                 ],
                 max_connections_per_address: 8,
+                max_upgrade_rate: 9,
+                auth_secret_file: Some("/etc/tunegate/token secret".into()),
+                auth_public_key: Some("/etc/tunegate/issuer.pem".into()),
+                auth_leeway_s: 10,
+                message_rate: 11,
+                message_burst: Some(12),
                 echo: true,
             },
         };

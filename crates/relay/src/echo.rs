@@ -21,7 +21,14 @@ impl Echo {
 impl Handler for Echo {
     type Data = ();
 
-    fn on_open(&mut self, _sink: &mut impl Sink<()>, _slot: usize, _path: &str) {}
+    fn on_open(
+        &mut self,
+        _sink: &mut impl Sink<()>,
+        _slot: usize,
+        _path: &str,
+        _grant: Option<std::sync::Arc<crate::auth::Grant>>,
+    ) {
+    }
 
     fn on_message(&mut self, sink: &mut impl Sink<()>, slot: usize, binary: bool, payload: &[u8]) {
         let opcode = if binary { OP_BINARY } else { OP_TEXT };

@@ -17,12 +17,14 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
+use super::auth::{Grant, Refusal, Verifier};
 use super::client_addr::{self, Admission, Forwarded, Source};
 use super::conn::{self, AWAIT_PONG, Incoming, State};
 use super::frame::{self, Fail, close};
 use super::handler::{Handler, Sink};
-use super::handshake::{self, Parsed};
+use super::handshake::{self, Credentials, Parsed};
 use super::id::ProcessId;
+use super::limits::Throttle;
 use super::metrics::{CloseReason, LoopMetrics};
 use super::sockets::{Sockets, TICK_MS, ticks};
 use super::{Config, Options, sys};
@@ -77,11 +79,19 @@ pub struct EventLoop<H: Handler> {
     /// With a per-address limit: the client address each admitted connection counts against,
     /// given back when it ends. Empty (and never touched) without a limit.
     held: HashMap<u32, IpAddr>,
-    /// Refusals by the per-address limit: the tick of the last log line, and how many were
-    /// not logged since (one line per second at most, whatever a flood does).
-    refusals_logged_at: u32,
-    refusals_unlogged: u64,
+    /// Log lines about refused upgrades, one per second at most per kind, whatever a flood
+    /// does: the per-address limit, the upgrade rate, tokens.
+    refusals_logged: [Throttle; 3],
+    /// Checks the tokens of upgrades when the server requires them.
+    verifier: Option<Arc<Verifier>>,
+    /// The tick `Handler::on_tick` was last called at.
+    ticked: u32,
 }
+
+/// Which of `EventLoop::refusals_logged`.
+const LOG_ADDRESS_LIMIT: usize = 0;
+const LOG_UPGRADE_RATE: usize = 1;
+const LOG_AUTH: usize = 2;
 
 /// How much earlier than the full interval `slot` is pinged: a fixed share of up to a quarter
 /// of the interval, different per slot. Connections that went quiet together (a reconnect
@@ -104,6 +114,7 @@ impl<H: Handler> EventLoop<H> {
         metrics: Arc<LoopMetrics>,
         stop: Arc<Stop>,
         admission: Arc<Admission>,
+        verifier: Option<Arc<Verifier>>,
     ) -> std::io::Result<EventLoop<H>> {
         let poller = sys::Poller::new()?;
         poller.add(listener.as_fd(), TOKEN_LISTENER, sys::listener_interest())?;
@@ -140,8 +151,9 @@ impl<H: Handler> EventLoop<H> {
             drain_deadline: 0,
             admission,
             held: HashMap::new(),
-            refusals_logged_at: 0,
-            refusals_unlogged: 0,
+            refusals_logged: [Throttle::default(); 3],
+            verifier,
+            ticked: 0,
         })
     }
 
@@ -177,6 +189,10 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             self.sweep();
+            if self.ticked != self.sockets.now {
+                self.ticked = self.sockets.now;
+                self.handler.on_tick(&mut self.sockets);
+            }
             self.tell_ended();
             if self.accept_blocked {
                 self.accept_all();
@@ -192,6 +208,11 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
         }
+    }
+
+    /// The loop's clock in milliseconds (tick resolution), for the log throttles.
+    fn now_ms(&self) -> u32 {
+        self.sockets.now.wrapping_mul(TICK_MS as u32)
     }
 
     /// Tells the application about every connection that stopped being open, then frees
@@ -375,8 +396,15 @@ impl<H: Handler> EventLoop<H> {
                 consumed,
                 path,
                 forwarded,
+                credentials,
             } => {
                 let Ok(counted) = self.admit(slot, &forwarded) else {
+                    return;
+                };
+                let Ok(grant) = self.authenticate(slot, credentials) else {
+                    if let Some(client) = counted {
+                        self.admission.release(client);
+                    }
                     return;
                 };
                 self.sockets.send_bytes(slot, &response);
@@ -390,7 +418,7 @@ impl<H: Handler> EventLoop<H> {
                     self.held.insert(slot as u32, client);
                 }
                 self.sockets.opened(slot);
-                self.handler.on_open(&mut self.sockets, slot, &path);
+                self.handler.on_open(&mut self.sockets, slot, &path, grant);
                 if from_buf {
                     if consumed < n {
                         self.on_frame_bytes(slot, buf, consumed..n);
@@ -414,9 +442,10 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    /// Who the client is, when that matters (a trusted proxy or a per-address limit is
-    /// configured), and whether the limit admits one more connection from it. `Ok(Some)`: the
-    /// address this connection now counts against; `Err`: refused (answered 429, or gone).
+    /// Who the client is, when that matters (a trusted proxy, a per-address limit or an
+    /// upgrade rate is configured), and whether its upgrade rate and the limit admit one more
+    /// connection from it. `Ok(Some)`: the address this connection now counts against; `Err`:
+    /// refused (answered 429, or gone).
     fn admit(&mut self, slot: usize, fwd: &Forwarded) -> Result<Option<IpAddr>, ()> {
         let peer = if self.admission.needs_peer() || !fwd.is_empty() {
             let fd = self.sockets.conns[slot].fd.as_ref();
@@ -448,13 +477,46 @@ impl<H: Handler> EventLoop<H> {
             }
             Source::Peer => {}
         }
+        let via = if client == peer {
+            String::new()
+        } else {
+            format!(" (via proxy {peer})")
+        };
+        if !self.admission.upgrade_allowed(client) {
+            if let Some(unlogged) = self.refusals_logged[LOG_UPGRADE_RATE].ready(self.now_ms()) {
+                log!(
+                    "loop {}: refused an upgrade from {client}{via} with 429: more than {} \
+                     upgrades in a second, the --max-upgrade-rate limit ({unlogged} other \
+                     refusals since the last such line)",
+                    self.sockets.loop_index(),
+                    self.admission.rate()
+                );
+            }
+            let response = handshake::response(
+                429,
+                "Retry-After: 1\r\n",
+                "text/plain; charset=utf-8",
+                "too many upgrades from this address\n",
+            );
+            self.sockets
+                .finish(slot, &response, CloseReason::UpgradeRate);
+            return Err(());
+        }
         if self.admission.limit() == 0 {
             return Ok(None);
         }
         match self.admission.admit(client) {
             Ok(()) => Ok(Some(client)),
             Err(open) => {
-                self.log_refusal(client, peer, open);
+                if let Some(unlogged) = self.refusals_logged[LOG_ADDRESS_LIMIT].ready(self.now_ms())
+                {
+                    log!(
+                        "loop {}: refused an upgrade from {client}{via} with 429: it has {open} \
+                         connections open, the --max-connections-per-address limit ({unlogged} \
+                         other refusals since the last such line)",
+                        self.sockets.loop_index(),
+                    );
+                }
                 let response = handshake::response(
                     429,
                     "",
@@ -468,28 +530,48 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    /// One line per second at most, naming the latest refused address and how many other
-    /// refusals the line stands for.
-    fn log_refusal(&mut self, client: IpAddr, peer: IpAddr, open: u32) {
-        let now = self.sockets.now;
-        if self.refusals_logged_at != 0 && now.wrapping_sub(self.refusals_logged_at) < ticks(1000) {
-            self.refusals_unlogged += 1;
-            return;
-        }
-        let via = if client == peer {
-            String::new()
-        } else {
-            format!(" (via proxy {peer})")
+    /// With tokens required: what the upgrade's token allows, or 401 with the reason's class
+    /// and nothing more (counted by reason, logged once a second at most). `Ok(None)` on an
+    /// open server.
+    fn authenticate(
+        &mut self,
+        slot: usize,
+        credentials: Credentials,
+    ) -> Result<Option<Arc<Grant>>, ()> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(None);
         };
-        log!(
-            "loop {}: refused an upgrade from {client}{via} with 429: it has {open} connections \
-             open, the --max-connections-per-address limit ({} other refusals since the last \
-             such line)",
-            self.sockets.loop_index(),
-            self.refusals_unlogged
+        let verdict = match &credentials {
+            Credentials::None => Err(Refusal::Missing),
+            Credentials::Conflict => Err(Refusal::Conflict),
+            Credentials::Token(token) => verifier.verify(token),
+        };
+        let why = match verdict {
+            Ok(grant) => return Ok(Some(Arc::new(grant))),
+            Err(why) => why,
+        };
+        self.sockets.metrics.auth_refused(why);
+        if let Some(unlogged) = self.refusals_logged[LOG_AUTH].ready(self.now_ms()) {
+            let peer = self.sockets.conns[slot]
+                .fd
+                .as_ref()
+                .and_then(|fd| sys::peer_addr(fd.as_fd()).ok())
+                .map_or_else(|| "a client gone since".to_string(), |a| a.ip().to_string());
+            log!(
+                "loop {}: refused an upgrade from {peer} with 401: token {why} ({unlogged} other \
+                 401s since the last such line; tunegate_auth_refused_total counts them by reason)",
+                self.sockets.loop_index(),
+            );
+        }
+        let response = handshake::response(
+            401,
+            "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
+            "text/plain; charset=utf-8",
+            &format!("unauthorized: {why}\n"),
         );
-        self.refusals_logged_at = now;
-        self.refusals_unlogged = 0;
+        self.sockets
+            .finish(slot, &response, CloseReason::Unauthorized);
+        Err(())
     }
 
     fn on_frame_bytes(&mut self, slot: usize, buf: &mut [u8], range: std::ops::Range<usize>) {

@@ -7,7 +7,11 @@
 
 use std::os::fd::BorrowedFd;
 
+use std::sync::Arc;
+
+use super::auth::Grant;
 use super::id::ConnId;
+use super::metrics::CloseReason;
 use super::outq::Out;
 
 /// What an application may do with its loop's connections.
@@ -27,6 +31,9 @@ pub trait Sink<D> {
     /// Sends one message: a reply, or a frame shared with other receivers. A connection that
     /// cannot keep up is cut off by the transport (Close 1008) and then ends (`on_end`).
     fn send(&mut self, slot: usize, out: Out<'_>);
+    /// Closes an open WebSocket with `code` and `reason` (the closing handshake; the
+    /// application hears `on_end` next), counted under `why`.
+    fn close(&mut self, slot: usize, code: u16, reason: &'static str, why: CloseReason);
 }
 
 pub trait Handler {
@@ -34,8 +41,15 @@ pub trait Handler {
     /// connection pays for it, so keep it to a few bytes (the relay's is 4).
     type Data: Copy + Default;
 
-    /// A WebSocket opened; `path` is the upgrade request's path, query included.
-    fn on_open(&mut self, sink: &mut impl Sink<Self::Data>, slot: usize, path: &str);
+    /// A WebSocket opened; `path` is the upgrade request's path, query included; `grant`, what
+    /// its token allows when the server checks tokens (`auth.rs`), `None` on an open server.
+    fn on_open(
+        &mut self,
+        sink: &mut impl Sink<Self::Data>,
+        slot: usize,
+        path: &str,
+        grant: Option<Arc<Grant>>,
+    );
 
     /// A whole message arrived (fragments reassembled, text already checked to be UTF-8).
     fn on_message(
@@ -58,6 +72,10 @@ pub trait Handler {
 
     /// `wake_fd` became readable.
     fn on_wake(&mut self, _sink: &mut impl Sink<Self::Data>) {}
+
+    /// The loop's clock ticked (every 100 ms): deadlines of the application's own are swept
+    /// here, never with a timer per connection.
+    fn on_tick(&mut self, _sink: &mut impl Sink<Self::Data>) {}
 
     /// The whole HTTP response to a plain GET of `path` (no upgrade).
     fn on_get(&mut self, path: &str) -> Vec<u8>;

@@ -27,11 +27,67 @@ pub enum Parsed {
         consumed: usize,
         path: String,
         forwarded: Forwarded,
+        /// The token the client presented (`auth.rs` decides what it is worth).
+        credentials: Credentials,
     },
     /// A plain GET of `path` (no upgrade asked); the loop answers /healthz and /metrics.
     Get { path: String },
     /// Refused: send this response and close.
     Reject { response: Vec<u8>, status: u16 },
+}
+
+/// The token an upgrade carries: `?token=` in the URL (browsers cannot set headers on a
+/// WebSocket) or `Authorization: Bearer` (every other client).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Credentials {
+    #[default]
+    None,
+    Token(String),
+    /// Two tokens that disagree (query and header, two `token=`, two Authorization headers):
+    /// which one the client meant cannot be told, so neither counts.
+    Conflict,
+}
+
+impl Credentials {
+    fn add(self, token: &str) -> Credentials {
+        match self {
+            Credentials::None => Credentials::Token(token.to_string()),
+            Credentials::Token(t) if t == token => Credentials::Token(t),
+            _ => Credentials::Conflict,
+        }
+    }
+}
+
+/// The request's token, from the query and from `Authorization: Bearer` headers (other
+/// schemes are not ours, and ignored). Two Bearer headers are a conflict even when they agree:
+/// a proxy that adds one to a client's must not pass unnoticed.
+fn credentials(path: &str, headers: &[httparse::Header<'_>]) -> Credentials {
+    let mut found = Credentials::None;
+    if let Some((_, query)) = path.split_once('?') {
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            if k == "token" {
+                found = found.add(v);
+            }
+        }
+    }
+    let mut bearers = 0;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+    {
+        let value = String::from_utf8_lossy(h.value);
+        let Some((scheme, token)) = value.trim().split_once(' ') else {
+            continue;
+        };
+        if scheme.eq_ignore_ascii_case("bearer") {
+            bearers += 1;
+            found = found.add(token.trim());
+        }
+    }
+    if bearers > 1 {
+        return Credentials::Conflict;
+    }
+    found
 }
 
 /// What the server accepts.
@@ -123,6 +179,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         return reject(403, "origin not allowed", "");
     }
     let forwarded = forwarded(req.headers);
+    let credentials = credentials(&path, req.headers);
     Parsed::Upgrade {
         response: format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -133,6 +190,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         consumed,
         path,
         forwarded,
+        credentials,
     }
 }
 
@@ -203,6 +261,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -266,9 +325,11 @@ mod tests {
                 consumed,
                 path,
                 forwarded,
+                credentials,
             } => {
                 assert_eq!(consumed, GOOD.len());
                 assert!(forwarded.is_empty());
+                assert_eq!(credentials, Credentials::None);
                 assert_eq!(query_param(&path, "encoding"), Some("msgpack"));
                 let r = String::from_utf8(response).unwrap();
                 assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
@@ -350,6 +411,44 @@ mod tests {
             panic!("not an upgrade");
         };
         assert_eq!(forwarded.real_ip, Some(None));
+    }
+
+    #[test]
+    fn the_token_comes_from_the_query_or_a_bearer_header_and_two_that_differ_conflict() {
+        let creds = |path: &str, headers: &str| {
+            let req = GOOD
+                .replace("/chat?encoding=msgpack", path)
+                .replace("Origin:", &format!("{headers}Origin:"));
+            match parse(req.as_bytes(), &Policy::default()) {
+                Parsed::Upgrade { credentials, .. } => credentials,
+                other => panic!("{other:?}"),
+            }
+        };
+        let t = |s: &str| Credentials::Token(s.into());
+        assert_eq!(creds("/", ""), Credentials::None);
+        assert_eq!(creds("/?a=1&token=abc.def.ghi", ""), t("abc.def.ghi"));
+        assert_eq!(creds("/", "Authorization: Bearer abc\r\n"), t("abc"));
+        assert_eq!(creds("/", "authorization:   bearer   abc  \r\n"), t("abc"));
+        assert_eq!(
+            creds("/", "Authorization: Basic Zm9vOmJhcg==\r\n"),
+            Credentials::None
+        );
+        assert_eq!(
+            creds("/?token=abc", "Authorization: Bearer abc\r\n"),
+            t("abc")
+        );
+        assert_eq!(
+            creds("/?token=abc", "Authorization: Bearer xyz\r\n"),
+            Credentials::Conflict
+        );
+        assert_eq!(creds("/?token=a&token=b", ""), Credentials::Conflict);
+        assert_eq!(
+            creds(
+                "/",
+                "Authorization: Bearer abc\r\nAuthorization: Bearer abc\r\n"
+            ),
+            Credentials::Conflict
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn log_line(args: std::fmt::Arguments) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+pub mod auth;
 pub mod bus;
 pub mod client_addr;
 pub mod config;
@@ -30,6 +31,7 @@ pub mod frame;
 pub mod handler;
 pub mod handshake;
 pub mod id;
+pub mod limits;
 pub mod metrics;
 pub mod names;
 pub mod outq;
@@ -68,8 +70,10 @@ pub struct Shared {
     pub accepting: AtomicBool,
     /// This process (node and incarnation), the high bits of its connection ids.
     pub process: ProcessId,
-    /// Trusted proxies and the per-address limit, one table for all the loops.
+    /// Trusted proxies, the per-address limit and upgrade rate, one table for all the loops.
     pub admission: Arc<client_addr::Admission>,
+    /// The token keys, when the server requires tokens (`--auth-*`).
+    pub verifier: Option<Arc<auth::Verifier>>,
     /// The counters this worker's predecessors reached (read from the bus directory at start),
     /// added to its own so the whole server's counters go on from there.
     pub carried: metrics::Snapshot,
@@ -103,13 +107,24 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         )?)?),
         None => None,
     };
+    let verifier = auth::Verifier::load(&config.options.key_files())
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
     let (listeners, addr) = listen(&config)?;
-    let shared = Arc::new(Shared::start(&config, incarnation, connecting)?);
+    let shared = Arc::new(Shared::start(&config, incarnation, connecting, verifier)?);
     for (worker, counters) in peer_counters(&config) {
         shared.bus.seed_metrics(worker, counters);
     }
     let loops = start_loops(&config, &shared, listeners)?;
     log_listening(&config, addr, shared.process);
+    match &shared.verifier {
+        Some(v) => log!("tokens required on every upgrade: {}", v.description),
+        None if config.options.echo => {}
+        None => log!(
+            "open: no --auth-secret-file or --auth-public-key, so anyone who reaches {addr} may \
+             join any room and read every message in it (docs/security.md)"
+        ),
+    }
     ready(addr);
 
     wait_for_termination(&signals)?;
@@ -150,6 +165,7 @@ impl Shared {
         config: &Config,
         incarnation: u16,
         connecting: Option<redis_bus::Connecting>,
+        verifier: Option<Arc<auth::Verifier>>,
     ) -> anyhow::Result<Shared> {
         let threads = config.threads();
         let process = match &connecting {
@@ -186,8 +202,10 @@ impl Shared {
             admission: Arc::new(client_addr::Admission::new(
                 config.options.trusted_proxies.clone(),
                 config.options.max_connections_per_address,
+                config.options.max_upgrade_rate,
             )),
             carried: carried_counters(config),
+            verifier,
             published: std::sync::Mutex::new(None),
             config: config.clone(),
         })
@@ -247,25 +265,22 @@ fn start_loops(
         let metrics = shared.metrics[loop_index].clone();
         let routes = routes::Routes::new(shared.clone());
         let (inc, c, s) = (shared.process, config.clone(), stop.clone());
-        let a = shared.admission.clone();
+        let (a, v) = (shared.admission.clone(), shared.verifier.clone());
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s, a)?,
+                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s, a, v)?,
             )?
         } else {
-            let settings = relay::RelaySettings {
-                ping_interval_ms: config.options.ping_interval_ms,
-                ping_timeout_ms: config.options.ping_timeout_ms,
-                max_rooms_per_conn: config.options.max_rooms,
-            };
+            let settings = relay::RelaySettings::of(&config.options);
             let inbox = shared.local.inbox(loop_index);
             let bus = shared.bus.clone();
-            let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes);
+            let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes)
+                .with_verifier(v.clone());
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, a)?,
+                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, a, v)?,
             )?
         };
         loops.push((thread, stop));

@@ -25,10 +25,18 @@ pub enum CloseReason {
     IoError,
     /// Refused with 429: its client address already had --max-connections-per-address open.
     AddressLimit,
+    /// Refused with 429: its client address upgraded faster than --max-upgrade-rate.
+    UpgradeRate,
+    /// Refused with 401: no valid token (`tunegate_auth_refused_total` says why).
+    Unauthorized,
+    /// Closed with 4001: its token expired and no refresh came.
+    TokenExpired,
+    /// Closed with 1008: it went on publishing or sending past its rate limit.
+    RateLimited,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; CLOSE_REASONS] = [
         CloseReason::ClientClose,
         CloseReason::PeerGone,
         CloseReason::ProtocolError,
@@ -42,6 +50,10 @@ impl CloseReason {
         CloseReason::HttpDone,
         CloseReason::IoError,
         CloseReason::AddressLimit,
+        CloseReason::UpgradeRate,
+        CloseReason::Unauthorized,
+        CloseReason::TokenExpired,
+        CloseReason::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -59,6 +71,10 @@ impl CloseReason {
             CloseReason::HttpDone => "http_done",
             CloseReason::IoError => "io_error",
             CloseReason::AddressLimit => "address_limit",
+            CloseReason::UpgradeRate => "upgrade_rate",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -68,6 +84,16 @@ impl CloseReason {
             .position(|r| *r == self)
             .expect("listed")
     }
+}
+
+pub const CLOSE_REASONS: usize = 17;
+const AUTH_REFUSALS: usize = crate::auth::Refusal::ALL.len();
+
+/// A counter array as a snapshot file or a peer of another build wrote it: shorter (an older
+/// build, before a reason was added) is padded with zeros, longer is cut.
+fn padded<'de, D: serde::Deserializer<'de>, const N: usize>(d: D) -> Result<[u64; N], D::Error> {
+    let v: Vec<u64> = serde::Deserialize::deserialize(d)?;
+    Ok(std::array::from_fn(|i| v.get(i).copied().unwrap_or(0)))
 }
 
 /// Accept errors we count by errno.
@@ -80,7 +106,14 @@ pub struct LoopMetrics {
     /// Output waiting in the server for slow readers, in bytes (all this loop's connections).
     pub queued: AtomicI64,
     pub accepted: AtomicU64,
-    closed: [AtomicU64; 13],
+    closed: [AtomicU64; CLOSE_REASONS],
+    auth_refused: [AtomicU64; AUTH_REFUSALS],
+    /// Joins, publishes, sends and counts a token's claims did not allow.
+    pub forbidden: AtomicU64,
+    /// Publishes and sends refused by the per-connection rate limit.
+    pub rate_limited: AtomicU64,
+    /// Tokens replaced by a `refresh`.
+    pub refreshed: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -109,7 +142,16 @@ pub struct Snapshot {
     #[serde(default)]
     pub queued: i64,
     pub accepted: u64,
-    pub closed: [u64; 13],
+    #[serde(deserialize_with = "padded")]
+    pub closed: [u64; CLOSE_REASONS],
+    #[serde(default, deserialize_with = "padded")]
+    pub auth_refused: [u64; AUTH_REFUSALS],
+    #[serde(default)]
+    pub forbidden: u64,
+    #[serde(default)]
+    pub rate_limited: u64,
+    #[serde(default)]
+    pub refreshed: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     pub bytes_in: u64,
@@ -163,6 +205,12 @@ impl Snapshot {
         for i in 0..self.closed.len() {
             self.closed[i] += o.closed[i];
         }
+        for i in 0..self.auth_refused.len() {
+            self.auth_refused[i] += o.auth_refused[i];
+        }
+        self.forbidden += o.forbidden;
+        self.rate_limited += o.rate_limited;
+        self.refreshed += o.refreshed;
         self.messages_in += o.messages_in;
         self.messages_out += o.messages_out;
         self.bytes_in += o.bytes_in;
@@ -206,6 +254,12 @@ impl Snapshot {
         for i in 0..self.closed.len() {
             m(&mut self.closed[i], o.closed[i]);
         }
+        for i in 0..self.auth_refused.len() {
+            m(&mut self.auth_refused[i], o.auth_refused[i]);
+        }
+        m(&mut self.forbidden, o.forbidden);
+        m(&mut self.rate_limited, o.rate_limited);
+        m(&mut self.refreshed, o.refreshed);
         m(&mut self.messages_in, o.messages_in);
         m(&mut self.messages_out, o.messages_out);
         m(&mut self.bytes_in, o.bytes_in);
@@ -252,6 +306,10 @@ impl LoopMetrics {
             queued: self.queued.load(Relaxed),
             accepted: self.accepted.load(Relaxed),
             closed: std::array::from_fn(|i| self.closed[i].load(Relaxed)),
+            auth_refused: std::array::from_fn(|i| self.auth_refused[i].load(Relaxed)),
+            forbidden: self.forbidden.load(Relaxed),
+            rate_limited: self.rate_limited.load(Relaxed),
+            refreshed: self.refreshed.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             messages_out: self.messages_out.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
@@ -269,6 +327,10 @@ impl LoopMetrics {
 
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn auth_refused(&self, why: crate::auth::Refusal) {
+        self.auth_refused[why.index()].fetch_add(1, Relaxed);
     }
 
     pub fn accept_error(&self, errno: nix::errno::Errno) {
@@ -350,6 +412,15 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
         .iter()
         .map(|r| (format!("{{reason=\"{}\"}}", r.label()), t.closed[r.index()]))
         .collect();
+    let auth_refused = crate::auth::Refusal::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!("{{reason=\"{}\"}}", r.label()),
+                t.auth_refused[r.index()],
+            )
+        })
+        .collect();
     let accept_errors = ACCEPT_ERRNOS
         .iter()
         .enumerate()
@@ -425,6 +496,27 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             "forwarded_headers_ignored_total",
             "WebSocket upgrades carrying X-Forwarded-For or X-Real-IP from a peer not in --trusted-proxy (the headers were ignored; a proxy missing from the list makes every client look like the proxy).",
             t.forwarded_ignored,
+        ),
+        Family {
+            name: "auth_refused_total",
+            kind: "counter",
+            help: "WebSocket upgrades refused with 401 for want of a valid token, by reason.",
+            samples: auth_refused,
+        },
+        counter(
+            "forbidden_total",
+            "Joins, publishes, direct messages and counts a connection's token did not allow (answered with error forbidden).",
+            t.forbidden,
+        ),
+        counter(
+            "rate_limited_total",
+            "Publishes and direct messages refused by the per-connection rate limit (answered with error rate_limited).",
+            t.rate_limited,
+        ),
+        counter(
+            "token_refreshes_total",
+            "Connections that presented a fresh token with the refresh op.",
+            t.refreshed,
         ),
     ]
 }

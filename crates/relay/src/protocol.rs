@@ -38,6 +38,9 @@ pub struct Request {
     /// publish: also deliver to the sender (default false).
     #[serde(default)]
     pub echo: bool,
+    /// refresh: the connection's new token.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// What the server sends. One shape for all messages; absent fields are omitted.
@@ -52,6 +55,9 @@ pub struct Reply {
     pub members: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
+    /// The sender's user (its token's `sub`) on a server that requires tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<u64>,
     #[serde(
@@ -69,6 +75,9 @@ pub struct Reply {
     pub ping_interval: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ping_timeout: Option<u64>,
+    /// hello and refreshed: when the connection's token ends (seconds since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
 }
 
 impl Reply {

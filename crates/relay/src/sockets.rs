@@ -351,4 +351,8 @@ impl<D: Copy + Default> Sink<D> for Sockets<D> {
         LoopMetrics::add(&self.metrics.messages_out, 1);
         self.write(slot, out);
     }
+
+    fn close(&mut self, slot: usize, code: u16, reason: &'static str, why: CloseReason) {
+        self.fail(slot, Fail { code, reason }, why);
+    }
 }

@@ -2,6 +2,7 @@
 //! in-process bus.
 
 use super::*;
+use crate::auth::Verifier;
 use crate::bus::LocalBus;
 use crate::id::ProcessId;
 use crate::{Config, Shared};
@@ -85,11 +86,36 @@ impl Sink<RelayConn> for Recorder {
         };
         self.sent.push((slot, v));
     }
+    fn close(&mut self, slot: usize, code: u16, reason: &'static str, _why: CloseReason) {
+        self.conns[slot].0 = false;
+        self.sent
+            .push((slot, json!({"close": code, "reason": reason})));
+    }
 }
+
+const SETTINGS: RelaySettings = RelaySettings {
+    ping_interval_ms: 25_000,
+    ping_timeout_ms: 20_000,
+    max_rooms_per_conn: 3,
+    message_rate: 0,
+    message_burst: 0,
+};
 
 /// `loops` relays of one process and a recorder of `conns` connections for each, every
 /// connection opened (hello taken).
 fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
+    setup_with(loops, conns, SETTINGS, None, |_| None)
+}
+
+/// `setup` with these settings, tokens checked by `verifier`, and connection `slot` opened
+/// with `grant(slot)` on every loop.
+fn setup_with(
+    loops: usize,
+    conns: usize,
+    settings: RelaySettings,
+    verifier: Option<Arc<Verifier>>,
+    grant: impl Fn(usize) -> Option<Grant>,
+) -> (Vec<Relay>, Vec<Recorder>) {
     let local = Arc::new(LocalBus::new(loops, PROCESS).unwrap());
     let mut config = Config::default();
     config.options.threads = Some(loops);
@@ -102,13 +128,9 @@ fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
         admission: Arc::default(),
         carried: Default::default(),
         published: std::sync::Mutex::new(None),
+        verifier: verifier.clone(),
         config,
     });
-    let settings = RelaySettings {
-        ping_interval_ms: 25_000,
-        ping_timeout_ms: 20_000,
-        max_rooms_per_conn: 3,
-    };
     let mut relays: Vec<Relay> = (0..loops)
         .map(|n| {
             let routes = Routes::new(shared.clone());
@@ -120,12 +142,13 @@ fn setup(loops: usize, conns: usize) -> (Vec<Relay>, Vec<Recorder>) {
                 Arc::default(),
                 routes,
             )
+            .with_verifier(verifier.clone())
         })
         .collect();
     let mut sinks: Vec<Recorder> = (0..loops).map(|n| Recorder::new(n, conns)).collect();
     for (r, s) in relays.iter_mut().zip(&mut sinks) {
         for slot in 0..conns {
-            r.on_open(s, slot, "/");
+            r.on_open(s, slot, "/", grant(slot).map(Arc::new));
             assert_eq!(s.take(slot)[0]["op"], "hello");
         }
     }
@@ -147,7 +170,7 @@ fn a_slot_stays_32_bytes() {
 fn hello_carries_the_id_and_heartbeats_and_the_requested_encoding() {
     let (mut relays, mut sinks) = setup(1, 2);
     let (r, s) = (&mut relays[0], &mut sinks[0]);
-    r.on_open(s, 1, "/chat?encoding=msgpack");
+    r.on_open(s, 1, "/chat?encoding=msgpack", None);
     let hello = s.take(1);
     assert_eq!(
         hello,
@@ -314,4 +337,215 @@ fn bad_requests_are_answered_with_their_ref() {
         [json!({"op": "count", "room": "r", "members": 0, "ref": 7})]
     );
     assert_eq!(s.data(0).encoding(), Encoding::MsgPack);
+}
+
+// ---- tokens and rate limits --------------------------------------------------------------
+
+fn grant(sub: &str, rooms: &[&str], publish: Option<&[&str]>, send: bool, exp: u64) -> Grant {
+    let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let rooms = crate::auth::Patterns::parse(&list(rooms)).unwrap();
+    Grant {
+        sub: Arc::from(sub),
+        publish: publish.map_or_else(
+            || rooms.clone(),
+            |p| crate::auth::Patterns::parse(&list(p)).unwrap(),
+        ),
+        rooms,
+        send,
+        exp,
+    }
+}
+
+/// A verifier with a fresh secret (leeway 0), and the secret file to mint with.
+fn verifier() -> (Arc<Verifier>, tempfile::NamedTempFile) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(b"relay-tests-secret-relay-tests-secret")
+        .unwrap();
+    std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let files = crate::auth::KeyFiles {
+        secret_file: Some(f.path().into()),
+        public_key: None,
+        leeway_s: 0,
+    };
+    (Arc::new(Verifier::load(&files).unwrap().unwrap()), f)
+}
+
+fn token(secret: &tempfile::NamedTempFile, sub: &str, rooms: &[&str], exp: u64) -> String {
+    let claims = crate::auth::Claims {
+        sub: sub.into(),
+        exp,
+        nbf: None,
+        rooms: rooms.iter().map(|s| s.to_string()).collect(),
+        publish: None,
+        send: false,
+    };
+    crate::auth::mint(
+        &crate::auth::SigningKey::Secret(secret.path().into()),
+        &claims,
+    )
+    .unwrap()
+}
+
+#[test]
+fn claims_decide_joins_publishes_counts_and_sends_and_a_refusal_changes_nothing() {
+    let later = auth::now() + 3600;
+    let (v, _secret) = verifier();
+    // 0: alice, team-7/* to join, only team-7/announce to publish, no direct messages.
+    // 1: bob, every room, may send.
+    let (mut relays, mut sinks) = setup_with(1, 2, SETTINGS, Some(v), |slot| match slot {
+        0 => Some(grant(
+            "alice",
+            &["team-7/*"],
+            Some(&["team-7/announce"]),
+            false,
+            later,
+        )),
+        _ => Some(grant("bob", &["*"], None, true, later)),
+    });
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    let forbidden = |v: &Vec<Value>| v.len() == 1 && v[0]["code"] == "forbidden";
+    assert!(forbidden(&ask(
+        r,
+        s,
+        0,
+        json!({"op": "join", "room": "team-8/x"})
+    )));
+    assert!(forbidden(&ask(
+        r,
+        s,
+        0,
+        json!({"op": "count", "room": "team-70"})
+    )));
+    assert_eq!(
+        ask(r, s, 1, json!({"op": "count", "room": "team-8/x"}))[0]["members"],
+        0,
+        "nothing joined"
+    );
+    assert_eq!(
+        ask(r, s, 0, json!({"op": "join", "room": "team-7/standup"}))[0]["op"],
+        "joined"
+    );
+    assert_eq!(
+        ask(r, s, 1, json!({"op": "join", "room": "team-7/standup"}))[0]["members"],
+        2
+    );
+    // alice may not publish where she may join, nor send; bob receives nothing of either.
+    assert!(forbidden(&ask(
+        r,
+        s,
+        0,
+        json!({"op": "publish", "room": "team-7/standup", "data": 1})
+    )));
+    let bob = s.id(1);
+    assert!(forbidden(&ask(
+        r,
+        s,
+        0,
+        json!({"op": "send", "to": bob, "data": 1})
+    )));
+    assert!(s.take(1).is_empty(), "nothing delivered");
+    // bob may do both, and receivers are told who spoke.
+    ask(
+        r,
+        s,
+        1,
+        json!({"op": "publish", "room": "team-7/standup", "data": "hi"}),
+    );
+    let got = s.take(0);
+    assert_eq!(got[0]["user"], "bob");
+    assert_eq!(got[0]["from"], bob);
+    let alice = s.id(0);
+    ask(r, s, 1, json!({"op": "send", "to": alice, "data": "psst"}));
+    assert_eq!(
+        s.take(0)[0],
+        json!({"op": "direct", "from": bob, "user": "bob", "data": "psst"})
+    );
+    assert_eq!(
+        r.metrics
+            .forbidden
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+}
+
+#[test]
+fn a_token_that_expires_closes_its_connection_with_4001_unless_refreshed() {
+    let (v, secret) = verifier();
+    let soon = auth::now() - 1; // already past: the next tick closes it
+    let (mut relays, mut sinks) = setup_with(1, 3, SETTINGS, Some(v), |slot| {
+        Some(grant(&format!("u{slot}"), &["r", "s"], None, false, soon))
+    });
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    ask(r, s, 1, json!({"op": "join", "room": "r"}));
+    ask(r, s, 1, json!({"op": "join", "room": "s"}));
+    // Slot 1 refreshes with a later token that no longer allows room s: it leaves s.
+    let fresh = token(&secret, "u1", &["r"], auth::now() + 3600);
+    let got = ask(r, s, 1, json!({"op": "refresh", "token": fresh, "ref": 7}));
+    assert_eq!(got[0]["op"], "left");
+    assert_eq!(got[0]["room"], "s");
+    assert_eq!(got[1]["op"], "refreshed");
+    assert_eq!(got[1]["ref"], 7);
+    // Slot 2 tries another user's token, and an expired one: refused, still the old token.
+    let other = token(&secret, "mallory", &["*"], auth::now() + 3600);
+    assert_eq!(
+        ask(r, s, 2, json!({"op": "refresh", "token": other}))[0]["code"],
+        "forbidden"
+    );
+    let stale = token(&secret, "u2", &["*"], auth::now() - 60);
+    let got = ask(r, s, 2, json!({"op": "refresh", "token": stale}));
+    assert_eq!(got[0]["code"], "unauthorized");
+    assert_eq!(got[0]["message"], "token expired");
+    r.on_tick(s);
+    assert_eq!(
+        s.take(0),
+        [json!({"close": 4001, "reason": "token expired"})]
+    );
+    assert_eq!(
+        s.take(2),
+        [json!({"close": 4001, "reason": "token expired"})]
+    );
+    assert!(
+        s.take(1).is_empty() && s.is_open(1),
+        "the refreshed one stays"
+    );
+}
+
+#[test]
+fn the_message_rate_answers_rate_limited_then_closes_with_1008_if_it_goes_on() {
+    let settings = RelaySettings {
+        message_rate: 1,
+        message_burst: 3,
+        ..SETTINGS
+    };
+    let (mut relays, mut sinks) = setup_with(1, 2, settings, None, |_| None);
+    let (r, s) = (&mut relays[0], &mut sinks[0]);
+    ask(r, s, 1, json!({"op": "join", "room": "r"}));
+    let publish = json!({"op": "publish", "room": "r", "data": 1, "ref": 1});
+    for _ in 0..3 {
+        assert_eq!(ask(r, s, 0, publish.clone())[0]["op"], "published");
+    }
+    assert_eq!(s.take(1).len(), 3);
+    for _ in 0..RATE_LIMIT_STRIKES - 1 {
+        assert_eq!(ask(r, s, 0, publish.clone())[0]["code"], "rate_limited");
+    }
+    assert!(s.is_open(0));
+    let last = ask(r, s, 0, publish.clone());
+    assert_eq!(
+        last,
+        [json!({"close": 1008, "reason": "message rate limit exceeded"})]
+    );
+    assert!(s.take(1).is_empty(), "nothing over the rate was delivered");
+    // Another connection has its own bucket; joins and counts are not rate limited.
+    for _ in 0..20 {
+        assert_eq!(
+            ask(r, s, 1, json!({"op": "count", "room": "r"}))[0]["op"],
+            "count"
+        );
+    }
+    assert_eq!(
+        ask(r, s, 1, json!({"op": "publish", "room": "r", "ref": 1}))[0]["op"],
+        "published"
+    );
 }
