@@ -605,3 +605,73 @@ fn frames_right_behind_a_split_upgrade_request_are_answered() {
         }
     }
 }
+
+/// `--listen` repeated, IPv4 and IPv6: one relay behind both (a room spans them), `tunegate
+/// load` over IPv6, and `[::]` alone taking IPv4 clients too (dual stack).
+#[test]
+fn ipv4_and_ipv6_listeners_serve_one_relay() {
+    let s = Server::start(&["--threads", "2", "--listen", "[::1]:0"]);
+    let line = s.stderr.lock().unwrap().lines().next().unwrap().to_string();
+    let v6: std::net::SocketAddr = line
+        .split("also ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no second address in {line:?}"))
+        .parse()
+        .unwrap();
+    assert!(v6.is_ipv6(), "{line}");
+    let mut a = Ws::connect(s.addr);
+    let mut b = Ws::connect(v6);
+    hello(&mut a);
+    let b_id = hello(&mut b);
+    for w in [&mut a, &mut b] {
+        w.send_json(json!({"op": "join", "room": "both"}));
+        w.recv_json();
+    }
+    b.send_json(json!({"op": "publish", "room": "both", "data": "over v6"}));
+    let got = a.recv_json();
+    assert_eq!(
+        (got["from"].as_u64(), &got["data"]),
+        (Some(b_id), &json!("over v6"))
+    );
+    let o = Command::new(common::bin())
+        .args(["load", &format!("ws://{v6}/"), "--json", "--max-time", "60"])
+        .args(["-n", "200", "--rooms", "10:100", "--publish-rate", "200"])
+        .args(["--publish-seconds", "1"])
+        .output()
+        .unwrap();
+    let r = common::json(&o);
+    assert_eq!(common::code(&o), 0, "{}\n{r}", common::stderr(&o));
+    assert_eq!(
+        (r["opened"].as_u64(), r["lost"].as_u64()),
+        (Some(200), Some(0)),
+        "{r}"
+    );
+
+    let dual = Server::start_on(Command::new(common::bin()), "[::]:0", &["--threads", "1"]);
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], dual.addr.port()));
+    let mut c = Ws::connect(v4);
+    hello(&mut c);
+    let mut d = Ws::connect(std::net::SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        dual.addr.port(),
+    )));
+    hello(&mut d);
+
+    // An IPv4 address and [::] on one port: the IPv6 listener takes IPv6 only, so both bind.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let both = Server::start_on(
+        Command::new(common::bin()),
+        &format!("127.0.0.1:{port}"),
+        &["--threads", "2", "--listen", &format!("[::]:{port}")],
+    );
+    hello(&mut Ws::connect(both.addr));
+    hello(&mut Ws::connect(std::net::SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        port,
+    ))));
+}

@@ -18,7 +18,7 @@ use super::sizing::Sizing;
 pub fn server_config(config: &Config, sizing: &Sizing, worker: usize) -> relay::Config {
     let several = sizing.workers > 1;
     relay::Config {
-        listen: config.listen,
+        listen: vec![config.listen],
         worker,
         incarnation: None,
         options: relay::Options {

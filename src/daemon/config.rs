@@ -296,7 +296,7 @@ impl Config {
         }
         // The rest is the server's own rule book, the one `tunegate serve` applies to its flags.
         let sample = relay::Config {
-            listen: self.listen,
+            listen: vec![self.listen],
             worker: 0,
             incarnation: Some(0),
             options: relay::Options {

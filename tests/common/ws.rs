@@ -26,12 +26,17 @@ impl Server {
     }
 
     /// Starts `cmd serve --listen 127.0.0.1:0 ARGS` (cmd may be a wrapper such as prlimit).
-    pub fn start_with(mut cmd: Command, args: &[&str]) -> Server {
+    pub fn start_with(cmd: Command, args: &[&str]) -> Server {
+        Server::start_on(cmd, "127.0.0.1:0", args)
+    }
+
+    /// Starts `cmd serve --listen LISTEN ARGS`; `addr` is the first address it listens on.
+    pub fn start_on(mut cmd: Command, listen: &str, args: &[&str]) -> Server {
         if cmd.get_program() != bin() {
             cmd.arg(bin());
         }
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -32,7 +32,7 @@ pub enum LoadEncoding {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Target, ws://HOST:PORT/PATH (an IP address; no TLS); several, comma-separated, for the
+    /// Target, ws://HOST:PORT/PATH (an IP address, IPv6 in brackets; no TLS); several, comma-separated, for the
     /// hosts of one service (joined by `serve --bus`): connections are spread over them as a
     /// load balancer would.
     pub url: String,

@@ -37,8 +37,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// `ws://IP:PORT/PATH`; with the MsgPack encoding `encoding=msgpack` is added to the query,
-    /// so even the first message (hello) comes as MsgPack.
+    /// `ws://IP:PORT/PATH` (IPv6 as `ws://[::1]:PORT/PATH`); with the MsgPack encoding
+    /// `encoding=msgpack` is added to the query, so even the first message (hello) comes as
+    /// MsgPack.
     pub fn parse(url: &str, msgpack: bool) -> Result<Target, String> {
         let rest = url
             .strip_prefix("ws://")
@@ -85,9 +86,12 @@ impl Targets {
         &self.0[(h % self.0.len() as u64) as usize]
     }
 
-    /// Whether every target is on loopback (source addresses are then spread, `--source`).
+    /// Whether every target is on IPv4 loopback (source addresses are then spread over
+    /// 127.0.0.2 onwards, `--source`; IPv6 loopback is the one address ::1).
     pub fn loopback(&self) -> bool {
-        self.0.iter().all(|t| t.addr.ip().is_loopback())
+        self.0
+            .iter()
+            .all(|t| t.addr.is_ipv4() && t.addr.ip().is_loopback())
     }
 }
 
@@ -458,6 +462,14 @@ mod tests {
         assert_eq!(t.path, "/?encoding=msgpack");
         assert!(Target::parse("wss://127.0.0.1:1/", false).is_err());
         assert!(Target::parse("ws://localhost:1/", false).is_err());
+        let t = Targets::parse("ws://[::1]:8080/x", false).unwrap();
+        assert_eq!(t.of(0).addr, "[::1]:8080".parse().unwrap());
+        assert_eq!(
+            t.of(0).host,
+            "[::1]:8080",
+            "the Host header keeps the brackets"
+        );
+        assert!(!t.loopback(), "no source spreading over IPv6 loopback");
     }
 
     #[test]

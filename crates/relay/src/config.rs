@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_ROOMS: usize = 64;
 pub const DEFAULT_AUTH_LEEWAY_S: u64 = super::auth::DEFAULT_LEEWAY_S;
 /// Worker processes one server can have.
 pub const MAX_WORKERS: usize = 256;
+/// `--listen` addresses one server can have.
+pub const MAX_LISTEN: usize = 8;
 
 /// What an operator chooses about the server: flags of `tunegate serve`, keys of the `server:`
 /// section of `tunegate run`'s configuration.
@@ -175,9 +177,11 @@ impl Default for Options {
 /// One server process: the options, and where it sits.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
+    /// Address to listen on: IPv4 (`127.0.0.1:8080`) or IPv6 (`[::1]:8080`; `[::]:8080` takes
+    /// IPv4 too, unless an IPv4 address of the same port is also given). Repeatable, up to 8.
+    /// Port 0 picks a free port; the chosen addresses are printed.
+    #[arg(long, value_name = "ADDR", default_values_t = [DEFAULT_LISTEN])]
+    pub listen: Vec<SocketAddr>,
     /// This process's number among the workers, 0..N.
     #[arg(long, value_name = "I", default_value_t = 0)]
     pub worker: usize,
@@ -195,7 +199,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            listen: DEFAULT_LISTEN,
+            listen: vec![DEFAULT_LISTEN],
             worker: 0,
             incarnation: None,
             options: Options::default(),
@@ -219,6 +223,14 @@ impl Config {
     /// Bad usage, said in the flags' terms (the CLI maps it to exit code 2).
     pub fn validate(&self) -> Result<(), String> {
         let o = &self.options;
+        if self.listen.is_empty() || self.listen.len() > MAX_LISTEN {
+            return Err(format!("--listen is needed 1..={MAX_LISTEN} times"));
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if self.listen[..i].contains(a) && a.port() != 0 {
+                return Err(format!("--listen {a} is given twice"));
+            }
+        }
         let threads = self.threads();
         if threads == 0 || threads > id::MAX_LOOPS {
             return Err(format!("--threads must be 1..={}", id::MAX_LOOPS));
@@ -280,7 +292,10 @@ impl Config {
     pub fn to_args(&self) -> Vec<String> {
         let d = Config::default();
         let o = &self.options;
-        let mut v: Vec<String> = vec!["--listen".into(), self.listen.to_string()];
+        let mut v: Vec<String> = Vec::new();
+        for a in &self.listen {
+            v.extend(["--listen".into(), a.to_string()]);
+        }
         let mut flag = |name: &str, value: String| v.extend([format!("--{name}"), value]);
         if self.worker != d.worker {
             flag("worker", self.worker.to_string());
@@ -404,7 +419,10 @@ mod tests {
         assert_eq!(parse(&Config::default().to_args()), Config::default());
         assert_eq!(parse(&[]), Config::default());
         let all = Config {
-            listen: "127.0.0.11:9000".parse().unwrap(),
+            listen: vec![
+                "127.0.0.11:9000".parse().unwrap(),
+                "[::1]:9000".parse().unwrap(),
+            ],
             worker: 2,
             incarnation: Some(4042),
             options: Options {

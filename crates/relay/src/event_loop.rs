@@ -34,9 +34,10 @@ const RECV_BUF: usize = 64 * 1024;
 /// Reads per readiness event before other connections get a turn.
 const READS_PER_TURN: usize = 8;
 
-const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKE: u64 = u64::MAX - 1;
 const TOKEN_STOP: u64 = u64::MAX - 2;
+/// Listener `i`'s token is `TOKEN_LISTENERS - i` (at most `config::MAX_LISTEN` of them).
+const TOKEN_LISTENERS: u64 = u64::MAX - 3;
 
 /// Tells a loop to stop: stop accepting, close every connection with 1001, drain.
 pub struct Stop {
@@ -64,7 +65,8 @@ pub struct EventLoop<H: Handler> {
     options: Options,
     policy: handshake::Policy,
     stop: Arc<Stop>,
-    listener: Option<OwnedFd>,
+    /// One per `--listen` address; emptied at shutdown.
+    listeners: Vec<OwnedFd>,
     reserve: Option<OwnedFd>,
     accept_blocked: bool,
     buf: Vec<u8>,
@@ -108,7 +110,7 @@ impl<H: Handler> EventLoop<H> {
     pub fn new(
         loop_index: usize,
         process: ProcessId,
-        listener: OwnedFd,
+        listeners: Vec<OwnedFd>,
         handler: H,
         config: Config,
         metrics: Arc<LoopMetrics>,
@@ -117,7 +119,13 @@ impl<H: Handler> EventLoop<H> {
         verifier: Option<Arc<Verifier>>,
     ) -> std::io::Result<EventLoop<H>> {
         let poller = sys::Poller::new()?;
-        poller.add(listener.as_fd(), TOKEN_LISTENER, sys::listener_interest())?;
+        for (i, listener) in listeners.iter().enumerate() {
+            poller.add(
+                listener.as_fd(),
+                TOKEN_LISTENERS - i as u64,
+                sys::listener_interest(),
+            )?;
+        }
         poller.add(
             stop.waker.fd(),
             TOKEN_STOP,
@@ -138,7 +146,7 @@ impl<H: Handler> EventLoop<H> {
             policy: config.policy(),
             options: config.options,
             stop,
-            listener: Some(listener),
+            listeners,
             reserve: sys::reserve_fd().ok(),
             accept_blocked: false,
             buf: vec![0; RECV_BUF],
@@ -170,13 +178,18 @@ impl<H: Handler> EventLoop<H> {
             self.sockets.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32 + 1;
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_LISTENER => self.accept_all(),
                     TOKEN_WAKE => self.handler.on_wake(&mut self.sockets),
                     TOKEN_STOP => {
                         self.stop.waker.reset();
                         if self.stop.requested.load(Ordering::Relaxed) {
                             self.begin_shutdown();
                         }
+                    }
+                    token
+                        if token <= TOKEN_LISTENERS
+                            && TOKEN_LISTENERS - token < self.listeners.len() as u64 =>
+                    {
+                        self.accept_all((TOKEN_LISTENERS - token) as usize)
                     }
                     token => self.on_event(token, ev.events()),
                 }
@@ -195,7 +208,9 @@ impl<H: Handler> EventLoop<H> {
             }
             self.tell_ended();
             if self.accept_blocked {
-                self.accept_all();
+                for i in 0..self.listeners.len() {
+                    self.accept_all(i);
+                }
             }
             if self.shutting_down {
                 let open = self.sockets.conns.iter().filter(|c| c.live()).count();
@@ -235,10 +250,10 @@ impl<H: Handler> EventLoop<H> {
 
     // ---- accepting ------------------------------------------------------------------------
 
-    fn accept_all(&mut self) {
+    fn accept_all(&mut self, index: usize) {
         self.accept_blocked = false;
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            let Some(listener) = self.listeners.get(index) else {
                 return;
             };
             match sys::accept(listener.as_fd()) {
@@ -254,7 +269,7 @@ impl<H: Handler> EventLoop<H> {
                 Err(Errno::ECONNABORTED | Errno::EINTR) => continue,
                 Err(e @ (Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)) => {
                     self.sockets.metrics.accept_error(e);
-                    self.shed();
+                    self.shed(index);
                     return;
                 }
                 Err(e) => {
@@ -269,8 +284,8 @@ impl<H: Handler> EventLoop<H> {
     /// it at once, so clients learn "no" now rather than timing out in the accept queue. The
     /// listener is edge-triggered, so nothing spins; accepting resumes when a connection closes
     /// (or at the next tick if the reserve could not be had back).
-    fn shed(&mut self) {
-        let Some(listener) = self.listener.as_ref() else {
+    fn shed(&mut self, index: usize) {
+        let Some(listener) = self.listeners.get(index) else {
             return;
         };
         while self.reserve.take().is_some() {
@@ -732,7 +747,7 @@ impl<H: Handler> EventLoop<H> {
         }
         self.shutting_down = true;
         self.drain_deadline = self.sockets.now + ticks(self.options.drain_timeout_ms);
-        if let Some(l) = self.listener.take() {
+        for l in std::mem::take(&mut self.listeners) {
             let _ = self.sockets.poller.delete(l.as_fd());
         }
         for slot in 0..self.sockets.conns.len() {

@@ -110,13 +110,14 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     let verifier = auth::Verifier::load(&config.options.key_files())
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);
-    let (listeners, addr) = listen(&config)?;
+    let (listeners, bound) = listen(&config)?;
+    let addr = bound[0];
     let shared = Arc::new(Shared::start(&config, incarnation, connecting, verifier)?);
     for (worker, counters) in peer_counters(&config) {
         shared.bus.seed_metrics(worker, counters);
     }
     let loops = start_loops(&config, &shared, listeners)?;
-    log_listening(&config, addr, shared.process);
+    log_listening(&config, &bound, shared.process);
     match &shared.verifier {
         Some(v) => log!("tokens required on every upgrade: {}", v.description),
         None if config.options.echo => {}
@@ -145,16 +146,31 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     Ok(())
 }
 
-/// One SO_REUSEPORT listener per loop, all on the address the first one got.
-fn listen(config: &Config) -> anyhow::Result<(Vec<std::os::fd::OwnedFd>, SocketAddr)> {
-    let first = sys::listen(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = sys::local_addr(first.as_fd())?;
-    let mut listeners = vec![first];
-    for _ in 1..config.threads() {
-        listeners.push(sys::listen(addr).with_context(|| format!("cannot listen on {addr}"))?);
+/// Every loop's listeners: for each `--listen` address, one SO_REUSEPORT listener per loop,
+/// all on the address the first one got (port 0 picks one per address). Returns them by loop,
+/// and the bound addresses in the order given.
+fn listen(config: &Config) -> anyhow::Result<(Vec<Vec<std::os::fd::OwnedFd>>, Vec<SocketAddr>)> {
+    let mut by_loop: Vec<Vec<std::os::fd::OwnedFd>> =
+        (0..config.threads()).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for &wanted in &config.listen {
+        // An IPv6 listener shares its port with an IPv4 one only when it takes IPv6 alone.
+        let v6_only = config
+            .listen
+            .iter()
+            .any(|a| a.is_ipv4() && a.port() == wanted.port() && wanted.port() != 0);
+        let first =
+            sys::listen(wanted, v6_only).with_context(|| format!("cannot listen on {wanted}"))?;
+        let addr = sys::local_addr(first.as_fd())?;
+        by_loop[0].push(first);
+        for listeners in by_loop.iter_mut().skip(1) {
+            listeners.push(
+                sys::listen(addr, v6_only).with_context(|| format!("cannot listen on {addr}"))?,
+            );
+        }
+        bound.push(addr);
     }
-    Ok((listeners, addr))
+    Ok((by_loop, bound))
 }
 
 impl Shared {
@@ -239,7 +255,7 @@ fn redis_settings(
         password,
         ca_file: config.options.bus_ca_file.clone(),
         node: config.options.node,
-        identity: format!("{hostname}/{}", config.listen),
+        identity: format!("{hostname}/{}", config.listen[0]),
         incarnation,
     })
 }
@@ -251,7 +267,7 @@ type LoopThread = std::thread::JoinHandle<std::io::Result<()>>;
 fn start_loops(
     config: &Config,
     shared: &Arc<Shared>,
-    listeners: Vec<std::os::fd::OwnedFd>,
+    listeners: Vec<Vec<std::os::fd::OwnedFd>>,
 ) -> anyhow::Result<Vec<(LoopThread, Arc<event_loop::Stop>)>> {
     if config.workers() > 1 {
         let shared = shared.clone();
@@ -288,8 +304,11 @@ fn start_loops(
     Ok(loops)
 }
 
-/// The line scripts and supervisors wait for: the address, and how this process is set up.
-fn log_listening(config: &Config, addr: SocketAddr, process: ProcessId) {
+/// The line scripts and supervisors wait for: the (first) address, and how this process is set
+/// up, the other addresses last.
+fn log_listening(config: &Config, bound: &[SocketAddr], process: ProcessId) {
+    let addr = bound[0];
+    let also: String = bound[1..].iter().map(|a| format!(", also {a}")).collect();
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
     let from_clock = if config.incarnation.is_none() {
         " from the clock"
@@ -324,7 +343,7 @@ fn log_listening(config: &Config, addr: SocketAddr, process: ProcessId) {
     }
     let (node, incarnation) = (process.node, process.incarnation);
     log!(
-        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus}{proxies})",
+        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus}{proxies}{also})",
         config.worker,
         config.workers(),
         config.threads(),

@@ -58,8 +58,11 @@ impl Poller {
 }
 
 /// A non-blocking TCP listener with SO_REUSEPORT, so every loop thread (and every worker
-/// process) binds its own and the kernel spreads connections between them.
-pub fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// process) binds its own and the kernel spreads connections between them. `v6_only`: an IPv6
+/// listener takes only IPv6 (set when the server also listens on IPv4 on the same port, which
+/// a dual-stack `[::]` would otherwise collide with); otherwise the system's default holds
+/// (net.ipv6.bindv6only, 0 on Linux: `[::]` takes IPv4 too, as ::ffff:a.b.c.d).
+pub fn listen(addr: SocketAddr, v6_only: bool) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -72,6 +75,9 @@ pub fn listen(addr: SocketAddr) -> io::Result<OwnedFd> {
     )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
+    if v6_only && addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
     nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     // The accept queue: -1 means "as long as net.core.somaxconn allows" (the kernel clamps
     // any larger request to it). Node asks for 511 and libc's SOMAXCONN is 4096; both ignore a

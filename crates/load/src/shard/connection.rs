@@ -110,8 +110,14 @@ impl Shard {
 
     /// TCP connect from this connection's source address, the upgrade, and (relay) the hello.
     async fn open_connection(&self, global: u64) -> Result<(TcpStream, Vec<u8>), String> {
-        let socket = TcpSocket::new_v4().map_err(|e| io_cause(&e))?;
-        if let Some(base) = self.source {
+        let target = self.targets.of(global);
+        let socket = if target.addr.is_ipv6() {
+            TcpSocket::new_v6()
+        } else {
+            TcpSocket::new_v4()
+        }
+        .map_err(|e| io_cause(&e))?;
+        if let Some(base) = self.source.filter(|_| target.addr.is_ipv4()) {
             let src = plan::source_of(base, self.args.per_source, global);
             // Pick the port at connect() against the whole 4-tuple, not at bind(): each
             // source address then has the full ephemeral range per destination.
@@ -124,7 +130,6 @@ impl Shard {
                 .bind(SocketAddr::new(src.into(), 0))
                 .map_err(|e| format!("bind {src}: {}", io_cause(&e)))?;
         }
-        let target = self.targets.of(global);
         let mut stream = socket
             .connect(target.addr)
             .await
