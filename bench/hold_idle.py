@@ -33,6 +33,7 @@ import resource
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -42,7 +43,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # full 4-tuple, so ports are not used up per source address by bind() alone.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
-CONNECTING, HANDSHAKE, HELLO, OPEN, DEAD = range(5)
+CONNECTING, TLS, HANDSHAKE, HELLO, OPEN, DEAD = range(6)
 
 
 class Conn:
@@ -79,6 +80,8 @@ def parse_args():
                    help="seconds one connection may take from connect() to open")
     p.add_argument("--hold", type=float, default=300.0,
                    help="seconds to hold once connecting is over; 0 closes at once")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="connect with TLS (wss://), trusting this CA file")
     p.add_argument("--status", required=True)
     a = p.parse_args()
     if not ipaddress.ip_address(a.host) in ipaddress.ip_network("127.0.0.0/8"):
@@ -120,6 +123,10 @@ def main():
     errors = {}
     phase = "connecting"
     host_hdr = ("%s:%d" % (a.host, a.port)).encode()
+    tls = None
+    if a.tls_ca:
+        tls = ssl.create_default_context(cafile=a.tls_ca)
+        tls.check_hostname = False  # the certificate names 127.0.0.1; sources vary
     path = a.path.encode()
 
     def write_status(final=False):
@@ -208,8 +215,37 @@ def main():
                 counts["pending"] -= 1
                 counts["open"] += 1
 
+    def tls_handshake(c):
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            sel.modify(c.sock, selectors.EVENT_READ, c)
+            return
+        except ssl.SSLWantWriteError:
+            sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            return
+        except OSError as e:
+            fail(c, "tls_" + type(e).__name__)
+            return
+        c.state = CONNECTING  # connected and encrypted: the upgrade request goes next
+        sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
     def on_event(c, mask):
+        if c.state == TLS:
+            tls_handshake(c)
+            return
         if c.state == CONNECTING and mask & selectors.EVENT_WRITE:
+            if tls is not None and not isinstance(c.sock, ssl.SSLSocket):
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    fail(c, errno.errorcode.get(err, str(err)))
+                    return
+                sel.unregister(c.sock)
+                c.sock = tls.wrap_socket(c.sock, do_handshake_on_connect=False)
+                sel.register(c.sock, selectors.EVENT_WRITE, c)
+                c.state = TLS
+                tls_handshake(c)
+                return
             err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 fail(c, errno.errorcode.get(err, str(err)))
@@ -226,7 +262,9 @@ def main():
             return
         try:
             data = c.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+            while isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
+                data += c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:
             fail(c, errno.errorcode.get(e.errno, str(e.errno)))

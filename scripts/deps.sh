@@ -24,6 +24,11 @@ command -v lintian >/dev/null || need_apt+=(lintian)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
 command -v shellcheck >/dev/null || need_apt+=(shellcheck)
+# The TLS tests make their CA and certificates with openssl.
+command -v openssl >/dev/null || need_apt+=(openssl)
+# Node's `ws` is one of the clients the TLS tests drive (tests/clients/tls_ws.js).
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if ((${#need_apt[@]})); then
     echo "deps: installing ${need_apt[*]}"
     [[ $(id -u) == 0 ]] || { echo "deps: need root to apt-get install ${need_apt[*]}" >&2; exit 1; }
@@ -60,6 +65,14 @@ if ! python3 -c 'import websockets, msgpack, jwt, cryptography' 2>/dev/null; the
 fi
 python3 -c 'import websockets, msgpack, jwt, cryptography' \
     || { echo "deps: Python websockets/msgpack/PyJWT/cryptography missing" >&2; exit 1; }
+# Node `ws`, pinned, in a folder of its own (the tests set NODE_PATH to it).
+test_node=$HOME/.cache/tunegate/test-node
+if ! NODE_PATH=$test_node/node_modules node -e 'if (require("ws/package.json").version !== "8.23.0") process.exit(1)' 2>/dev/null; then
+    echo "deps: installing Node ws@8.23.0 into $test_node"
+    mkdir -p "$test_node"
+    timeout 300 npm install --prefix "$test_node" --save-exact --no-audit --no-fund --loglevel=error ws@8.23.0 >/dev/null
+fi
+NODE_PATH=$test_node/node_modules node -e 'require("ws")' || { echo "deps: Node ws missing in $test_node" >&2; exit 1; }
 command -v prlimit >/dev/null || { echo "deps: prlimit (util-linux) missing" >&2; exit 1; }
 redis-server --version | grep -q 'v=[7-9]\.' || { echo "deps: redis-server 7 or later is needed" >&2; exit 1; }
 

@@ -28,6 +28,27 @@ for _ in $(seq 50); do grep -q "listening on" "$log" && break; sleep 0.1; done
 addr=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$log")
 [[ -n $addr ]] || { echo "test: the echo server did not start:" >&2; cat "$log" >&2; exit 1; }
 bash scripts/autobahn.sh "ws://$addr" target/autobahn
+kill "$server" 2>/dev/null || true
+
+echo "== Autobahn|Testsuite (groups 1-7, 9, 10) over wss:// (serve --echo --tls-cert, a test CA)"
+certs=$(mktemp -d)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -keyout "$certs/ca.key" -out "$certs/ca.pem" -subj "/CN=tunegate test CA" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$certs/server.key" \
+    -out "$certs/server.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\n' >"$certs/ext"
+openssl x509 -req -in "$certs/server.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" \
+    -CAcreateserial -days 2 -extfile "$certs/ext" -out "$certs/server.pem" 2>/dev/null
+: >"$log"
+target/release/tunegate serve --listen 127.0.0.1:0 --echo \
+    --max-message-size 67108864 --max-pending-output 134217728 \
+    --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" 2>"$log" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$log" "$certs"' EXIT
+for _ in $(seq 50); do grep -q "listening on" "$log" && break; sleep 0.1; done
+addr=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$log")
+[[ -n $addr ]] || { echo "test: the TLS echo server did not start:" >&2; cat "$log" >&2; exit 1; }
+bash scripts/autobahn.sh "wss://$addr" target/autobahn-wss
 
 echo "== scaled-down proof: 20,000 connections through heartbeats and a message phase (bench/c100k.sh)"
 # Fails on any connection that does not open or does not stay open, on fewer than two heartbeat

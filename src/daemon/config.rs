@@ -189,6 +189,20 @@ impl Config {
             }
         }
         let config = Config::parse(&label, &text)?;
+        if let Err(m) = config.server.certs() {
+            let key = if m.contains("--tls-key") && !m.contains("--tls-cert") {
+                "tls_key"
+            } else {
+                "tls_cert"
+            };
+            let e = ConfigError::new(&label, format!("server.{key}: {m}"));
+            return Err(
+                match tuning::profile::locate_exact(&text, &["server", key]) {
+                    Some((l, c)) => e.at(l, c),
+                    None => e,
+                },
+            );
+        }
         // The token keys are files of their own: read now, so a missing or loose one stops
         // the start with the configuration's line rather than a crash loop of workers.
         if let Err(m) = relay::auth::Verifier::load(&config.server.key_files()) {

@@ -117,6 +117,14 @@ pub struct Options {
     /// Clock skew allowed on a token's exp and nbf, in seconds.
     #[arg(long = "auth-leeway", value_name = "SECONDS", default_value_t = DEFAULT_AUTH_LEEWAY_S)]
     pub auth_leeway_s: u64,
+    /// Serve TLS (wss:// and https://) with this PEM certificate chain (the server's own first)
+    /// on every --listen address; with --tls-key. Reloaded, with the key, on SIGHUP: new
+    /// connections get the new certificate, open ones keep theirs.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Publishes and direct messages one connection may send per second (a token bucket);
     /// beyond it, error rate_limited, and a connection that keeps on is closed with 1008.
     /// 0: no limit.
@@ -133,6 +141,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// The certificates, when TLS is configured (read now; errors name the file).
+    pub fn certs(&self) -> Result<Option<super::tls::Certs>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => super::tls::Certs::load(cert, key).map(Some),
+            (None, None) => Ok(None),
+            _ => Err("--tls-cert and --tls-key go together".into()),
+        }
+    }
+
     /// The token keys as configured (read by `auth::Verifier::load`).
     pub fn key_files(&self) -> super::auth::KeyFiles {
         super::auth::KeyFiles {
@@ -167,6 +184,8 @@ impl Default for Options {
             auth_secret_file: None,
             auth_public_key: None,
             auth_leeway_s: DEFAULT_AUTH_LEEWAY_S,
+            tls_cert: None,
+            tls_key: None,
             message_rate: 0,
             message_burst: None,
             echo: false,
@@ -275,6 +294,9 @@ impl Config {
             }
             None => {}
         }
+        if o.tls_cert.is_some() != o.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
         if o.message_burst.is_some() && o.message_rate == 0 {
             return Err("--message-burst needs --message-rate".into());
         }
@@ -332,6 +354,12 @@ impl Config {
         }
         if let Some(n) = o.message_burst {
             flag("message-burst", n.to_string());
+        }
+        if let Some(file) = &o.tls_cert {
+            flag("tls-cert", file.display().to_string());
+        }
+        if let Some(file) = &o.tls_key {
+            flag("tls-key", file.display().to_string());
         }
         let numbers = [
             (
@@ -451,6 +479,8 @@ mod tests {
                 auth_secret_file: Some("/etc/tunegate/token secret".into()),
                 auth_public_key: Some("/etc/tunegate/issuer.pem".into()),
                 auth_leeway_s: 10,
+                tls_cert: Some("/etc/tunegate/cert chain.pem".into()),
+                tls_key: Some("/etc/tunegate/key.pem".into()),
                 message_rate: 11,
                 message_burst: Some(12),
                 echo: true,

@@ -26,7 +26,8 @@ use super::handshake::{self, Credentials, Parsed};
 use super::id::ProcessId;
 use super::limits::Throttle;
 use super::metrics::{CloseReason, LoopMetrics};
-use super::sockets::{Sockets, TICK_MS, ticks};
+use super::sockets::{Received, Sockets, TICK_MS, ticks};
+use super::tls::Certs;
 use super::{Config, Options, sys};
 
 /// Receive buffer per loop (not per connection).
@@ -95,6 +96,15 @@ const LOG_ADDRESS_LIMIT: usize = 0;
 const LOG_UPGRADE_RATE: usize = 1;
 const LOG_AUTH: usize = 2;
 
+/// Who gets in, shared by every loop of the process: the per-address table, the token keys
+/// (tokens required), the certificates (TLS).
+#[derive(Clone)]
+pub struct Access {
+    pub admission: Arc<Admission>,
+    pub verifier: Option<Arc<Verifier>>,
+    pub certs: Option<Arc<Certs>>,
+}
+
 /// How much earlier than the full interval `slot` is pinged: a fixed share of up to a quarter
 /// of the interval, different per slot. Connections that went quiet together (a reconnect
 /// storm, a load test's cohort) would otherwise all be pinged, and all answer, in the same few
@@ -115,9 +125,13 @@ impl<H: Handler> EventLoop<H> {
         config: Config,
         metrics: Arc<LoopMetrics>,
         stop: Arc<Stop>,
-        admission: Arc<Admission>,
-        verifier: Option<Arc<Verifier>>,
+        access: Access,
     ) -> std::io::Result<EventLoop<H>> {
+        let Access {
+            admission,
+            verifier,
+            certs,
+        } = access;
         let poller = sys::Poller::new()?;
         for (i, listener) in listeners.iter().enumerate() {
             poller.add(
@@ -141,6 +155,7 @@ impl<H: Handler> EventLoop<H> {
                 poller,
                 metrics,
                 config.options.max_pending_output,
+                certs,
             ),
             handler,
             policy: config.policy(),
@@ -339,11 +354,9 @@ impl<H: Handler> EventLoop<H> {
                 self.again.push(slot);
                 break;
             }
-            let Some(fd) = c.fd.as_ref() else {
-                break;
-            };
-            match sys::read(fd.as_fd(), &mut buf) {
-                Ok(0) => {
+            match self.sockets.recv(slot, &mut buf) {
+                Received::Eof => {
+                    let c = &self.sockets.conns[slot];
                     let reason = match c.state {
                         State::Closing | State::Lingering => c.why(),
                         _ => CloseReason::PeerGone,
@@ -351,7 +364,7 @@ impl<H: Handler> EventLoop<H> {
                     self.sockets.close(slot, reason);
                     break;
                 }
-                Ok(n) => {
+                Received::Data(n) => {
                     LoopMetrics::add(&self.sockets.metrics.bytes_in, n as u64);
                     let now = self.sockets.now;
                     let c = &mut self.sockets.conns[slot];
@@ -363,13 +376,13 @@ impl<H: Handler> EventLoop<H> {
                         _ => {} // lingering: the peer's leftovers are discarded
                     }
                 }
-                Err(Errno::EAGAIN) => break,
-                Err(Errno::ECONNRESET | Errno::EPIPE) => {
+                Received::Again => break,
+                Received::Reset => {
                     self.sockets.close(slot, CloseReason::PeerGone);
                     break;
                 }
-                Err(_) => {
-                    self.sockets.close(slot, CloseReason::IoError);
+                Received::Failed(reason) => {
+                    self.sockets.close(slot, reason);
                     break;
                 }
             }
@@ -702,12 +715,8 @@ impl<H: Handler> EventLoop<H> {
                     if c.flags & AWAIT_PONG != 0 && now.saturating_sub(c.mark) >= timeout =>
                 {
                     // The peer is presumably gone: a best-effort Close, no waiting.
-                    if let Some(fd) = c.fd.as_ref() {
-                        let _ = sys::write(
-                            fd.as_fd(),
-                            &frame::close_frame(close::GOING_AWAY, "heartbeat timeout"),
-                        );
-                    }
+                    let bye = frame::close_frame(close::GOING_AWAY, "heartbeat timeout");
+                    self.sockets.blurt(slot, &bye);
                     self.sockets.close(slot, CloseReason::HeartbeatTimeout);
                 }
                 State::Open if c.flags & AWAIT_PONG != 0 => {} // pong not due yet

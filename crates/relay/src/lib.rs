@@ -43,6 +43,7 @@ pub mod rooms;
 pub mod routes;
 pub mod sockets;
 pub mod sys;
+pub mod tls;
 pub mod utf8;
 
 use std::net::SocketAddr;
@@ -74,6 +75,8 @@ pub struct Shared {
     pub admission: Arc<client_addr::Admission>,
     /// The token keys, when the server requires tokens (`--auth-*`).
     pub verifier: Option<Arc<auth::Verifier>>,
+    /// The certificates, when the server speaks TLS (`--tls-cert`, `--tls-key`).
+    pub certs: Option<Arc<tls::Certs>>,
     /// The counters this worker's predecessors reached (read from the bus directory at start),
     /// added to its own so the whole server's counters go on from there.
     pub carried: metrics::Snapshot,
@@ -110,9 +113,20 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     let verifier = auth::Verifier::load(&config.options.key_files())
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);
+    let certs = config
+        .options
+        .certs()
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
     let (listeners, bound) = listen(&config)?;
     let addr = bound[0];
-    let shared = Arc::new(Shared::start(&config, incarnation, connecting, verifier)?);
+    let shared = Arc::new(Shared::start(
+        &config,
+        incarnation,
+        connecting,
+        verifier,
+        certs,
+    )?);
     for (worker, counters) in peer_counters(&config) {
         shared.bus.seed_metrics(worker, counters);
     }
@@ -128,7 +142,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
     }
     ready(addr);
 
-    wait_for_termination(&signals)?;
+    wait_for_termination(&signals, shared.certs.as_deref())?;
     shared
         .accepting
         .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -182,6 +196,7 @@ impl Shared {
         incarnation: u16,
         connecting: Option<redis_bus::Connecting>,
         verifier: Option<Arc<auth::Verifier>>,
+        certs: Option<Arc<tls::Certs>>,
     ) -> anyhow::Result<Shared> {
         let threads = config.threads();
         let process = match &connecting {
@@ -222,6 +237,7 @@ impl Shared {
             )),
             carried: carried_counters(config),
             verifier,
+            certs,
             published: std::sync::Mutex::new(None),
             config: config.clone(),
         })
@@ -281,22 +297,26 @@ fn start_loops(
         let metrics = shared.metrics[loop_index].clone();
         let routes = routes::Routes::new(shared.clone());
         let (inc, c, s) = (shared.process, config.clone(), stop.clone());
-        let (a, v) = (shared.admission.clone(), shared.verifier.clone());
+        let access = event_loop::Access {
+            admission: shared.admission.clone(),
+            verifier: shared.verifier.clone(),
+            certs: shared.certs.clone(),
+        };
         let thread = if config.options.echo {
             let echo = echo::Echo::new(routes);
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s, a, v)?,
+                EventLoop::new(loop_index, inc, listener, echo, c, metrics, s, access)?,
             )?
         } else {
             let settings = relay::RelaySettings::of(&config.options);
             let inbox = shared.local.inbox(loop_index);
             let bus = shared.bus.clone();
             let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes)
-                .with_verifier(v.clone());
+                .with_verifier(access.verifier.clone());
             spawn_loop(
                 loop_index,
-                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, a, v)?,
+                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, access)?,
             )?
         };
         loops.push((thread, stop));
@@ -317,6 +337,11 @@ fn log_listening(config: &Config, bound: &[SocketAddr], process: ProcessId) {
     };
     let echo = if config.options.echo {
         ", echo mode"
+    } else {
+        ""
+    };
+    let tls = if config.options.tls_cert.is_some() {
+        ", tls"
     } else {
         ""
     };
@@ -343,7 +368,7 @@ fn log_listening(config: &Config, bound: &[SocketAddr], process: ProcessId) {
     }
     let (node, incarnation) = (process.node, process.incarnation);
     log!(
-        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{echo}{bus}{proxies}{also})",
+        "listening on {addr} (worker {}/{}, node {node}, incarnation {incarnation}{from_clock}, threads {}, ping {}/{} ms, max message {} bytes, nofile {soft}{tls}{echo}{bus}{proxies}{also})",
         config.worker,
         config.workers(),
         config.threads(),
@@ -353,12 +378,22 @@ fn log_listening(config: &Config, bound: &[SocketAddr], process: ProcessId) {
     );
 }
 
-/// Blocks until SIGTERM or SIGINT (SIGHUP is said and ignored: serve has nothing to reload).
-fn wait_for_termination(signals: &nix::sys::signalfd::SignalFd) -> anyhow::Result<()> {
+/// Blocks until SIGTERM or SIGINT. SIGHUP reloads the TLS certificate and key (new
+/// connections get them; open ones keep their sessions); without TLS it is said and ignored.
+fn wait_for_termination(
+    signals: &nix::sys::signalfd::SignalFd,
+    certs: Option<&tls::Certs>,
+) -> anyhow::Result<()> {
     loop {
         match signals.read_signal() {
             Ok(Some(info)) if info.ssi_signo == nix::sys::signal::Signal::SIGHUP as u32 => {
-                log!("SIGHUP ignored (serve has no configuration to reload)");
+                match certs.map(|c| (c, c.reload())) {
+                    None => log!("SIGHUP ignored (serve has no certificate to reload)"),
+                    Some((c, Ok(()))) => log!("SIGHUP: reloaded the TLS certificate ({c:?})"),
+                    Some((c, Err(e))) => {
+                        log!("SIGHUP: kept the TLS certificate in use: cannot reload {c:?}: {e}")
+                    }
+                }
             }
             Ok(Some(info)) => {
                 log!(

@@ -33,6 +33,8 @@ pub enum CloseReason {
     TokenExpired,
     /// Closed with 1008: it went on publishing or sending past its rate limit.
     RateLimited,
+    /// The TLS handshake or a record failed (not TLS, an old version, a bad record).
+    TlsError,
 }
 
 impl CloseReason {
@@ -54,6 +56,7 @@ impl CloseReason {
         CloseReason::Unauthorized,
         CloseReason::TokenExpired,
         CloseReason::RateLimited,
+        CloseReason::TlsError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -75,6 +78,7 @@ impl CloseReason {
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::TlsError => "tls_error",
         }
     }
 
@@ -86,7 +90,7 @@ impl CloseReason {
     }
 }
 
-pub const CLOSE_REASONS: usize = 17;
+pub const CLOSE_REASONS: usize = 18;
 const AUTH_REFUSALS: usize = crate::auth::Refusal::ALL.len();
 
 /// A counter array as a snapshot file or a peer of another build wrote it: shorter (an older

@@ -9,11 +9,13 @@
 //! is fanned out) is only marked, and its slot, with the application's data, stays intact until
 //! the loop has told the application (`take_ended`) and then frees it (`release`).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
+use rustc_hash::FxHashMap;
 
 use super::conn::{APP_OPEN, Conn, State, WEBSOCKET, WRITE_SHUT};
 use super::frame::{self, Fail, close};
@@ -22,6 +24,7 @@ use super::id::{self, ConnId, FreeSlots, ProcessId};
 use super::metrics::{CloseReason, LoopMetrics};
 use super::outq::Out;
 use super::sys;
+use super::tls::{self, Certs, Session};
 
 /// Tick length; all timeouts are counted in ticks.
 pub const TICK_MS: u64 = 100;
@@ -48,6 +51,33 @@ pub struct Sockets<D> {
     pub(crate) now: u32,
     /// Connections that stopped being open and whose application has not been told yet.
     ended: Vec<usize>,
+    /// With --tls-cert: what every new connection's TLS session starts from.
+    certs: Option<Arc<Certs>>,
+    /// Each TLS connection's session, by slot (a plain server has none, and its slots stay 32
+    /// bytes).
+    sessions: FxHashMap<u32, Session>,
+}
+
+/// What reading a connection gave: plaintext in the caller's buffer, or why not.
+pub(crate) enum Received {
+    Data(usize),
+    Again,
+    Eof,
+    Reset,
+    Failed(CloseReason),
+}
+
+/// Plaintext to the socket now: straight, or through the connection's TLS session.
+fn send_now(
+    fd: BorrowedFd<'_>,
+    session: Option<&mut Session>,
+    slices: &[IoSlice<'_>],
+) -> Result<usize, Errno> {
+    match session {
+        Some(s) => s.send(fd, slices),
+        None if slices.len() == 1 => sys::write(fd, &slices[0]),
+        None => sys::writev(fd, slices),
+    }
 }
 
 impl<D: Copy + Default> Sockets<D> {
@@ -57,6 +87,7 @@ impl<D: Copy + Default> Sockets<D> {
         poller: sys::Poller,
         metrics: Arc<LoopMetrics>,
         max_pending: usize,
+        certs: Option<Arc<Certs>>,
     ) -> Sockets<D> {
         Sockets {
             loop_index,
@@ -68,6 +99,8 @@ impl<D: Copy + Default> Sockets<D> {
             max_pending,
             now: 0,
             ended: Vec::new(),
+            certs,
+            sessions: FxHashMap::default(),
         }
     }
 
@@ -93,10 +126,21 @@ impl<D: Copy + Default> Sockets<D> {
         c.last_rx = now;
         c.mark = now + ticks(handshake_ms);
         let token = (c.generation as u64) << 32 | slot as u64;
-        if let Err(e) = self.poller.add(fd.as_fd(), token, sys::conn_interest()) {
-            self.conns[slot].state = State::Free;
-            self.free.put(slot);
-            return Err(e);
+        let session = self.certs.as_ref().map(|certs| certs.session()).transpose();
+        let added = session.and_then(|session| {
+            self.poller.add(fd.as_fd(), token, sys::conn_interest())?;
+            Ok(session)
+        });
+        match added {
+            Ok(Some(session)) => {
+                self.sessions.insert(slot as u32, session);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.conns[slot].state = State::Free;
+                self.free.put(slot);
+                return Err(e);
+            }
         }
         self.conns[slot].fd = Some(fd);
         LoopMetrics::add(&self.metrics.accepted, 1);
@@ -115,6 +159,37 @@ impl<D: Copy + Default> Sockets<D> {
         c.state = State::Open;
         c.flags |= WEBSOCKET | APP_OPEN;
         self.metrics.websockets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads what the connection has: from the socket, or decrypted by its TLS session.
+    pub(crate) fn recv(&mut self, slot: usize, buf: &mut [u8]) -> Received {
+        let Some(fd) = self.conns[slot].fd.as_ref() else {
+            return Received::Eof;
+        };
+        match self.sessions.get_mut(&(slot as u32)) {
+            Some(s) => match s.recv(fd.as_fd(), buf) {
+                tls::Recv::Data(n) => Received::Data(n),
+                tls::Recv::Again => Received::Again,
+                tls::Recv::Eof => Received::Eof,
+                tls::Recv::Failed(_) => Received::Failed(CloseReason::TlsError),
+            },
+            None => match sys::read(fd.as_fd(), buf) {
+                Ok(0) => Received::Eof,
+                Ok(n) => Received::Data(n),
+                Err(Errno::EAGAIN) => Received::Again,
+                Err(Errno::ECONNRESET | Errno::EPIPE) => Received::Reset,
+                Err(_) => Received::Failed(CloseReason::IoError),
+            },
+        }
+    }
+
+    /// Best effort, now or never (the connection closes next): what the socket takes of
+    /// `bytes`, through TLS when the connection has it.
+    pub(crate) fn blurt(&mut self, slot: usize, bytes: &[u8]) {
+        if let Some(fd) = self.conns[slot].fd.as_ref() {
+            let session = self.sessions.get_mut(&(slot as u32));
+            let _ = send_now(fd.as_fd(), session, &[IoSlice::new(bytes)]);
+        }
     }
 
     /// Writes the transport's own bytes (handshake answers, pongs, pings, Close frames): not
@@ -143,7 +218,8 @@ impl<D: Copy + Default> Sockets<D> {
             return;
         }
         let Some(fd) = c.fd.as_ref() else { return };
-        let written = match sys::write(fd.as_fd(), out.bytes()) {
+        let session = self.sessions.get_mut(&(slot as u32));
+        let written = match send_now(fd.as_fd(), session, &[IoSlice::new(out.bytes())]) {
             Ok(n) => n,
             Err(Errno::EAGAIN) => 0,
             Err(_) => return self.close(slot, CloseReason::IoError),
@@ -181,11 +257,19 @@ impl<D: Copy + Default> Sockets<D> {
     pub(crate) fn flush(&mut self, slot: usize) {
         let c = &mut self.conns[slot];
         let Some(fd) = c.fd.as_ref() else { return };
+        let mut session = self.sessions.get_mut(&(slot as u32));
+        // Ciphertext rustls holds goes first: it is older than anything queued here.
+        let pushed = session.as_deref_mut().map(|s| s.push(fd.as_fd()));
+        match pushed {
+            Some(Ok(false)) => return,
+            Some(Err(_)) => return self.close(slot, CloseReason::IoError),
+            _ => {}
+        }
         let Some(b) = c.busy.as_mut() else {
             return self.after_flush(slot);
         };
         while !b.out.is_empty() {
-            match sys::writev(fd.as_fd(), &b.out.slices()) {
+            match send_now(fd.as_fd(), session.as_deref_mut(), &b.out.slices()) {
                 Ok(n) => {
                     b.out.consume(n);
                     LoopMetrics::add(&self.metrics.bytes_out, n as u64);
@@ -201,11 +285,17 @@ impl<D: Copy + Default> Sockets<D> {
         }
     }
 
-    /// Everything queued has gone out: a lingering connection half-closes now.
+    /// Everything queued has gone out: a lingering connection half-closes now (a TLS one
+    /// once its close_notify is on the wire).
     fn after_flush(&mut self, slot: usize) {
         let c = &mut self.conns[slot];
         if c.pending_out() == 0 && c.state == State::Lingering && c.flags & WRITE_SHUT == 0 {
             if let Some(fd) = c.fd.as_ref() {
+                if let Some(s) = self.sessions.get_mut(&(slot as u32))
+                    && !s.close_notify(fd.as_fd())
+                {
+                    return; // the rest when the socket is writable again
+                }
                 sys::shutdown_write(fd.as_fd());
             }
             c.flags |= WRITE_SHUT;
@@ -283,6 +373,7 @@ impl<D: Copy + Default> Sockets<D> {
         }
         c.busy = None;
         c.state = State::Closed;
+        self.sessions.remove(&(slot as u32));
         if let Some(fd) = c.fd.take() {
             let _ = self.poller.delete(fd.as_fd());
             drop(fd);

@@ -116,6 +116,29 @@ pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     Ok(fd)
 }
 
+/// A socket as `Read` and `Write`, for rustls (`tls.rs`): no ownership, no buffering.
+pub struct FdIo<'a>(pub BorrowedFd<'a>);
+
+impl std::io::Read for FdIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        read(self.0, buf).map_err(io::Error::from)
+    }
+}
+
+impl std::io::Write for FdIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write(self.0, buf).map_err(io::Error::from)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+        writev(self.0, bufs).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
     loop {
         match nix::unistd::read(fd, buf) {

@@ -129,6 +129,7 @@ fn setup_with(
         carried: Default::default(),
         published: std::sync::Mutex::new(None),
         verifier: verifier.clone(),
+        certs: None,
         config,
     });
     let mut relays: Vec<Relay> = (0..loops)
