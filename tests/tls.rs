@@ -282,3 +282,73 @@ fn bad_certificate_files_are_bad_usage_with_the_file_named() {
         .unwrap();
     assert_eq!(code(&out), 2, "--tls-cert alone: {}", stderr(&out));
 }
+
+/// `tunegate load` over wss:// (IPv4 and IPv6) with `--ca-file`, against a server that also
+/// requires tokens: with `--token` every delivery arrives; without, every connect fails 401.
+#[test]
+fn load_runs_over_wss_with_a_token_and_is_refused_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(dir.path(), "server");
+    let secret = dir.path().join("token.secret");
+    std::fs::write(&secret, "a-secret-for-the-load-test-0123456789\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let secret_s = secret.to_str().unwrap();
+    let s = tls_server(
+        &cert,
+        &key,
+        &[
+            "--threads",
+            "2",
+            "--listen",
+            "[::1]:0",
+            "--auth-secret-file",
+            secret_s,
+        ],
+    );
+    let line = s.stderr.lock().unwrap().lines().next().unwrap().to_string();
+    let v6_port = line
+        .split("also [::1]:")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')');
+    let out = Command::new(bin())
+        .args([
+            "token",
+            "--secret-file",
+            secret_s,
+            "--sub",
+            "load",
+            "--rooms",
+            "*",
+        ])
+        .output()
+        .unwrap();
+    let token = common::stdout(&out).trim().to_string();
+    let ca_s = ca.to_str().unwrap();
+    let load = |url: &str, token: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["load", url, "--json", "--max-time", "60", "--ca-file", ca_s])
+            .args(["-n", "300", "--rooms", "10:100", "--publish-rate", "300"])
+            .args(["--publish-seconds", "1"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.output().unwrap()
+    };
+    for url in [
+        format!("wss://127.0.0.1:{}/", s.addr.port()),
+        format!("wss://[::1]:{v6_port}/"),
+    ] {
+        let o = load(&url, Some(&token));
+        let r = common::json(&o);
+        assert_eq!(code(&o), 0, "{url}: {}\n{r}", stderr(&o));
+        assert_eq!(r["opened"], 300, "{r}");
+        assert_eq!(r["lost"], 0, "{r}");
+        assert_eq!(r["received"], r["expected"], "{r}");
+    }
+    let o = load(&format!("wss://127.0.0.1:{}/", s.addr.port()), None);
+    let r = common::json(&o);
+    assert_eq!(code(&o), 1, "{r}");
+    assert_eq!(r["opened"], 0, "{r}");
+    assert!(r.to_string().contains("401"), "{r}");
+}

@@ -32,7 +32,8 @@ pub enum LoadEncoding {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Target, ws://HOST:PORT/PATH (an IP address, IPv6 in brackets; no TLS); several, comma-separated, for the
+    /// Target, ws://HOST:PORT/PATH or wss:// (an IP address, IPv6 in brackets); several,
+    /// comma-separated, for the
     /// hosts of one service (joined by `serve --bus`): connections are spread over them as a
     /// load balancer would.
     pub url: String,
@@ -59,6 +60,15 @@ pub struct LoadArgs {
     pub per_source: u64,
     #[arg(long, value_enum, default_value = "relay")]
     pub protocol: LoadProtocol,
+    /// With wss:// targets: the CA certificates (PEM) to trust instead of the system's (the
+    /// certificate must name the target's IP address).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A token every connection presents (`Authorization: Bearer`), for a server started with
+    /// --auth-secret-file or --auth-public-key (`tunegate token` mints one; its claims must
+    /// allow the rooms of --rooms).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
     /// Room sizes: one size ("10": every connection in a room of 10) or a spread of
     /// SIZE:PERCENT of the connections ("2:50,10:40,100:10").
     #[arg(long, default_value = "10", value_name = "SPREAD")]

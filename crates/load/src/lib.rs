@@ -14,6 +14,7 @@ mod args;
 mod plan;
 pub mod report;
 mod shard;
+mod tls;
 mod wire;
 
 use std::io::{BufRead, Write};
@@ -28,12 +29,13 @@ pub use args::{BadArguments, LoadArgs, LoadEncoding, LoadProtocol};
 use report::{Outcome, Tally};
 use shard::Event;
 
-/// Where to connect: the address, the Host header, the request path.
+/// Where to connect: the address, the Host header, the request path, and whether over TLS.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    pub tls: bool,
 }
 
 impl Target {
@@ -41,9 +43,11 @@ impl Target {
     /// `encoding=msgpack` is added to the query, so even the first message (hello) comes as
     /// MsgPack.
     pub fn parse(url: &str, msgpack: bool) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+        let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(format!("{url:?}: only ws:// and wss:// URLs are supported")),
+        };
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -60,6 +64,7 @@ impl Target {
             addr,
             host: hostport.to_string(),
             path,
+            tls,
         })
     }
 }
@@ -84,6 +89,11 @@ impl Targets {
     pub fn of(&self, global: u64) -> &Target {
         let h = global.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
         &self.0[(h % self.0.len() as u64) as usize]
+    }
+
+    /// Whether any target is wss://.
+    pub fn tls(&self) -> bool {
+        self.0.iter().any(|t| t.tls)
     }
 
     /// Whether every target is on IPv4 loopback (source addresses are then spread over
@@ -460,7 +470,9 @@ mod tests {
         );
         let t = Target::parse("ws://127.0.0.1:8080", true).unwrap();
         assert_eq!(t.path, "/?encoding=msgpack");
-        assert!(Target::parse("wss://127.0.0.1:1/", false).is_err());
+        assert!(Target::parse("wss://127.0.0.1:1/", false).unwrap().tls);
+        assert!(!Target::parse("ws://127.0.0.1:1/", false).unwrap().tls);
+        assert!(Target::parse("http://127.0.0.1:1/", false).is_err());
         assert!(Target::parse("ws://localhost:1/", false).is_err());
         let t = Targets::parse("ws://[::1]:8080/x", false).unwrap();
         assert_eq!(t.of(0).addr, "[::1]:8080".parse().unwrap());

@@ -91,6 +91,8 @@ type Conn = Option<mpsc::UnboundedSender<Cmd>>;
 struct Shard {
     args: LoadArgs,
     targets: Targets,
+    /// For wss:// targets: one TLS client configuration for every connection.
+    tls: Option<tokio_rustls::TlsConnector>,
     spread: Option<Spread>,
     source: Option<Ipv4Addr>,
     tally: RefCell<Tally>,
@@ -125,9 +127,15 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
     let source = args
         .source
         .or_else(|| targets.loopback().then(|| Ipv4Addr::new(127, 0, 0, 2)));
+    let tls = if targets.tls() {
+        Some(crate::tls::connector(args.ca_file.as_deref()).map_err(crate::BadArguments)?)
+    } else {
+        None
+    };
     let shard = Rc::new(Shard {
         args: args.clone(),
         targets,
+        tls,
         spread,
         source,
         tally: RefCell::new(Tally::default()),

@@ -30,14 +30,15 @@ impl Rng {
 }
 
 /// The upgrade request, and the Sec-WebSocket-Accept the server must answer with.
-pub fn request(host: &str, path: &str, rng: &mut Rng) -> (Vec<u8>, String) {
+pub fn request(host: &str, path: &str, token: Option<&str>, rng: &mut Rng) -> (Vec<u8>, String) {
     let mut nonce = [0u8; 16];
     nonce[..8].copy_from_slice(&rng.next().to_le_bytes());
     nonce[8..].copy_from_slice(&rng.next().to_le_bytes());
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
     );
     (req.into_bytes(), accept_for(&key))
 }

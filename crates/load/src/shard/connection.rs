@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
+
+use crate::tls::{self, Stream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Cmd, MAX_FRAME, Shard};
@@ -109,7 +111,7 @@ impl Shard {
     }
 
     /// TCP connect from this connection's source address, the upgrade, and (relay) the hello.
-    async fn open_connection(&self, global: u64) -> Result<(TcpStream, Vec<u8>), String> {
+    async fn open_connection(&self, global: u64) -> Result<(Stream, Vec<u8>), String> {
         let target = self.targets.of(global);
         let socket = if target.addr.is_ipv6() {
             TcpSocket::new_v6()
@@ -130,12 +132,24 @@ impl Shard {
                 .bind(SocketAddr::new(src.into(), 0))
                 .map_err(|e| format!("bind {src}: {}", io_cause(&e)))?;
         }
-        let mut stream = socket
+        let tcp = socket
             .connect(target.addr)
             .await
             .map_err(|e| io_cause(&e))?;
-        let _ = stream.set_nodelay(true);
-        let (req, accept) = wire::request(&target.host, &target.path, &mut self.rng.borrow_mut());
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match (&self.tls, target.tls) {
+            (Some(connector), true) => tls::wrap(connector, tcp, target.addr.ip())
+                .await
+                .map_err(|e| format!("tls: {}", io_cause(&e)))?,
+            _ => Stream::Plain(tcp),
+        };
+        let token = self.args.token.as_deref();
+        let (req, accept) = wire::request(
+            &target.host,
+            &target.path,
+            token,
+            &mut self.rng.borrow_mut(),
+        );
         stream.write_all(&req).await.map_err(|e| io_cause(&e))?;
         let mut buf = Vec::with_capacity(512);
         let head_end = loop {
