@@ -1145,3 +1145,82 @@ fn a_custom_command_is_watched_too() {
         "{text}"
     );
 }
+
+/// Issue 20, the operator's path (docs/security.md): `tunegate run` with TLS, tokens and limits
+/// in its `server:` section, sized to two workers; every worker serves wss:// and requires a
+/// token: `tunegate load` over wss:// with a token loses nothing, without one is refused 401.
+#[test]
+fn an_exposed_server_under_tunegate_run_serves_tls_and_requires_tokens_on_every_worker() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = common::certs::make_certs(dir.path(), "server");
+    let secret = dir.path().join("token.secret");
+    std::fs::write(&secret, "the-daemon-test-secret-0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().1;
+    let prof = profile(
+        dir.path(),
+        "two.yaml",
+        &format!(
+            "extends: default\ntarget_connections: {}\nlimits:\n  nofile: {hard}\n",
+            hard - 255
+        ),
+    );
+    let d = Daemon::start(
+        &format!(
+            "profile: {}\nserver:\n  tls_cert: {}\n  tls_key: {}\n  auth_secret_file: {}\n  \
+             message_rate: 100\n  max_upgrade_rate: 1000\n  max_connections_per_address: 1000\n",
+            prof.display(),
+            cert.display(),
+            key.display(),
+            secret.display()
+        ),
+        None,
+    );
+    d.wait_for(Duration::from_secs(20), "ready", Daemon::ready);
+    assert_eq!(d.status()["sizing"]["workers"], 2, "{}", d.status());
+    assert_eq!(
+        d.log().matches("tokens required on every upgrade").count(),
+        2,
+        "{}",
+        d.log()
+    );
+    let token = Command::new(bin())
+        .args(["token", "--secret-file"])
+        .arg(&secret)
+        .args(["--sub", "ops", "--rooms", "*"])
+        .output()
+        .unwrap();
+    let token = common::stdout(&token).trim().to_string();
+    let load = |token: Option<&str>| {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &d.ns.name,
+            bin(),
+            "load",
+            "wss://127.0.0.1:18080/",
+        ])
+        .args(["--json", "--max-time", "60", "--ca-file"])
+        .arg(&ca)
+        .args(["-n", "400", "--rooms", "10:100", "--publish-rate", "400"])
+        .args(["--publish-seconds", "1"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.output().unwrap()
+    };
+    let o = load(Some(&token));
+    let r = json(&o);
+    assert_eq!(code(&o), 0, "{}\n{r}\n{}", stderr(&o), d.log());
+    assert_eq!(
+        (r["opened"].as_u64(), r["lost"].as_u64()),
+        (Some(400), Some(0)),
+        "{r}"
+    );
+    let o = load(None);
+    let r = json(&o);
+    assert_eq!((code(&o), r["opened"].as_u64()), (1, Some(0)), "{r}");
+    assert!(r.to_string().contains("401"), "{r}");
+}
