@@ -80,6 +80,9 @@ def parse_args():
                    help="seconds one connection may take from connect() to open")
     p.add_argument("--hold", type=float, default=300.0,
                    help="seconds to hold once connecting is over; 0 closes at once")
+    p.add_argument("--offer-deflate", action="store_true",
+                   help="offer permessage-deflate, and count a connection open only if the "
+                        "server agreed to it")
     p.add_argument("--tls-ca", metavar="FILE",
                    help="connect with TLS (wss://), trusting this CA file")
     p.add_argument("--status", required=True)
@@ -175,7 +178,9 @@ def main():
             return
         c.out = (b"GET " + path + b" HTTP/1.1\r\nHost: " + host_hdr +
                  b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                 b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n" +
+                 (b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                  if a.offer_deflate else b"") + b"\r\n")
         sel.register(s, selectors.EVENT_WRITE, c)
 
     def on_frames(c):
@@ -289,6 +294,11 @@ def main():
                       if l.lower().startswith("sec-websocket-accept:")]
             if accept != [want]:
                 fail(c, "bad_accept")
+                return
+            if a.offer_deflate and not any(
+                    l.lower().startswith("sec-websocket-extensions:") and "permessage-deflate" in l
+                    for l in lines[1:]):
+                fail(c, "no_deflate")
                 return
             if a.expect_hello:
                 c.state = HELLO

@@ -18,6 +18,8 @@
 #   TUNEGATE_THREADS   `serve --threads` (default 1: one event loop, the per-connection cost
 #                      with no per-thread overhead mixed in)
 #   BENCH_CONNS        idle connections per server (default 10000)
+#   BENCH_CLIENT_ARGS  more bench/hold_idle.py flags, e.g. "--offer-deflate" (with
+#                      TUNEGATE_SERVE_ARGS="--deflate on": every connection agrees to it)
 #   BENCH_WARMUP       connections opened and closed before the baseline (default 100)
 #   BENCH_PEERS        which peers to run, space-separated from "node python" (default both;
 #                      empty runs tunegate alone)
@@ -39,6 +41,7 @@ source bench/lib.sh
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 threads=${TUNEGATE_THREADS:-1}
 read -ra serve_args <<<"${TUNEGATE_SERVE_ARGS:-}"
+read -ra client_args <<<"${BENCH_CLIENT_ARGS:-}"
 out=${BENCH_OUT:-bench/results/idle-memory}
 conns=${BENCH_CONNS:-10000}
 warmup=${BENCH_WARMUP:-100}

@@ -129,7 +129,7 @@ run_clients() {
         "${client_prefix[@]}" python3 "$root/bench/hold_idle.py" --port "$port" -n "$n" \
             --first-index $((first + i * per_client)) ${hello:+"$hello"} --hold "$hold" \
             --connect-timeout "$connect_timeout" --status "${client_status[-1]}" \
-            2>>"$work/$name.clients.log" &
+            ${client_args[@]+"${client_args[@]}"} 2>>"$work/$name.clients.log" &
         client_pids+=($!)
         pids+=($!)
     done

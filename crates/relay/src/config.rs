@@ -33,6 +33,21 @@ pub const MAX_WORKERS: usize = 256;
 /// `--listen` addresses one server can have.
 pub const MAX_LISTEN: usize = 8;
 
+/// A feature switched `on` or `off` (a flag value and a YAML string alike).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    On,
+    #[default]
+    Off,
+}
+
+impl Toggle {
+    pub fn on(self) -> bool {
+        self == Toggle::On
+    }
+}
+
 /// What an operator chooses about the server: flags of `tunegate serve`, keys of the `server:`
 /// section of `tunegate run`'s configuration.
 #[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +149,12 @@ pub struct Options {
     /// --message-rate [default: one second's worth, the rate itself].
     #[arg(long, value_name = "N")]
     pub message_burst: Option<u32>,
+    /// permessage-deflate (RFC 7692): with `on`, accepted when a client offers it, without
+    /// context takeover either way, so a connection holds no compression state (one
+    /// compressor and one decompressor per event loop); room messages of 256 bytes and more are
+    /// compressed once per encoding and shared.
+    #[arg(long, value_enum, value_name = "on|off", default_value = "off")]
+    pub deflate: Toggle,
     /// Echo every message back instead of speaking the relay protocol (for conformance suites
     /// such as Autobahn).
     #[arg(long)]
@@ -188,6 +209,7 @@ impl Default for Options {
             tls_key: None,
             message_rate: 0,
             message_burst: None,
+            deflate: Toggle::Off,
             echo: false,
         }
     }
@@ -409,6 +431,9 @@ impl Config {
         for proxy in &o.trusted_proxies {
             flag("trusted-proxy", proxy.to_string());
         }
+        if o.deflate.on() {
+            flag("deflate", "on".into());
+        }
         if o.echo {
             v.push("--echo".into());
         }
@@ -419,6 +444,7 @@ impl Config {
     pub fn policy(&self) -> super::handshake::Policy {
         super::handshake::Policy {
             allowed_origins: self.options.allowed_origins.clone(),
+            deflate: self.options.deflate.on(),
         }
     }
 }
@@ -483,6 +509,7 @@ mod tests {
                 tls_key: Some("/etc/tunegate/key.pem".into()),
                 message_rate: 11,
                 message_burst: Some(12),
+                deflate: Toggle::On,
                 echo: true,
             },
         };

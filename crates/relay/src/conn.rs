@@ -37,6 +37,10 @@ pub const WEBSOCKET: u8 = 4;
 pub const WRITE_SHUT: u8 = 8;
 /// The application was told the connection opened, and not yet that it ended.
 pub const APP_OPEN: u8 = 16;
+/// permessage-deflate was negotiated: compressed messages (RSV1) are accepted.
+pub const DEFLATE: u8 = 32;
+/// ... and the server may send compressed messages (the client allows a full window).
+pub const DEFLATE_OUT: u8 = 64;
 
 pub struct Conn<D> {
     pub fd: Option<OwnedFd>,
@@ -120,6 +124,8 @@ impl Busy {
 /// A data message being assembled from fragments (or from one frame over several reads).
 pub struct Message {
     pub opcode: u8,
+    /// permessage-deflate: the data is compressed (UTF-8 is checked once it is inflated).
+    pub compressed: bool,
     pub data: Vec<u8>,
     utf8: Utf8Stream,
 }
@@ -155,6 +161,8 @@ pub enum Incoming {
     Data {
         opcode: u8,
         payload: Payload,
+        /// permessage-deflate: to be inflated (and, if text, checked) before it is handed on.
+        compressed: bool,
     },
     Ping(Vec<u8>),
     Pong,
@@ -178,18 +186,20 @@ impl Payload {
 
 /// Decodes `buf[range]` into `out`. Complete single-frame messages that arrived whole are
 /// referenced in `buf` (no copy); everything else is assembled. Text is validated as it
-/// arrives, so invalid UTF-8 fails the connection as soon as it is seen.
+/// arrives, so invalid UTF-8 fails the connection as soon as it is seen (compressed text once
+/// inflated, by the loop). `deflate`: permessage-deflate was negotiated (RSV1 allowed).
 pub fn decode(
     reader: &mut Reader,
     buf: &mut [u8],
     range: Range<usize>,
     max_message: usize,
+    deflate: bool,
     out: &mut Vec<Incoming>,
 ) -> Result<(), Fail> {
     let base = buf.as_ptr() as usize;
     let max = max_message as u64;
     let Reader { decoder, assembly } = reader;
-    decoder.feed(&mut buf[range], max, &mut |piece| match piece {
+    decoder.feed(&mut buf[range], max, deflate, &mut |piece| match piece {
         Piece::Start(h) => assembly.start(h, max),
         Piece::Data(chunk) => assembly.data(chunk, base, out),
         Piece::End => assembly.end(out),
@@ -216,6 +226,7 @@ impl Assembly {
             if !h.fin {
                 self.message = Some(Message {
                     opcode: h.opcode,
+                    compressed: h.rsv1,
                     data: Vec::new(),
                     utf8: Utf8Stream::default(),
                 });
@@ -232,13 +243,14 @@ impl Assembly {
             self.control.extend_from_slice(chunk);
         } else if self.direct && chunk.len() as u64 == h.len {
             // A whole single-frame message in the buffer: handed on without a copy.
-            if h.opcode == frame::OP_TEXT && std::str::from_utf8(chunk).is_err() {
+            if h.opcode == frame::OP_TEXT && !h.rsv1 && std::str::from_utf8(chunk).is_err() {
                 return Err(bad_utf8());
             }
             let start = chunk.as_ptr() as usize - base;
             out.push(Incoming::Data {
                 opcode: h.opcode,
                 payload: Payload::Buf(start..start + chunk.len()),
+                compressed: h.rsv1,
             });
             self.direct = false;
             self.frame = Some(Header { len: 0, ..h });
@@ -247,12 +259,13 @@ impl Assembly {
                 self.direct = false;
                 self.message = Some(Message {
                     opcode: h.opcode,
+                    compressed: h.rsv1,
                     data: Vec::with_capacity(h.len.min(1 << 16) as usize),
                     utf8: Utf8Stream::default(),
                 });
             }
             let m = self.message.as_mut().expect("a message is being assembled");
-            if m.opcode == frame::OP_TEXT && m.utf8.feed(chunk).is_err() {
+            if m.opcode == frame::OP_TEXT && !m.compressed && m.utf8.feed(chunk).is_err() {
                 return Err(bad_utf8());
             }
             m.data.extend_from_slice(chunk);
@@ -273,16 +286,18 @@ impl Assembly {
                 out.push(Incoming::Data {
                     opcode: h.opcode,
                     payload: Payload::Owned(Vec::new()),
+                    compressed: h.rsv1,
                 });
             }
             _ if h.fin && self.message.is_some() => {
                 let m = self.message.take().expect("checked");
-                if m.opcode == frame::OP_TEXT && !m.utf8.complete() {
+                if m.opcode == frame::OP_TEXT && !m.compressed && !m.utf8.complete() {
                     return Err(bad_utf8());
                 }
                 out.push(Incoming::Data {
                     opcode: m.opcode,
                     payload: Payload::Owned(m.data),
+                    compressed: m.compressed,
                 });
             }
             _ => {}
@@ -323,12 +338,12 @@ mod tests {
         let mut at = 0;
         while at < buf.len() {
             let end = (at + cut).min(buf.len());
-            decode(&mut r, &mut buf, at..end, 1 << 20, &mut out)?;
+            decode(&mut r, &mut buf, at..end, 1 << 20, false, &mut out)?;
             for inc in out.drain(..) {
                 match inc {
-                    Incoming::Data { opcode, payload } => {
-                        got.push((opcode, payload.bytes(&buf).to_vec()))
-                    }
+                    Incoming::Data {
+                        opcode, payload, ..
+                    } => got.push((opcode, payload.bytes(&buf).to_vec())),
                     Incoming::Ping(p) => got.push((OP_PING, p)),
                     _ => {}
                 }

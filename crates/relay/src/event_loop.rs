@@ -89,6 +89,8 @@ pub struct EventLoop<H: Handler> {
     verifier: Option<Arc<Verifier>>,
     /// The tick `Handler::on_tick` was last called at.
     ticked: u32,
+    /// Where compressed messages are inflated: one buffer per loop, like the receive buffer.
+    inflated: Vec<u8>,
 }
 
 /// Which of `EventLoop::refusals_logged`.
@@ -156,6 +158,7 @@ impl<H: Handler> EventLoop<H> {
                 metrics,
                 config.options.max_pending_output,
                 certs,
+                config.options.deflate.on(),
             ),
             handler,
             policy: config.policy(),
@@ -177,6 +180,7 @@ impl<H: Handler> EventLoop<H> {
             refusals_logged: [Throttle::default(); 3],
             verifier,
             ticked: 0,
+            inflated: Vec::new(),
         })
     }
 
@@ -425,6 +429,7 @@ impl<H: Handler> EventLoop<H> {
                 path,
                 forwarded,
                 credentials,
+                deflate,
             } => {
                 let Ok(counted) = self.admit(slot, &forwarded) else {
                     return;
@@ -446,6 +451,13 @@ impl<H: Handler> EventLoop<H> {
                     self.held.insert(slot as u32, client);
                 }
                 self.sockets.opened(slot);
+                if let Some(compress) = deflate {
+                    let c = &mut self.sockets.conns[slot];
+                    c.flags |= conn::DEFLATE;
+                    if compress {
+                        c.flags |= conn::DEFLATE_OUT;
+                    }
+                }
                 self.handler.on_open(&mut self.sockets, slot, &path, grant);
                 if from_buf {
                     if consumed < n {
@@ -614,6 +626,7 @@ impl<H: Handler> EventLoop<H> {
             buf,
             range,
             self.options.max_message_size,
+            self.sockets.conns[slot].flags & conn::DEFLATE != 0,
             &mut incoming,
         );
         if !reader.is_idle() {
@@ -632,23 +645,63 @@ impl<H: Handler> EventLoop<H> {
         if let Err(fail) = result
             && self.sockets.token(slot) == token
         {
-            let reason = match fail.code {
-                close::INVALID_DATA => CloseReason::InvalidUtf8,
-                close::TOO_BIG => CloseReason::MessageTooBig,
-                _ => CloseReason::ProtocolError,
-            };
-            // "Fail the WebSocket Connection" (RFC 6455 7.1.7): the byte stream can no longer
-            // be parsed, so send Close, then close our side without waiting for the reply.
-            if let Some(b) = self.sockets.conns[slot].busy.as_mut() {
-                b.reader = Default::default();
-            }
-            if self.sockets.is_open(slot) {
-                let last = frame::close_frame(fail.code, fail.reason);
-                self.sockets.finish(slot, &last, reason);
-            } else {
-                self.sockets.close(slot, reason);
-            }
+            self.fail_connection(slot, fail);
         }
+    }
+
+    /// "Fail the WebSocket Connection" (RFC 6455 7.1.7): what arrives can no longer be made
+    /// sense of, so send Close, then close our side without waiting for the reply.
+    fn fail_connection(&mut self, slot: usize, fail: Fail) {
+        let reason = match fail.code {
+            close::INVALID_DATA => CloseReason::InvalidUtf8,
+            close::TOO_BIG => CloseReason::MessageTooBig,
+            _ => CloseReason::ProtocolError,
+        };
+        if let Some(b) = self.sockets.conns[slot].busy.as_mut() {
+            b.reader = Default::default();
+        }
+        if self.sockets.is_open(slot) {
+            let last = frame::close_frame(fail.code, fail.reason);
+            self.sockets.finish(slot, &last, reason);
+        } else {
+            self.sockets.close(slot, reason);
+        }
+    }
+
+    /// A compressed message, inflated into the loop's one buffer for inflated messages (UTF-8
+    /// checked for text) and handed to the application; a bomb or corrupt data fails the
+    /// connection (1009, 1007).
+    fn on_compressed(&mut self, slot: usize, opcode: u8, data: &[u8]) {
+        let mut out = std::mem::take(&mut self.inflated);
+        let max = self.options.max_message_size;
+        let inflated = match self.sockets.codec.as_mut() {
+            Some(codec) => codec.inflate(data, max, &mut out),
+            None => Err(Fail::protocol("reserved bits set without an extension")),
+        };
+        let checked = inflated.and_then(|()| {
+            if opcode == frame::OP_TEXT && std::str::from_utf8(&out).is_err() {
+                return Err(Fail {
+                    code: close::INVALID_DATA,
+                    reason: "text message is not valid UTF-8",
+                });
+            }
+            Ok(())
+        });
+        match checked {
+            Ok(()) => {
+                LoopMetrics::add(&self.sockets.metrics.messages_in, 1);
+                LoopMetrics::add(&self.sockets.metrics.inflated_in, 1);
+                let binary = opcode == frame::OP_BINARY;
+                self.handler
+                    .on_message(&mut self.sockets, slot, binary, &out);
+            }
+            Err(fail) => self.fail_connection(slot, fail),
+        }
+        // A large message's buffer is not kept for the next small one.
+        if out.capacity() > RECV_BUF {
+            out = Vec::new();
+        }
+        self.inflated = out;
     }
 
     fn on_incoming(&mut self, slot: usize, inc: Incoming, buf: &[u8]) {
@@ -668,7 +721,14 @@ impl<H: Handler> EventLoop<H> {
                 .sockets
                 .send_bytes(slot, &frame::frame(frame::OP_PONG, &payload)),
             Incoming::Pong => {}
-            Incoming::Data { opcode, payload } => {
+            Incoming::Data {
+                opcode,
+                payload,
+                compressed: true,
+            } => self.on_compressed(slot, opcode, payload.bytes(buf)),
+            Incoming::Data {
+                opcode, payload, ..
+            } => {
                 LoopMetrics::add(&self.sockets.metrics.messages_in, 1);
                 let binary = opcode == frame::OP_BINARY;
                 self.handler

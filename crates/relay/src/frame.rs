@@ -43,6 +43,8 @@ impl Fail {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1: with permessage-deflate, the message is compressed (first frame only).
+    pub rsv1: bool,
     pub opcode: u8,
     pub len: u64,
 }
@@ -80,8 +82,15 @@ impl Decoder {
     }
 
     /// Consumes all of `input` (unmasking it in place), calling `on` for each piece. A data
-    /// frame longer than `max_len` fails with 1009 before any of its payload is read.
-    pub fn feed<F>(&mut self, mut input: &mut [u8], max_len: u64, on: &mut F) -> Result<(), Fail>
+    /// frame longer than `max_len` fails with 1009 before any of its payload is read; RSV1 is
+    /// refused unless `rsv1_allowed` (permessage-deflate was negotiated).
+    pub fn feed<F>(
+        &mut self,
+        mut input: &mut [u8],
+        max_len: u64,
+        rsv1_allowed: bool,
+        on: &mut F,
+    ) -> Result<(), Fail>
     where
         F: FnMut(Piece<'_>) -> Result<(), Fail>,
     {
@@ -99,7 +108,7 @@ impl Decoder {
                 }
                 // The first two bytes decide the rest: refuse early, before waiting for more.
                 if before < 2 {
-                    self.check_first_two()?;
+                    self.check_first_two(rsv1_allowed)?;
                 }
                 let need = self.header_len();
                 if (self.have as usize) < need {
@@ -165,10 +174,16 @@ impl Decoder {
         Self::full_len(self.head[1])
     }
 
-    fn check_first_two(&self) -> Result<(), Fail> {
+    fn check_first_two(&self, rsv1_allowed: bool) -> Result<(), Fail> {
         let (b0, b1) = (self.head[0], self.head[1]);
-        if b0 & 0x70 != 0 {
+        if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !rsv1_allowed) {
             return Err(Fail::protocol("reserved bits set without an extension"));
+        }
+        if b0 & 0x40 != 0 && (b0 & 0x08 != 0 || b0 & 0x0F == OP_CONTINUATION) {
+            // RFC 7692 section 6: RSV1 only on the first frame of a data message.
+            return Err(Fail::protocol(
+                "compressed bit on a control or continuation frame",
+            ));
         }
         let opcode = b0 & 0x0F;
         if !matches!(
@@ -213,7 +228,13 @@ impl Decoder {
                 reason: "message too big",
             });
         }
-        Ok(Header { fin, opcode, len })
+        let rsv1 = h[0] & 0x40 != 0;
+        Ok(Header {
+            fin,
+            rsv1,
+            opcode,
+            len,
+        })
     }
 }
 
@@ -320,7 +341,7 @@ pub(crate) mod tests {
         while !rest.is_empty() {
             let n = sizes.next().unwrap().clamp(1, rest.len());
             let (now, later) = rest.split_at_mut(n);
-            d.feed(now, 1 << 20, &mut |p| {
+            d.feed(now, 1 << 20, false, &mut |p| {
                 match p {
                     Piece::Start(h) => frames.push((h, Vec::new())),
                     Piece::Data(b) => frames.last_mut().unwrap().1.extend_from_slice(b),
@@ -332,6 +353,52 @@ pub(crate) mod tests {
         }
         assert!(d.is_idle(), "decoder left mid-frame");
         Ok(frames)
+    }
+
+    /// RSV1 (permessage-deflate's "compressed") only once negotiated, and only on the first
+    /// frame of a data message; RSV2 and RSV3 never.
+    #[test]
+    fn rsv1_only_with_deflate_and_only_on_the_first_data_frame() {
+        let feed = |wire: &mut Vec<u8>, allowed: bool| {
+            let mut d = Decoder::default();
+            let mut headers = Vec::new();
+            d.feed(wire, 1 << 20, allowed, &mut |p| {
+                if let Piece::Start(h) = p {
+                    headers.push(h);
+                }
+                Ok(())
+            })
+            .map(|()| headers)
+        };
+        let with = |fin: bool, op: u8, bits: u8| {
+            let mut f = client_frame(fin, op, b"xy", [1, 2, 3, 4]);
+            f[0] |= bits;
+            f
+        };
+        let h = feed(&mut with(true, OP_TEXT, 0x40), true).unwrap();
+        assert!(h[0].rsv1);
+        assert_eq!(
+            feed(&mut with(true, OP_TEXT, 0x40), false)
+                .unwrap_err()
+                .code,
+            1002
+        );
+        assert_eq!(
+            feed(&mut with(true, OP_PING, 0x40), true).unwrap_err().code,
+            1002
+        );
+        let mut frag = with(false, OP_BINARY, 0x40);
+        frag.extend(with(true, OP_CONTINUATION, 0x40));
+        assert_eq!(feed(&mut frag, true).unwrap_err().code, 1002);
+        assert_eq!(
+            feed(&mut with(true, OP_TEXT, 0x20), true).unwrap_err().code,
+            1002
+        );
+        assert_eq!(
+            feed(&mut with(true, OP_TEXT, 0x10), true).unwrap_err().code,
+            1002
+        );
+        assert!(!feed(&mut with(true, OP_TEXT, 0), true).unwrap()[0].rsv1);
     }
 
     #[test]
@@ -415,7 +482,7 @@ pub(crate) mod tests {
             while !rest.is_empty() {
                 let n = sizes.next().unwrap().clamp(1, rest.len());
                 let (now, later) = rest.split_at_mut(n);
-                if let Err(f) = d.feed(now, 1 << 16, &mut |_| Ok(())) {
+                if let Err(f) = d.feed(now, 1 << 16, false, &mut |_| Ok(())) {
                     prop_assert!(f.code == 1002 || f.code == 1009);
                     break;
                 }

@@ -8,6 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::client_addr::Forwarded;
+use super::deflate;
 
 /// Requests longer than this (line plus headers) are refused with 431: bounded memory whatever
 /// a client sends.
@@ -29,6 +30,8 @@ pub enum Parsed {
         forwarded: Forwarded,
         /// The token the client presented (`auth.rs` decides what it is worth).
         credentials: Credentials,
+        /// permessage-deflate agreed: `Some(true)` if the server may compress too.
+        deflate: Option<bool>,
     },
     /// A plain GET of `path` (no upgrade asked); the loop answers /healthz and /metrics.
     Get { path: String },
@@ -96,6 +99,8 @@ pub struct Policy {
     /// When not empty, the Origin header must be one of these (browsers send it; a page on
     /// another site must not be able to open connections as the user).
     pub allowed_origins: Vec<String>,
+    /// Whether permessage-deflate is offered back (`--deflate on`).
+    pub deflate: bool,
 }
 
 pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
@@ -180,10 +185,23 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
     }
     let forwarded = forwarded(req.headers);
     let credentials = credentials(&path, req.headers);
+    let agreed = if policy.deflate {
+        deflate::negotiate(
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+                .map(|h| h.value),
+        )
+    } else {
+        None
+    };
+    let extensions = agreed.as_ref().map_or_else(String::new, |a| {
+        format!("Sec-WebSocket-Extensions: {}\r\n", a.response)
+    });
     Parsed::Upgrade {
         response: format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
+             Sec-WebSocket-Accept: {}\r\n{extensions}\r\n",
             accept_key(key)
         )
         .into_bytes(),
@@ -191,6 +209,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Parsed {
         path,
         forwarded,
         credentials,
+        deflate: agreed.map(|a| a.compress),
     }
 }
 
@@ -326,7 +345,9 @@ mod tests {
                 path,
                 forwarded,
                 credentials,
+                deflate,
             } => {
+                assert_eq!(deflate, None, "not offered back unless --deflate on");
                 assert_eq!(consumed, GOOD.len());
                 assert!(forwarded.is_empty());
                 assert_eq!(credentials, Credentials::None);
@@ -375,10 +396,12 @@ mod tests {
         assert_eq!(status(parse(with("websocket", "h2c").as_bytes(), &p)), 400);
         assert_eq!(status(parse(b"GARBAGE\r\n\r\n", &p)), 400);
         let strict = Policy {
+            deflate: false,
             allowed_origins: vec!["https://app.example.com".into()],
         };
         assert_eq!(status(parse(GOOD.as_bytes(), &strict)), 403);
         let ok = Policy {
+            deflate: false,
             allowed_origins: vec!["HTTP://EXAMPLE.COM".into()],
         };
         assert_eq!(status(parse(GOOD.as_bytes(), &ok)), 101);
@@ -411,6 +434,39 @@ mod tests {
             panic!("not an upgrade");
         };
         assert_eq!(forwarded.real_ip, Some(None));
+    }
+
+    #[test]
+    fn permessage_deflate_is_answered_only_when_on_and_offered() {
+        let offered = GOOD.replace(
+            "Origin:",
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nOrigin:",
+        );
+        let on = Policy {
+            deflate: true,
+            ..Policy::default()
+        };
+        let answer = |req: &str, p: &Policy| match parse(req.as_bytes(), p) {
+            Parsed::Upgrade {
+                response, deflate, ..
+            } => (String::from_utf8(response).unwrap(), deflate),
+            other => panic!("{other:?}"),
+        };
+        let (r, d) = answer(&offered, &on);
+        assert_eq!(d, Some(true));
+        assert!(
+            r.contains(
+                "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+                 client_no_context_takeover\r\n"
+            ),
+            "{r}"
+        );
+        let (r, d) = answer(&offered, &Policy::default());
+        assert_eq!(d, None, "off: not agreed");
+        assert!(!r.contains("Extensions"), "{r}");
+        let (r, d) = answer(GOOD, &on);
+        assert_eq!(d, None, "not offered: not agreed");
+        assert!(!r.contains("Extensions"), "{r}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod bus;
 pub mod client_addr;
 pub mod config;
 pub mod conn;
+pub mod deflate;
 pub mod echo;
 pub mod event_loop;
 pub mod frame;

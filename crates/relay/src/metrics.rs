@@ -118,6 +118,10 @@ pub struct LoopMetrics {
     pub rate_limited: AtomicU64,
     /// Tokens replaced by a `refresh`.
     pub refreshed: AtomicU64,
+    /// Messages received compressed (permessage-deflate) and inflated.
+    pub inflated_in: AtomicU64,
+    /// Messages sent compressed (a shared room frame counts once per receiver).
+    pub deflated_out: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -156,6 +160,10 @@ pub struct Snapshot {
     pub rate_limited: u64,
     #[serde(default)]
     pub refreshed: u64,
+    #[serde(default)]
+    pub inflated_in: u64,
+    #[serde(default)]
+    pub deflated_out: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     pub bytes_in: u64,
@@ -215,6 +223,8 @@ impl Snapshot {
         self.forbidden += o.forbidden;
         self.rate_limited += o.rate_limited;
         self.refreshed += o.refreshed;
+        self.inflated_in += o.inflated_in;
+        self.deflated_out += o.deflated_out;
         self.messages_in += o.messages_in;
         self.messages_out += o.messages_out;
         self.bytes_in += o.bytes_in;
@@ -264,6 +274,8 @@ impl Snapshot {
         m(&mut self.forbidden, o.forbidden);
         m(&mut self.rate_limited, o.rate_limited);
         m(&mut self.refreshed, o.refreshed);
+        m(&mut self.inflated_in, o.inflated_in);
+        m(&mut self.deflated_out, o.deflated_out);
         m(&mut self.messages_in, o.messages_in);
         m(&mut self.messages_out, o.messages_out);
         m(&mut self.bytes_in, o.bytes_in);
@@ -314,6 +326,8 @@ impl LoopMetrics {
             forbidden: self.forbidden.load(Relaxed),
             rate_limited: self.rate_limited.load(Relaxed),
             refreshed: self.refreshed.load(Relaxed),
+            inflated_in: self.inflated_in.load(Relaxed),
+            deflated_out: self.deflated_out.load(Relaxed),
             messages_in: self.messages_in.load(Relaxed),
             messages_out: self.messages_out.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
@@ -521,6 +535,16 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             "token_refreshes_total",
             "Connections that presented a fresh token with the refresh op.",
             t.refreshed,
+        ),
+        counter(
+            "messages_inflated_total",
+            "Messages received compressed (permessage-deflate).",
+            t.inflated_in,
+        ),
+        counter(
+            "messages_deflated_total",
+            "Messages sent compressed (permessage-deflate); a room message is compressed once per encoding and counted per receiver.",
+            t.deflated_out,
         ),
     ]
 }

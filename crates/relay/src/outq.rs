@@ -43,6 +43,8 @@ impl Chunk {
 pub enum Out<'a> {
     Bytes(&'a [u8]),
     Shared(&'a Arc<Outgoing>, Encoding),
+    /// A frame already encoded and shared (a room message's compressed form).
+    Frame(&'a Arc<[u8]>),
 }
 
 impl Out<'_> {
@@ -50,6 +52,7 @@ impl Out<'_> {
         match self {
             Out::Bytes(b) => b,
             Out::Shared(msg, enc) => msg.frame(*enc),
+            Out::Frame(f) => f,
         }
     }
 }
@@ -86,6 +89,7 @@ impl OutQueue {
             Out::Shared(msg, enc) => self
                 .chunks
                 .push_back(Chunk::Shared(msg.shared(enc).clone())),
+            Out::Frame(f) => self.chunks.push_back(Chunk::Shared(f.clone())),
             Out::Bytes(b) => {
                 // Never append to the chunk being written: its written head would stay pinned.
                 let writing_front = self.chunks.len() == 1 && self.offset > 0;

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
+use super::deflate::{Codec, THRESHOLD};
 use super::frame::{self, OP_BINARY, OP_TEXT};
 
 /// How a connection's messages are encoded: the frame type it last sent, or `?encoding=msgpack`
@@ -182,6 +183,10 @@ pub struct Outgoing {
     /// `Arc`, not a copy, and not this whole message with its decoded data).
     json: OnceLock<Arc<[u8]>>,
     msgpack: OnceLock<Arc<[u8]>>,
+    /// The permessage-deflate frames (RSV1), compressed at most once per encoding by the
+    /// first loop that needs one; `None` when compressing would not make it shorter.
+    json_deflated: OnceLock<Option<Arc<[u8]>>>,
+    msgpack_deflated: OnceLock<Option<Arc<[u8]>>>,
 }
 
 impl Outgoing {
@@ -190,6 +195,8 @@ impl Outgoing {
             reply: Some(reply),
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
+            json_deflated: OnceLock::new(),
+            msgpack_deflated: OnceLock::new(),
         })
     }
 
@@ -201,11 +208,25 @@ impl Outgoing {
             reply: None,
             json: OnceLock::new(),
             msgpack,
+            json_deflated: OnceLock::new(),
+            msgpack_deflated: OnceLock::new(),
         })
     }
 
     pub fn frame(&self, enc: Encoding) -> &[u8] {
         self.shared(enc)
+    }
+
+    /// The permessage-deflate frame for `enc`, compressed with `codec` on first use and
+    /// shared by every receiver that negotiated the extension; `None` for a message under
+    /// the threshold or one that does not shrink.
+    pub fn deflated(&self, enc: Encoding, codec: &mut Codec) -> Option<&Arc<[u8]>> {
+        let cell = match enc {
+            Encoding::Json => &self.json_deflated,
+            Encoding::MsgPack => &self.msgpack_deflated,
+        };
+        cell.get_or_init(|| deflate_frame(self.frame(enc), codec).map(Arc::from))
+            .as_ref()
     }
 
     /// The frame for `enc`, encoded on first use, as a shared buffer.
@@ -240,6 +261,26 @@ impl Outgoing {
         };
         &f[at.min(f.len())..]
     }
+}
+
+/// A whole unmasked frame of ours, compressed (RSV1 set), or `None` when it is under the
+/// threshold, not a single-frame data message, or does not shrink.
+pub fn deflate_frame(frame: &[u8], codec: &mut Codec) -> Option<Vec<u8>> {
+    let (&b0, rest) = frame.split_first()?;
+    let at = match rest.first()? & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let opcode = b0 & 0x0F;
+    let payload = frame.get(at..)?;
+    if b0 & 0x80 == 0 || !(opcode == OP_TEXT || opcode == OP_BINARY) || payload.len() < THRESHOLD {
+        return None;
+    }
+    let compressed = codec.compress(payload)?;
+    let mut out = frame::frame(opcode, &compressed);
+    out[0] |= 0x40;
+    Some(out)
 }
 
 /// Decodes a request from a text (JSON) or binary (MsgPack) message.

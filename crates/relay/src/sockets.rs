@@ -17,12 +17,14 @@ use std::sync::atomic::Ordering;
 use nix::errno::Errno;
 use rustc_hash::FxHashMap;
 
-use super::conn::{APP_OPEN, Conn, State, WEBSOCKET, WRITE_SHUT};
+use super::conn::{APP_OPEN, Conn, DEFLATE_OUT, State, WEBSOCKET, WRITE_SHUT};
+use super::deflate::Codec;
 use super::frame::{self, Fail, close};
 use super::handler::Sink;
 use super::id::{self, ConnId, FreeSlots, ProcessId};
 use super::metrics::{CloseReason, LoopMetrics};
 use super::outq::Out;
+use super::protocol;
 use super::sys;
 use super::tls::{self, Certs, Session};
 
@@ -56,6 +58,8 @@ pub struct Sockets<D> {
     /// Each TLS connection's session, by slot (a plain server has none, and its slots stay 32
     /// bytes).
     sessions: FxHashMap<u32, Session>,
+    /// With --deflate on: this loop's one compressor and decompressor (`deflate.rs`).
+    pub(crate) codec: Option<Codec>,
 }
 
 /// What reading a connection gave: plaintext in the caller's buffer, or why not.
@@ -88,6 +92,7 @@ impl<D: Copy + Default> Sockets<D> {
         metrics: Arc<LoopMetrics>,
         max_pending: usize,
         certs: Option<Arc<Certs>>,
+        deflate: bool,
     ) -> Sockets<D> {
         Sockets {
             loop_index,
@@ -101,6 +106,7 @@ impl<D: Copy + Default> Sockets<D> {
             ended: Vec::new(),
             certs,
             sessions: FxHashMap::default(),
+            codec: deflate.then(Codec::default),
         }
     }
 
@@ -438,9 +444,32 @@ impl<D: Copy + Default> Sink<D> for Sockets<D> {
         &mut self.conns[slot].data
     }
 
+    /// A message; to a connection that negotiated permessage-deflate, compressed when that
+    /// pays (a room message once per encoding, shared; a reply of its own on its own).
     fn send(&mut self, slot: usize, out: Out<'_>) {
         LoopMetrics::add(&self.metrics.messages_out, 1);
-        self.write(slot, out);
+        let codec = match self.codec.as_mut() {
+            Some(c) if self.conns[slot].flags & DEFLATE_OUT != 0 => c,
+            _ => return self.write(slot, out),
+        };
+        match out {
+            Out::Shared(msg, enc) => match msg.deflated(enc, codec) {
+                Some(frame) => {
+                    let frame = frame.clone();
+                    LoopMetrics::add(&self.metrics.deflated_out, 1);
+                    self.write(slot, Out::Frame(&frame));
+                }
+                None => self.write(slot, out),
+            },
+            Out::Bytes(bytes) => match protocol::deflate_frame(bytes, codec) {
+                Some(frame) => {
+                    LoopMetrics::add(&self.metrics.deflated_out, 1);
+                    self.write(slot, Out::Bytes(&frame));
+                }
+                None => self.write(slot, out),
+            },
+            Out::Frame(_) => self.write(slot, out),
+        }
     }
 
     fn close(&mut self, slot: usize, code: u16, reason: &'static str, why: CloseReason) {

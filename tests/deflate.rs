@@ -1,0 +1,85 @@
+//! permessage-deflate (issue 21): `tunegate serve --deflate on` with clients we did not write:
+//! Python `websockets` and raw sockets with Python's zlib (tests/clients/deflate.py), Node `ws`
+//! (tests/clients/deflate_ws.js). Autobahn|Testsuite groups 12 and 13 run in scripts/test.sh.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::python_client;
+use common::ws::Server;
+
+fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn python_and_node_clients_exchange_compressed_room_messages_beside_one_that_does_not() {
+    let s = Server::start(&["--threads", "2", "--deflate", "on"]);
+    let url = format!("ws://{}", s.addr);
+    python_client(&[], "deflate", &["rooms", &url], "");
+    let node_path = format!(
+        "{}/.cache/tunegate/test-node/node_modules",
+        std::env::var("HOME").unwrap()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/deflate_ws.js");
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(format!("ws://{}/", s.addr))
+        .env("NODE_PATH", &node_path)
+        .output()
+        .expect("node (scripts/deps.sh installs it and ws)");
+    let text = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    assert!(
+        out.status.success() && text.contains("deflate_ws: ok"),
+        "{text}"
+    );
+    // The server really compressed and inflated (the clients cannot see it per frame).
+    assert!(s.metric("tunegate_messages_inflated_total") >= 4);
+    assert!(s.metric("tunegate_messages_deflated_total") >= 4);
+
+    // Without --deflate on, nothing is agreed and the same exchange works uncompressed.
+    let plain = Server::start(&["--threads", "1"]);
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(format!("ws://{}/", plain.addr))
+        .env("NODE_PATH", &node_path)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    assert!(text.contains("extension not agreed"), "{text}");
+}
+
+#[test]
+fn a_compression_bomb_is_refused_with_1009_and_the_server_does_not_grow() {
+    let s = Server::start(&[
+        "--threads",
+        "1",
+        "--deflate",
+        "on",
+        "--max-message-size",
+        "1048576",
+    ]);
+    let (host, port) = (s.addr.ip().to_string(), s.addr.port().to_string());
+    python_client(&[], "deflate", &["bomb", &host, &port, "2"], "");
+    let before = rss_kb(s.pid());
+    python_client(&[], "deflate", &["bomb", &host, &port, "20"], "");
+    let after = rss_kb(s.pid());
+    // 20 bombs of 64 MiB each: what the server kept is its inflate buffer's bounded step,
+    // not the bombs.
+    assert!(
+        after < before + 4096,
+        "VmRSS {before} kB -> {after} kB after 20 bombs"
+    );
+    assert!(
+        s.metric("tunegate_connections_closed_total{reason=\"message_too_big\"}") >= 22,
+        "{}",
+        s.get("/metrics").1
+    );
+}
