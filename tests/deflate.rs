@@ -83,3 +83,51 @@ fn a_compression_bomb_is_refused_with_1009_and_the_server_does_not_grow() {
         s.get("/metrics").1
     );
 }
+
+/// `tunegate load --deflate`: its connections agree to the extension and inflate what comes
+/// compressed (messages padded past the 256-byte threshold), losing nothing; against a server
+/// without `--deflate on` every connect fails, and says why.
+#[test]
+fn load_with_deflate_inflates_every_delivery_and_a_server_without_it_is_named() {
+    let s = Server::start(&["--threads", "2", "--deflate", "on"]);
+    let run = |addr: std::net::SocketAddr| {
+        Command::new(common::bin())
+            .args([
+                "load",
+                &format!("ws://{addr}/"),
+                "--json",
+                "--max-time",
+                "60",
+            ])
+            .args([
+                "--deflate",
+                "-n",
+                "200",
+                "--rooms",
+                "10:100",
+                "--payload",
+                "1000",
+            ])
+            .args(["--publish-rate", "200", "--publish-seconds", "1"])
+            .output()
+            .unwrap()
+    };
+    let o = run(s.addr);
+    let r = common::json(&o);
+    assert_eq!(common::code(&o), 0, "{}\n{r}", common::stderr(&o));
+    assert_eq!(
+        (r["opened"].as_u64(), r["lost"].as_u64()),
+        (Some(200), Some(0)),
+        "{r}"
+    );
+    let inflated = r["inflated"].as_u64().unwrap();
+    assert!(inflated >= r["received"].as_u64().unwrap(), "{r}");
+    let plain = Server::start(&["--threads", "1"]);
+    let o = run(plain.addr);
+    let r = common::json(&o);
+    assert_eq!(common::code(&o), 1, "{r}");
+    assert!(
+        r.to_string().contains("permessage-deflate not agreed"),
+        "{r}"
+    );
+}

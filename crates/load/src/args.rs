@@ -60,6 +60,10 @@ pub struct LoadArgs {
     pub per_source: u64,
     #[arg(long, value_enum, default_value = "relay")]
     pub protocol: LoadProtocol,
+    /// Offer permessage-deflate (without context takeover) on every connection, and inflate
+    /// what the server sends compressed; a connection whose server does not agree fails.
+    #[arg(long)]
+    pub deflate: bool,
     /// With wss:// targets: the CA certificates (PEM) to trust instead of the system's (the
     /// certificate must name the target's IP address).
     #[arg(long, value_name = "FILE")]

@@ -38,6 +38,9 @@ pub struct Tally {
     pub expected: u64,
     pub received: u64,
     pub pings_answered: u64,
+    /// Messages that arrived compressed (permessage-deflate, with --deflate).
+    #[serde(default)]
+    pub inflated: u64,
     /// Histogram buckets (µs, count), carried from a shard to the coordinator only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_us: Vec<(u64, u64)>,
@@ -63,6 +66,7 @@ impl Tally {
         self.expected += o.expected;
         self.received += o.received;
         self.pings_answered += o.pings_answered;
+        self.inflated += o.inflated;
     }
 }
 
@@ -182,6 +186,12 @@ impl Outcome {
             t.pings_answered,
             t.disconnects.values().sum::<u64>()
         ));
+        if t.inflated > 0 {
+            s.push_str(&format!(
+                "permessage-deflate: {} messages arrived compressed\n",
+                t.inflated
+            ));
+        }
         if t.sent > 0 {
             s.push_str(&format!(
                 "messages: {} sent in {:.1} s ({:.0}/s); deliveries {} of {} ({} lost)\n",

@@ -112,6 +112,10 @@ struct Shard {
     rng: RefCell<Rng>,
     /// Padding for message data.
     pad: String,
+    /// With --deflate: one decompressor for every connection of the shard (no context
+    /// takeover), and where it inflates.
+    inflater: RefCell<flate2::Decompress>,
+    inflated: RefCell<Vec<u8>>,
 }
 
 pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> anyhow::Result<u8> {
@@ -152,6 +156,8 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
             monotonic_us() ^ (u64::from(std::process::id()) << 32),
         )),
         pad: "x".repeat(args.payload),
+        inflater: RefCell::new(flate2::Decompress::new_with_window_bits(false, 15)),
+        inflated: RefCell::new(Vec::new()),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

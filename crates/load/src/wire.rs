@@ -30,12 +30,28 @@ impl Rng {
 }
 
 /// The upgrade request, and the Sec-WebSocket-Accept the server must answer with.
-pub fn request(host: &str, path: &str, token: Option<&str>, rng: &mut Rng) -> (Vec<u8>, String) {
+/// What the upgrade offers besides the basics.
+pub struct Offer<'a> {
+    pub token: Option<&'a str>,
+    pub deflate: bool,
+}
+
+/// The permessage-deflate offer: no context takeover either way, so the load generator, like
+/// the server, holds no compression state per connection.
+const DEFLATE_OFFER: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+pub fn request(host: &str, path: &str, offer: &Offer<'_>, rng: &mut Rng) -> (Vec<u8>, String) {
     let mut nonce = [0u8; 16];
     nonce[..8].copy_from_slice(&rng.next().to_le_bytes());
     nonce[8..].copy_from_slice(&rng.next().to_le_bytes());
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let mut auth = offer
+        .token
+        .map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    if offer.deflate {
+        auth.push_str(&format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"));
+    }
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
@@ -52,7 +68,7 @@ pub fn accept_for(key: &str) -> String {
 
 /// Checks a complete response head (through the blank line): `Ok` for a 101 with the right
 /// accept value, else the cause ("http 503", "bad accept").
-pub fn check_response(head: &[u8], accept: &str) -> Result<(), String> {
+pub fn check_response(head: &[u8], accept: &str, deflate: bool) -> Result<(), String> {
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split("\r\n");
     let status = lines.next().unwrap_or("");
@@ -60,12 +76,22 @@ pub fn check_response(head: &[u8], accept: &str) -> Result<(), String> {
     if code != "101" {
         return Err(format!("http {code}"));
     }
-    let ok = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
-        })
-    });
-    if ok { Ok(()) } else { Err("bad accept".into()) }
+    let (mut ok, mut agreed) = (false, false);
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let k = k.trim();
+            ok |= k.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept;
+            agreed |= k.eq_ignore_ascii_case("sec-websocket-extensions")
+                && v.trim().starts_with("permessage-deflate");
+        }
+    }
+    if !ok {
+        return Err("bad accept".into());
+    }
+    if deflate && !agreed {
+        return Err("permessage-deflate not agreed".into());
+    }
+    Ok(())
 }
 
 /// Appends one masked frame (FIN set) to `out`.
@@ -89,6 +115,8 @@ pub fn frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: u32) {
 /// One frame from the server at the start of `buf`: (fin, opcode, payload range, frame
 /// length), `Ok(None)` if incomplete, `Err` if the server masked it or it is too large.
 #[allow(clippy::type_complexity)]
+/// One frame at the start of `buf`: (rsv1, opcode, payload range, frame length), or `None`
+/// while it is incomplete.
 pub fn parse(
     buf: &[u8],
     max: usize,
@@ -96,7 +124,7 @@ pub fn parse(
     if buf.len() < 2 {
         return Ok(None);
     }
-    let fin = buf[0] & 0x80 != 0;
+    let rsv1 = buf[0] & 0x40 != 0;
     let opcode = buf[0] & 0x0f;
     if buf[1] & 0x80 != 0 {
         return Err("masked frame from the server".into());
@@ -117,7 +145,7 @@ pub fn parse(
     if buf.len() < head + len {
         return Ok(None);
     }
-    Ok(Some((fin, opcode, head..head + len, head + len)))
+    Ok(Some((rsv1, opcode, head..head + len, head + len)))
 }
 
 #[cfg(test)]
@@ -145,11 +173,13 @@ mod tests {
             ]
         );
         let server = [0x81, 0x05, b'H', b'e', b'l', b'l', b'o'];
-        assert_eq!(parse(&server, 100), Ok(Some((true, TEXT, 2..7, 7))));
+        assert_eq!(parse(&server, 100), Ok(Some((false, TEXT, 2..7, 7))));
+        let compressed = [0xc1, 0x02, 0xf2, 0x00];
+        assert_eq!(parse(&compressed, 100), Ok(Some((true, TEXT, 2..4, 4))));
         assert_eq!(parse(&server[..4], 100), Ok(None));
         let mut big = vec![0x82, 126, 0x01, 0x00];
         big.extend(std::iter::repeat_n(0u8, 256));
-        assert_eq!(parse(&big, 1000), Ok(Some((true, BINARY, 4..260, 260))));
+        assert_eq!(parse(&big, 1000), Ok(Some((false, BINARY, 4..260, 260))));
         assert!(parse(&big, 100).is_err());
         assert!(
             parse(&out, 100).is_err(),
@@ -160,15 +190,24 @@ mod tests {
     #[test]
     fn responses() {
         let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: abc\r\n\r\n";
-        assert_eq!(check_response(ok.as_bytes(), "abc"), Ok(()));
+        assert_eq!(check_response(ok.as_bytes(), "abc", false), Ok(()));
         assert_eq!(
-            check_response(ok.as_bytes(), "xyz"),
+            check_response(ok.as_bytes(), "xyz", false),
             Err("bad accept".into())
         );
         let busy = "HTTP/1.1 503 Service Unavailable\r\n\r\n";
         assert_eq!(
-            check_response(busy.as_bytes(), "abc"),
+            check_response(busy.as_bytes(), "abc", false),
             Err("http 503".into())
         );
+        assert_eq!(
+            check_response(ok.as_bytes(), "abc", true),
+            Err("permessage-deflate not agreed".into())
+        );
+        let agreed = ok.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n",
+        );
+        assert_eq!(check_response(agreed.as_bytes(), "abc", true), Ok(()));
     }
 }

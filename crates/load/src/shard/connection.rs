@@ -143,11 +143,14 @@ impl Shard {
                 .map_err(|e| format!("tls: {}", io_cause(&e)))?,
             _ => Stream::Plain(tcp),
         };
-        let token = self.args.token.as_deref();
+        let offer = wire::Offer {
+            token: self.args.token.as_deref(),
+            deflate: self.args.deflate,
+        };
         let (req, accept) = wire::request(
             &target.host,
             &target.path,
-            token,
+            &offer,
             &mut self.rng.borrow_mut(),
         );
         stream.write_all(&req).await.map_err(|e| io_cause(&e))?;
@@ -166,7 +169,7 @@ impl Shard {
                 Err(e) => return Err(io_cause(&e)),
             }
         };
-        wire::check_response(&buf[..head_end], &accept)?;
+        wire::check_response(&buf[..head_end], &accept, self.args.deflate)?;
         buf.drain(..head_end);
         if self.args.protocol == LoadProtocol::Relay {
             // Open means greeted: read until the first frame is in.
@@ -193,8 +196,17 @@ impl Shard {
         pending_count: &mut Option<oneshot::Sender<u64>>,
     ) -> Result<(), String> {
         let mut used = 0;
-        while let Some((_fin, opcode, range, len)) = wire::parse(&buf[used..], MAX_FRAME)? {
-            let payload = &buf[used + range.start..used + range.end];
+        let mut inflated = self.inflated.borrow_mut();
+        while let Some((rsv1, opcode, range, len)) = wire::parse(&buf[used..], MAX_FRAME)? {
+            let mut payload = &buf[used + range.start..used + range.end];
+            if rsv1 {
+                if !self.args.deflate {
+                    return Err("compressed frame without permessage-deflate".into());
+                }
+                self.inflate(payload, &mut inflated)?;
+                payload = &inflated;
+                self.tally.borrow_mut().inflated += 1;
+            }
             match opcode {
                 wire::PING => {
                     let m = self.rng.borrow_mut().next() as u32;
@@ -222,6 +234,32 @@ impl Shard {
             used += len;
         }
         buf.drain(..used);
+        Ok(())
+    }
+
+    /// A compressed message (no context takeover: it stands alone), into `out`.
+    fn inflate(&self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let mut z = self.inflater.borrow_mut();
+        z.reset(false);
+        out.clear();
+        out.reserve(data.len() * 4 + 64);
+        for input in [data, &[0, 0, 0xff, 0xff][..]] {
+            let start = z.total_in();
+            loop {
+                let done = (z.total_in() - start) as usize;
+                if out.capacity() - out.len() < 4096 {
+                    out.reserve(out.capacity().max(4096));
+                }
+                z.decompress_vec(&input[done..], out, flate2::FlushDecompress::Sync)
+                    .map_err(|e| format!("bad compressed message: {e}"))?;
+                if out.len() > MAX_FRAME {
+                    return Err("compressed message too big".into());
+                }
+                if (z.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 
