@@ -47,15 +47,16 @@ CONNECTING, TLS, HANDSHAKE, HELLO, OPEN, DEAD = range(6)
 
 
 class Conn:
-    __slots__ = ("sock", "state", "buf", "key", "out", "started")
+    __slots__ = ("sock", "state", "buf", "key", "out", "started", "index")
 
-    def __init__(self, sock, key):
+    def __init__(self, sock, key, index=0):
         self.sock = sock
         self.state = CONNECTING
         self.buf = b""
         self.key = key
         self.out = b""
         self.started = time.monotonic()
+        self.index = index
 
 
 def parse_args():
@@ -80,6 +81,10 @@ def parse_args():
                    help="seconds one connection may take from connect() to open")
     p.add_argument("--hold", type=float, default=300.0,
                    help="seconds to hold once connecting is over; 0 closes at once")
+    p.add_argument("--send-one", type=int, default=0, metavar="BYTES",
+                   help="once open, send a join and then a publish (echo: true) whose data is "
+                        "BYTES long, as text: a relay answers it, an echo server echoes both "
+                        "(with permessage-deflate, the answer is compressed)")
     p.add_argument("--offer-deflate", action="store_true",
                    help="offer permessage-deflate, and count a connection open only if the "
                         "server agreed to it")
@@ -168,7 +173,7 @@ def main():
         except OSError:
             pass
         s.bind((source_for(a.first_index + index, a.per_source), 0))
-        c = Conn(s, key)
+        c = Conn(s, key, a.first_index + index)
         conns.append(c)
         inflight.add(c)
         counts["pending"] += 1
@@ -219,6 +224,23 @@ def main():
                 inflight.discard(c)
                 counts["pending"] -= 1
                 counts["open"] += 1
+                send_one(c)
+
+    def send_one(c):
+        if not a.send_one:
+            return
+        room = "r%d" % c.index
+        for msg in (b'{"op":"join","room":"%s"}' % room.encode(),
+                    b'{"op":"publish","room":"%s","echo":true,"data":"%s"}'
+                    % (room.encode(), (b"room message " * (a.send_one // 13 + 1))[:a.send_one])):
+            mask = os.urandom(4)
+            n = len(msg)
+            head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else
+                                    bytes([0x80 | 126]) + struct.pack("!H", n))
+            try:
+                c.sock.sendall(head + mask + bytes(x ^ mask[i & 3] for i, x in enumerate(msg)))
+            except OSError:
+                pass
 
     def tls_handshake(c):
         try:
@@ -307,6 +329,7 @@ def main():
                 inflight.discard(c)
                 counts["pending"] -= 1
                 counts["open"] += 1
+                send_one(c)
         if c.buf:
             on_frames(c)
 

@@ -8,7 +8,11 @@
 const { WebSocketServer } = require('ws');
 const port = Number(process.argv[2] || 0);
 // backlog as large as net.core.somaxconn allows here, like the other servers in the run.
-const wss = new WebSocketServer({ host: '127.0.0.1', port, backlog: 4096, perMessageDeflate: false });
+// PEER_DEFLATE=1: permessage-deflate on with ws's default server settings (context takeover
+// both ways, so each connection that exchanged a message keeps zlib streams), for comparing
+// against `tunegate serve --deflate on`.
+const deflate = process.env.PEER_DEFLATE === '1';
+const wss = new WebSocketServer({ host: '127.0.0.1', port, backlog: 4096, perMessageDeflate: deflate });
 wss.on('connection', (ws) => {
   ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary }));
   ws.on('error', () => {}); // an RST from the bench client is expected, not a crash
