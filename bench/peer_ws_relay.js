@@ -126,7 +126,9 @@ const server = http.createServer((req, res) => {
   res.writeHead(426, { 'Content-Type': 'text/plain', Upgrade: 'websocket', Connection: 'close' });
   res.end('this is a WebSocket endpoint: connect with a WebSocket client\n');
 });
-const wss = new WebSocketServer({ server, perMessageDeflate: false });
+// PEER_DEFLATE=1 (bench/side-by-side.sh BENCH_DEFLATE=1): permessage-deflate with ws's
+// default server settings.
+const wss = new WebSocketServer({ server, perMessageDeflate: process.env.PEER_DEFLATE === '1' });
 
 wss.on('connection', (ws) => {
   ws.id = nextId++;

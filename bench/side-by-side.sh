@@ -19,7 +19,11 @@
 #   BENCH_RATE     room messages per second (default 5000)
 #   BENCH_SECONDS  message phase length (default 10)
 #   BENCH_HOLD     seconds held after all joined, before messages (default 5)
-#   BENCH_SERVERS  which to run (default "tunegate ws socketio")
+#   BENCH_SERVERS  which to run (default "tunegate ws socketio"; "tunegate ws" with BENCH_DEFLATE)
+#   BENCH_DEFLATE  1: permessage-deflate on: `serve --deflate on`, the ws relay with
+#                  perMessageDeflate (its default server settings), `tunegate load --deflate`
+#   BENCH_PAYLOAD  bytes of padding per message (default 64; messages under 256 bytes are not
+#                  compressed, so use more with BENCH_DEFLATE)
 #   BENCH_CACHE    where the Node packages go (default ~/.cache/tunegate), never the repo
 #   BENCH_PUBLISH  1: also copy the plot to docs/memory.svg (for BENCHMARKS.md)
 #
@@ -38,7 +42,19 @@ rooms=${BENCH_ROOMS:-10}
 rate=${BENCH_RATE:-5000}
 seconds=${BENCH_SECONDS:-10}
 hold=${BENCH_HOLD:-5}
-servers=${BENCH_SERVERS:-tunegate ws socketio}
+deflate=${BENCH_DEFLATE:-0}
+payload=${BENCH_PAYLOAD:-64}
+if ((deflate)); then
+    servers=${BENCH_SERVERS:-tunegate ws}
+    [[ $servers != *socketio* ]] || die "BENCH_DEFLATE: the Socket.IO load client has no deflate mode"
+    export PEER_DEFLATE=1
+    serve_extra=(--deflate on)
+    load_extra=(--deflate)
+else
+    servers=${BENCH_SERVERS:-tunegate ws socketio}
+    serve_extra=()
+    load_extra=()
+fi
 cache=${BENCH_CACHE:-$HOME/.cache/tunegate}
 node_pkgs=(ws@8.23.0 socket.io@4.8.1 socket.io-client@4.8.1)
 per_source=5000
@@ -76,9 +92,10 @@ measure() {
     rss0=$(kb_field /proc/"$server_pid"/status VmRSS)
     local plan=(-n "$conns" --rooms "$rooms" --hold "$hold" --publish-rate "$rate"
         --publish-seconds "$seconds" --per-source "$per_source" --max-inflight 1000
-        --connect-rate 30000 --max-time 600 --json)
+        --connect-rate 30000 --max-time 600 --json --payload "$payload")
     if [[ $loader == tunegate ]]; then
-        "$bin" load "ws://127.0.0.1:$port/" "${plan[@]}" >"$work/$name.json" 2>"$work/$name.load.log" &
+        "$bin" load "ws://127.0.0.1:$port/" "${plan[@]}" ${load_extra[@]+"${load_extra[@]}"} \
+            >"$work/$name.json" 2>"$work/$name.load.log" &
     else
         node "$root/bench/peer_socketio_load.js" "http://127.0.0.1:$port" "${plan[@]}" \
             >"$work/$name.json" 2>"$work/$name.load.log" &
@@ -143,7 +160,7 @@ for s in $servers; do
     case $s in
     tunegate)
         measure tunegate "tunegate serve (--threads 1)" tunegate \
-            "$bin" serve --listen 127.0.0.1:0 --threads 1 ;;
+            "$bin" serve --listen 127.0.0.1:0 --threads 1 ${serve_extra[@]+"${serve_extra[@]}"} ;;
     ws)
         measure ws "Node ws $(node -p 'require(process.env.NODE_PATH + "/ws/package.json").version') relay ($(node --version))" tunegate \
             node "$root/bench/peer_ws_relay.js" 0 25000 ;;

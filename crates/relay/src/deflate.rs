@@ -13,6 +13,12 @@
 //! compressed with a 32 KiB window (15 bits); a client that asks for a smaller server window
 //! gets every message uncompressed instead (RFC 7692 compresses per message, at the sender's
 //! choice), which keeps one compressed frame per room message shareable by every receiver.
+//!
+//! The library is flate2 on its zlib-rs backend: raw deflate with window-bit control (which
+//! miniz_oxide, flate2's default, lacks), the output and speed of zlib, and memory-safe Rust
+//! (no C toolchain, no unsafe of ours); libdeflater was the other candidate, but it compresses
+//! whole buffers only, without the sync flush and streamed inflate that cut a bomb at the
+//! limit.
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
