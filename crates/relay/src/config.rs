@@ -140,9 +140,9 @@ pub struct Options {
     /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Publishes and direct messages one connection may send per second (a token bucket);
-    /// beyond it, error rate_limited, and a connection that keeps on is closed with 1008.
-    /// 0: no limit.
+    /// Publishes, direct messages and token refreshes one connection may send per second (a
+    /// token bucket); beyond it, error rate_limited, and a connection that keeps on is closed
+    /// with 1008. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub message_rate: u32,
     /// How many publishes and direct messages a connection may send at once above

@@ -549,4 +549,12 @@ fn the_message_rate_answers_rate_limited_then_closes_with_1008_if_it_goes_on() {
         ask(r, s, 1, json!({"op": "publish", "room": "r", "ref": 1}))[0]["op"],
         "published"
     );
+    // Refreshes draw from the same bucket (on an open server each is refused as bad_request,
+    // once the rate let it through): two more empty it, and the next publish waits.
+    let refresh = json!({"op": "refresh", "token": "x", "ref": 2});
+    for _ in 0..2 {
+        assert_eq!(ask(r, s, 1, refresh.clone())[0]["code"], "bad_request");
+    }
+    assert_eq!(ask(r, s, 1, refresh)[0]["code"], "rate_limited");
+    assert_eq!(ask(r, s, 1, publish)[0]["code"], "rate_limited");
 }
