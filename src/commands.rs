@@ -251,10 +251,6 @@ fn profile_show(name: &str, format: ShowFormat) -> anyhow::Result<u8> {
 }
 
 fn serve(config: relay::Config) -> anyhow::Result<u8> {
-    config.validate().map_err(UsageError)?;
-    // Unreadable or unsafe key files are bad usage: said before anything listens.
-    relay::auth::Verifier::load(&config.options.key_files()).map_err(UsageError)?;
-    config.options.certs().map_err(UsageError)?;
     relay::serve(config, |_| {})?;
     Ok(exit::OK)
 }

@@ -13,10 +13,12 @@ pub const ROLLED_BACK: u8 = 3;
 
 /// The exit code an error deserves: 2 for bad input from any crate, 1 for everything else.
 pub fn code_for(err: &anyhow::Error) -> u8 {
-    if err
-        .chain()
-        .any(|e| e.is::<ConfigError>() || e.is::<UsageError>() || e.is::<load::BadArguments>())
-    {
+    if err.chain().any(|e| {
+        e.is::<ConfigError>()
+            || e.is::<UsageError>()
+            || e.is::<load::BadArguments>()
+            || e.is::<relay::BadUsage>()
+    }) {
         USAGE
     } else {
         FAIL

@@ -33,6 +33,19 @@ pub const MAX_WORKERS: usize = 256;
 /// `--listen` addresses one server can have.
 pub const MAX_LISTEN: usize = 8;
 
+/// Bad usage of `tunegate serve` (flags that do not go together, key or certificate files that
+/// do not load): said before anything listens; the binary maps it to exit code 2.
+#[derive(Debug)]
+pub struct BadUsage(pub String);
+
+impl std::fmt::Display for BadUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadUsage {}
+
 /// A feature switched `on` or `off` (a flag value and a YAML string alike).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

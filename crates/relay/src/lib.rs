@@ -54,7 +54,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
-pub use config::{Config, MAX_WORKERS, Options};
+pub use config::{BadUsage, Config, MAX_WORKERS, Options};
 
 use bus::{Bus, LocalBus};
 use event_loop::EventLoop;
@@ -89,7 +89,12 @@ pub struct Shared {
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
 /// the bound address once every loop listens.
 pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    // Bad usage (flags, unreadable or unsafe key and certificate files) before anything else.
+    config.validate().map_err(BadUsage)?;
+    let verifier = auth::Verifier::load(&config.options.key_files())
+        .map_err(BadUsage)?
+        .map(Arc::new);
+    let certs = config.options.certs().map_err(BadUsage)?.map(Arc::new);
     // Signals are blocked before any thread starts, so only the signalfd sees them.
     let signals = sys::termination_signals().context("cannot set up signal handling")?;
     let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).context("getrlimit")?;
@@ -111,14 +116,6 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         )?)?),
         None => None,
     };
-    let verifier = auth::Verifier::load(&config.options.key_files())
-        .map_err(anyhow::Error::msg)?
-        .map(Arc::new);
-    let certs = config
-        .options
-        .certs()
-        .map_err(anyhow::Error::msg)?
-        .map(Arc::new);
     let (listeners, bound) = listen(&config)?;
     let addr = bound[0];
     let shared = Arc::new(Shared::start(
