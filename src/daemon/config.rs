@@ -189,35 +189,34 @@ impl Config {
             }
         }
         let config = Config::parse(&label, &text)?;
+        // Certificates and token keys are files of their own: read now, so a missing or
+        // loose one stops the start at the configuration's line rather than in a crash loop
+        // of workers.
         if let Err(m) = config.server.certs() {
             let key = if m.contains("--tls-key") && !m.contains("--tls-cert") {
                 "tls_key"
             } else {
                 "tls_cert"
             };
-            let e = ConfigError::new(&label, format!("server.{key}: {m}"));
-            return Err(
-                match tuning::profile::locate_exact(&text, &["server", key]) {
-                    Some((l, c)) => e.at(l, c),
-                    None => e,
-                },
-            );
+            return Err(located(
+                &label,
+                &text,
+                &["server", key],
+                format!("server.{key}: {m}"),
+            ));
         }
-        // The token keys are files of their own: read now, so a missing or loose one stops
-        // the start with the configuration's line rather than a crash loop of workers.
         if let Err(m) = relay::auth::Verifier::load(&config.server.key_files()) {
             let key = if config.server.auth_secret_file.is_some() && m.contains("secret") {
                 "auth_secret_file"
             } else {
                 "auth_public_key"
             };
-            let e = ConfigError::new(&label, format!("server.{key}: {m}"));
-            return Err(
-                match tuning::profile::locate_exact(&text, &["server", key]) {
-                    Some((l, c)) => e.at(l, c),
-                    None => e,
-                },
-            );
+            return Err(located(
+                &label,
+                &text,
+                &["server", key],
+                format!("server.{key}: {m}"),
+            ));
         }
         Ok(config)
     }
@@ -236,13 +235,7 @@ impl Config {
     }
 
     fn validate(&self, label: &str, text: &str) -> Result<(), ConfigError> {
-        let at = |path: &[&str], message: String| {
-            let e = ConfigError::new(label, message);
-            match tuning::profile::locate_exact(text, path) {
-                Some((l, c)) => e.at(l, c),
-                None => e,
-            }
-        };
+        let at = |path: &[&str], message: String| located(label, text, path, message);
         for id in &self.ignore {
             if id == "all" || id == "*" || id.contains('*') {
                 return Err(at(
@@ -322,6 +315,15 @@ impl Config {
             return Err(at(&["server"], format!("server: {m}")));
         }
         Ok(())
+    }
+}
+
+/// An error about the key at `path` of the configuration `text`, at its line when it is there.
+fn located(label: &str, text: &str, path: &[&str], message: String) -> ConfigError {
+    let e = ConfigError::new(label, message);
+    match tuning::profile::locate_exact(text, path) {
+        Some((l, c)) => e.at(l, c),
+        None => e,
     }
 }
 
