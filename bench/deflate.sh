@@ -28,14 +28,7 @@ out=${BENCH_OUT:-bench/results/deflate}
 [[ -x $bin ]] || die "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
 python3 -c 'import websockets, msgpack' || die "Python websockets and msgpack are needed (scripts/deps.sh)"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    local p
-    for p in "${pids[@]}"; do stop_pid "$p" 5; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_work deflate
 
 "$bin" serve --listen 127.0.0.1:0 --threads 1 --deflate on 2>"$work/serve.log" &
 server=$!

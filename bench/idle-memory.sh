@@ -75,17 +75,7 @@ ulimit -n "$(ulimit -Hn)"
 nofile=$(ulimit -n)
 ((conns + 100 <= nofile)) || die "BENCH_CONNS=$conns does not fit in RLIMIT_NOFILE $nofile"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-idle-memory.XXXXXX")
-pids=()
-
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_work idle-memory
 
 # ---- peers' packages: installed into a cache outside the repo, pinned, once ----------------
 for peer in $peers; do

@@ -42,6 +42,22 @@ poll() {
 
 gone() { ! kill -0 "$1" 2>/dev/null; }
 
+# bench_work NAME: sets `work` (a new temp dir) and `pids` (empty), and on exit (INT and TERM
+# exit too) stops every process in `pids` and removes `work`: the cleanup every bench that needs
+# nothing more shares.
+bench_work() {
+    work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$1.XXXXXX")
+    pids=()
+    trap stop_all EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+stop_all() {
+    local pid
+    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
+    rm -rf "$work"
+}
+
 stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the grace period
     local pid=$1 grace=${2:-10}
     gone "$pid" && return 0

@@ -68,16 +68,7 @@ ulimit -n "$(ulimit -Hn)"
 # Node packages: pinned, installed once into the cache, never into the repo.
 node_packages "$cache/bench-node" "${node_pkgs[@]}"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-side.XXXXXX")
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_work side
 
 cpu_ticks() { sed 's/.*) //' /proc/"$1"/stat | awk '{ print $12 + $13 }'; }
 

@@ -28,14 +28,7 @@ warmup=100
 command -v openssl >/dev/null || die "openssl is needed (it makes the test CA and certificate)"
 ((conns + 64 <= $(ulimit -Hn))) || die "BENCH_CONNS $conns does not fit RLIMIT_NOFILE $(ulimit -Hn)"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    local p
-    for p in "${pids[@]}"; do stop_pid "$p" 5; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_work tls-memory
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -keyout "$work/ca.key" -out "$work/ca.pem" -subj "/CN=tunegate bench CA" 2>/dev/null
