@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::ws::{Server, Ws, http};
-use common::{bin, code, python_client, stderr, stdout};
+use common::{bin, code, python_client, stderr};
 
 /// A 0600 secret file of 40 bytes (and a newline, as an editor would leave it).
 fn secret(dir: &Path) -> PathBuf {
@@ -40,16 +40,6 @@ fn reason(s: &Server, name: &str, reason: &str) -> u64 {
         .into_iter()
         .find(|(r, _)| r == reason)
         .map_or(0, |(_, n)| n)
-}
-
-fn mint(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .arg("token")
-        .args(args)
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    stdout(&out).trim().to_string()
 }
 
 /// Every bad token refused with 401 and its class, counted by reason; claims enforced for
@@ -112,7 +102,7 @@ fn tunegate_token_mints_what_serve_accepts_and_a_loose_secret_is_bad_usage() {
     let secret = secret(dir.path());
     let f = secret.to_str().unwrap();
     let s = Server::start(&["--threads", "1", "--auth-secret-file", f]);
-    let token = mint(&[
+    let token = common::token(&[
         "--secret-file",
         f,
         "--sub",
@@ -161,7 +151,7 @@ fn tunegate_token_mints_what_serve_accepts_and_a_loose_secret_is_bad_usage() {
     assert!(text.contains("WWW-Authenticate: Bearer"), "{text}");
     assert!(text.ends_with("unauthorized: missing\n"), "{text}");
     // Not yet valid, by --not-before.
-    let later = mint(&["--secret-file", f, "--sub", "bob", "--not-before", "1h"]);
+    let later = common::token(&["--secret-file", f, "--sub", "bob", "--not-before", "1h"]);
     let (status, text) = http(
         s.addr,
         &upgrade(&format!("Authorization: Bearer {later}\r\n")),
@@ -274,7 +264,7 @@ fn pyjwt_tokens_verify_against_ed25519_and_rsa_public_keys() {
         python_client(&[], "auth", &["public", &url, p, q, alg], "");
         assert_eq!(reason(&s, "tunegate_auth_refused_total", "algorithm"), 2);
         // `tunegate token --private-key` signs with the same key the issuer holds.
-        let token = mint(&["--private-key", p, "--sub", "ops", "--rooms", "*"]);
+        let token = common::token(&["--private-key", p, "--sub", "ops", "--rooms", "*"]);
         let mut ws = Ws::connect_path(s.addr, &format!("/?token={token}"));
         assert_eq!(ws.recv_json()["user"], "ops");
     }

@@ -1185,13 +1185,8 @@ fn an_exposed_server_under_tunegate_run_serves_tls_and_requires_tokens_on_every_
         "{}",
         d.log()
     );
-    let token = Command::new(bin())
-        .args(["token", "--secret-file"])
-        .arg(&secret)
-        .args(["--sub", "ops", "--rooms", "*"])
-        .output()
-        .unwrap();
-    let token = common::stdout(&token).trim().to_string();
+    let secret_s = secret.to_str().unwrap();
+    let token = common::token(&["--secret-file", secret_s, "--sub", "ops", "--rooms", "*"]);
     let load = |token: Option<&str>| {
         let mut cmd = Command::new("ip");
         cmd.args([

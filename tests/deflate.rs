@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::python_client;
 use common::ws::Server;
 
@@ -24,35 +21,16 @@ fn python_and_node_clients_exchange_compressed_room_messages_beside_one_that_doe
     let s = Server::start(&["--threads", "2", "--deflate", "on"]);
     let url = format!("ws://{}", s.addr);
     python_client(&[], "deflate", &["rooms", &url], "");
-    let node_path = format!(
-        "{}/.cache/tunegate/test-node/node_modules",
-        std::env::var("HOME").unwrap()
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/deflate_ws.js");
-    let out = Command::new("node")
-        .arg(&script)
-        .arg(format!("ws://{}/", s.addr))
-        .env("NODE_PATH", &node_path)
-        .output()
-        .expect("node (scripts/deps.sh installs it and ws)");
-    let text = format!("{}{}", common::stdout(&out), common::stderr(&out));
-    assert!(
-        out.status.success() && text.contains("deflate_ws: ok"),
-        "{text}"
-    );
+    let (ok, text) = common::node_client("deflate_ws", &[&format!("ws://{}/", s.addr)]);
+    assert!(ok, "{text}");
     // The server really compressed and inflated (the clients cannot see it per frame).
     assert!(s.metric("tunegate_messages_inflated_total") >= 4);
     assert!(s.metric("tunegate_messages_deflated_total") >= 4);
 
     // Without --deflate on, nothing is agreed and the same exchange works uncompressed.
     let plain = Server::start(&["--threads", "1"]);
-    let out = Command::new("node")
-        .arg(&script)
-        .arg(format!("ws://{}/", plain.addr))
-        .env("NODE_PATH", &node_path)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    let (ok, text) = common::node_client("deflate_ws", &[&format!("ws://{}/", plain.addr)]);
+    assert!(!ok, "{text}");
     assert!(text.contains("extension not agreed"), "{text}");
 }
 
@@ -91,15 +69,9 @@ fn a_compression_bomb_is_refused_with_1009_and_the_server_does_not_grow() {
 fn load_with_deflate_inflates_every_delivery_and_a_server_without_it_is_named() {
     let s = Server::start(&["--threads", "2", "--deflate", "on"]);
     let run = |addr: std::net::SocketAddr| {
-        Command::new(common::bin())
-            .args([
-                "load",
-                &format!("ws://{addr}/"),
-                "--json",
-                "--max-time",
-                "60",
-            ])
-            .args([
+        common::load(
+            &format!("ws://{addr}/"),
+            &[
                 "--deflate",
                 "-n",
                 "200",
@@ -107,10 +79,12 @@ fn load_with_deflate_inflates_every_delivery_and_a_server_without_it_is_named() 
                 "10:100",
                 "--payload",
                 "1000",
-            ])
-            .args(["--publish-rate", "200", "--publish-seconds", "1"])
-            .output()
-            .unwrap()
+                "--publish-rate",
+                "200",
+                "--publish-seconds",
+                "1",
+            ],
+        )
     };
     let o = run(s.addr);
     let r = common::json(&o);

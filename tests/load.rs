@@ -5,19 +5,11 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use common::ws::Server;
 use common::*;
-
-fn load(url: &str, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(["load", url, "--json", "--max-time", "60"])
-        .args(args)
-        .output()
-        .expect("run tunegate load")
-}
 
 fn url(s: &Server) -> String {
     format!("ws://{}/", s.addr)

@@ -634,12 +634,19 @@ fn ipv4_and_ipv6_listeners_serve_one_relay() {
         (got["from"].as_u64(), &got["data"]),
         (Some(b_id), &json!("over v6"))
     );
-    let o = Command::new(common::bin())
-        .args(["load", &format!("ws://{v6}/"), "--json", "--max-time", "60"])
-        .args(["-n", "200", "--rooms", "10:100", "--publish-rate", "200"])
-        .args(["--publish-seconds", "1"])
-        .output()
-        .unwrap();
+    let o = common::load(
+        &format!("ws://{v6}/"),
+        &[
+            "-n",
+            "200",
+            "--rooms",
+            "10:100",
+            "--publish-rate",
+            "200",
+            "--publish-seconds",
+            "1",
+        ],
+    );
     let r = common::json(&o);
     assert_eq!(common::code(&o), 0, "{}\n{r}", common::stderr(&o));
     assert_eq!(

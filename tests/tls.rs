@@ -47,22 +47,8 @@ fn wss_and_https_on_one_listener_for_python_node_curl_and_not_below_tls_1_2() {
     let url = format!("wss://127.0.0.1:{port}/");
     python_client(&[], "tls", &["relay", &url, ca_s], "");
 
-    let node_path = format!(
-        "{}/.cache/tunegate/test-node/node_modules",
-        std::env::var("HOME").unwrap()
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/tls_ws.js");
-    let out = Command::new("node")
-        .arg(&script)
-        .args([&format!("wss://localhost:{port}/"), ca_s])
-        .env("NODE_PATH", &node_path)
-        .output()
-        .expect("node (scripts/deps.sh installs it and ws)");
-    let text = format!("{}{}", common::stdout(&out), stderr(&out));
-    assert!(
-        out.status.success() && text.contains("tls_ws: ok"),
-        "{text}"
-    );
+    let (ok, text) = common::node_client("tls_ws", &[&format!("wss://localhost:{port}/"), ca_s]);
+    assert!(ok, "{text}");
 
     // https on the same port: the plain-HTTP side, over TLS 1.2 and 1.3, IPv4 and IPv6.
     for (version, host) in [("--tlsv1.3", "127.0.0.1"), ("--tls-max", "[::1]")] {
@@ -240,29 +226,15 @@ fn load_runs_over_wss_with_a_token_and_is_refused_without_one() {
         .nth(1)
         .unwrap()
         .trim_end_matches(')');
-    let out = Command::new(bin())
-        .args([
-            "token",
-            "--secret-file",
-            secret_s,
-            "--sub",
-            "load",
-            "--rooms",
-            "*",
-        ])
-        .output()
-        .unwrap();
-    let token = common::stdout(&out).trim().to_string();
+    let token = common::token(&["--secret-file", secret_s, "--sub", "load", "--rooms", "*"]);
     let ca_s = ca.to_str().unwrap();
     let load = |url: &str, token: Option<&str>| {
-        let mut cmd = Command::new(bin());
-        cmd.args(["load", url, "--json", "--max-time", "60", "--ca-file", ca_s])
-            .args(["-n", "300", "--rooms", "10:100", "--publish-rate", "300"])
-            .args(["--publish-seconds", "1"]);
+        let mut args = vec!["--ca-file", ca_s, "-n", "300", "--rooms", "10:100"];
+        args.extend(["--publish-rate", "300", "--publish-seconds", "1"]);
         if let Some(t) = token {
-            cmd.args(["--token", t]);
+            args.extend(["--token", t]);
         }
-        cmd.output().unwrap()
+        common::load(url, &args)
     };
     for url in [
         format!("wss://127.0.0.1:{}/", s.addr.port()),

@@ -6,26 +6,13 @@
 //
 // Prints "deflate_ws: ok ..." and exits 0 when every check passes; exits 1 otherwise (10 s cap).
 "use strict";
-const WebSocket = require("ws");
+const inbox = require("./ws_inbox");
 
 const url = process.argv[2];
 const fail = (why) => { console.error("deflate_ws: " + why); process.exit(1); };
 setTimeout(() => fail("timed out"), 10000).unref();
 
-function open() {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: { threshold: 0 } });
-    const inbox = [];
-    let waiter = null;
-    ws.on("message", (data) => {
-      const msg = JSON.parse(data.toString());
-      if (waiter) { const w = waiter; waiter = null; w(msg); } else inbox.push(msg);
-    });
-    ws.next = () => new Promise((r) => { if (inbox.length) r(inbox.shift()); else waiter = r; });
-    ws.on("open", () => resolve(ws));
-    ws.on("error", reject);
-  });
-}
+const open = () => inbox.open(url, { perMessageDeflate: { threshold: 0 } });
 
 (async () => {
   const a = await open();

@@ -7,27 +7,14 @@
 // Bounded: the whole exchange has 10 s.
 "use strict";
 const fs = require("fs");
-const WebSocket = require("ws");
+const inbox = require("./ws_inbox");
 
 const [url, caFile] = process.argv.slice(2);
 const ca = fs.readFileSync(caFile);
 const fail = (why) => { console.error("tls_ws: " + why); process.exit(1); };
 setTimeout(() => fail("timed out"), 10000).unref();
 
-function open() {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { ca });
-    const inbox = [];
-    let waiter = null;
-    ws.on("message", (data) => {
-      const msg = JSON.parse(data.toString());
-      if (waiter) { const w = waiter; waiter = null; w(msg); } else inbox.push(msg);
-    });
-    ws.next = () => new Promise((r) => { if (inbox.length) r(inbox.shift()); else waiter = r; });
-    ws.on("open", () => resolve(ws));
-    ws.on("error", reject);
-  });
-}
+const open = () => inbox.open(url, { ca });
 
 (async () => {
   const a = await open();

@@ -82,6 +82,26 @@ pub fn eventually_true(
     eventually(limit, what, || check().then_some(()))
 }
 
+/// `tunegate load URL --json --max-time 60 ARGS`, run to its end.
+pub fn load(url: &str, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(["load", url, "--json", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("run tunegate load")
+}
+
+/// `tunegate token ARGS`: the token it printed (the test fails if it did not exit 0).
+pub fn token(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .arg("token")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
 /// Runs a client we did not write, `tests/clients/NAME.py ARGS`, through `prefix` (e.g. `ip
 /// netns exec NS`, or nothing); returns its whole output after checking it exited 0 and said
 /// "NAME: ok". `context` is shown on failure (a server's log).
@@ -107,6 +127,26 @@ pub fn python_client(prefix: &[&str], name: &str, args: &[&str], context: &str) 
     assert!(out.status.success(), "{name} {args:?}: {text}\n{context}");
     assert!(text.contains(&format!("{name}: ok")), "{text}\n{context}");
     text
+}
+
+/// Runs `tests/clients/NAME.js ARGS` on Node's `ws` (a client library we did not write, from
+/// the folder scripts/deps.sh installs it in): whether it exited 0 and said "NAME: ok", and its
+/// whole output.
+pub fn node_client(name: &str, args: &[&str]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{name}.js"));
+    let modules = format!(
+        "{}/.cache/tunegate/test-node/node_modules",
+        std::env::var("HOME").unwrap()
+    );
+    let out = Command::new("node")
+        .arg(&script)
+        .args(args)
+        .env("NODE_PATH", modules)
+        .output()
+        .expect("node (scripts/deps.sh installs it and ws)");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    let ok = out.status.success() && text.contains(&format!("{name}: ok"));
+    (ok, text)
 }
 
 /// Fails loudly when the machine cannot run these tests, instead of skipping them.
