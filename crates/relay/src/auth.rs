@@ -440,4 +440,4 @@ pub fn mint(key: &SigningKey, claims: &Claims) -> Result<String, String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -17,18 +17,20 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
-use super::auth::{Grant, Refusal, Verifier};
-use super::client_addr::{self, Admission, Forwarded, Source};
+use super::auth::Verifier;
+use super::client_addr::Admission;
 use super::conn::{self, AWAIT_PONG, Incoming, State};
 use super::frame::{self, Fail, close};
 use super::handler::{Handler, Sink};
-use super::handshake::{self, Credentials, Parsed};
+use super::handshake::{self, Parsed};
 use super::id::ProcessId;
-use super::limits::Throttle;
 use super::metrics::{CloseReason, LoopMetrics};
 use super::sockets::{Received, Sockets, TICK_MS, ticks};
 use super::tls::Certs;
 use super::{Config, Options, sys};
+
+mod admit;
+use admit::Refusals;
 
 /// Receive buffer per loop (not per connection).
 const RECV_BUF: usize = 64 * 1024;
@@ -83,8 +85,8 @@ pub struct EventLoop<H: Handler> {
     /// given back when it ends. Empty (and never touched) without a limit.
     held: HashMap<u32, IpAddr>,
     /// Log lines about refused upgrades, one per second at most per kind, whatever a flood
-    /// does: the per-address limit, the upgrade rate, tokens.
-    refusals_logged: [Throttle; 3],
+    /// does.
+    refusals_logged: Refusals,
     /// Checks the tokens of upgrades when the server requires them.
     verifier: Option<Arc<Verifier>>,
     /// The tick `Handler::on_tick` was last called at.
@@ -92,11 +94,6 @@ pub struct EventLoop<H: Handler> {
     /// Where compressed messages are inflated: one buffer per loop, like the receive buffer.
     inflated: Vec<u8>,
 }
-
-/// Which of `EventLoop::refusals_logged`.
-const LOG_ADDRESS_LIMIT: usize = 0;
-const LOG_UPGRADE_RATE: usize = 1;
-const LOG_AUTH: usize = 2;
 
 /// Who gets in, shared by every loop of the process: the per-address table, the token keys
 /// (tokens required), the certificates (TLS).
@@ -177,7 +174,7 @@ impl<H: Handler> EventLoop<H> {
             drain_deadline: 0,
             admission,
             held: HashMap::new(),
-            refusals_logged: [Throttle::default(); 3],
+            refusals_logged: Refusals::default(),
             verifier,
             ticked: 0,
             inflated: Vec::new(),
@@ -480,138 +477,6 @@ impl<H: Handler> EventLoop<H> {
                     .finish(slot, &response, CloseReason::HandshakeRejected);
             }
         }
-    }
-
-    /// Who the client is, when that matters (a trusted proxy, a per-address limit or an
-    /// upgrade rate is configured), and whether its upgrade rate and the limit admit one more
-    /// connection from it. `Ok(Some)`: the address this connection now counts against; `Err`:
-    /// refused (answered 429, or gone).
-    fn admit(&mut self, slot: usize, fwd: &Forwarded) -> Result<Option<IpAddr>, ()> {
-        let peer = if self.admission.needs_peer() || !fwd.is_empty() {
-            let fd = self.sockets.conns[slot].fd.as_ref();
-            match fd.map(|fd| sys::peer_addr(fd.as_fd())) {
-                Some(Ok(peer)) => peer.ip(),
-                _ => {
-                    // ENOTCONN: it went away between its request and our answer.
-                    self.sockets.close(slot, CloseReason::PeerGone);
-                    return Err(());
-                }
-            }
-        } else {
-            return Ok(None);
-        };
-        let (client, source) = client_addr::resolve(peer, self.admission.trusted(), fwd);
-        let m = &self.sockets.metrics;
-        match source {
-            Source::Forwarded => LoopMetrics::add(&m.forwarded, 1),
-            Source::Ignored => {
-                LoopMetrics::add(&m.forwarded_ignored, 1);
-                if self.admission.first_ignored() {
-                    log!(
-                        "loop {}: ignored X-Forwarded-For/X-Real-IP from {peer}: not a \
-                         --trusted-proxy (logged once; counted in \
-                         tunegate_forwarded_headers_ignored_total)",
-                        self.sockets.loop_index()
-                    );
-                }
-            }
-            Source::Peer => {}
-        }
-        let via = if client == peer {
-            String::new()
-        } else {
-            format!(" (via proxy {peer})")
-        };
-        if !self.admission.upgrade_allowed(client) {
-            if let Some(unlogged) = self.refusals_logged[LOG_UPGRADE_RATE].ready(self.now_ms()) {
-                log!(
-                    "loop {}: refused an upgrade from {client}{via} with 429: more than {} \
-                     upgrades in a second, the --max-upgrade-rate limit ({unlogged} other \
-                     refusals since the last such line)",
-                    self.sockets.loop_index(),
-                    self.admission.rate()
-                );
-            }
-            let response = handshake::response(
-                429,
-                "Retry-After: 1\r\n",
-                "text/plain; charset=utf-8",
-                "too many upgrades from this address\n",
-            );
-            self.sockets
-                .finish(slot, &response, CloseReason::UpgradeRate);
-            return Err(());
-        }
-        if self.admission.limit() == 0 {
-            return Ok(None);
-        }
-        match self.admission.admit(client) {
-            Ok(()) => Ok(Some(client)),
-            Err(open) => {
-                if let Some(unlogged) = self.refusals_logged[LOG_ADDRESS_LIMIT].ready(self.now_ms())
-                {
-                    log!(
-                        "loop {}: refused an upgrade from {client}{via} with 429: it has {open} \
-                         connections open, the --max-connections-per-address limit ({unlogged} \
-                         other refusals since the last such line)",
-                        self.sockets.loop_index(),
-                    );
-                }
-                let response = handshake::response(
-                    429,
-                    "",
-                    "text/plain; charset=utf-8",
-                    "too many connections from this address\n",
-                );
-                self.sockets
-                    .finish(slot, &response, CloseReason::AddressLimit);
-                Err(())
-            }
-        }
-    }
-
-    /// With tokens required: what the upgrade's token allows, or 401 with the reason's class
-    /// and nothing more (counted by reason, logged once a second at most). `Ok(None)` on an
-    /// open server.
-    fn authenticate(
-        &mut self,
-        slot: usize,
-        credentials: Credentials,
-    ) -> Result<Option<Arc<Grant>>, ()> {
-        let Some(verifier) = &self.verifier else {
-            return Ok(None);
-        };
-        let verdict = match &credentials {
-            Credentials::None => Err(Refusal::Missing),
-            Credentials::Conflict => Err(Refusal::Conflict),
-            Credentials::Token(token) => verifier.verify(token),
-        };
-        let why = match verdict {
-            Ok(grant) => return Ok(Some(Arc::new(grant))),
-            Err(why) => why,
-        };
-        self.sockets.metrics.auth_refused(why);
-        if let Some(unlogged) = self.refusals_logged[LOG_AUTH].ready(self.now_ms()) {
-            let peer = self.sockets.conns[slot]
-                .fd
-                .as_ref()
-                .and_then(|fd| sys::peer_addr(fd.as_fd()).ok())
-                .map_or_else(|| "a client gone since".to_string(), |a| a.ip().to_string());
-            log!(
-                "loop {}: refused an upgrade from {peer} with 401: token {why} ({unlogged} other \
-                 401s since the last such line; tunegate_auth_refused_total counts them by reason)",
-                self.sockets.loop_index(),
-            );
-        }
-        let response = handshake::response(
-            401,
-            "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
-            "text/plain; charset=utf-8",
-            &format!("unauthorized: {why}\n"),
-        );
-        self.sockets
-            .finish(slot, &response, CloseReason::Unauthorized);
-        Err(())
     }
 
     fn on_frame_bytes(&mut self, slot: usize, buf: &mut [u8], range: std::ops::Range<usize>) {

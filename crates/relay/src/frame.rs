@@ -283,6 +283,17 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The payload of one whole unmasked frame this server wrote (header complete, no mask).
+pub fn server_payload(frame: &[u8]) -> &[u8] {
+    let at = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(at..).unwrap_or(&[])
+}
+
 /// A Close frame with a code and reason (reason cut to fit the 125-byte control limit).
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();

@@ -252,28 +252,16 @@ impl Outgoing {
 
     /// The frame's payload, without the WebSocket header.
     pub fn payload(&self, enc: Encoding) -> &[u8] {
-        let f = self.frame(enc);
-        let at = match f.get(1).map(|b| b & 0x7F) {
-            Some(126) => 4,
-            Some(127) => 10,
-            Some(_) => 2,
-            None => return f,
-        };
-        &f[at.min(f.len())..]
+        frame::server_payload(self.frame(enc))
     }
 }
 
 /// A whole unmasked frame of ours, compressed (RSV1 set), or `None` when it is under the
 /// threshold, not a single-frame data message, or does not shrink.
 pub fn deflate_frame(frame: &[u8], codec: &mut Codec) -> Option<Vec<u8>> {
-    let (&b0, rest) = frame.split_first()?;
-    let at = match rest.first()? & 0x7F {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
+    let b0 = *frame.first()?;
     let opcode = b0 & 0x0F;
-    let payload = frame.get(at..)?;
+    let payload = frame::server_payload(frame);
     if b0 & 0x80 == 0 || !(opcode == OP_TEXT || opcode == OP_BINARY) || payload.len() < THRESHOLD {
         return None;
     }
@@ -316,15 +304,6 @@ pub fn salvage_ref(payload: &[u8], enc: Encoding) -> Option<rmpv::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn payload(frame: &[u8]) -> &[u8] {
-        let len = frame[1] & 0x7F;
-        match len {
-            126 => &frame[4..],
-            127 => &frame[10..],
-            _ => &frame[2..],
-        }
-    }
 
     #[test]
     fn json_and_msgpack_decode_to_the_same_request() {
@@ -375,7 +354,7 @@ mod tests {
             ..Reply::default()
         };
         let json: serde_json::Value =
-            serde_json::from_slice(payload(&reply.frame(Encoding::Json))).unwrap();
+            serde_json::from_slice(frame::server_payload(&reply.frame(Encoding::Json))).unwrap();
         assert_eq!(json["data"]["true"], "t");
         assert_eq!(json["data"]["null"], "n");
         assert_eq!(json["data"]["1.5"], "f");
@@ -385,7 +364,7 @@ mod tests {
         assert_eq!(json["data"]["ext"]["ext"], 5);
         // MsgPack receivers get the value untouched.
         let mp = reply.frame(Encoding::MsgPack);
-        let back = rmpv::decode::read_value(&mut payload(&mp)).unwrap();
+        let back = rmpv::decode::read_value(&mut frame::server_payload(&mp)).unwrap();
         assert_eq!(back["data"], data);
     }
 
@@ -426,11 +405,11 @@ mod tests {
             ..Reply::default()
         };
         let out = Outgoing::new(reply);
-        let j = payload(out.frame(Encoding::Json)).len();
-        let m = payload(out.frame(Encoding::MsgPack)).len();
+        let j = frame::server_payload(out.frame(Encoding::Json)).len();
+        let m = frame::server_payload(out.frame(Encoding::MsgPack)).len();
         assert!(m < j, "msgpack {m} >= json {j}");
         let text: serde_json::Value =
-            serde_json::from_slice(payload(out.frame(Encoding::Json))).unwrap();
+            serde_json::from_slice(frame::server_payload(out.frame(Encoding::Json))).unwrap();
         assert_eq!(text["data"]["type"], "offer");
         assert!(text.get("id").is_none(), "absent fields are omitted");
     }

@@ -17,20 +17,19 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::auth::{self, Grant, Verifier};
+use super::auth::{Grant, Verifier};
 use super::bus::{Ask, Bus, Inbox, Item};
 use super::config::Options;
-use super::frame::close;
 use super::handler::{Handler, Sink};
 use super::handshake;
 use super::id::ConnId;
-use super::limits::{Bucket, Clock, Throttle};
-use super::metrics::CloseReason;
+use super::limits::{Clock, Throttle};
 use super::metrics::LoopMetrics;
 use super::outq::Out;
 use super::protocol::{self, Encoding, Outgoing, Reply};
 use super::rooms::{RoomId, Rooms};
 use super::routes::Routes;
+use access::{Authed, Limited};
 
 /// What the relay keeps per connection, in its slot: the first room it joined (most join one;
 /// further rooms are in `Relay::more_rooms`) and the encoding it receives in, in 4 bytes.
@@ -95,27 +94,6 @@ impl RelaySettings {
     }
 }
 
-/// Refusals in a row, at least, after which a connection that goes on past its message rate
-/// is closed with 1008 (or its burst, when that is larger).
-const RATE_LIMIT_STRIKES: u32 = 10;
-/// How often message-rate buckets that refilled are forgotten.
-const PRUNE_BUCKETS_MS: u32 = 10_000;
-
-/// A connection's token, as the relay keeps it.
-struct Authed {
-    /// The connection's id: the expiry queue's entries of an earlier connection in the slot
-    /// are told apart by it.
-    id: u64,
-    grant: Arc<Grant>,
-}
-
-/// A connection's message rate, kept while it publishes or sends.
-struct Limited {
-    bucket: Bucket,
-    /// Refusals since the last message let through.
-    strikes: u32,
-}
-
 pub struct Relay {
     settings: RelaySettings,
     /// The token keys, for `refresh`; `None` on an open server.
@@ -174,187 +152,6 @@ impl Relay {
     pub fn with_verifier(mut self, verifier: Option<Arc<Verifier>>) -> Relay {
         self.verifier = verifier;
         self
-    }
-
-    fn grant(&self, slot: usize) -> Option<&Arc<Grant>> {
-        self.grants.get(&(slot as u32)).map(|a| &a.grant)
-    }
-
-    /// The sender's user, shown to receivers.
-    fn user(&self, slot: usize) -> Option<Arc<str>> {
-        self.grant(slot).map(|g| g.sub.clone())
-    }
-
-    /// Whether the connection's token allows `what` on `room` (always, on an open server);
-    /// if not, error forbidden is the answer and nothing changes.
-    fn permitted(
-        &mut self,
-        sink: &mut impl Sink<RelayConn>,
-        slot: usize,
-        what: &str,
-        room: Option<&str>,
-        reference: &Option<rmpv::Value>,
-    ) -> bool {
-        let Some(grant) = self.grant(slot) else {
-            return true;
-        };
-        let allowed = match (what, room) {
-            ("send", _) => grant.send,
-            ("publish", Some(room)) => grant.publish.allows(room),
-            (_, Some(room)) => grant.rooms.allows(room),
-            (_, None) => true,
-        };
-        if !allowed {
-            LoopMetrics::add(&self.metrics.forbidden, 1);
-            let m = match room {
-                Some(room) if what != "send" => {
-                    format!("your token does not allow {what} in room {room:?}")
-                }
-                _ => "your token does not allow direct messages".to_string(),
-            };
-            self.reply_error(sink, slot, "forbidden", m, reference.clone());
-        }
-        allowed
-    }
-
-    /// Whether the connection's message rate lets one more publish or send through; if not,
-    /// error rate_limited, and Close 1008 once it has been told too many times in a row.
-    fn within_rate(
-        &mut self,
-        sink: &mut impl Sink<RelayConn>,
-        slot: usize,
-        reference: &Option<rmpv::Value>,
-    ) -> bool {
-        let (rate, burst) = (self.settings.message_rate, self.settings.message_burst);
-        if rate == 0 {
-            return true;
-        }
-        let now = self.clock.now_ms();
-        let l = self.limited.entry(slot as u32).or_insert(Limited {
-            bucket: Bucket::full(burst, now),
-            strikes: 0,
-        });
-        if l.bucket.take(rate, burst, now) {
-            l.strikes = 0;
-            return true;
-        }
-        l.strikes += 1;
-        let strikes = l.strikes;
-        LoopMetrics::add(&self.metrics.rate_limited, 1);
-        if strikes >= RATE_LIMIT_STRIKES.max(burst) {
-            if let Some(unlogged) = self.closes_logged.ready(now) {
-                log!(
-                    "loop {}: closed connection {}{} with 1008: {strikes} messages in a row over \
-                     --message-rate {rate} ({unlogged} other such closes since the last line)",
-                    sink.loop_index(),
-                    sink.id(slot),
-                    self.user_said(slot),
-                );
-            }
-            sink.close(
-                slot,
-                close::POLICY,
-                "message rate limit exceeded",
-                CloseReason::RateLimited,
-            );
-        } else {
-            let m = format!("more than {rate} messages a second (bursts of {burst})");
-            self.reply_error(sink, slot, "rate_limited", m, reference.clone());
-        }
-        false
-    }
-
-    /// " (user NAME)" for log lines, when the connection has a token.
-    fn user_said(&self, slot: usize) -> String {
-        self.grant(slot)
-            .map_or_else(String::new, |g| format!(" (user {:?})", &*g.sub))
-    }
-
-    /// A new token for this connection: the same user, a later end; rooms the new token does
-    /// not allow are left (each answered `left`).
-    fn refresh(
-        &mut self,
-        sink: &mut impl Sink<RelayConn>,
-        slot: usize,
-        token: &str,
-        reference: Option<rmpv::Value>,
-    ) {
-        let Some(verifier) = self.verifier.clone() else {
-            let m = "this server takes no tokens";
-            return self.reply_error(sink, slot, "bad_request", m, reference);
-        };
-        let grant = match verifier.verify(token) {
-            Ok(g) => g,
-            Err(why) => {
-                let m = format!("token {why}");
-                return self.reply_error(sink, slot, "unauthorized", m, reference);
-            }
-        };
-        if self.grant(slot).is_some_and(|old| old.sub != grant.sub) {
-            let m = "a refreshed token must name the same sub";
-            return self.reply_error(sink, slot, "forbidden", m, reference);
-        }
-        let grant = Arc::new(grant);
-        let id = sink.id(slot);
-        self.expiries.push(Reverse((grant.exp, slot as u32, id)));
-        self.grants.insert(
-            slot as u32,
-            Authed {
-                id,
-                grant: grant.clone(),
-            },
-        );
-        LoopMetrics::add(&self.metrics.refreshed, 1);
-        for room in self.rooms_of(sink, slot) {
-            let name = self.rooms.name(room).clone();
-            if !grant.rooms.allows(&name) {
-                self.drop_membership(sink, slot, room);
-                self.reply_members(sink, slot, "left", &name, None);
-            }
-        }
-        let reply = Reply {
-            op: "refreshed",
-            exp: Some(grant.exp),
-            reference,
-            ..Reply::default()
-        };
-        self.reply(sink, slot, &reply);
-    }
-
-    /// Closes (4001) every connection whose token ran out and was not refreshed.
-    fn close_expired(&mut self, sink: &mut impl Sink<RelayConn>) {
-        let Some(verifier) = self.verifier.clone() else {
-            return;
-        };
-        let now = auth::now();
-        while let Some(Reverse((exp, slot, id))) = self.expiries.peek().copied() {
-            if now <= exp.saturating_add(verifier.leeway()) {
-                break;
-            }
-            self.expiries.pop();
-            let current = self
-                .grants
-                .get(&slot)
-                .is_some_and(|a| a.id == id && a.grant.exp == exp);
-            if !current || !sink.is_open(slot as usize) {
-                continue; // refreshed since, or another connection's slot now
-            }
-            if let Some(unlogged) = self.closes_logged.ready(self.clock.now_ms()) {
-                log!(
-                    "loop {}: closed connection {id}{} with {}: its token expired at {exp} \
-                     ({unlogged} other such closes since the last line)",
-                    sink.loop_index(),
-                    self.user_said(slot as usize),
-                    auth::CLOSE_EXPIRED,
-                );
-            }
-            sink.close(
-                slot as usize,
-                auth::CLOSE_EXPIRED,
-                "token expired",
-                CloseReason::TokenExpired,
-            );
-        }
     }
 
     fn rooms_of(&self, sink: &impl Sink<RelayConn>, slot: usize) -> Vec<RoomId> {
@@ -733,8 +530,7 @@ impl Handler for Relay {
             None => (None, None),
         };
         if let Some(grant) = grant {
-            self.expiries.push(Reverse((grant.exp, slot as u32, id)));
-            self.grants.insert(slot as u32, Authed { id, grant });
+            self.hold_grant(slot, id, grant);
         }
         let hello = Reply {
             op: "hello",
@@ -776,20 +572,13 @@ impl Handler for Relay {
         for id in self.rooms_of(sink, slot) {
             self.drop_membership(sink, slot, id);
         }
-        self.grants.remove(&(slot as u32));
-        self.limited.remove(&(slot as u32));
+        self.forget(slot);
     }
 
     /// Expired tokens, and (every 10 s) message-rate buckets that refilled.
     fn on_tick(&mut self, sink: &mut impl Sink<RelayConn>) {
         self.close_expired(sink);
-        let now = self.clock.now_ms();
-        if !self.limited.is_empty() && now.wrapping_sub(self.pruned_at) >= PRUNE_BUCKETS_MS {
-            let (rate, burst) = (self.settings.message_rate, self.settings.message_burst);
-            self.limited
-                .retain(|_, l| !l.bucket.is_full(rate, burst, now));
-            self.pruned_at = now;
-        }
+        self.prune_buckets();
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -810,5 +599,6 @@ impl Handler for Relay {
     }
 }
 
+mod access;
 #[cfg(test)]
 mod tests;

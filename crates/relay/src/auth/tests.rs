@@ -4,16 +4,18 @@ use proptest::prelude::*;
 
 use super::*;
 
-const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-tests";
+pub(crate) const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-tests";
 
-fn secret_file(bytes: &[u8], mode: u32) -> tempfile::NamedTempFile {
+/// A secret file with these bytes and mode (also for the relay's tests).
+pub(crate) fn secret_file(bytes: &[u8], mode: u32) -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(bytes).unwrap();
     std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
     f
 }
 
-fn verifier(file: &tempfile::NamedTempFile, leeway_s: u64) -> Verifier {
+/// A verifier of tokens signed with `file`'s secret (also for the relay's tests).
+pub(crate) fn verifier(file: &tempfile::NamedTempFile, leeway_s: u64) -> Verifier {
     let files = KeyFiles {
         secret_file: Some(file.path().to_path_buf()),
         public_key: None,
@@ -22,7 +24,7 @@ fn verifier(file: &tempfile::NamedTempFile, leeway_s: u64) -> Verifier {
     Verifier::load(&files).unwrap().expect("configured")
 }
 
-fn claims(sub: &str, rooms: &[&str], exp: u64) -> Claims {
+pub(crate) fn claims(sub: &str, rooms: &[&str], exp: u64) -> Claims {
     Claims {
         sub: sub.into(),
         exp,

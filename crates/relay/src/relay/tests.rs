@@ -1,10 +1,12 @@
 //! The relay without sockets: a sink that records what would be sent, two loops joined by the
 //! in-process bus.
 
+use super::access::RATE_LIMIT_STRIKES;
 use super::*;
-use crate::auth::Verifier;
+use crate::auth::{self, Verifier};
 use crate::bus::LocalBus;
 use crate::id::ProcessId;
+use crate::metrics::CloseReason;
 use crate::{Config, Shared};
 use serde_json::{Value, json};
 use std::sync::atomic::AtomicBool;
@@ -35,15 +37,6 @@ impl Recorder {
         let (mine, rest) = self.sent.drain(..).partition(|(s, _)| *s == slot);
         self.sent = rest;
         mine.into_iter().map(|(_, v)| v).collect()
-    }
-}
-
-/// The payload of one unmasked server frame.
-fn payload(frame: &[u8]) -> &[u8] {
-    match frame[1] & 0x7F {
-        126 => &frame[4..],
-        127 => &frame[10..],
-        _ => &frame[2..],
     }
 }
 
@@ -78,7 +71,7 @@ impl Sink<RelayConn> for Recorder {
         &mut self.conns[slot].1
     }
     fn send(&mut self, slot: usize, out: Out<'_>) {
-        let p = payload(out.bytes());
+        let p = crate::frame::server_payload(out.bytes());
         let v = if out.bytes()[0] & 0x0F == crate::frame::OP_BINARY {
             rmp_serde::from_slice(p).expect("MsgPack")
         } else {
@@ -359,29 +352,13 @@ fn grant(sub: &str, rooms: &[&str], publish: Option<&[&str]>, send: bool, exp: u
 
 /// A verifier with a fresh secret (leeway 0), and the secret file to mint with.
 fn verifier() -> (Arc<Verifier>, tempfile::NamedTempFile) {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(b"relay-tests-secret-relay-tests-secret")
-        .unwrap();
-    std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let files = crate::auth::KeyFiles {
-        secret_file: Some(f.path().into()),
-        public_key: None,
-        leeway_s: 0,
-    };
-    (Arc::new(Verifier::load(&files).unwrap().unwrap()), f)
+    use crate::auth::tests::{SECRET, secret_file, verifier};
+    let f = secret_file(SECRET, 0o600);
+    (Arc::new(verifier(&f, 0)), f)
 }
 
 fn token(secret: &tempfile::NamedTempFile, sub: &str, rooms: &[&str], exp: u64) -> String {
-    let claims = crate::auth::Claims {
-        sub: sub.into(),
-        exp,
-        nbf: None,
-        rooms: rooms.iter().map(|s| s.to_string()).collect(),
-        publish: None,
-        send: false,
-    };
+    let claims = crate::auth::tests::claims(sub, rooms, exp);
     crate::auth::mint(
         &crate::auth::SigningKey::Secret(secret.path().into()),
         &claims,
