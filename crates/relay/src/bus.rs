@@ -85,14 +85,15 @@ pub trait Bus: Send + Sync {
     fn workers_up(&self) -> usize {
         1
     }
-    /// Hands this process's counters to the other workers.
+    /// Keeps this process's counters and hands them to the other workers.
     fn share_metrics(&self, _snapshot: &Snapshot) {}
-    /// The other live workers' latest counters.
-    fn peer_metrics(&self) -> Vec<Snapshot> {
+    /// Every worker's counters (this one's too) as of its newest snapshot settled at `now_ms`
+    /// ([`super::metrics::History::settled`]); empty without other workers.
+    fn settled_metrics(&self, _now_ms: u64) -> Vec<Snapshot> {
         Vec::new()
     }
-    /// Counters of worker `worker` from before this process (read from the bus directory at
-    /// start), used until that worker reports.
+    /// Counters of worker `worker` (this one's too) from before this process (read from the
+    /// bus directory at start), where every worker's history of it begins.
     fn seed_metrics(&self, _worker: usize, _counters: Snapshot) {}
     /// Whether every other worker's counters are in (or it is too late to wait for them): a
     /// worker that just started answers /metrics only then, so that no scrape sees the whole

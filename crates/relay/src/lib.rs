@@ -81,9 +81,6 @@ pub struct Shared {
     /// The counters this worker's predecessors reached (read from the bus directory at start),
     /// added to its own so the whole server's counters go on from there.
     pub carried: metrics::Snapshot,
-    /// This worker's counters as last shared with the others: what it reports for itself too,
-    /// so every worker answers /metrics with the same figures.
-    pub published: std::sync::Mutex<Option<metrics::Snapshot>>,
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns. `ready` is called with
@@ -125,7 +122,7 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         verifier,
         certs,
     )?);
-    for (worker, counters) in peer_counters(&config) {
+    for (worker, counters) in worker_counters(&config) {
         shared.bus.seed_metrics(worker, counters);
     }
     let loops = start_loops(&config, &shared, listeners)?;
@@ -236,7 +233,6 @@ impl Shared {
             carried: carried_counters(config),
             verifier,
             certs,
-            published: std::sync::Mutex::new(None),
             config: config.clone(),
         })
     }
@@ -445,9 +441,6 @@ fn metrics_publisher(shared: &Shared) {
                 }
             }
         }
-        if let Ok(mut p) = shared.published.lock() {
-            *p = Some(snap);
-        }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
@@ -458,8 +451,9 @@ fn counters_file(config: &Config) -> Option<std::path::PathBuf> {
     (config.workers() > 1).then(|| dir.join(format!("worker-{}.counters", config.worker)))
 }
 
-/// The counters every other worker left in the bus directory, for the sums until they report.
-fn peer_counters(config: &Config) -> Vec<(usize, metrics::Snapshot)> {
+/// The counters every worker's last process left in the bus directory (this one's too: what it
+/// carries), where the sums start.
+fn worker_counters(config: &Config) -> Vec<(usize, metrics::Snapshot)> {
     let Some(dir) = config
         .options
         .bus_dir
@@ -469,7 +463,6 @@ fn peer_counters(config: &Config) -> Vec<(usize, metrics::Snapshot)> {
         return Vec::new();
     };
     (0..config.workers())
-        .filter(|w| *w != config.worker)
         .filter_map(|w| {
             let bytes = std::fs::read(dir.join(format!("worker-{w}.counters"))).ok()?;
             let s = serde_json::from_slice::<metrics::Snapshot>(&bytes).ok()?;
@@ -487,15 +480,24 @@ fn carried_counters(config: &Config) -> metrics::Snapshot {
         .unwrap_or_default()
 }
 
-/// The whole server's counters: this process's as last shared (live when it shares nothing:
-/// one worker), plus the last snapshot (at most half a second old) of every other worker, or
-/// the counters a dead one reached. Every worker thus answers with the same figures, and none
-/// of them goes down when a worker dies and is replaced.
+/// The whole server's counters: every worker's newest settled snapshot, this one's included
+/// (live when it shares nothing: one worker), or the counters a dead one reached. Every worker
+/// picks the same snapshots ([`metrics::SETTLED_MS`]), so whichever answers a scrape, no
+/// counter is ever lower than an earlier scrape saw, even when a worker dies and is replaced.
+/// (Answering with its own counters as last published and its peers' as last received, a
+/// worker could sum less than a peer that had just published: seen under a loaded CPU.)
 pub fn server_snapshot(shared: &Shared) -> (metrics::Snapshot, Vec<(usize, u64)>) {
-    let published = shared.published.lock().ok().and_then(|p| p.clone());
-    let mut total = published.unwrap_or_else(|| own_snapshot(shared));
-    let mut received = vec![(shared.config.worker, total.bus_received)];
-    for snap in shared.bus.peer_metrics() {
+    let live = own_snapshot(shared);
+    if shared.config.workers() == 1 {
+        let received = vec![(shared.config.worker, live.bus_received)];
+        return (live, received);
+    }
+    let mut total = metrics::Snapshot {
+        pid: live.pid,
+        ..metrics::Snapshot::default()
+    };
+    let mut received = Vec::new();
+    for snap in shared.bus.settled_metrics(metrics::monotonic_ms()) {
         received.push((snap.worker, snap.bus_received));
         total.add(&snap);
     }
@@ -513,5 +515,6 @@ fn own_snapshot(shared: &Shared) -> metrics::Snapshot {
     snap.bus_received = shared.bus.received();
     snap.remote = shared.bus.remote();
     snap.add(&shared.carried);
+    snap.sent_ms = metrics::monotonic_ms();
     snap
 }

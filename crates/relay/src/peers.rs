@@ -38,7 +38,7 @@ use link::{Link, Outbox, write_link};
 
 mod link;
 use super::id::{ConnId, ProcessId};
-use super::metrics::Snapshot;
+use super::metrics::{History, Snapshot};
 use super::protocol::{Encoding, Outgoing};
 
 /// Largest bus frame accepted (a room message carries at most one client message).
@@ -87,9 +87,10 @@ enum Wire {
 /// a message routed to, a link that has been replaced.
 struct Peers {
     links: Vec<Option<Link>>,
-    /// Each peer's latest counters; once its link is gone, its counters alone (kept so the
-    /// whole server's sums never go down when a worker dies), until its successor reports.
-    metrics: Vec<Option<Snapshot>>,
+    /// Each worker's last few snapshots, this one's too; once a peer's link is gone, their
+    /// counters alone (kept so the whole server's sums never go down when a worker dies),
+    /// until its successor reports.
+    metrics: Vec<History>,
     /// Whether `metrics[w]` came over the current link to `w`.
     reported: Vec<bool>,
     /// Per room with remote members: the members each worker holds.
@@ -107,7 +108,7 @@ impl Peers {
 
     fn forget(&mut self, worker: usize) {
         self.links[worker] = None;
-        self.metrics[worker] = self.metrics[worker].take().map(|s| s.counters());
+        self.metrics[worker].keep_counters_only();
         self.reported[worker] = false;
         self.counts.retain(|_, per| {
             per[worker] = 0;
@@ -192,7 +193,7 @@ impl WorkerBus {
             workers,
             peers: Mutex::new(Peers {
                 links: (0..workers).map(|_| None).collect(),
-                metrics: (0..workers).map(|_| None).collect(),
+                metrics: (0..workers).map(|_| History::default()).collect(),
                 reported: vec![false; workers],
                 counts: NameMap::default(),
                 generations: 0,
@@ -338,6 +339,11 @@ impl WorkerBus {
                     count,
                 }));
             }
+            // And the snapshots this worker keeps of itself, so the peer's history of it is
+            // the same as its own (what /metrics sums must be the same everywhere).
+            for snapshot in peers.metrics[self.me].iter() {
+                link.send(encode(&Wire::Metrics(Box::new(snapshot.clone()))));
+            }
             peers.links[peer] = Some(link);
             peers.generations
         };
@@ -411,11 +417,7 @@ impl WorkerBus {
                 Wire::Metrics(snapshot) => {
                     let mut peers = self.lock();
                     if peers.is_current(peer, generation) {
-                        let mut snapshot = *snapshot;
-                        if let Some(before) = &peers.metrics[peer] {
-                            snapshot.max_counters(before);
-                        }
-                        peers.metrics[peer] = Some(snapshot);
+                        peers.metrics[peer].push(*snapshot);
                         peers.reported[peer] = true;
                     }
                 }
@@ -600,19 +602,27 @@ impl Bus for WorkerBus {
 
     fn share_metrics(&self, snapshot: &Snapshot) {
         let bytes = encode(&Wire::Metrics(Box::new(snapshot.clone())));
-        for link in self.lock().links.iter().flatten() {
+        // Kept and sent under one lock: a link installed meanwhile gets it exactly once.
+        let mut peers = self.lock();
+        peers.metrics[self.me].push(snapshot.clone());
+        for link in peers.links.iter().flatten() {
             link.send(bytes.clone());
         }
     }
 
-    fn peer_metrics(&self) -> Vec<Snapshot> {
-        self.lock().metrics.iter().flatten().cloned().collect()
+    fn settled_metrics(&self, now_ms: u64) -> Vec<Snapshot> {
+        let peers = self.lock();
+        peers
+            .metrics
+            .iter()
+            .filter_map(|h| h.settled(now_ms).cloned())
+            .collect()
     }
 
     fn seed_metrics(&self, worker: usize, counters: Snapshot) {
         let mut peers = self.lock();
-        if worker != self.me && worker < peers.metrics.len() && peers.metrics[worker].is_none() {
-            peers.metrics[worker] = Some(counters);
+        if worker < peers.metrics.len() {
+            peers.metrics[worker].seed(counters);
         }
     }
 

@@ -372,10 +372,10 @@ impl Bus for RedisBus {
         }
     }
 
-    fn peer_metrics(&self) -> Vec<Snapshot> {
+    fn settled_metrics(&self, now_ms: u64) -> Vec<Snapshot> {
         self.host
             .as_ref()
-            .map_or_else(Vec::new, |h| h.peer_metrics())
+            .map_or_else(Vec::new, |h| h.settled_metrics(now_ms))
     }
 
     fn seed_metrics(&self, worker: usize, counters: Snapshot) {

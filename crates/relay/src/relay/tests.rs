@@ -120,7 +120,6 @@ fn setup_with(
         process: PROCESS,
         admission: Arc::default(),
         carried: Default::default(),
-        published: std::sync::Mutex::new(None),
         verifier: verifier.clone(),
         certs: None,
         config,
