@@ -1,6 +1,11 @@
 //! One load process: its share of the connections, each an async task on a single-threaded
 //! tokio runtime. It follows the first process's commands on stdin (`join`, `verify`,
 //! `publish`, `finish`) and reports on stdout, one JSON line per event (`Event`).
+//!
+//! Its own memory per connection is part of what a run costs the machine (a million clients
+//! on the same host as the server): a connection holds no buffer while idle (every read goes
+//! into the shard's one input buffer; only a partial frame is kept), reaches the main task
+//! through a [`Mailbox`] of a few cells instead of a channel, and keeps no room name.
 
 use std::cell::{Cell, RefCell};
 use std::net::Ipv4Addr;
@@ -10,7 +15,6 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::{mpsc, oneshot};
 
 use super::plan::{self, Spread};
 use super::report::{self, Tally};
@@ -20,10 +24,14 @@ use crate::{LoadArgs, LoadProtocol};
 
 mod connection;
 
+pub(crate) use connection::Mailbox;
+
 /// Largest frame a load connection accepts from the server.
 const MAX_FRAME: usize = 16 << 20;
 /// Rooms a process checks (with `count`) before the message phase.
 const ROOMS_TO_CHECK: usize = 64;
+/// The shard's input buffer: one read of any connection.
+const INPUT_BUFFER: usize = 64 << 10;
 
 /// A shard's report to the first process.
 #[derive(Serialize, Deserialize)]
@@ -77,16 +85,11 @@ fn emit(e: &Event) {
     let _ = out.flush();
 }
 
-/// What the main task tells one connection's task.
-enum Cmd {
-    Join,
-    Count(oneshot::Sender<u64>),
-    Publish,
-    Finish,
+/// A connection's task as the main task reaches it, and the size of its room.
+struct Conn {
+    mailbox: Rc<Mailbox>,
+    room_size: u32,
 }
-
-/// A connection's task, as the main task reaches it.
-type Conn = Option<mpsc::UnboundedSender<Cmd>>;
 
 struct Shard {
     args: LoadArgs,
@@ -116,6 +119,8 @@ struct Shard {
     /// takeover), and where it inflates.
     inflater: RefCell<flate2::Decompress>,
     inflated: RefCell<Vec<u8>>,
+    /// Where every connection's reads land (one task reads at a time: a single thread).
+    input: RefCell<Box<[u8]>>,
 }
 
 pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> anyhow::Result<u8> {
@@ -158,6 +163,7 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
         pad: "x".repeat(args.payload),
         inflater: RefCell::new(flate2::Decompress::new_with_window_bits(false, 15)),
         inflated: RefCell::new(Vec::new()),
+        input: RefCell::new(vec![0; INPUT_BUFFER].into_boxed_slice()),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -180,19 +186,19 @@ impl Shard {
                 }
             })
         };
-        let (conns, rooms) = self.ramp(range).await;
+        let conns = self.ramp(range).await;
         self.wait_until(None, |s| s.inflight.get() == 0).await;
         self.report_progress();
         emit(&Event::Connected {
             first_us,
             last_open_us: self.last_open_us.get(),
         });
-        self.follow_commands(&conns, &rooms).await;
+        self.follow_commands(&conns).await;
         // Finish (or the first process went away): close everything, report, exit.
         self.finishing.set(true);
         let open_at_end = self.open.get();
-        for tx in conns.iter().flatten() {
-            let _ = tx.send(Cmd::Finish);
+        for c in &conns {
+            c.mailbox.post(|m| m.finish.set(true));
         }
         let until = Instant::now() + Duration::from_secs(3);
         self.wait_until(Some(until), |s| s.open.get() == 0).await;
@@ -230,12 +236,12 @@ impl Shard {
 
     /// Starts this process's connections at its share of the connect rate, never more in
     /// flight than its share of the cap; each is a task that then follows `Cmd`s.
-    async fn ramp(self: &Rc<Self>, range: std::ops::Range<u64>) -> (Vec<Conn>, Vec<(String, u64)>) {
+    async fn ramp(self: &Rc<Self>, range: std::ops::Range<u64>) -> Vec<Conn> {
         let deadline = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout);
         let shards = plan_shards(&self.args);
         let rate = (self.args.connect_rate as f64 / shards as f64).max(1.0);
         let cap = (self.args.max_inflight / shards).max(1);
-        let (mut conns, mut rooms) = (Vec::new(), Vec::new());
+        let mut conns = Vec::with_capacity((range.end - range.start) as usize);
         let ramp_start = Instant::now();
         for (n, global) in range.clone().enumerate() {
             let due = ramp_start + Duration::from_secs_f64(n as f64 / rate);
@@ -253,25 +259,22 @@ impl Shard {
                     .or_default() += left;
                 break;
             }
-            let (tx, rx) = mpsc::unbounded_channel();
-            conns.push(Some(tx));
-            let room = self
-                .spread
-                .as_ref()
-                .map_or((String::new(), 0), |s| s.room_of(global));
-            rooms.push(room.clone());
+            let mailbox = Rc::new(Mailbox::default());
+            let room_size = self.spread.as_ref().map_or(0, |s| s.room_of(global).1);
+            conns.push(Conn {
+                mailbox: mailbox.clone(),
+                room_size: room_size as u32,
+            });
             self.tally.borrow_mut().attempted += 1;
             self.inflight.set(self.inflight.get() + 1);
             let s = self.clone();
-            tokio::task::spawn_local(
-                async move { s.connection(global, room.0, rx, deadline).await },
-            );
+            tokio::task::spawn_local(async move { s.connection(global, mailbox, deadline).await });
         }
-        (conns, rooms)
+        conns
     }
 
     /// Carries out the first process's commands until `finish` (or until it goes away).
-    async fn follow_commands(&self, conns: &[Conn], rooms: &[(String, u64)]) {
+    async fn follow_commands(&self, conns: &[Conn]) {
         let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = stdin.next_line().await {
             let Ok(command) = serde_json::from_str::<Command>(&line) else {
@@ -282,8 +285,7 @@ impl Shard {
                 Command::Join => {
                     let asked = conns
                         .iter()
-                        .flatten()
-                        .filter(|tx| tx.send(Cmd::Join).is_ok())
+                        .filter(|c| c.mailbox.post(|m| m.join.set(true)))
                         .count() as u64;
                     let until = Instant::now() + Duration::from_secs(60);
                     self.wait_until(Some(until), |s| {
@@ -293,11 +295,11 @@ impl Shard {
                     emit(&Event::Joined);
                 }
                 Command::Verify => {
-                    self.verify(conns, rooms).await;
+                    self.verify(conns).await;
                     emit(&Event::Verified);
                 }
                 Command::Publish => {
-                    let seconds = self.publish(conns, rooms).await;
+                    let seconds = self.publish(conns).await;
                     self.report_progress();
                     emit(&Event::Published { seconds });
                 }
@@ -322,26 +324,28 @@ impl Shard {
     /// Asks up to `ROOMS_TO_CHECK` rooms' member counts (from connections spread over this
     /// process's range) until each is the planned size: counts cross worker buses
     /// asynchronously, and a message published before they settle could miss a member.
-    async fn verify(&self, conns: &[Conn], rooms: &[(String, u64)]) {
+    async fn verify(&self, conns: &[Conn]) {
         let step = (conns.len() / ROOMS_TO_CHECK).max(1);
         let until = Instant::now() + Duration::from_secs(10);
-        for i in (0..conns.len()).step_by(step).take(ROOMS_TO_CHECK) {
-            let Some(tx) = &conns[i] else { continue };
-            let want = rooms[i].1;
+        for c in conns.iter().step_by(step).take(ROOMS_TO_CHECK) {
+            let want = u64::from(c.room_size);
             self.tally.borrow_mut().rooms_checked += 1;
             let mut ok = false;
             while Instant::now() < until {
-                let (reply, got) = oneshot::channel();
-                if tx.send(Cmd::Count(reply)).is_err() {
+                c.mailbox.counted.set(None);
+                if !c.mailbox.post(|m| m.count.set(true)) {
                     break;
                 }
-                match tokio::time::timeout(Duration::from_secs(2), got).await {
-                    Ok(Ok(n)) if n >= want => {
+                let answered = |_: &Self| c.mailbox.counted.get().is_some() || c.mailbox.is_gone();
+                let wait = Instant::now() + Duration::from_secs(2);
+                self.wait_until(Some(wait), answered).await;
+                match c.mailbox.counted.get() {
+                    Some(n) if n >= want => {
                         ok = true;
                         break;
                     }
-                    Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    _ => break,
+                    Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    None => break,
                 }
             }
             if !ok {
@@ -355,10 +359,12 @@ impl Shard {
     /// through them (`lap_stride`), so every connection publishes once per lap whatever its
     /// room, and a short run is not all from the first rooms of the plan (with a spread of
     /// sizes, the smallest rooms come first).
-    async fn publish(&self, conns: &[Conn], rooms: &[(String, u64)]) -> f64 {
+    async fn publish(&self, conns: &[Conn]) -> f64 {
         let shards = plan_shards(&self.args);
         let rate = self.args.publish_rate as f64 / shards as f64;
-        let publishers: Vec<usize> = (0..conns.len()).filter(|&i| rooms[i].1 >= 2).collect();
+        let publishers: Vec<usize> = (0..conns.len())
+            .filter(|&i| conns[i].room_size >= 2)
+            .collect();
         let start = Instant::now();
         if rate <= 0.0 || publishers.is_empty() {
             return 0.0;
@@ -379,12 +385,11 @@ impl Shard {
                     let i = publishers[next.wrapping_mul(stride) % publishers.len()];
                     next += 1;
                     tries += 1;
-                    if let Some(tx) = &conns[i]
-                        && tx.send(Cmd::Publish).is_ok()
-                    {
+                    let c = &conns[i];
+                    if c.mailbox.post(|m| m.publish.set(m.publish.get() + 1)) {
                         let mut t = self.tally.borrow_mut();
                         t.sent += 1;
-                        t.expected += rooms[i].1 - 1;
+                        t.expected += u64::from(c.room_size) - 1;
                         break;
                     }
                     if tries > publishers.len() {

@@ -2,41 +2,85 @@
 //! follow the shard's commands (join, count, publish, finish) while answering pings and timing
 //! every stamped room message it receives.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpSocket;
+use tokio::sync::Notify;
 
 use crate::tls::{self, Stream};
-use tokio::sync::{mpsc, oneshot};
 
-use super::{Cmd, MAX_FRAME, Shard};
+use super::{MAX_FRAME, Shard};
 use crate::monotonic_us;
 use crate::plan;
 use crate::wire;
 use crate::{LoadEncoding, LoadProtocol};
+
+/// What the main task asks of one connection, and what the connection answers: a few cells and
+/// a `Notify` (no allocation while nobody waits), where a channel per connection cost hundreds
+/// of bytes. The connection takes the requests each time it wakes.
+#[derive(Default)]
+pub struct Mailbox {
+    wake: Notify,
+    pub join: Cell<bool>,
+    pub count: Cell<bool>,
+    /// The member count the last `count` was answered with.
+    pub counted: Cell<Option<u64>>,
+    /// Messages to publish.
+    pub publish: Cell<u32>,
+    pub finish: Cell<bool>,
+    /// The connection ended (or never opened): nothing posted reaches it any more.
+    gone: Cell<bool>,
+}
+
+impl Mailbox {
+    /// Leaves a request and wakes the connection; false if it has ended.
+    pub fn post(&self, request: impl FnOnce(&Self)) -> bool {
+        if self.gone.get() {
+            return false;
+        }
+        request(self);
+        // A permit is kept when the task is not waiting: a request made while it writes is
+        // taken on its next turn.
+        self.wake.notify_one();
+        true
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.get()
+    }
+}
 
 impl Shard {
     /// One connection, from connect to finish.
     pub(super) async fn connection(
         self: Rc<Self>,
         global: u64,
-        room: String,
-        mut rx: mpsc::UnboundedReceiver<Cmd>,
+        mailbox: Rc<Mailbox>,
         deadline: Instant,
     ) {
         let started = Instant::now();
         let left = deadline.saturating_duration_since(started);
-        let opened = tokio::time::timeout(left, self.open_connection(global)).await;
+        // Boxed: the connect and TLS handshake futures are large, and an async fn is as large
+        // as its largest state; boxed, they are freed once the connection is open.
+        let opened = tokio::time::timeout(left, Box::pin(self.open_connection(global))).await;
         self.inflight.set(self.inflight.get() - 1);
         self.changed();
-        let (mut stream, mut buf) = match opened {
+        let (mut stream, mut held) = match opened {
             Ok(Ok(s)) => s,
-            Ok(Err(cause)) => return self.connect_failed(cause),
-            Err(_) => return self.connect_failed("timeout".into()),
+            Ok(Err(cause)) => {
+                mailbox.gone.set(true);
+                return self.connect_failed(cause);
+            }
+            Err(_) => {
+                mailbox.gone.set(true);
+                return self.connect_failed("timeout".into());
+            }
         };
         let took = started.elapsed().as_micros() as u64;
         let _ = self.connect_us.borrow_mut().record(took.max(1));
@@ -45,46 +89,36 @@ impl Shard {
         self.last_open_us
             .set(self.last_open_us.get().max(monotonic_us()));
 
-        let mut pending_count: Option<oneshot::Sender<u64>> = None;
+        // Frames that came with the upgrade answer (the hello) first.
         let mut out = Vec::new();
-        let why = loop {
-            // Frames already buffered first (the hello may have come with the upgrade answer).
-            match self.take_frames(&mut buf, &mut out, &mut pending_count) {
-                Ok(()) => {}
-                Err(cause) => break Some(cause),
+        let mut why = self.take_held(&mut held, &[], &mut out, &mailbox).err();
+        while why.is_none() {
+            if let Some(last) = self.take_requests(global, &mailbox, &mut out) {
+                let _ = stream.write_all(&out).await;
+                why = last;
+                break;
             }
             if !out.is_empty() {
                 if let Err(e) = stream.write_all(&out).await {
-                    break Some(io_cause(&e));
+                    why = Some(io_cause(&e));
+                    break;
                 }
-                out.clear();
+                // Freed: an idle connection keeps no output buffer.
+                out = Vec::new();
             }
-            if buf.capacity() > 8192 && buf.is_empty() {
-                buf.shrink_to(1024);
-            }
-            buf.reserve(1024);
             tokio::select! {
-                r = stream.read_buf(&mut buf) => match r {
-                    Ok(0) => break Some("eof".to_string()),
-                    Ok(_) => {}
-                    Err(e) => break Some(io_cause(&e)),
-                },
-                cmd = rx.recv() => match cmd {
-                    Some(Cmd::Join) => self.request(&mut out, &RoomRequest { op: "join", room: &room, reference: "j" }),
-                    Some(Cmd::Count(reply)) => {
-                        pending_count = Some(reply);
-                        self.request(&mut out, &RoomRequest { op: "count", room: &room, reference: "c" });
+                r = std::future::poll_fn(|cx| self.poll_input(&mut stream, cx)) => match r {
+                    Ok(0) => why = Some("eof".to_string()),
+                    Ok(n) => {
+                        let input = self.input.borrow();
+                        why = self.take_held(&mut held, &input[..n], &mut out, &mailbox).err();
                     }
-                    Some(Cmd::Publish) => self.publish_frame(&mut out, &room),
-                    Some(Cmd::Finish) | None => {
-                        let m = self.rng.borrow_mut().next() as u32;
-                        wire::frame(&mut out, wire::CLOSE, &1000u16.to_be_bytes(), m);
-                        let _ = stream.write_all(&out).await;
-                        break None;
-                    }
+                    Err(e) => why = Some(io_cause(&e)),
                 },
+                () = mailbox.wake.notified() => {}
             }
-        };
+        }
+        mailbox.gone.set(true);
         self.open.set(self.open.get() - 1);
         self.changed();
         if let Some(cause) = why
@@ -99,6 +133,93 @@ impl Shard {
                 .entry(cause)
                 .or_default() += 1;
         }
+    }
+
+    /// The main task's requests as frames in `out`; `Some` when the connection is to end after
+    /// writing them (finish: a Close frame).
+    fn take_requests(
+        &self,
+        global: u64,
+        mailbox: &Mailbox,
+        out: &mut Vec<u8>,
+    ) -> Option<Option<String>> {
+        if mailbox.finish.get() {
+            let m = self.rng.borrow_mut().next() as u32;
+            wire::frame(out, wire::CLOSE, &1000u16.to_be_bytes(), m);
+            return Some(None);
+        }
+        let join = mailbox.join.take();
+        let count = mailbox.count.take();
+        let publish = mailbox.publish.take();
+        if !(join || count || publish > 0) {
+            return None;
+        }
+        let room = self
+            .spread
+            .as_ref()
+            .map_or(String::new(), |s| s.room_of(global).0);
+        if join {
+            self.request(
+                out,
+                &RoomRequest {
+                    op: "join",
+                    room: &room,
+                    reference: "j",
+                },
+            );
+        }
+        if count {
+            self.request(
+                out,
+                &RoomRequest {
+                    op: "count",
+                    room: &room,
+                    reference: "c",
+                },
+            );
+        }
+        for _ in 0..publish {
+            self.publish_frame(out, &room);
+        }
+        None
+    }
+
+    /// Reads what `stream` has into the shard's input buffer (borrowed only within this poll).
+    fn poll_input(
+        &self,
+        stream: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut input = self.input.borrow_mut();
+        let mut buf = ReadBuf::new(&mut input[..]);
+        match std::pin::Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Handles every complete frame of `held` followed by `input`; what is left of a partial
+    /// frame stays in `held`, which holds nothing (no allocation) between whole frames.
+    fn take_held(
+        &self,
+        held: &mut Vec<u8>,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        mailbox: &Mailbox,
+    ) -> Result<(), String> {
+        if held.is_empty() {
+            let used = self.take_frames(input, out, mailbox)?;
+            *held = input[used..].to_vec();
+            return Ok(());
+        }
+        held.extend_from_slice(input);
+        let used = self.take_frames(held, out, mailbox)?;
+        held.drain(..used);
+        if held.is_empty() {
+            *held = Vec::new();
+        }
+        Ok(())
     }
 
     fn connect_failed(&self, cause: String) {
@@ -188,13 +309,14 @@ impl Shard {
         Ok((stream, buf))
     }
 
-    /// Handles every complete frame in `buf`, queueing answers (pongs) in `out`.
+    /// Handles every complete frame at the start of `buf`, queueing answers (pongs) in `out`;
+    /// returns how many bytes they took.
     fn take_frames(
         &self,
-        buf: &mut Vec<u8>,
+        buf: &[u8],
         out: &mut Vec<u8>,
-        pending_count: &mut Option<oneshot::Sender<u64>>,
-    ) -> Result<(), String> {
+        mailbox: &Mailbox,
+    ) -> Result<usize, String> {
         let mut used = 0;
         let mut inflated = self.inflated.borrow_mut();
         while let Some((rsv1, opcode, range, len)) = wire::parse(&buf[used..], MAX_FRAME)? {
@@ -225,7 +347,7 @@ impl Shard {
                         rmp_serde::from_slice(payload).map_err(|e| e.to_string())
                     };
                     match msg {
-                        Ok(m) => self.incoming(m, pending_count),
+                        Ok(m) => self.incoming(m, mailbox),
                         Err(e) => return Err(format!("unreadable message: {e}")),
                     }
                 }
@@ -233,8 +355,7 @@ impl Shard {
             }
             used += len;
         }
-        buf.drain(..used);
-        Ok(())
+        Ok(used)
     }
 
     /// A compressed message (no context takeover: it stands alone), into `out`.
@@ -263,7 +384,7 @@ impl Shard {
         Ok(())
     }
 
-    fn incoming(&self, m: Incoming, pending_count: &mut Option<oneshot::Sender<u64>>) {
+    fn incoming(&self, m: Incoming, mailbox: &Mailbox) {
         match m.op.as_str() {
             "message" => {
                 // Only this run's messages (stamped) are timed and counted.
@@ -282,9 +403,8 @@ impl Shard {
                 self.changed();
             }
             "count" => {
-                if let Some(reply) = pending_count.take() {
-                    let _ = reply.send(m.members.unwrap_or(0));
-                }
+                mailbox.counted.set(Some(m.members.unwrap_or(0)));
+                self.changed();
             }
             "error" => {
                 self.tally.borrow_mut().server_errors += 1;
