@@ -30,14 +30,16 @@
 #   BENCH_SATURATION_S    the daemon's saturation watch interval (default 1: five times its
 #                         default rate, so the daemon's CPU during the hold bounds the watch's
 #                         cost from above)
-#   BENCH_OUT             results path without extension (default bench/results/c100k)
+#   BENCH_PROFILE         the profile applied and run (default c100k; bench/c1m.sh: c1m)
+#   BENCH_OUT             results path without extension (default bench/results/$BENCH_PROFILE)
 #
 # Bounded: every wait has a timeout, tunegate load has --max-time, and the trap stops every
 # process and deletes the namespace on any exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-bench_name=c100k
+profile=${BENCH_PROFILE:-c100k}
+bench_name=$profile
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
@@ -51,7 +53,7 @@ publish_rate=${BENCH_PUBLISH_RATE:-10000}
 publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
 connect_rate=${BENCH_CONNECT_RATE:-30000}
 load_processes=${BENCH_LOAD_PROCESSES:-}
-out=${BENCH_OUT:-bench/results/c100k}
+out=${BENCH_OUT:-bench/results/$profile}
 export BENCH_SATURATION_S=${BENCH_SATURATION_S:-1}
 port=18080
 
@@ -68,8 +70,8 @@ if [[ -z $load_processes ]]; then
     ((load_processes < 2)) && load_processes=2
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-c100k.XXXXXX")
-ns=tgc100k-$$
+work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$profile.XXXXXX")
+ns=tg$profile-$$
 pids=()
 daemon_pid=""
 trap ns_cleanup EXIT
@@ -88,17 +90,17 @@ workers_sum() {  # workers_sum rss|cpu: summed over the worker processes
     echo "$total"
 }
 
-# 1. apply (the per-namespace part of c100k; host-global keys are reported, not touched)
-log "tunegate apply --profile c100k in namespace $ns"
+# 1. apply (the per-namespace part of the profile; host-global keys are reported, not touched)
+log "tunegate apply --profile $profile in namespace $ns"
 ip netns exec "$ns" env TUNEGATE_STATE_DIR="$work/apply-state" TUNEGATE_SYSCTL_DIR="$work/sysctl.d" \
-    "$bin" apply --profile c100k >"$work/apply.txt" 2>&1 || true
+    "$bin" apply --profile "$profile" >"$work/apply.txt" 2>&1 || true
 grep -E '^(SET|set|  set|->)|somaxconn|ip_local_port_range' "$work/apply.txt" | head -n 5 >&2 || true
 
 # 2. tunegate run
-start_daemon c100k "  ping_interval_ms: $ping_ms
+start_daemon "$profile" "  ping_interval_ms: $ping_ms
   ping_timeout_ms: $ping_timeout_ms"
 sleep 1 # the baseline: a second for the freshly started workers to settle
-rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab)
+rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
 
 # 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
 max_time=$(python3 -c "print(int(300 + $hold + $publish_seconds))")
@@ -117,13 +119,25 @@ wait_phase() {  # wait_phase NAME SECONDS: the load reached phase NAME (not: it 
 }
 wait_phase hold 300 || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
 rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
+# The load generator's own memory (the first process and its shards) and the host's
+# descriptors (both ends of every connection count against fs.file-max when the load runs on
+# the same host), once every connection is up.
+load_rss_kb() {
+    local pid total=0
+    for pid in "$load_pid" $(pgrep -P "$load_pid"); do
+        total=$((total + $(kb_field /proc/"$pid"/status VmRSS)))
+    done
+    echo "$total"
+}
+load_rss1=$(load_rss_kb) avail1=$(kb_field /proc/meminfo MemAvailable)
+read -r files1 _ file_max </proc/sys/fs/file-nr
 daemon_cpu() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
 dcpu1=$(daemon_cpu)
 pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
 dcpu2=$(daemon_cpu)
-rss2=$(workers_sum rss)
+rss2=$(workers_sum rss) avail2=$(kb_field /proc/meminfo MemAvailable)
 wait "$load_pid" && load_rc=0 || load_rc=$?
 # The workers' counters travel the bus every half second: wait until every connection's close
 # has reached the one that answers (accepted = closed + still open, summed over the workers).
@@ -136,11 +150,11 @@ tail -n 8 "$work/load.log" >&2
 python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "$rss2" "$slab0" "$slab1" \
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
-    "$BENCH_SATURATION_S" <<'PY'
+    "$BENCH_SATURATION_S" "$profile" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
- sat_s) = sys.argv[1:]
+ sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -182,13 +196,19 @@ res = {
     "rooms": rooms, "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
     "sent": r.get("sent"), "expected": r.get("expected"), "received": r.get("received"),
     "lost": r.get("lost"), "latency": lat, "accepted_total": int(accepted),
+    "profile": profile,
+    "load_rss_connected_kb": int(load_rss1),
+    "load_rss_bytes_per_connection": round(int(load_rss1) * 1024 / conns, 1),
+    "mem_available_before_kb": int(avail0),
+    "mem_available_min_kb": min(int(avail1), int(avail2)),
+    "file_handles_connected": int(files1), "file_max": int(file_max),
     "ok": not problems, "problems": problems,
 }
 os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 json.dump(res, open(out + ".json", "w"), indent=2)
 md = [
-    "Proof run, %s: %d connections on %d workers (RLIMIT_NOFILE %d per process), %d load processes."
-    % (res["date"], conns, workers, limit, int(procs)),
+    "Proof run, %s: %d connections on %d workers (profile %s, RLIMIT_NOFILE %d per process), %d load processes."
+    % (res["date"], conns, workers, profile, limit, int(procs)),
     "",
     "Sizing: " + sizing,
     "",
@@ -199,6 +219,9 @@ md = [
     "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
     "| server user-space RSS per connection | %.0f bytes |" % rss_per,
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
+    "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / conns),
+    "| the host's memory available: before / lowest during the hold | %.1f / %.1f GiB |" % (int(avail0) / 2**20, min(int(avail1), int(avail2)) / 2**20),
+    "| file handles open on the host (both ends) / fs.file-max | %s / %s |" % (files1, file_max),
     "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
     "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
     "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),

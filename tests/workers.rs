@@ -224,8 +224,10 @@ fn interest_routing_is_counted(w: &Workers, c: &mut Clients) {
         40 * (1 + 1 + 2),
         "only interested workers get each message"
     );
-    // Whole-server gauges, whichever worker answers.
+    // Whole-server gauges, whichever worker answers: two rooms ("all", "w2"), each counted
+    // once, by its home worker, whichever worker that is.
     assert_eq!(w.metric("tunegate_websockets_open"), 12);
+    assert_eq!(w.metric("tunegate_rooms"), 2);
 }
 
 /// Direct messages across workers, and to connections that are gone.

@@ -62,7 +62,9 @@ pub trait Bus: Send + Sync {
     /// process told the bus before: `Some` now, or `None` when the bus keeps the question and
     /// answers later, as `Item::Members` to the loop of `ask.to`.
     fn members(&self, ask: Ask) -> Option<u64>;
-    /// Rooms with at least one member on the whole server (with a cross-host bus: on this host).
+    /// Rooms with at least one member that this process answers for: in one process, all of
+    /// them; between workers, those homed on this one (so the sum over workers is the
+    /// server's); with a cross-host bus, this process's own.
     fn rooms(&self) -> u64;
     /// Hands a room message to every *other* loop holding members of `room`.
     fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>);

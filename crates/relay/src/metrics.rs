@@ -142,13 +142,16 @@ pub struct LoopMetrics {
 
 /// The counters as plain numbers: summed over loops, written to the bus directory for the
 /// other workers, summed again for /metrics.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub pid: u32,
     pub open: i64,
     pub websockets: i64,
     #[serde(default)]
     pub queued: i64,
+    /// Gauge: the rooms this worker answers for (`Bus::rooms`), summed into the server's.
+    #[serde(default)]
+    pub rooms: i64,
     pub accepted: u64,
     #[serde(deserialize_with = "padded")]
     pub closed: [u64; CLOSE_REASONS],
@@ -302,6 +305,7 @@ impl Snapshot {
         self.open += o.open;
         self.websockets += o.websockets;
         self.queued += o.queued;
+        self.rooms += o.rooms;
         self.accepted += o.accepted;
         for i in 0..self.closed.len() {
             self.closed[i] += o.closed[i];
@@ -340,6 +344,7 @@ impl Snapshot {
             open: 0,
             websockets: 0,
             queued: 0,
+            rooms: 0,
             remote: RemoteStats {
                 connected: 0,
                 ..self.remote

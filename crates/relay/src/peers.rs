@@ -6,17 +6,26 @@
 //! order holds, and nothing is delivered twice). Both introduce themselves with a `Hello` that
 //! carries their node and incarnation (`id.rs`): a direct message goes to the link whose process
 //! its target id names, so an id of a dead process, which no link has, reaches nobody; a peer
-//! claiming our own process is refused. On a new link both sides send their whole
-//! member table (`Count` per room); afterwards every join or leave sends the room's new count.
-//! A room message goes only to workers whose count for the room is above zero (interest
-//! routing: in "Optimizing Socket.IO for 100k Concurrent Users" it cut internal traffic
-//! by 94 %).
+//! claiming our own process is refused.
+//!
+//! Rooms have a home: one worker, chosen by a fixed hash of the name (`home_of`), keeps the
+//! room's member count per worker; no other worker keeps counts. A worker tells a room's home
+//! its new count at every join and leave (`Count`), and asks the home for the room's total
+//! (`Ask`, answered with `Members`). Whenever the set of workers holding members changes, the
+//! home tells each of them the new set (`Holders`); a worker keeps it only while it holds
+//! members. A room message goes from its publisher's worker straight to the other holders when
+//! that worker holds members (interest routing: in "Optimizing Socket.IO for 100k Concurrent
+//! Users" it cut internal traffic by 94 %), or else to the home, which passes it on (`forward`).
+//! So a worker's memory for rooms grows with the rooms it holds members of and the rooms homed
+//! on it, never with workers x rooms (which at 51 workers and 20,000 rooms cost 2,550 bytes per
+//! connection), and a join costs one message to the home, not one to every worker.
 //!
 //! A link is the unit of truth about a peer: counts learned on a link are valid exactly as long
 //! as that link lives. When it ends (the peer died, or stalled past `MAX_QUEUED`), the peer's
 //! counts drop to zero at once; when the peer comes back a new link replaces the old one, and
-//! anything still arriving on the old one can no longer change a count. Messages for a peer with
-//! no link are dropped: it holds no members then.
+//! anything still arriving on the old one can no longer change a count. On a new link each side
+//! sends the counts of its rooms the other is home to. Messages for a peer with no link are
+//! dropped: it holds no members then.
 //!
 //! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
@@ -44,7 +53,7 @@ use super::protocol::{Encoding, Outgoing};
 /// Largest bus frame accepted (a room message carries at most one client message).
 const MAX_WIRE: usize = 64 << 20;
 /// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
-const PROTOCOL: u32 = 4;
+const PROTOCOL: u32 = 5;
 /// How often a worker retries dialling a peer that is down.
 const REDIAL: Duration = Duration::from_millis(50);
 
@@ -59,11 +68,31 @@ enum Wire {
         node: u8,
         incarnation: u16,
     },
-    /// The sender now holds `count` members of `room`.
+    /// To a room's home: the sender now holds `count` members of `room`.
     Count { room: String, count: u64 },
+    /// From a room's home: the workers holding members of `room` now.
+    Holders { room: String, workers: Vec<u32> },
+    /// To a room's home: how many members `room` has, for connection `to`.
+    Ask {
+        to: u64,
+        op: String,
+        room: String,
+        reference: Option<rmpv::Value>,
+    },
+    /// The home's answer to `Ask`.
+    Members {
+        to: u64,
+        op: String,
+        room: String,
+        reference: Option<rmpv::Value>,
+        members: u64,
+    },
+    /// A room message; `forward`: to the room's home, which hands it to the holders (the
+    /// publisher's worker holds no member, so it does not know them).
     Room {
         room: String,
         skip: Option<u64>,
+        forward: bool,
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
     },
@@ -93,8 +122,12 @@ struct Peers {
     metrics: Vec<History>,
     /// Whether `metrics[w]` came over the current link to `w`.
     reported: Vec<bool>,
-    /// Per room with remote members: the members each worker holds.
-    counts: NameMap<Box<[u64]>>,
+    /// Rooms this worker is home to: the members each worker (this one too) holds, only
+    /// workers with members listed.
+    homed: NameMap<Vec<(u32, u64)>>,
+    /// Rooms homed elsewhere that this worker holds members of: the workers holding members,
+    /// as the home last said.
+    holders: NameMap<Box<[u32]>>,
     generations: u64,
 }
 
@@ -106,15 +139,102 @@ impl Peers {
             .is_some_and(|l| l.generation == generation)
     }
 
-    fn forget(&mut self, worker: usize) {
+    /// The link to `worker` is gone: its members stop counting in the rooms homed here (the
+    /// holders of each are told), and it is no longer a holder anywhere.
+    fn forget(&mut self, worker: usize, me: usize) {
         self.links[worker] = None;
         self.metrics[worker].keep_counters_only();
         self.reported[worker] = false;
-        self.counts.retain(|_, per| {
-            per[worker] = 0;
-            per.iter().any(|&c| c > 0)
-        });
+        let changed: Vec<Arc<str>> = self
+            .homed
+            .iter()
+            .filter(|(_, per)| per.iter().any(|&(w, _)| w as usize == worker))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in changed {
+            self.set_count(&room, worker, 0);
+            self.tell_holders(&room, me);
+        }
+        for set in self.holders.values_mut() {
+            if set.contains(&(worker as u32)) {
+                *set = set
+                    .iter()
+                    .copied()
+                    .filter(|&w| w as usize != worker)
+                    .collect();
+            }
+        }
     }
+
+    /// At a room's home: `worker` now holds `count` members. Whether the set of holders changed.
+    fn set_count(&mut self, room: &Arc<str>, worker: usize, count: u64) -> bool {
+        let w = worker as u32;
+        let per = self.homed.entry(room.clone()).or_default();
+        let at = per.iter().position(|&(x, _)| x == w);
+        let changed = match (at, count) {
+            (Some(i), 0) => {
+                per.swap_remove(i);
+                true
+            }
+            (Some(i), c) => {
+                per[i].1 = c;
+                false
+            }
+            (None, 0) => false,
+            (None, c) => {
+                per.push((w, c));
+                true
+            }
+        };
+        if per.is_empty() {
+            self.homed.remove(room);
+        } else if per.capacity() > 2 * per.len() + 4 {
+            per.shrink_to_fit();
+        }
+        changed
+    }
+
+    /// At a room's home: tells every other holder of `room` who holds members now.
+    fn tell_holders(&self, room: &str, me: usize) {
+        let Some(per) = self.homed.get(room) else {
+            return;
+        };
+        let workers: Vec<u32> = per.iter().map(|&(w, _)| w).collect();
+        let bytes = encode(&Wire::Holders {
+            room: room.to_string(),
+            workers: workers.clone(),
+        });
+        for w in workers {
+            if w as usize != me
+                && let Some(link) = &self.links[w as usize]
+            {
+                link.send(bytes.clone());
+            }
+        }
+    }
+
+    /// At a room's home: its members on the whole server.
+    fn homed_members(&self, room: &str) -> u64 {
+        self.homed
+            .get(room)
+            .map_or(0, |per| per.iter().map(|&(_, c)| c).sum())
+    }
+}
+
+/// The worker that is home to `room` among `workers`: FNV-1a of the name, the same in every
+/// process (a keyed hash would differ between them).
+fn home_of(room: &str, workers: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % workers as u64) as usize
+}
+
+/// An `Ask`'s reply op, as the relay names it (`bus::Ask::op` is static).
+fn reply_op(op: &str) -> Option<&'static str> {
+    ["joined", "left", "count"].into_iter().find(|o| *o == op)
 }
 
 pub struct WorkerBus {
@@ -125,6 +245,9 @@ pub struct WorkerBus {
     refusals: Mutex<FxHashMap<usize, String>>,
     workers: usize,
     peers: Mutex<Peers>,
+    /// Signalled whenever a link goes down: the dialling threads sleep on it while linked
+    /// (polling every 50 ms, 1,275 of them at 51 workers took half a core with nothing to do).
+    link_down: std::sync::Condvar,
     /// Room messages sent to other workers, and how many a send-to-all bus would have sent.
     routed: AtomicU64,
     broadcast_equivalent: AtomicU64,
@@ -195,9 +318,11 @@ impl WorkerBus {
                 links: (0..workers).map(|_| None).collect(),
                 metrics: (0..workers).map(|_| History::default()).collect(),
                 reported: vec![false; workers],
-                counts: NameMap::default(),
+                homed: NameMap::default(),
+                holders: NameMap::default(),
                 generations: 0,
             }),
+            link_down: std::sync::Condvar::new(),
             routed: AtomicU64::new(0),
             broadcast_equivalent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -240,8 +365,12 @@ impl WorkerBus {
     fn dial(self: &Arc<Self>, peer: usize, dir: &Path) {
         let path = socket_path(dir, peer);
         loop {
-            if self.lock().links[peer].is_none()
-                && let Ok(mut stream) = UnixStream::connect(&path)
+            let mut peers = self.lock();
+            while peers.links[peer].is_some() {
+                peers = self.link_down.wait(peers).expect("peers lock");
+            }
+            drop(peers);
+            if let Ok(mut stream) = UnixStream::connect(&path)
                 && stream.write_all(&self.hello()).is_ok()
             {
                 match self.introduction(&mut stream, |w| w == peer) {
@@ -324,7 +453,7 @@ impl WorkerBus {
         let out = Arc::new(Outbox::default());
         let generation = {
             let mut peers = self.lock();
-            peers.forget(peer);
+            peers.forget(peer, self.me);
             peers.generations += 1;
             let link = Link {
                 generation: peers.generations,
@@ -332,12 +461,15 @@ impl WorkerBus {
                 out: out.clone(),
                 stream: for_link,
             };
-            // Under the lock: no count update can slip in ahead of the table.
+            // Under the lock: no count update can slip in ahead of the table. Only the rooms
+            // the peer is home to: it keeps their counts.
             for (room, count) in self.local.snapshot() {
-                link.send(encode(&Wire::Count {
-                    room: room.to_string(),
-                    count,
-                }));
+                if home_of(&room, self.workers) == peer {
+                    link.send(encode(&Wire::Count {
+                        room: room.to_string(),
+                        count,
+                    }));
+                }
             }
             // And the snapshots this worker keeps of itself, so the peer's history of it is
             // the same as its own (what /metrics sums must be the same everywhere).
@@ -370,22 +502,89 @@ impl WorkerBus {
                 Wire::Hello { .. } => break,
                 Wire::Count { room, count } => {
                     let mut peers = self.lock();
-                    if !peers.is_current(peer, generation) {
+                    if !peers.is_current(peer, generation)
+                        || home_of(&room, self.workers) != self.me
+                    {
                         continue; // a replaced link: its counts are void
                     }
-                    let workers = self.workers;
-                    let per = peers
-                        .counts
-                        .entry(Arc::from(room.as_str()))
-                        .or_insert_with(|| vec![0; workers].into_boxed_slice());
-                    per[peer] = count;
-                    if per.iter().all(|&c| c == 0) {
-                        peers.counts.remove(room.as_str());
+                    let room: Arc<str> = Arc::from(room.as_str());
+                    if peers.set_count(&room, peer, count) {
+                        peers.tell_holders(&room, self.me);
                     }
                 }
-                Wire::Room { room, skip, msg } => {
+                Wire::Holders { room, workers } => {
+                    let mut peers = self.lock();
+                    if !peers.is_current(peer, generation) {
+                        continue;
+                    }
+                    // Kept only while this worker holds members (read under the peers lock,
+                    // as `announce` changes it).
+                    if self.local.local_members(&room) > 0 {
+                        peers
+                            .holders
+                            .insert(Arc::from(room.as_str()), workers.into());
+                    } else {
+                        peers.holders.remove(room.as_str());
+                    }
+                }
+                Wire::Ask {
+                    to,
+                    op,
+                    room,
+                    reference,
+                } => {
+                    let peers = self.lock();
+                    if let Some(link) = peers.links[peer]
+                        .as_ref()
+                        .filter(|l| l.generation == generation)
+                    {
+                        let members = peers.homed_members(&room);
+                        link.send(encode(&Wire::Members {
+                            to,
+                            op,
+                            room,
+                            reference,
+                            members,
+                        }));
+                    }
+                }
+                Wire::Members {
+                    to,
+                    op,
+                    room,
+                    reference,
+                    members,
+                } => {
+                    if let (Some(target), Some(op)) = (ConnId::decode(to), reply_op(&op)) {
+                        let ask = Ask {
+                            to,
+                            op,
+                            room: Arc::from(room.as_str()),
+                            reference,
+                        };
+                        let _ = self.local.route(target, Item::Members { ask, members });
+                    }
+                }
+                Wire::Room {
+                    room,
+                    skip,
+                    forward,
+                    msg,
+                } => {
                     self.received.fetch_add(1, Ordering::Relaxed);
                     let room: Arc<str> = Arc::from(room.as_str());
+                    if forward && home_of(&room, self.workers) == self.me {
+                        let peers = self.lock();
+                        let targets = peers.homed.get(&room).map_or(&[][..], |p| &p[..]);
+                        self.send_room(
+                            &peers,
+                            &room,
+                            skip,
+                            &msg,
+                            targets.iter().map(|&(w, _)| w),
+                            peer,
+                        );
+                    }
                     let msg = Outgoing::from_msgpack(msg);
                     self.local.deliver(&room, &msg, skip);
                 }
@@ -442,8 +641,9 @@ impl WorkerBus {
         let _ = stream.shutdown(Shutdown::Both);
         let mut peers = self.lock();
         if peers.is_current(peer, generation) {
-            peers.forget(peer);
+            peers.forget(peer, self.me);
             drop(peers);
+            self.link_down.notify_all();
             log!("bus: link to worker {peer} down; its members no longer count");
         }
     }
@@ -463,24 +663,58 @@ impl WorkerBus {
         }
     }
 
-    /// Tells every peer how many members of `room` this worker holds now. Reading the count and
-    /// queueing it happen under the peers lock, so the last count queued is the latest.
-    fn announce(&self, room: &str) {
-        let peers = self.lock();
-        let bytes = encode(&Wire::Count {
-            room: room.to_string(),
-            count: self.local.local_members(room),
-        });
-        for link in peers.links.iter().flatten() {
-            link.send(bytes.clone());
+    /// Tells the home of `room` how many members this worker holds now (at home: counts it).
+    /// Reading the count and queueing it happen under the peers lock, so the last count queued
+    /// is the latest.
+    fn announce(&self, room: &Arc<str>) {
+        let mut peers = self.lock();
+        let count = self.local.local_members(room);
+        let home = home_of(room, self.workers);
+        if home == self.me {
+            if peers.set_count(room, self.me, count) {
+                peers.tell_holders(room, self.me);
+            }
+            return;
+        }
+        if count == 0 {
+            peers.holders.remove(&**room);
+        }
+        if let Some(link) = &peers.links[home] {
+            link.send(encode(&Wire::Count {
+                room: room.to_string(),
+                count,
+            }));
         }
     }
 
-    fn remote_members(&self, room: &str) -> u64 {
-        self.lock()
-            .counts
-            .get(room)
-            .map_or(0, |per| per.iter().sum())
+    /// Sends a room message to each of `workers` but this one and `except`; counts them.
+    fn send_room(
+        &self,
+        peers: &Peers,
+        room: &str,
+        skip: Option<u64>,
+        msg: &[u8],
+        workers: impl Iterator<Item = u32>,
+        except: usize,
+    ) {
+        let mut bytes = None;
+        for w in workers.map(|w| w as usize) {
+            if w != self.me
+                && w != except
+                && let Some(link) = &peers.links[w]
+            {
+                let bytes = bytes.get_or_insert_with(|| {
+                    encode(&Wire::Room {
+                        room: room.to_string(),
+                        skip,
+                        forward: false,
+                        msg: msg.to_vec(),
+                    })
+                });
+                self.routed.fetch_add(1, Ordering::Relaxed);
+                link.send(bytes.clone());
+            }
+        }
     }
 }
 
@@ -495,41 +729,63 @@ impl Bus for WorkerBus {
         self.announce(room);
     }
 
+    /// At the room's home, now; elsewhere the home answers (`Ask`, then `Item::Members`), after
+    /// every count this worker sent it before (one FIFO link). With the home's link down, only
+    /// this worker's members.
     fn members(&self, ask: Ask) -> Option<u64> {
-        Some(self.local.local_members(&ask.room) + self.remote_members(&ask.room))
+        let home = home_of(&ask.room, self.workers);
+        let peers = self.lock();
+        if home == self.me {
+            return Some(peers.homed_members(&ask.room));
+        }
+        let Some(link) = &peers.links[home] else {
+            return Some(self.local.local_members(&ask.room));
+        };
+        link.send(encode(&Wire::Ask {
+            to: ask.to,
+            op: ask.op.to_string(),
+            room: ask.room.to_string(),
+            reference: ask.reference,
+        }));
+        None
     }
 
+    /// The rooms homed here that have members (on any worker): summed over the workers, the
+    /// server's rooms, each counted once.
     fn rooms(&self) -> u64 {
-        let mut names: Vec<Arc<str>> = self.local.snapshot().into_iter().map(|(r, _)| r).collect();
-        names.extend(self.lock().counts.keys().cloned());
-        names.sort_unstable();
-        names.dedup();
-        names.len() as u64
+        self.lock().homed.len() as u64
     }
 
     fn publish(&self, from_loop: usize, room: &Arc<str>, msg: &Arc<Outgoing>, skip: Option<u64>) {
         self.local.publish(from_loop, room, msg, skip);
         self.broadcast_equivalent
             .fetch_add(self.workers as u64 - 1, Ordering::Relaxed);
+        let home = home_of(room, self.workers);
         let peers = self.lock();
-        let Some(per) = peers.counts.get(&**room) else {
-            return;
-        };
-        let mut bytes = None;
-        for (w, link) in peers.links.iter().enumerate() {
-            if let Some(link) = link
-                && per[w] > 0
-            {
-                let bytes = bytes.get_or_insert_with(|| {
-                    encode(&Wire::Room {
-                        room: room.to_string(),
-                        skip,
-                        msg: msg.payload(Encoding::MsgPack).to_vec(),
-                    })
-                });
-                self.routed.fetch_add(1, Ordering::Relaxed);
-                link.send(bytes.clone());
-            }
+        let payload = || msg.payload(Encoding::MsgPack);
+        if home == self.me {
+            let Some(per) = peers.homed.get(&**room) else {
+                return;
+            };
+            self.send_room(
+                &peers,
+                room,
+                skip,
+                payload(),
+                per.iter().map(|&(w, _)| w),
+                self.me,
+            );
+        } else if let Some(set) = peers.holders.get(&**room) {
+            self.send_room(&peers, room, skip, payload(), set.iter().copied(), self.me);
+        } else if let Some(link) = &peers.links[home] {
+            // No member here, so the holders are unknown: the home passes it on.
+            self.routed.fetch_add(1, Ordering::Relaxed);
+            link.send(encode(&Wire::Room {
+                room: room.to_string(),
+                skip,
+                forward: true,
+                msg: payload().to_vec(),
+            }));
         }
     }
 
@@ -632,5 +888,56 @@ impl Bus for WorkerBus {
         }
         let peers = self.lock();
         (0..self.workers).all(|w| w == self.me || peers.reported[w])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every process must pick the same home for a room: a fixed hash, not a keyed one.
+    #[test]
+    fn a_room_has_the_same_home_in_every_process_and_homes_spread() {
+        assert_eq!(home_of("", 51), (0xcbf2_9ce4_8422_2325u64 % 51) as usize);
+        assert_eq!(home_of("all", 3), home_of(&String::from("all"), 3));
+        let mut per = [0u32; 51];
+        for i in 0..51_000 {
+            per[home_of(&format!("s10-{i}"), 51)] += 1;
+        }
+        // Each of 51 workers is home to its share of rooms named as the load names them.
+        assert!(per.iter().all(|&n| (700..1_300).contains(&n)), "{per:?}");
+    }
+
+    fn peers(workers: usize) -> Peers {
+        Peers {
+            links: (0..workers).map(|_| None).collect(),
+            metrics: (0..workers).map(|_| History::default()).collect(),
+            reported: vec![false; workers],
+            homed: NameMap::default(),
+            holders: NameMap::default(),
+            generations: 0,
+        }
+    }
+
+    /// The home's table changes the set of holders only when a worker gains its first member
+    /// or loses its last, and a worker whose link ends stops counting.
+    #[test]
+    fn the_home_counts_per_worker_and_says_when_the_holders_change() {
+        let mut p = peers(4);
+        let room: Arc<str> = Arc::from("call");
+        assert!(p.set_count(&room, 1, 1));
+        assert!(!p.set_count(&room, 1, 5));
+        assert!(p.set_count(&room, 3, 2));
+        assert!(!p.set_count(&room, 2, 0));
+        assert_eq!(p.homed_members("call"), 7);
+        p.forget(1, 0);
+        assert_eq!(p.homed_members("call"), 2);
+        assert!(p.set_count(&room, 3, 0));
+        assert!(p.homed.is_empty(), "an empty room is no longer kept");
+        // A holder's view: a worker that dies is no longer one of the room's holders.
+        p.holders
+            .insert(Arc::from("elsewhere"), vec![0, 2, 3].into());
+        p.forget(2, 0);
+        assert_eq!(&*p.holders["elsewhere"], &[0, 3]);
     }
 }

@@ -45,7 +45,13 @@ impl Routes {
                 let body = super::metrics::render(
                     &total,
                     &Global {
-                        rooms: bus.rooms(),
+                        // Each worker of the unix bus counts the rooms homed on it; with
+                        // Redis, a worker counts its own.
+                        rooms: if self.shared.config.options.bus.is_some() {
+                            bus.rooms()
+                        } else {
+                            total.rooms.max(0) as u64
+                        },
                         accepting,
                         workers_up: bus.workers_up(),
                         workers: bus.workers(),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The C1M run (issue 22): bench/c100k.sh with the c1m profile and a million connections, both
+# ends on this host. In a namespace it creates: `tunegate apply --profile c1m` (its
+# per-namespace keys; the host-global ones are reported, not changed), `tunegate run` sized by
+# the profile, then `tunegate load -n 1000000` from 127.0.0.2 onwards: connect, join rooms of
+# 10, hold through two heartbeat rounds at Socket.IO's 25 s / 20 s, a room phase, and a check
+# that every connection is still open. Writes bench/results/c1m.{md,json}; fails on any
+# connection or delivery lost or fewer than two heartbeat rounds. Every BENCH_* variable of
+# bench/c100k.sh applies (BENCH_CONNS for a smaller attempt).
+#
+# Needs about 10 GB of kernel memory per million connections (both ends), a load generator
+# process and a server worker per ~20,000 descriptors (RLIMIT_NOFILE here), and
+# fs.file-max above two descriptors per connection: preflight's derived.file_max says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BENCH_PROFILE=c1m
+export BENCH_CONNS=${BENCH_CONNS:-1000000}
+export BENCH_PUBLISH_RATE=${BENCH_PUBLISH_RATE:-10000}
+export BENCH_OUT=${BENCH_OUT:-bench/results/c1m}
+exec bash bench/c100k.sh
