@@ -30,8 +30,10 @@
 #   BENCH_SATURATION_S    the daemon's saturation watch interval (default 1: five times its
 #                         default rate, so the daemon's CPU during the hold bounds the watch's
 #                         cost from above)
-#   BENCH_PROFILE         the profile applied and run (default c100k; bench/c1m.sh: c1m)
-#   BENCH_OUT             results path without extension (default bench/results/$BENCH_PROFILE)
+#   BENCH_PROFILE         the profile applied and run: a built-in name or a file (default
+#                         c100k; bench/c1m.sh: bench/c1m-on-host.yaml)
+#   BENCH_OUT             results path without extension (default bench/results/NAME, the
+#                         profile's name)
 #
 # Bounded: every wait has a timeout, tunegate load has --max-time, and the trap stops every
 # process and deletes the namespace on any exit.
@@ -39,7 +41,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 profile=${BENCH_PROFILE:-c100k}
-bench_name=$profile
+name=$(basename "$profile" .yaml)
+[[ -f $profile ]] && profile=$(realpath "$profile")
+bench_name=$name
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
@@ -53,7 +57,7 @@ publish_rate=${BENCH_PUBLISH_RATE:-10000}
 publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
 connect_rate=${BENCH_CONNECT_RATE:-30000}
 load_processes=${BENCH_LOAD_PROCESSES:-}
-out=${BENCH_OUT:-bench/results/$profile}
+out=${BENCH_OUT:-bench/results/$name}
 export BENCH_SATURATION_S=${BENCH_SATURATION_S:-1}
 port=18080
 
@@ -70,8 +74,8 @@ if [[ -z $load_processes ]]; then
     ((load_processes < 2)) && load_processes=2
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$profile.XXXXXX")
-ns=tg$profile-$$
+work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$name.XXXXXX")
+ns=tg$name-$$
 pids=()
 daemon_pid=""
 trap ns_cleanup EXIT
@@ -131,6 +135,11 @@ load_rss_kb() {
 }
 load_rss1=$(load_rss_kb) avail1=$(kb_field /proc/meminfo MemAvailable)
 read -r files1 _ file_max </proc/sys/fs/file-nr
+# TCP's own memory accounting (pages, host-wide), against net.ipv4.tcp_mem: what idle
+# connections really hold in buffers.
+# shellcheck disable=SC2016  # awk's own $ fields
+tcp_mem_pages=$(in_ns awk '$1 == "TCP:" { for (i = 2; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat)
+tcp_mem_max=$(awk '{ print $3 }' /proc/sys/net/ipv4/tcp_mem)
 daemon_cpu() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
 dcpu1=$(daemon_cpu)
 pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
@@ -150,11 +159,13 @@ tail -n 8 "$work/load.log" >&2
 python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "$rss2" "$slab0" "$slab1" \
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
-    "$BENCH_SATURATION_S" "$profile" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" <<'PY'
+    "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
+    "${tcp_mem_pages:-0}" "$tcp_mem_max" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
- sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max) = sys.argv[1:]
+ sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
+ tcp_max) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -202,6 +213,7 @@ res = {
     "mem_available_before_kb": int(avail0),
     "mem_available_min_kb": min(int(avail1), int(avail2)),
     "file_handles_connected": int(files1), "file_max": int(file_max),
+    "tcp_mem_pages_connected": int(tcp_pages), "tcp_mem_max_pages": int(tcp_max),
     "ok": not problems, "problems": problems,
 }
 os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -222,6 +234,7 @@ md = [
     "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / conns),
     "| the host's memory available: before / lowest during the hold | %.1f / %.1f GiB |" % (int(avail0) / 2**20, min(int(avail1), int(avail2)) / 2**20),
     "| file handles open on the host (both ends) / fs.file-max | %s / %s |" % (files1, file_max),
+    "| TCP buffer memory in use (sockstat) / tcp_mem high mark | %s / %s pages |" % (tcp_pages, tcp_max),
     "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
     "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
     "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),

@@ -9,11 +9,13 @@
 # bench/c100k.sh applies (BENCH_CONNS for a smaller attempt).
 #
 # Needs about 10 GB of kernel memory per million connections (both ends), a load generator
-# process and a server worker per ~20,000 descriptors (RLIMIT_NOFILE here), and
-# fs.file-max above two descriptors per connection: preflight's derived.file_max says so.
+# process and a server worker per ~20,000 descriptors (RLIMIT_NOFILE here), and fs.file-max
+# above two descriptors per connection: bench/c1m-on-host.yaml is c1m with
+# `clients_on_host: true`, so preflight's derived.file_max_both_ends and
+# derived.socket_memory count both ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export BENCH_PROFILE=c1m
+export BENCH_PROFILE=bench/c1m-on-host.yaml
 export BENCH_CONNS=${BENCH_CONNS:-1000000}
 export BENCH_PUBLISH_RATE=${BENCH_PUBLISH_RATE:-10000}
 export BENCH_OUT=${BENCH_OUT:-bench/results/c1m}

@@ -94,6 +94,10 @@ pub trait Bus: Send + Sync {
     fn settled_metrics(&self, _now_ms: u64) -> Vec<Snapshot> {
         Vec::new()
     }
+    /// Waits (at most `within`) until this worker is linked to every other: a worker that took
+    /// clients before would skip a peer it has no link to yet, although the room's home may
+    /// already count that peer's members (what a client waits for before publishing).
+    fn wait_for_links(&self, _within: std::time::Duration) {}
     /// Counters of worker `worker` (this one's too) from before this process (read from the
     /// bus directory at start), where every worker's history of it begins.
     fn seed_metrics(&self, _worker: usize, _counters: Snapshot) {}

@@ -113,8 +113,6 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         )?)?),
         None => None,
     };
-    let (listeners, bound) = listen(&config)?;
-    let addr = bound[0];
     let shared = Arc::new(Shared::start(
         &config,
         incarnation,
@@ -122,6 +120,11 @@ pub fn serve(config: Config, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<(
         verifier,
         certs,
     )?);
+    // Listening only once linked to the other workers (at most 2 s: a peer may be down), so no
+    // client is queued while the links come up, and none publishes past a peer not yet linked.
+    shared.bus.wait_for_links(std::time::Duration::from_secs(2));
+    let (listeners, bound) = listen(&config)?;
+    let addr = bound[0];
     for (worker, counters) in worker_counters(&config) {
         shared.bus.seed_metrics(worker, counters);
     }

@@ -31,8 +31,7 @@
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
 use crate::names::NameMap;
-use std::io::{BufReader, Read, Write};
-use std::net::Shutdown;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,8 +42,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::bus::{Ask, Bus, Item, LocalBus};
-use link::{Link, Outbox, write_link};
+use link::{Link, Outbox};
 
+mod io;
 mod link;
 use super::id::{ConnId, ProcessId};
 use super::metrics::{History, Snapshot};
@@ -140,7 +140,10 @@ impl Peers {
     }
 
     /// The link to `worker` is gone: its members stop counting in the rooms homed here (the
-    /// holders of each are told), and it is no longer a holder anywhere.
+    /// holders of each are told). The sets of holders that homes elsewhere sent are left as
+    /// they are: they say what those homes know (a publish skips a worker without a link),
+    /// and a home tells them anew when it loses the worker. (Dropping it here lost a worker
+    /// for good when the link to it was replaced after the home had said it holds members.)
     fn forget(&mut self, worker: usize, me: usize) {
         self.links[worker] = None;
         self.metrics[worker].keep_counters_only();
@@ -154,15 +157,6 @@ impl Peers {
         for room in changed {
             self.set_count(&room, worker, 0);
             self.tell_holders(&room, me);
-        }
-        for set in self.holders.values_mut() {
-            if set.contains(&(worker as u32)) {
-                *set = set
-                    .iter()
-                    .copied()
-                    .filter(|&w| w as usize != worker)
-                    .collect();
-            }
         }
     }
 
@@ -245,9 +239,12 @@ pub struct WorkerBus {
     refusals: Mutex<FxHashMap<usize, String>>,
     workers: usize,
     peers: Mutex<Peers>,
-    /// Signalled whenever a link goes down: the dialling threads sleep on it while linked
-    /// (polling every 50 ms, 1,275 of them at 51 workers took half a core with nothing to do).
-    link_down: std::sync::Condvar,
+    /// Signalled whenever a link comes up or goes down: the dialling thread sleeps on it while
+    /// every link is up (1,275 threads polling every 50 ms at 51 workers took half a core
+    /// idle), and a starting worker waits on it for its links (`wait_for_links`).
+    links_changed: std::sync::Condvar,
+    /// The bus thread's epoll set and wake-up (`peers/io.rs`).
+    io: io::BusIo,
     /// Room messages sent to other workers, and how many a send-to-all bus would have sent.
     routed: AtomicU64,
     broadcast_equivalent: AtomicU64,
@@ -322,18 +319,23 @@ impl WorkerBus {
                 holders: NameMap::default(),
                 generations: 0,
             }),
-            link_down: std::sync::Condvar::new(),
+            links_changed: std::sync::Condvar::new(),
+            io: io::BusIo::new()?,
             routed: AtomicU64::new(0),
             broadcast_equivalent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             started: std::time::Instant::now(),
         });
-        for peer in 0..me {
+        let b = bus.clone();
+        std::thread::Builder::new()
+            .name("tunegate-bus".into())
+            .spawn(move || b.io.run(&b))?;
+        if me > 0 {
             let b = bus.clone();
             let dir = dir.to_path_buf();
             std::thread::Builder::new()
-                .name(format!("tunegate-bus-dial-{peer}"))
-                .spawn(move || b.dial(peer, &dir))?;
+                .name("tunegate-bus-dial".into())
+                .spawn(move || b.dial(&dir))?;
         }
         let b = bus.clone();
         std::thread::Builder::new()
@@ -360,25 +362,29 @@ impl WorkerBus {
         })
     }
 
-    /// Keeps a link to `peer` (a lower-numbered worker) up: whenever there is none, connect,
-    /// introduce ourselves, and learn its process from its answer.
-    fn dial(self: &Arc<Self>, peer: usize, dir: &Path) {
-        let path = socket_path(dir, peer);
+    /// Keeps a link to every lower-numbered worker up: whenever one has none, connect,
+    /// introduce ourselves, and learn its process from its answer; while all are up, sleep
+    /// until one goes down. One thread for all of them.
+    fn dial(self: &Arc<Self>, dir: &Path) {
         loop {
-            let mut peers = self.lock();
-            while peers.links[peer].is_some() {
-                peers = self.link_down.wait(peers).expect("peers lock");
-            }
-            drop(peers);
-            if let Ok(mut stream) = UnixStream::connect(&path)
-                && stream.write_all(&self.hello()).is_ok()
-            {
-                match self.introduction(&mut stream, |w| w == peer) {
-                    Ok((_, process)) => self.install(peer, process, stream),
-                    Err(why) => self.refused(
-                        peer,
-                        format!("no link to worker {peer}: {why} (its log says why)"),
-                    ),
+            let missing: Vec<usize> = {
+                let mut peers = self.lock();
+                while peers.links[..self.me].iter().all(Option::is_some) {
+                    peers = self.links_changed.wait(peers).expect("peers lock");
+                }
+                (0..self.me).filter(|&p| peers.links[p].is_none()).collect()
+            };
+            for peer in missing {
+                if let Ok(mut stream) = UnixStream::connect(socket_path(dir, peer))
+                    && stream.write_all(&self.hello()).is_ok()
+                {
+                    match self.introduction(&mut stream, |w| w == peer) {
+                        Ok((_, process)) => self.install(peer, process, stream),
+                        Err(why) => self.refused(
+                            peer,
+                            format!("no link to worker {peer}: {why} (its log says why)"),
+                        ),
+                    }
                 }
             }
             std::thread::sleep(REDIAL);
@@ -447,10 +453,11 @@ impl WorkerBus {
     /// Makes `stream` the link to `peer`: it replaces any older one (whose counts are void
     /// from now on), carries our whole table first, then every update in order.
     fn install(self: &Arc<Self>, peer: usize, process: ProcessId, stream: UnixStream) {
-        let (Ok(for_writer), Ok(for_link)) = (stream.try_clone(), stream.try_clone()) else {
+        if stream.set_nonblocking(true).is_err() {
             return;
-        };
-        let out = Arc::new(Outbox::default());
+        }
+        let stream = Arc::new(stream);
+        let out = Arc::new(Outbox::new(self.io.waker.clone()));
         let generation = {
             let mut peers = self.lock();
             peers.forget(peer, self.me);
@@ -459,7 +466,7 @@ impl WorkerBus {
                 generation: peers.generations,
                 process,
                 out: out.clone(),
-                stream: for_link,
+                stream: stream.clone(),
             };
             // Under the lock: no count update can slip in ahead of the table. Only the rooms
             // the peer is home to: it keeps their counts.
@@ -479,171 +486,168 @@ impl WorkerBus {
             peers.links[peer] = Some(link);
             peers.generations
         };
+        self.links_changed.notify_all();
         self.refusals.lock().expect("refusals lock").remove(&peer);
         log!("bus: link to worker {peer} (process {process}) up");
-        let spawned = std::thread::Builder::new()
-            .name(format!("tunegate-bus-to-{peer}"))
-            .spawn(move || write_link(for_writer, &out));
-        if spawned.is_err() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let bus = self.clone();
-        let _ = std::thread::Builder::new()
-            .name(format!("tunegate-bus-from-{peer}"))
-            .spawn(move || bus.read_link(peer, generation, stream));
+        self.io.adopt(io::Adopted {
+            generation,
+            peer,
+            stream,
+            out,
+        });
     }
 
-    /// Everything `peer` says on one link, until the link ends; then, unless a newer link
-    /// replaced it meanwhile, the peer's members stop counting.
-    fn read_link(&self, peer: usize, generation: u64, stream: UnixStream) {
-        let mut input = BufReader::new(&stream);
-        while let Some(msg) = read_wire(&mut input) {
-            match msg {
-                Wire::Hello { .. } => break,
-                Wire::Count { room, count } => {
-                    let mut peers = self.lock();
-                    if !peers.is_current(peer, generation)
-                        || home_of(&room, self.workers) != self.me
-                    {
-                        continue; // a replaced link: its counts are void
-                    }
-                    let room: Arc<str> = Arc::from(room.as_str());
-                    if peers.set_count(&room, peer, count) {
-                        peers.tell_holders(&room, self.me);
-                    }
+    /// One message `peer` sent on link `generation`, in order (the bus thread, `io.rs`); false
+    /// ends the link (a second hello).
+    fn on_wire(&self, peer: usize, generation: u64, msg: Wire) -> bool {
+        match msg {
+            Wire::Hello { .. } => return false,
+            Wire::Count { room, count } => {
+                let mut peers = self.lock();
+                if !peers.is_current(peer, generation) || home_of(&room, self.workers) != self.me {
+                    return true; // a replaced link: its counts are void
                 }
-                Wire::Holders { room, workers } => {
-                    let mut peers = self.lock();
-                    if !peers.is_current(peer, generation) {
-                        continue;
-                    }
-                    // Kept only while this worker holds members (read under the peers lock,
-                    // as `announce` changes it).
-                    if self.local.local_members(&room) > 0 {
-                        peers
-                            .holders
-                            .insert(Arc::from(room.as_str()), workers.into());
-                    } else {
-                        peers.holders.remove(room.as_str());
-                    }
+                let room: Arc<str> = Arc::from(room.as_str());
+                if peers.set_count(&room, peer, count) {
+                    peers.tell_holders(&room, self.me);
                 }
-                Wire::Ask {
-                    to,
-                    op,
-                    room,
-                    reference,
-                } => {
-                    let peers = self.lock();
-                    if let Some(link) = peers.links[peer]
-                        .as_ref()
-                        .filter(|l| l.generation == generation)
-                    {
-                        let members = peers.homed_members(&room);
-                        link.send(encode(&Wire::Members {
-                            to,
-                            op,
-                            room,
-                            reference,
-                            members,
-                        }));
-                    }
+            }
+            Wire::Holders { room, workers } => {
+                let mut peers = self.lock();
+                if !peers.is_current(peer, generation) {
+                    return true;
                 }
-                Wire::Members {
-                    to,
-                    op,
-                    room,
-                    reference,
-                    members,
-                } => {
-                    if let (Some(target), Some(op)) = (ConnId::decode(to), reply_op(&op)) {
-                        let ask = Ask {
-                            to,
-                            op,
-                            room: Arc::from(room.as_str()),
-                            reference,
-                        };
-                        let _ = self.local.route(target, Item::Members { ask, members });
-                    }
+                // Kept only while this worker holds members (read under the peers lock,
+                // as `announce` changes it).
+                if self.local.local_members(&room) > 0 {
+                    peers
+                        .holders
+                        .insert(Arc::from(room.as_str()), workers.into());
+                } else {
+                    peers.holders.remove(room.as_str());
                 }
-                Wire::Room {
-                    room,
-                    skip,
-                    forward,
-                    msg,
-                } => {
-                    self.received.fetch_add(1, Ordering::Relaxed);
-                    let room: Arc<str> = Arc::from(room.as_str());
-                    if forward && home_of(&room, self.workers) == self.me {
-                        let peers = self.lock();
-                        let targets = peers.homed.get(&room).map_or(&[][..], |p| &p[..]);
-                        self.send_room(
-                            &peers,
-                            &room,
-                            skip,
-                            &msg,
-                            targets.iter().map(|&(w, _)| w),
-                            peer,
-                        );
-                    }
-                    let msg = Outgoing::from_msgpack(msg);
-                    self.local.deliver(&room, &msg, skip);
-                }
-                Wire::Direct {
-                    to,
-                    from,
-                    reference,
-                    msg,
-                } => {
-                    let msg = Outgoing::from_msgpack(msg);
-                    let item = Item::Direct {
+            }
+            Wire::Ask {
+                to,
+                op,
+                room,
+                reference,
+            } => {
+                let peers = self.lock();
+                if let Some(link) = peers.links[peer]
+                    .as_ref()
+                    .filter(|l| l.generation == generation)
+                {
+                    let members = peers.homed_members(&room);
+                    link.send(encode(&Wire::Members {
                         to,
-                        from,
-                        msg,
+                        op,
+                        room,
+                        reference,
+                        members,
+                    }));
+                }
+            }
+            Wire::Members {
+                to,
+                op,
+                room,
+                reference,
+                members,
+            } => {
+                if let (Some(target), Some(op)) = (ConnId::decode(to), reply_op(&op)) {
+                    let ask = Ask {
+                        to,
+                        op,
+                        room: Arc::from(room.as_str()),
                         reference,
                     };
-                    if let Some(target) = ConnId::decode(to)
-                        && let Err(Item::Direct {
-                            to,
-                            from,
-                            reference,
-                            ..
-                        }) = self.local.route(target, item)
-                    {
-                        // Not one of ours (another process, a loop we do not have): gone.
-                        self.bounce(to, from, reference);
-                    }
+                    let _ = self.local.route(target, Item::Members { ask, members });
                 }
-                Wire::Metrics(snapshot) => {
-                    let mut peers = self.lock();
-                    if peers.is_current(peer, generation) {
-                        peers.metrics[peer].push(*snapshot);
-                        peers.reported[peer] = true;
-                    }
+            }
+            Wire::Room {
+                room,
+                skip,
+                forward,
+                msg,
+            } => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                let room: Arc<str> = Arc::from(room.as_str());
+                if forward && home_of(&room, self.workers) == self.me {
+                    let peers = self.lock();
+                    let targets = peers.homed.get(&room).map_or(&[][..], |p| &p[..]);
+                    self.send_room(
+                        &peers,
+                        &room,
+                        skip,
+                        &msg,
+                        targets.iter().map(|&(w, _)| w),
+                        peer,
+                    );
                 }
-                Wire::Bounce {
+                let msg = Outgoing::from_msgpack(msg);
+                self.local.deliver(&room, &msg, skip);
+            }
+            Wire::Direct {
+                to,
+                from,
+                reference,
+                msg,
+            } => {
+                let msg = Outgoing::from_msgpack(msg);
+                let item = Item::Direct {
                     to,
-                    target,
+                    from,
+                    msg,
                     reference,
-                } => {
-                    if let Some(sender) = ConnId::decode(to) {
-                        let _ = self.local.route(
-                            sender,
-                            Item::Bounce {
-                                to,
-                                target,
-                                reference,
-                            },
-                        );
-                    }
+                };
+                if let Some(target) = ConnId::decode(to)
+                    && let Err(Item::Direct {
+                        to,
+                        from,
+                        reference,
+                        ..
+                    }) = self.local.route(target, item)
+                {
+                    // Not one of ours (another process, a loop we do not have): gone.
+                    self.bounce(to, from, reference);
+                }
+            }
+            Wire::Metrics(snapshot) => {
+                let mut peers = self.lock();
+                if peers.is_current(peer, generation) {
+                    peers.metrics[peer].push(*snapshot);
+                    peers.reported[peer] = true;
+                }
+            }
+            Wire::Bounce {
+                to,
+                target,
+                reference,
+            } => {
+                if let Some(sender) = ConnId::decode(to) {
+                    let _ = self.local.route(
+                        sender,
+                        Item::Bounce {
+                            to,
+                            target,
+                            reference,
+                        },
+                    );
                 }
             }
         }
-        let _ = stream.shutdown(Shutdown::Both);
+        true
+    }
+
+    /// Link `generation` to `peer` ended; unless a newer link replaced it meanwhile, the peer's
+    /// members stop counting, and the dialling thread wakes.
+    fn link_ended(&self, peer: usize, generation: u64) {
         let mut peers = self.lock();
         if peers.is_current(peer, generation) {
             peers.forget(peer, self.me);
             drop(peers);
-            self.link_down.notify_all();
+            self.links_changed.notify_all();
             log!("bus: link to worker {peer} down; its members no longer count");
         }
     }
@@ -882,6 +886,22 @@ impl Bus for WorkerBus {
         }
     }
 
+    fn wait_for_links(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let mut peers = self.lock();
+        while (0..self.workers).any(|w| w != self.me && peers.links[w].is_none()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            peers = self
+                .links_changed
+                .wait_timeout(peers, left)
+                .expect("peers lock")
+                .0;
+        }
+    }
+
     fn metrics_ready(&self) -> bool {
         if self.started.elapsed() >= METRICS_WAIT {
             return true;
@@ -934,10 +954,10 @@ mod tests {
         assert_eq!(p.homed_members("call"), 2);
         assert!(p.set_count(&room, 3, 0));
         assert!(p.homed.is_empty(), "an empty room is no longer kept");
-        // A holder's view: a worker that dies is no longer one of the room's holders.
+        // A holder's view is its home's: a link replaced here changes nothing in it.
         p.holders
             .insert(Arc::from("elsewhere"), vec![0, 2, 3].into());
         p.forget(2, 0);
-        assert_eq!(&*p.holders["elsewhere"], &[0, 3]);
+        assert_eq!(&*p.holders["elsewhere"], &[0, 2, 3]);
     }
 }

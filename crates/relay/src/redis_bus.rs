@@ -384,6 +384,12 @@ impl Bus for RedisBus {
         }
     }
 
+    fn wait_for_links(&self, within: std::time::Duration) {
+        if let Some(h) = &self.host {
+            h.wait_for_links(within);
+        }
+    }
+
     fn metrics_ready(&self) -> bool {
         self.host.as_ref().is_none_or(|h| h.metrics_ready())
     }

@@ -68,6 +68,15 @@ impl Host {
         self.proc_sys().join(key.relative_path())
     }
 
+    /// The machine's memory (`MemTotal` of /proc/meminfo), in bytes; `None` where the tree
+    /// has no meminfo.
+    pub fn mem_total(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.root.join("proc/meminfo")).ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
     /// Reads a sysctl as the kernel prints it; `Ok(None)` when this kernel (or this network
     /// namespace) has no such key. A path that resolves outside /proc/sys (a symlink planted in
     /// a fake tree) is refused.

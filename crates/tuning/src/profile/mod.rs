@@ -96,6 +96,9 @@ pub struct Profile {
     pub chain: Vec<String>,
     pub description: Option<String>,
     pub target_connections: Option<u64>,
+    /// The clients of `target_connections` run on this host too (a load test on one machine):
+    /// the derived checks count both ends of every connection.
+    pub clients_on_host: bool,
     pub listen_ports: Vec<u16>,
     pub proxy: Option<Proxy>,
     /// `boot_persistence: fail`: keys the next boot would lose fail preflight (default: warn).
@@ -200,6 +203,7 @@ fn build(
             chain: Vec::new(),
             description: None,
             target_connections: None,
+            clients_on_host: false,
             listen_ports: Vec::new(),
             proxy: None,
             boot_persistence_fails: false,
@@ -235,6 +239,9 @@ fn build(
     }
     if raw.target_connections.is_some() {
         profile.target_connections = raw.target_connections;
+    }
+    if let Some(both) = raw.clients_on_host {
+        profile.clients_on_host = both;
     }
     if let Some(ports) = raw.listen_ports {
         profile.listen_ports = ports;

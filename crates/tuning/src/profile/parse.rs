@@ -20,6 +20,9 @@ pub struct RawProfile {
     pub description: Option<String>,
     pub extends: Option<String>,
     pub target_connections: Option<u64>,
+    /// The clients run on this host too (a load test): each connection is two sockets and
+    /// two descriptors here.
+    pub clients_on_host: Option<bool>,
     pub listen_ports: Option<Vec<u16>>,
     pub proxy: Option<RawProxy>,
     /// What a key the next boot would lose (persist.missing / persist.overridden) is: `warn`
