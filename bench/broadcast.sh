@@ -7,8 +7,9 @@
 #   1. `tunegate apply --profile c100k` and `tunegate run` (workers sized by the profile: 6 under
 #      a 20,000-descriptor limit), heartbeats out of the way (one every 10 minutes);
 #   2. `tunegate load -n BENCH_MEMBERS --rooms BENCH_MEMBERS`: every connection in one room;
-#      BENCH_SINGLES messages one second apart, then (a second run) a burst of BENCH_BURST
-#      messages within 10 ms. Each delivery is timed from the publisher's stamp; the workers'
+#      BENCH_SINGLES messages BENCH_GAP seconds apart (time for the machine to finish one
+#      before the next: both ends of 100,000 deliveries share its two cores), then (a second
+#      run) a burst of BENCH_BURST messages within 10 ms. Each delivery is timed from the publisher's stamp; the workers'
 #      CPU is read over each message phase, and the bytes of one delivered frame from /metrics;
 #   3. bench/send_floor.c (built here with gcc -O2): as many sender processes as tunegate has
 #      workers, each holding its share of BENCH_MEMBERS loopback connections, writing a frame
@@ -23,8 +24,9 @@
 # Environment (all optional):
 #   TUNEGATE_BIN        binary (default target/release/tunegate; build it first)
 #   BENCH_MEMBERS       members of the one room (default 100000)
-#   BENCH_SINGLES       single messages, one a second (default 10)
-#   BENCH_BURST         messages in the burst (default 10)
+#   BENCH_SINGLES       single messages (default 10)
+#   BENCH_GAP           seconds between them (default 3)
+#   BENCH_BURST         messages in the burst (default 5)
 #   BENCH_PAYLOAD       bytes of padding in each message (default 64)
 #   BENCH_NODE_MEMBERS  members for the one-process comparison (default 19000; 0 skips it)
 #   BENCH_CACHE         where the Node packages are installed (default ~/.cache/tunegate)
@@ -41,7 +43,8 @@ source bench/lib.sh
 bin=${TUNEGATE_BIN:-target/release/tunegate}
 members=${BENCH_MEMBERS:-100000}
 singles=${BENCH_SINGLES:-10}
-burst=${BENCH_BURST:-10}
+gap=${BENCH_GAP:-3}
+burst=${BENCH_BURST:-5}
 payload=${BENCH_PAYLOAD:-64}
 node_members=${BENCH_NODE_MEMBERS:-19000}
 cache=${BENCH_CACHE:-$HOME/.cache/tunegate}
@@ -51,7 +54,7 @@ port=18080
 [[ $(id -u) == 0 ]] || die "run as root (it creates a network namespace)"
 [[ -x $bin ]] || die "no tunegate binary at $bin (cargo build --release, or set TUNEGATE_BIN)"
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
-for v in "$members" "$singles" "$burst" "$payload" "$node_members"; do
+for v in "$members" "$singles" "$gap" "$burst" "$payload" "$node_members"; do
     [[ $v =~ ^[0-9]+$ ]] || die "BENCH_* values must be whole numbers"
 done
 for tool in ip python3 curl gcc node npm; do command -v $tool >/dev/null || die "$tool is needed"; done
@@ -81,29 +84,35 @@ cpu_of() {  # cpu_of PID...: utime + stime ticks, summed
     echo "$total"
 }
 
-# load_phase NAME TARGET_PORT N RATE SECONDS PIDS...: a tunegate load run with every connection
-# in one room; writes $work/NAME.json (the load's result plus the server's CPU ticks over the
+# load_phase NAME TARGET_PORT N RATE SECONDS MESSAGES PIDS...: a tunegate load run with every
+# connection in one room (RATE x SECONDS = MESSAGES); writes $work/NAME.json (the load's result plus the server's CPU ticks over the
 # message phase and, for tunegate, the bytes per delivered frame).
 load_phase() {
-    local name=$1 target=$2 n=$3 rate=$4 seconds=$5
-    shift 5
+    local name=$1 target=$2 n=$3 rate=$4 seconds=$5 messages=$6
+    shift 6
     local server_pids=("$@") c0 c1 b0=0 b1=0 m0=0 m1=0 load_pid
     ip netns exec "$ns" "$bin" load "ws://127.0.0.1:$target/" -n "$n" --rooms "$n" \
-        --connect-rate 30000 --max-inflight 2000 --payload "$payload" \
+        --connect-rate 30000 --max-inflight 2000 --payload "$payload" --hold 2 \
         --publish-rate "$rate" --publish-seconds "$seconds" --max-time 300 --json \
         >"$work/$name.load.json" 2>"$work/$name.load.log" &
     load_pid=$!
     pids+=("$load_pid")
     phase_or_end() { grep -q "tunegate load: $1:" "$work/$name.load.log" || gone "$load_pid"; }
-    poll 200 phase_or_end publish || true
-    grep -q "tunegate load: publish:" "$work/$name.load.log" \
-        || { tail -n 20 "$work/$name.load.log" >&2; die "$name: the load never reached its message phase"; }
+    # From the 2 s hold before the messages (a burst is over before the next progress line).
+    poll 200 phase_or_end hold || true
+    grep -q "tunegate load: hold:" "$work/$name.load.log" \
+        || { tail -n 20 "$work/$name.load.log" >&2; die "$name: the load never reached its hold"; }
     c0=$(cpu_of "${server_pids[@]}")
     if [[ $target == "$port" ]]; then
         b0=$(metric tunegate_bytes_out_total) m0=$(metric tunegate_messages_out_total)
     fi
-    [[ -n ${perf_during:-} ]] && perf_record "$name" "${server_pids[@]}"
-    poll 120 phase_or_end finish || true
+    if [[ -n ${perf_during:-} ]]; then perf_record "$name" "${server_pids[@]}"; fi
+    # Until every delivery is in (before the closes of the finish phase cost the server CPU).
+    local expected=$((messages * (n - 1)))
+    all_in() {
+        grep -q "delivered $expected/$expected\$" "$work/$name.load.log" || phase_or_end finish
+    }
+    poll 120 all_in || true
     c1=$(cpu_of "${server_pids[@]}")
     wait "$load_pid" || true
     if [[ $target == "$port" ]]; then
@@ -126,11 +135,12 @@ PY
 
 perf_record() {  # perf_record NAME PID...: 5 s of the workers' stacks, summarized into NAME.perf
     command -v perf >/dev/null || return 0
-    local list
+    local name=$1 list
+    shift
     list=$(IFS=,; echo "$*")
-    timeout 20 perf record -F 999 -g -p "$list" -o "$work/$1.perf.data" -- sleep 5 >/dev/null 2>&1 || true
-    perf report -i "$work/$1.perf.data" --no-children --sort sym --stdio -g none 2>/dev/null \
-        | grep -E '^ +[0-9.]+%' | head -n 12 >"$work/$1.perf" || true
+    timeout 20 perf record -F 999 -g -p "$list" -o "$work/$name.perf.data" -- sleep 5 >/dev/null 2>&1 || true
+    perf report -i "$work/$name.perf.data" --no-children --sort sym --stdio -g none 2>/dev/null \
+        | grep -E '^ +[0-9.]+%' | head -n 12 >"$work/$name.perf" || true
 }
 
 floor_phase() {  # floor_phase NAME MEMBERS PROCESSES FRAME MESSAGES ROUNDS
@@ -143,10 +153,11 @@ floor_phase() {  # floor_phase NAME MEMBERS PROCESSES FRAME MESSAGES ROUNDS
 start_daemon c100k "  ping_interval_ms: 600000
   ping_timeout_ms: 20000"
 workers=${#worker_pids[@]}
-log "tunegate: one room of $members, $singles single messages"
-load_phase tunegate-singles "$port" "$members" 1 "$singles" "${worker_pids[@]}"
+log "tunegate: one room of $members, $singles single messages $gap s apart"
+rate=$(python3 -c "print(1 / $gap)")
+load_phase tunegate-singles "$port" "$members" "$rate" $((singles * gap)) "$singles" "${worker_pids[@]}"
 log "tunegate: one room of $members, a burst of $burst"
-perf_during=1 load_phase tunegate-burst "$port" "$members" $((burst * 100)) 0.01 "${worker_pids[@]}"
+perf_during=1 load_phase tunegate-burst "$port" "$members" $((burst * 100)) 0.01 "$burst" "${worker_pids[@]}"
 frame=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["frame_bytes"] or 200)' "$work/tunegate-singles.json")
 stop_pid "$daemon_pid" 20
 daemon_pid=""
@@ -168,7 +179,7 @@ if ((node_members > 0)); then
         pids+=("$server")
         poll 20 grep -q "listening on" "$work/$who.log" || die "$who did not start"
         log "$who: one room of $node_members, $singles single messages"
-        load_phase "$who-singles" 18090 "$node_members" 1 "$singles" "$server"
+        load_phase "$who-singles" 18090 "$node_members" "$rate" $((singles * gap)) "$singles" "$server"
         stop_pid "$server" 10
     done
     floor_phase floor1-singles "$node_members" 1 "$frame" 1 "$singles"

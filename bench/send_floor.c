@@ -10,7 +10,9 @@
  * CLOCK_MONOTONIC and tells every sender at once (one byte on a pipe each); each sender writes
  * MESSAGES frames of FRAME_BYTES (a WebSocket text frame header and padding, the stamp inside),
  * each to every one of its sockets in turn (one send() per socket per message, as a server
- * fans a message out), and reports its CPU time; each receiver reads until it has every
+ * fans a message out), and once every receiver is done reports the CPU time it spent since the
+ * stamp (the sends and the acknowledgements its sockets processed after); each receiver reads
+ * until it has every
  * message of the round on every socket and reports, per delivery, the microseconds from the
  * stamp to its read. The parent prints one JSON object: per round p50/p99/max and the senders'
  * CPU per delivery, over all rounds the same.
@@ -131,6 +133,8 @@ static void sender(int listener, int n, int frame_bytes, int messages, int round
                 if (w != frame_bytes) failed++;
             }
         }
+        uint64_t done;
+        read_all(cmd, &done, sizeof done); /* every receiver has the round */
         uint64_t report[2] = {cpu_ns() - cpu0, failed};
         write_all(rep, report, sizeof report);
     }
@@ -273,15 +277,18 @@ int main(int argc, char **argv) {
         usleep(200000); /* let the previous round's acknowledgements drain */
         uint64_t stamp = now_ns();
         for (int p = 0; p < procs; p++) write_all(cmd[p][1], &stamp, sizeof stamp);
-        uint64_t cpu = 0, failed = 0, filled = 0;
+        uint64_t cpu = 0, failed = 0, filled = 0, done = 0;
+        for (int p = 0; p < procs; p++) {
+            size_t n = (size_t)share[p] * (size_t)messages;
+            read_all(rrep[p][0], round_lat + filled, sizeof(uint32_t) * n);
+            filled += n;
+        }
+        for (int p = 0; p < procs; p++) write_all(cmd[p][1], &done, sizeof done);
         for (int p = 0; p < procs; p++) {
             uint64_t report[2];
             read_all(srep[p][0], report, sizeof report);
             cpu += report[0];
             failed += report[1];
-            size_t n = (size_t)share[p] * (size_t)messages;
-            read_all(rrep[p][0], round_lat + filled, sizeof(uint32_t) * n);
-            filled += n;
         }
         memcpy(all + (uint64_t)r * deliveries, round_lat, sizeof(uint32_t) * deliveries);
         qsort(round_lat, deliveries, sizeof(uint32_t), cmp_u32);

@@ -77,9 +77,10 @@ pub struct LoadArgs {
     /// SIZE:PERCENT of the connections ("2:50,10:40,100:10").
     #[arg(long, default_value = "10", value_name = "SPREAD")]
     pub rooms: String,
-    /// Room messages published per second, all processes together; 0 skips the message phase.
-    #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
-    pub publish_rate: u64,
+    /// Room messages published per second, all processes together, evenly spaced (0.5: one
+    /// every two seconds); 0 skips the message phase.
+    #[arg(long, default_value_t = 0.0, value_name = "PER_SECOND")]
+    pub publish_rate: f64,
     /// How long the message phase publishes.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub publish_seconds: f64,

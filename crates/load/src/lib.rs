@@ -155,7 +155,10 @@ fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
             return bad(&format!("{name} must be a number of seconds >= 0"));
         }
     }
-    if args.publish_rate > 0 && args.protocol == LoadProtocol::Plain {
+    if !args.publish_rate.is_finite() || args.publish_rate < 0.0 {
+        return bad("--publish-rate must be a number of messages per second >= 0");
+    }
+    if args.publish_rate > 0.0 && args.protocol == LoadProtocol::Plain {
         return bad("--publish-rate needs --protocol relay (plain WebSocket has no rooms)");
     }
     if args.protocol == LoadProtocol::Relay {
@@ -299,7 +302,7 @@ impl Coordinator {
         while Instant::now() < hold_end {
             self.pump(Duration::from_millis(100), "hold")?;
         }
-        if relay && self.args.publish_rate > 0 {
+        if relay && self.args.publish_rate > 0.0 {
             let mut seconds: f64 = 0.0;
             self.command(shard::Command::Publish)?;
             self.until_all("publish", |e| match e {

@@ -93,6 +93,10 @@ struct Conn {
 
 struct Shard {
     args: LoadArgs,
+    /// This process's place among the run's (`--shard I/K`): which of the run's messages it
+    /// publishes.
+    index: u64,
+    shards: u64,
     targets: Targets,
     /// For wss:// targets: one TLS client configuration for every connection.
     tls: Option<tokio_rustls::TlsConnector>,
@@ -143,6 +147,8 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
     };
     let shard = Rc::new(Shard {
         args: args.clone(),
+        index,
+        shards,
         targets,
         tls,
         spread,
@@ -360,8 +366,7 @@ impl Shard {
     /// room, and a short run is not all from the first rooms of the plan (with a spread of
     /// sizes, the smallest rooms come first).
     async fn publish(&self, conns: &[Conn]) -> f64 {
-        let shards = plan_shards(&self.args);
-        let rate = self.args.publish_rate as f64 / shards as f64;
+        let rate = self.args.publish_rate;
         let publishers: Vec<usize> = (0..conns.len())
             .filter(|&i| conns[i].room_size >= 2)
             .collect();
@@ -369,7 +374,20 @@ impl Shard {
         if rate <= 0.0 || publishers.is_empty() {
             return 0.0;
         }
-        let total = (rate * self.args.publish_seconds).round() as u64;
+        // The run's messages are due at m / rate (m = 0, 1, ...); this process publishes those
+        // with m = index mod shards. Together the processes publish at the run's rate, evenly
+        // spaced: at 1/s over 6 processes, one a second, not six at once every six seconds.
+        let all = (rate * self.args.publish_seconds).round() as u64;
+        let (index, shards) = (self.index, self.shards.max(1));
+        let mine = |upto: u64| {
+            // How many of messages 0..upto are this process's.
+            if upto > index {
+                (upto - index).div_ceil(shards)
+            } else {
+                0
+            }
+        };
+        let total = mine(all);
         let stride = lap_stride(publishers.len());
         let mut next = 0usize;
         let mut tick = tokio::time::interval(Duration::from_millis(2));
@@ -377,7 +395,7 @@ impl Shard {
         let mut sent = 0u64;
         while sent < total {
             tick.tick().await;
-            let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+            let due = mine(((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(all));
             while sent < due {
                 // Skip connections that are gone; give up on a full lap of dead ones.
                 let mut tries = 0;
