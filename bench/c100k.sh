@@ -26,6 +26,7 @@
 #   BENCH_PUBLISH_RATE    room messages per second (default 10000)
 #   BENCH_PUBLISH_SECONDS message phase length (default 10)
 #   BENCH_CONNECT_RATE    connects started per second (default 30000)
+#   BENCH_CONNECT_TIMEOUT seconds the load gives its connections to open (default 120)
 #   BENCH_LOAD_PROCESSES  load processes (default: tunegate load decides, at least 2)
 #   BENCH_SATURATION_S    the daemon's saturation watch interval (default 1: five times its
 #                         default rate, so the daemon's CPU during the hold bounds the watch's
@@ -56,6 +57,7 @@ rooms=${BENCH_ROOMS:-10}
 publish_rate=${BENCH_PUBLISH_RATE:-10000}
 publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
 connect_rate=${BENCH_CONNECT_RATE:-30000}
+connect_timeout=${BENCH_CONNECT_TIMEOUT:-120}
 load_processes=${BENCH_LOAD_PROCESSES:-}
 out=${BENCH_OUT:-bench/results/$name}
 export BENCH_SATURATION_S=${BENCH_SATURATION_S:-1}
@@ -107,10 +109,10 @@ sleep 1 # the baseline: a second for the freshly started workers to settle
 rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
 
 # 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
-max_time=$(python3 -c "print(int(300 + $hold + $publish_seconds))")
+max_time=$(python3 -c "print(int(180 + $connect_timeout + $hold + $publish_seconds))")
 log "tunegate load -n $conns ($load_processes processes), hold ${hold}s, $publish_rate msg/s for ${publish_seconds}s"
 ip netns exec "$ns" "$bin" load "ws://127.0.0.1:$port/" -n "$conns" --processes "$load_processes" \
-    --connect-rate "$connect_rate" --max-inflight 2000 --rooms "$rooms" --hold "$hold" \
+    --connect-rate "$connect_rate" --connect-timeout "$connect_timeout" --max-inflight 2000 --rooms "$rooms" --hold "$hold" \
     --publish-rate "$publish_rate" --publish-seconds "$publish_seconds" --max-time "$max_time" \
     --json >"$work/load.json" 2>"$work/load.log" &
 load_pid=$!
@@ -121,7 +123,7 @@ wait_phase() {  # wait_phase NAME SECONDS: the load reached phase NAME (not: it 
     poll "$2" phase_or_end "$1" || true
     phase_seen "$1"
 }
-wait_phase hold 300 || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
+wait_phase hold $((connect_timeout + 180)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
 rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
 # The load generator's own memory (the first process and its shards) and the host's
 # descriptors (both ends of every connection count against fs.file-max when the load runs on
@@ -143,6 +145,8 @@ tcp_mem_max=$(awk '{ print $3 }' /proc/sys/net/ipv4/tcp_mem)
 daemon_cpu() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
 dcpu1=$(daemon_cpu)
 pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
+# Per connection means per connection held: when not all opened, the planned count would flatter.
+held1=$(metric tunegate_websockets_open)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
 dcpu2=$(daemon_cpu)
@@ -160,12 +164,12 @@ python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
-    "${tcp_mem_pages:-0}" "$tcp_mem_max" <<'PY'
+    "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
- tcp_max) = sys.argv[1:]
+ tcp_max, held1) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -176,8 +180,9 @@ held_s = float(t2) - float(t1)
 hb_cpu = (int(cpu2) - int(cpu1)) / hz
 daemon_cpu = (int(dcpu2) - int(dcpu1)) / hz
 pings = int(pings2) - int(pings1)
-rss_per = (int(rss1) - int(rss0)) * 1024 / conns
-slab_per = (int(slab1) - int(slab0)) * 1024 / conns
+held = int(held1) if 0 < int(held1) <= conns else conns
+rss_per = (int(rss1) - int(rss0)) * 1024 / held
+slab_per = (int(slab1) - int(slab0)) * 1024 / held
 problems = list(r.get("problems", []))
 rounds = pings / conns if conns else 0
 if rounds < 2:
@@ -194,6 +199,7 @@ res = {
     "disconnects": r.get("disconnects"), "connect_errors": r.get("connect_errors"),
     "connect_seconds": r.get("connect_seconds"), "connects_per_second": r.get("connects_per_second"),
     "rss_before_kb": int(rss0), "rss_connected_kb": int(rss1), "rss_after_hold_kb": int(rss2),
+    "held_at_hold_start": held,
     "server_rss_bytes_per_connection": round(rss_per, 1),
     "kernel_slab_bytes_per_connection": round(slab_per, 1),
     "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
@@ -209,7 +215,7 @@ res = {
     "lost": r.get("lost"), "latency": lat, "accepted_total": int(accepted),
     "profile": profile,
     "load_rss_connected_kb": int(load_rss1),
-    "load_rss_bytes_per_connection": round(int(load_rss1) * 1024 / conns, 1),
+    "load_rss_bytes_per_connection": round(int(load_rss1) * 1024 / held, 1),
     "mem_available_before_kb": int(avail0),
     "mem_available_min_kb": min(int(avail1), int(avail2)),
     "file_handles_connected": int(files1), "file_max": int(file_max),
@@ -229,9 +235,9 @@ md = [
     "| connections opened / still open at the end | %s / %s |" % (r.get("opened"), r.get("open_at_end")),
     "| time to connect all | %.2f s (%.0f/s) |" % (r.get("connect_seconds") or 0, r.get("connects_per_second") or 0),
     "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
-    "| server user-space RSS per connection | %.0f bytes |" % rss_per,
+    "| server user-space RSS per connection held (%d at the hold) | %.0f bytes |" % (held, rss_per),
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
-    "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / conns),
+    "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / held),
     "| the host's memory available: before / lowest during the hold | %.1f / %.1f GiB |" % (int(avail0) / 2**20, min(int(avail1), int(avail2)) / 2**20),
     "| file handles open on the host (both ends) / fs.file-max | %s / %s |" % (files1, file_max),
     "| TCP buffer memory in use (sockstat) / tcp_mem high mark | %s / %s pages |" % (tcp_pages, tcp_max),
