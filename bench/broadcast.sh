@@ -64,14 +64,7 @@ limit=$(ulimit -Hn)
     || die "BENCH_NODE_MEMBERS=$node_members does not fit in one process's RLIMIT_NOFILE $limit"
 if ((node_members > 0)); then node_packages "$cache/bench-node" ws@8.23.0; fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-broadcast.XXXXXX")
-ns=tgbcast-$$
-pids=()
-daemon_pid=""
-trap ns_cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-ns_up
+ns_work "broadcast"
 gcc -O2 -Wall -o "$work/send_floor" bench/send_floor.c
 
 log "tunegate apply --profile c100k in namespace $ns"

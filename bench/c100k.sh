@@ -76,14 +76,7 @@ if [[ -z $load_processes ]]; then
     ((load_processes < 2)) && load_processes=2
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$name.XXXXXX")
-ns=tg$name-$$
-pids=()
-daemon_pid=""
-trap ns_cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-ns_up
+ns_work "$name"
 workers_sum() {  # workers_sum rss|cpu: summed over the worker processes
     local pid total=0
     for pid in "${worker_pids[@]}"; do

@@ -71,6 +71,20 @@ stop_pid() {  # stop_pid PID [SECONDS]: SIGTERM, then SIGKILL if it outlives the
 # The sourcing script sets `ns`, `work`, `bin`, `port`; `start_daemon` sets `daemon_pid`,
 # `sizing` and the array `worker_pids`.
 
+# ns_work NAME: sets `work` (a new temp dir), `ns` (a namespace name), `pids` (empty) and
+# `daemon_pid`, and on exit (INT and TERM exit too) stops everything and removes both; then
+# makes the namespace with its loopback up.
+ns_work() {
+    work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-$1.XXXXXX")
+    ns=tg$1-$$
+    pids=()
+    daemon_pid=""
+    trap ns_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    ns_up
+}
+
 # ns_up: the namespace, with its loopback up; ns_cleanup removes it and everything started.
 ns_up() {
     ip netns add "$ns"

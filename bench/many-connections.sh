@@ -46,14 +46,7 @@ for tool in ip python3 curl ss; do command -v $tool >/dev/null || die "$tool is 
 ulimit -n "$(ulimit -Hn)"
 limit=$(ulimit -Hn)
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tunegate-many.XXXXXX")
-ns=tgbench-$$
-pids=()
-daemon_pid=""
-trap ns_cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-ns_up
+ns_work "many"
 client_prefix=(ip netns exec "$ns")
 socket_fds() { find /proc/"$1"/fd -lname 'socket:*' 2>/dev/null | wc -l; }
 

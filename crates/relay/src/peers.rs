@@ -132,6 +132,17 @@ struct Peers {
 }
 
 impl Peers {
+    fn new(workers: usize) -> Peers {
+        Peers {
+            links: (0..workers).map(|_| None).collect(),
+            metrics: (0..workers).map(|_| History::default()).collect(),
+            reported: vec![false; workers],
+            homed: NameMap::default(),
+            holders: NameMap::default(),
+            generations: 0,
+        }
+    }
+
     /// Whether link `generation` is still the live link to `worker`.
     fn is_current(&self, worker: usize, generation: u64) -> bool {
         self.links[worker]
@@ -311,14 +322,7 @@ impl WorkerBus {
             process,
             refusals: Mutex::default(),
             workers,
-            peers: Mutex::new(Peers {
-                links: (0..workers).map(|_| None).collect(),
-                metrics: (0..workers).map(|_| History::default()).collect(),
-                reported: vec![false; workers],
-                homed: NameMap::default(),
-                holders: NameMap::default(),
-                generations: 0,
-            }),
+            peers: Mutex::new(Peers::new(workers)),
             links_changed: std::sync::Condvar::new(),
             io: io::BusIo::new()?,
             routed: AtomicU64::new(0),
@@ -928,22 +932,11 @@ mod tests {
         assert!(per.iter().all(|&n| (700..1_300).contains(&n)), "{per:?}");
     }
 
-    fn peers(workers: usize) -> Peers {
-        Peers {
-            links: (0..workers).map(|_| None).collect(),
-            metrics: (0..workers).map(|_| History::default()).collect(),
-            reported: vec![false; workers],
-            homed: NameMap::default(),
-            holders: NameMap::default(),
-            generations: 0,
-        }
-    }
-
     /// The home's table changes the set of holders only when a worker gains its first member
     /// or loses its last, and a worker whose link ends stops counting.
     #[test]
     fn the_home_counts_per_worker_and_says_when_the_holders_change() {
-        let mut p = peers(4);
+        let mut p = Peers::new(4);
         let room: Arc<str> = Arc::from("call");
         assert!(p.set_count(&room, 1, 1));
         assert!(!p.set_count(&room, 1, 5));
