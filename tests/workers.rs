@@ -413,3 +413,51 @@ fn workers_with_the_same_incarnation_refuse_each_other() {
         "logged at every redial: {w1}"
     );
 }
+
+/// The worker a room's counts live on (`peers.rs`: FNV-1a of the name modulo the workers, the
+/// same in every process; restated here so the test knows which worker to kill).
+fn home_of(room: &str, workers: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % workers
+}
+
+/// The home of a room (the one worker that keeps its counts) SIGKILLed: the other holders keep
+/// relaying among themselves (their sets of holders stand without it), and once it is back its
+/// peers give it their counts again: whole counts, every member reached once, in order, from a
+/// publisher on the new home and from one elsewhere.
+#[test]
+fn a_room_outlives_its_home_worker() {
+    assert_eq!(home_of("all", 3), 0, "worker 0 is the home of \"all\"");
+    let mut w = Workers::start(3);
+    let mut c = w.clients(3);
+    for list in c.values_mut() {
+        join_all(list.iter_mut(), "all");
+    }
+    for worker in [0, 1, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
+    }
+    w.procs[0].kill().unwrap();
+    w.procs[0].wait().unwrap();
+    for (ws, _) in c.get_mut(&0).unwrap().iter_mut() {
+        assert!(
+            ws.ends_within(Duration::from_secs(2)),
+            "worker 0's client still open"
+        );
+    }
+    c.remove(&0);
+    publish_and_check(&mut c, (1, 0), &[1, 2], "home-down", 20);
+
+    w.procs[0] = w.spawn(0);
+    let back = w.clients_on(&[0], 3).remove(&0).unwrap();
+    c.insert(0, back);
+    join_all(c.get_mut(&0).unwrap().iter_mut(), "all");
+    for worker in [0, 1, 2] {
+        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
+    }
+    publish_and_check(&mut c, (0, 1), &[0, 1, 2], "home-back-0", 20);
+    publish_and_check(&mut c, (2, 2), &[0, 1, 2], "home-back-2", 20);
+}
