@@ -84,6 +84,28 @@ impl Workers {
         child
     }
 
+    /// SIGKILLs worker `i` (no goodbye on the bus, its sockets just end): its clients in `c`
+    /// must see their connections end, and are dropped from `c`.
+    fn kill(&mut self, i: usize, c: &mut Clients) {
+        self.procs[i].kill().unwrap();
+        self.procs[i].wait().unwrap();
+        for (ws, _) in c.get_mut(&i).unwrap().iter_mut() {
+            assert!(
+                ws.ends_within(Duration::from_secs(2)),
+                "worker {i}'s client still open"
+            );
+        }
+        c.remove(&i);
+    }
+
+    /// Restarts worker `i` (as the daemon's supervisor does) and gives it `per` new clients in
+    /// `c`.
+    fn restart(&mut self, i: usize, c: &mut Clients, per: usize) {
+        self.procs[i] = self.spawn(i);
+        let back = self.clients_on(&[i], per).remove(&i).unwrap();
+        c.insert(i, back);
+    }
+
     /// Connects until the kernel's SO_REUSEPORT spread has given every worker `per` clients.
     fn clients(&self, per: usize) -> Clients {
         self.clients_on(&(0..self.n).collect::<Vec<_>>(), per)
@@ -289,15 +311,7 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
 
     // SIGKILL worker 1: no goodbye on the bus, its sockets just end.
     let dead: Vec<u64> = c[&1].iter().map(|(_, id)| *id).collect();
-    w.procs[1].kill().unwrap();
-    w.procs[1].wait().unwrap();
-    for (ws, _) in c.get_mut(&1).unwrap().iter_mut() {
-        assert!(
-            ws.ends_within(Duration::from_secs(2)),
-            "worker 1's client still open"
-        );
-    }
-    c.remove(&1);
+    w.kill(1, &mut c);
     // The others drop its members at once, and keep relaying among themselves.
     for worker in [0, 2] {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 6);
@@ -307,9 +321,7 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     assert_eq!(w.metric("tunegate_workers_up"), 2);
 
     // Restarted (as the daemon's supervisor does), its clients reconnect and join again.
-    w.procs[1] = w.spawn(1);
-    let back = w.clients_on(&[1], 3).remove(&1).unwrap();
-    c.insert(1, back);
+    w.restart(1, &mut c, 3);
     // Same worker number, same slots, new ids: a message for the dead reaches nobody.
     for (_, id) in &c[&1] {
         assert!(
@@ -440,20 +452,10 @@ fn a_room_outlives_its_home_worker() {
     for worker in [0, 1, 2] {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
     }
-    w.procs[0].kill().unwrap();
-    w.procs[0].wait().unwrap();
-    for (ws, _) in c.get_mut(&0).unwrap().iter_mut() {
-        assert!(
-            ws.ends_within(Duration::from_secs(2)),
-            "worker 0's client still open"
-        );
-    }
-    c.remove(&0);
+    w.kill(0, &mut c);
     publish_and_check(&mut c, (1, 0), &[1, 2], "home-down", 20);
 
-    w.procs[0] = w.spawn(0);
-    let back = w.clients_on(&[0], 3).remove(&0).unwrap();
-    c.insert(0, back);
+    w.restart(0, &mut c, 3);
     join_all(c.get_mut(&0).unwrap().iter_mut(), "all");
     for worker in [0, 1, 2] {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);

@@ -91,6 +91,19 @@ pub fn load(url: &str, args: &[&str]) -> Output {
         .expect("run tunegate load")
 }
 
+/// The JSON report of a `tunegate load` run that exited 0 with all `opened` connections open
+/// and no delivery lost; `context` (a server's log) is shown with a failure.
+pub fn load_whole(o: &Output, opened: u64, context: &str) -> serde_json::Value {
+    let r = json(o);
+    assert_eq!(code(o), 0, "{}\n{r}\n{context}", stderr(o));
+    assert_eq!(
+        (r["opened"].as_u64(), r["lost"].as_u64()),
+        (Some(opened), Some(0)),
+        "{r}"
+    );
+    r
+}
+
 /// `tunegate token ARGS`: the token it printed (the test fails if it did not exit 0).
 pub fn token(args: &[&str]) -> String {
     let out = Command::new(bin())

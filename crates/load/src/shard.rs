@@ -93,8 +93,8 @@ struct Conn {
 
 struct Shard {
     args: LoadArgs,
-    /// This process's place among the run's (`--shard I/K`): which of the run's messages it
-    /// publishes.
+    /// This process's place among the run's (`--shard I/K`, I < K): its share of the connect
+    /// rate and cap, and which of the run's messages it publishes.
     index: u64,
     shards: u64,
     targets: Targets,
@@ -244,7 +244,7 @@ impl Shard {
     /// flight than its share of the cap; each is a task that then follows `Cmd`s.
     async fn ramp(self: &Rc<Self>, range: std::ops::Range<u64>) -> Vec<Conn> {
         let deadline = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout);
-        let shards = plan_shards(&self.args);
+        let shards = self.shards;
         let rate = (self.args.connect_rate as f64 / shards as f64).max(1.0);
         let cap = (self.args.max_inflight / shards).max(1);
         let mut conns = Vec::with_capacity((range.end - range.start) as usize);
@@ -378,7 +378,7 @@ impl Shard {
         // with m = index mod shards. Together the processes publish at the run's rate, evenly
         // spaced: at 1/s over 6 processes, one a second, not six at once every six seconds.
         let all = (rate * self.args.publish_seconds).round() as u64;
-        let (index, shards) = (self.index, self.shards.max(1));
+        let (index, shards) = (self.index, self.shards);
         let mine = |upto: u64| {
             // How many of messages 0..upto are this process's.
             if upto > index {
@@ -429,16 +429,6 @@ fn lap_stride(n: usize) -> usize {
     }
     let start = (n as f64 * 0.618) as usize;
     (start.max(1)..).find(|&s| gcd(s, n) == 1).unwrap_or(1)
-}
-
-/// How many processes share the run (from `--shard I/K`).
-fn plan_shards(args: &LoadArgs) -> u64 {
-    args.shard
-        .as_deref()
-        .and_then(|s| s.split_once('/'))
-        .and_then(|(_, k)| k.parse().ok())
-        .unwrap_or(1)
-        .max(1)
 }
 
 #[cfg(test)]

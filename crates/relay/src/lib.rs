@@ -503,13 +503,13 @@ fn carried_counters(config: &Config) -> metrics::Snapshot {
 /// (Answering with its own counters as last published and its peers' as last received, a
 /// worker could sum less than a peer that had just published: seen under a loaded CPU.)
 pub fn server_snapshot(shared: &Shared) -> (metrics::Snapshot, Vec<(usize, u64)>) {
-    let live = own_snapshot(shared);
     if shared.config.workers() == 1 {
+        let live = own_snapshot(shared);
         let received = vec![(shared.config.worker, live.bus_received)];
         return (live, received);
     }
     let mut total = metrics::Snapshot {
-        pid: live.pid,
+        pid: std::process::id(),
         ..metrics::Snapshot::default()
     };
     let mut received = Vec::new();

@@ -255,10 +255,6 @@ impl History {
         self.kept.iter()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
-    }
-
     /// The worker is gone: only its counters stay (its gauges no longer hold anything), and
     /// its last snapshot is final, settled at once: its successor starts from the counters it
     /// left in its file, written as that snapshot was shared.

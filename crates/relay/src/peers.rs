@@ -508,8 +508,9 @@ impl WorkerBus {
             Wire::Hello { .. } => return false,
             Wire::Count { room, count } => {
                 let mut peers = self.lock();
+                // A replaced link's counts are void; a room homed elsewhere is not ours to count.
                 if !peers.is_current(peer, generation) || home_of(&room, self.workers) != self.me {
-                    return true; // a replaced link: its counts are void
+                    return true;
                 }
                 let room: Arc<str> = Arc::from(room.as_str());
                 if peers.set_count(&room, peer, count) {
