@@ -30,8 +30,7 @@
 //! Nothing here knows about client sockets, frames or rooms' members: the event loop talks to
 //! `Bus`, and a Redis (SSUBSCRIBE/SPUBLISH) bus would replace this file alone.
 
-use crate::names::NameMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,208 +38,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
 
 use super::bus::{Ask, Bus, Item, LocalBus};
 use link::{Link, Outbox};
+use table::{Peers, home_of};
+use wire::{MAX_WIRE, PROTOCOL, Wire, encode, read_wire, reply_op};
 
 mod io;
 mod link;
+mod table;
+mod wire;
 use super::id::{ConnId, ProcessId};
-use super::metrics::{History, Snapshot};
+use super::metrics::Snapshot;
 use super::protocol::{Encoding, Outgoing};
 
-/// Largest bus frame accepted (a room message carries at most one client message).
-const MAX_WIRE: usize = 64 << 20;
-/// Bumped whenever `Wire` changes, so workers of different builds refuse each other loudly.
-const PROTOCOL: u32 = 5;
 /// How often a worker retries dialling a peer that is down.
 const REDIAL: Duration = Duration::from_millis(50);
-
-#[derive(Serialize, Deserialize)]
-enum Wire {
-    Hello {
-        protocol: u32,
-        worker: u32,
-        workers: u32,
-        /// The sender's node and incarnation: direct messages for ids that carry them come to
-        /// the sender.
-        node: u8,
-        incarnation: u16,
-    },
-    /// To a room's home: the sender now holds `count` members of `room`.
-    Count { room: String, count: u64 },
-    /// From a room's home: the workers holding members of `room` now.
-    Holders { room: String, workers: Vec<u32> },
-    /// To a room's home: how many members `room` has, for connection `to`.
-    Ask {
-        to: u64,
-        op: String,
-        room: String,
-        reference: Option<rmpv::Value>,
-    },
-    /// The home's answer to `Ask`.
-    Members {
-        to: u64,
-        op: String,
-        room: String,
-        reference: Option<rmpv::Value>,
-        members: u64,
-    },
-    /// A room message; `forward`: to the room's home, which hands it to the holders (the
-    /// publisher's worker holds no member, so it does not know them).
-    Room {
-        room: String,
-        skip: Option<u64>,
-        forward: bool,
-        #[serde(with = "serde_bytes")]
-        msg: Vec<u8>,
-    },
-    Direct {
-        to: u64,
-        from: u64,
-        reference: Option<rmpv::Value>,
-        #[serde(with = "serde_bytes")]
-        msg: Vec<u8>,
-    },
-    Bounce {
-        to: u64,
-        target: u64,
-        reference: Option<rmpv::Value>,
-    },
-    /// The sender's counters, every half second (summed into /metrics by whoever answers).
-    Metrics(Box<Snapshot>),
-}
-
-/// What this worker knows about its peers; one lock, so a count can never be applied from, or
-/// a message routed to, a link that has been replaced.
-struct Peers {
-    links: Vec<Option<Link>>,
-    /// Each worker's last few snapshots, this one's too; once a peer's link is gone, their
-    /// counters alone (kept so the whole server's sums never go down when a worker dies),
-    /// until its successor reports.
-    metrics: Vec<History>,
-    /// Whether `metrics[w]` came over the current link to `w`.
-    reported: Vec<bool>,
-    /// Rooms this worker is home to: the members each worker (this one too) holds, only
-    /// workers with members listed.
-    homed: NameMap<Vec<(u32, u64)>>,
-    /// Rooms homed elsewhere that this worker holds members of: the workers holding members,
-    /// as the home last said.
-    holders: NameMap<Box<[u32]>>,
-    generations: u64,
-}
-
-impl Peers {
-    fn new(workers: usize) -> Peers {
-        Peers {
-            links: (0..workers).map(|_| None).collect(),
-            metrics: (0..workers).map(|_| History::default()).collect(),
-            reported: vec![false; workers],
-            homed: NameMap::default(),
-            holders: NameMap::default(),
-            generations: 0,
-        }
-    }
-
-    /// Whether link `generation` is still the live link to `worker`.
-    fn is_current(&self, worker: usize, generation: u64) -> bool {
-        self.links[worker]
-            .as_ref()
-            .is_some_and(|l| l.generation == generation)
-    }
-
-    /// The link to `worker` is gone: its members stop counting in the rooms homed here (the
-    /// holders of each are told). The sets of holders that homes elsewhere sent are left as
-    /// they are: they say what those homes know (a publish skips a worker without a link),
-    /// and a home tells them anew when it loses the worker. (Dropping it here lost a worker
-    /// for good when the link to it was replaced after the home had said it holds members.)
-    fn forget(&mut self, worker: usize, me: usize) {
-        self.links[worker] = None;
-        self.metrics[worker].keep_counters_only();
-        self.reported[worker] = false;
-        let changed: Vec<Arc<str>> = self
-            .homed
-            .iter()
-            .filter(|(_, per)| per.iter().any(|&(w, _)| w as usize == worker))
-            .map(|(room, _)| room.clone())
-            .collect();
-        for room in changed {
-            self.set_count(&room, worker, 0);
-            self.tell_holders(&room, me);
-        }
-    }
-
-    /// At a room's home: `worker` now holds `count` members. Whether the set of holders changed.
-    fn set_count(&mut self, room: &Arc<str>, worker: usize, count: u64) -> bool {
-        let w = worker as u32;
-        let per = self.homed.entry(room.clone()).or_default();
-        let at = per.iter().position(|&(x, _)| x == w);
-        let changed = match (at, count) {
-            (Some(i), 0) => {
-                per.swap_remove(i);
-                true
-            }
-            (Some(i), c) => {
-                per[i].1 = c;
-                false
-            }
-            (None, 0) => false,
-            (None, c) => {
-                per.push((w, c));
-                true
-            }
-        };
-        if per.is_empty() {
-            self.homed.remove(room);
-        } else if per.capacity() > 2 * per.len() + 4 {
-            per.shrink_to_fit();
-        }
-        changed
-    }
-
-    /// At a room's home: tells every other holder of `room` who holds members now.
-    fn tell_holders(&self, room: &str, me: usize) {
-        let Some(per) = self.homed.get(room) else {
-            return;
-        };
-        let workers: Vec<u32> = per.iter().map(|&(w, _)| w).collect();
-        let bytes = encode(&Wire::Holders {
-            room: room.to_string(),
-            workers: workers.clone(),
-        });
-        for w in workers {
-            if w as usize != me
-                && let Some(link) = &self.links[w as usize]
-            {
-                link.send(bytes.clone());
-            }
-        }
-    }
-
-    /// At a room's home: its members on the whole server.
-    fn homed_members(&self, room: &str) -> u64 {
-        self.homed
-            .get(room)
-            .map_or(0, |per| per.iter().map(|&(_, c)| c).sum())
-    }
-}
-
-/// The worker that is home to `room` among `workers`: FNV-1a of the name, the same in every
-/// process (a keyed hash would differ between them).
-fn home_of(room: &str, workers: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in room.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % workers as u64) as usize
-}
-
-/// An `Ask`'s reply op, as the relay names it (`bus::Ask::op` is static).
-fn reply_op(op: &str) -> Option<&'static str> {
-    ["joined", "left", "count"].into_iter().find(|o| *o == op)
-}
 
 pub struct WorkerBus {
     local: Arc<LocalBus>,
@@ -280,27 +93,6 @@ pub fn is_bus_file(name: &str) -> bool {
         && (name.ends_with(".sock") || name.ends_with(".counters") || name.ends_with(".tmp")))
         || (name.starts_with("metrics-") && name.ends_with(".json"))
         || (name.starts_with(".metrics-") && name.ends_with(".tmp"))
-}
-
-fn encode(w: &Wire) -> Arc<Vec<u8>> {
-    let body = rmp_serde::to_vec(w).expect("bus messages serialise");
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    Arc::new(out)
-}
-
-/// Reads one length-prefixed message; `None` at the end of the stream or on garbage.
-fn read_wire(input: &mut impl Read) -> Option<Wire> {
-    let mut len = [0u8; 4];
-    input.read_exact(&mut len).ok()?;
-    let n = u32::from_le_bytes(len) as usize;
-    if n > MAX_WIRE {
-        return None;
-    }
-    let mut body = vec![0u8; n];
-    input.read_exact(&mut body).ok()?;
-    rmp_serde::from_slice(&body).ok()
 }
 
 impl WorkerBus {
@@ -913,45 +705,5 @@ impl Bus for WorkerBus {
         }
         let peers = self.lock();
         (0..self.workers).all(|w| w == self.me || peers.reported[w])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every process must pick the same home for a room: a fixed hash, not a keyed one.
-    #[test]
-    fn a_room_has_the_same_home_in_every_process_and_homes_spread() {
-        assert_eq!(home_of("", 51), (0xcbf2_9ce4_8422_2325u64 % 51) as usize);
-        assert_eq!(home_of("all", 3), home_of(&String::from("all"), 3));
-        let mut per = [0u32; 51];
-        for i in 0..51_000 {
-            per[home_of(&format!("s10-{i}"), 51)] += 1;
-        }
-        // Each of 51 workers is home to its share of rooms named as the load names them.
-        assert!(per.iter().all(|&n| (700..1_300).contains(&n)), "{per:?}");
-    }
-
-    /// The home's table changes the set of holders only when a worker gains its first member
-    /// or loses its last, and a worker whose link ends stops counting.
-    #[test]
-    fn the_home_counts_per_worker_and_says_when_the_holders_change() {
-        let mut p = Peers::new(4);
-        let room: Arc<str> = Arc::from("call");
-        assert!(p.set_count(&room, 1, 1));
-        assert!(!p.set_count(&room, 1, 5));
-        assert!(p.set_count(&room, 3, 2));
-        assert!(!p.set_count(&room, 2, 0));
-        assert_eq!(p.homed_members("call"), 7);
-        p.forget(1, 0);
-        assert_eq!(p.homed_members("call"), 2);
-        assert!(p.set_count(&room, 3, 0));
-        assert!(p.homed.is_empty(), "an empty room is no longer kept");
-        // A holder's view is its home's: a link replaced here changes nothing in it.
-        p.holders
-            .insert(Arc::from("elsewhere"), vec![0, 2, 3].into());
-        p.forget(2, 0);
-        assert_eq!(&*p.holders["elsewhere"], &[0, 2, 3]);
     }
 }
