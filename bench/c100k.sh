@@ -77,11 +77,15 @@ if [[ -z $load_processes ]]; then
 fi
 
 ns_work "$name"
-workers_sum() {  # workers_sum rss|cpu: summed over the worker processes
+workers_sum() {  # workers_sum rss|anon|cpu: summed over the worker processes
     local pid total=0
     for pid in "${worker_pids[@]}"; do
         if [[ $1 == rss ]]; then
             total=$((total + $(kb_field /proc/"$pid"/status VmRSS)))
+        elif [[ $1 == anon ]]; then
+            # Private memory alone: VmRSS also counts the binary's code pages each worker
+            # touches (about 250 KiB per worker once it serves rooms), shared by all of them.
+            total=$((total + $(kb_field /proc/"$pid"/status RssAnon)))
         else
             total=$((total + $(sed 's/.*) //' /proc/"$pid"/stat | awk '{ print $12 + $13 }')))
         fi
@@ -99,7 +103,7 @@ grep -E '^(SET|set|  set|->)|somaxconn|ip_local_port_range' "$work/apply.txt" | 
 start_daemon "$profile" "  ping_interval_ms: $ping_ms
   ping_timeout_ms: $ping_timeout_ms"
 sleep 1 # the baseline: a second for the freshly started workers to settle
-rss0=$(workers_sum rss) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
+rss0=$(workers_sum rss) anon0=$(workers_sum anon) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
 
 # 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
 max_time=$(python3 -c "print(int(180 + $connect_timeout + $hold + $publish_seconds))")
@@ -117,7 +121,7 @@ wait_phase() {  # wait_phase NAME SECONDS: the load reached phase NAME (not: it 
     phase_seen "$1"
 }
 wait_phase hold $((connect_timeout + 180)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its hold phase"; }
-rss1=$(workers_sum rss) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
+rss1=$(workers_sum rss) anon1=$(workers_sum anon) slab1=$(kb_field /proc/meminfo Slab) cpu1=$(workers_sum cpu)
 # The load generator's own memory (the first process and its shards) and the host's
 # descriptors (both ends of every connection count against fs.file-max when the load runs on
 # the same host), once every connection is up.
@@ -157,12 +161,12 @@ python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
-    "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" <<'PY'
+    "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
- tcp_max, held1) = sys.argv[1:]
+ tcp_max, held1, anon0, anon1) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -175,6 +179,7 @@ daemon_cpu = (int(dcpu2) - int(dcpu1)) / hz
 pings = int(pings2) - int(pings1)
 held = int(held1) if 0 < int(held1) <= conns else conns
 rss_per = (int(rss1) - int(rss0)) * 1024 / held
+anon_per = (int(anon1) - int(anon0)) * 1024 / held
 slab_per = (int(slab1) - int(slab0)) * 1024 / held
 problems = list(r.get("problems", []))
 rounds = pings / conns if conns else 0
@@ -194,6 +199,7 @@ res = {
     "rss_before_kb": int(rss0), "rss_connected_kb": int(rss1), "rss_after_hold_kb": int(rss2),
     "held_at_hold_start": held,
     "server_rss_bytes_per_connection": round(rss_per, 1),
+    "server_anon_bytes_per_connection": round(anon_per, 1),
     "kernel_slab_bytes_per_connection": round(slab_per, 1),
     "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
     "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
@@ -229,6 +235,7 @@ md = [
     "| time to connect all | %.2f s (%.0f/s) |" % (r.get("connect_seconds") or 0, r.get("connects_per_second") or 0),
     "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
     "| server user-space RSS per connection held (%d at the hold) | %.0f bytes |" % (held, rss_per),
+    "| of it private (RssAnon: without the binary's shared code pages) | %.0f bytes |" % anon_per,
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
     "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / held),
     "| the host's memory available: before / lowest during the hold | %.1f / %.1f GiB |" % (int(avail0) / 2**20, min(int(avail1), int(avail2)) / 2**20),

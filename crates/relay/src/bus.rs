@@ -115,9 +115,21 @@ pub trait Bus: Send + Sync {
     fn close(&self) {}
 }
 
+/// A room's members in this process. Per loop only with more than one loop: a worker among
+/// many runs one loop and holds one member of most rooms, where a box of one count would cost
+/// more than the entry.
 struct Entry {
     per_loop: Box<[u32]>,
     total: u64,
+}
+
+impl Entry {
+    fn holds(&self, loop_index: usize) -> bool {
+        match self.per_loop.get(loop_index) {
+            Some(&n) => n > 0,
+            None => self.total > 0,
+        }
+    }
 }
 
 /// One loop's inbox.
@@ -192,18 +204,29 @@ impl LocalBus {
         dir.get(room).map_or(0, |e| e.total)
     }
 
+    /// The name this process keeps for `room` while it holds members, for a table of the
+    /// worker bus to share rather than keep a copy of its own.
+    pub fn shared_name(&self, room: &str) -> Option<Arc<str>> {
+        let dir = self.directory.lock().expect("directory lock");
+        dir.get_key_value(room).map(|(name, _)| name.clone())
+    }
+
     fn change(&self, room: &Arc<str>, loop_index: usize, up: bool) -> u64 {
         let mut dir = self.directory.lock().expect("directory lock");
         let loops = self.inboxes.len();
         let entry = dir.entry(room.clone()).or_insert_with(|| Entry {
-            per_loop: vec![0; loops].into_boxed_slice(),
+            per_loop: vec![0; if loops > 1 { loops } else { 0 }].into_boxed_slice(),
             total: 0,
         });
         if up {
-            entry.per_loop[loop_index] += 1;
+            if let Some(n) = entry.per_loop.get_mut(loop_index) {
+                *n += 1;
+            }
             entry.total += 1;
         } else {
-            entry.per_loop[loop_index] = entry.per_loop[loop_index].saturating_sub(1);
+            if let Some(n) = entry.per_loop.get_mut(loop_index) {
+                *n = n.saturating_sub(1);
+            }
             entry.total = entry.total.saturating_sub(1);
         }
         let total = entry.total;
@@ -232,7 +255,7 @@ impl LocalBus {
             let dir = self.directory.lock().expect("directory lock");
             match dir.get(room) {
                 Some(e) => (0..self.inboxes.len())
-                    .filter(|&n| Some(n) != from_loop && e.per_loop[n] > 0)
+                    .filter(|&n| Some(n) != from_loop && e.holds(n))
                     .collect(),
                 None => Vec::new(),
             }

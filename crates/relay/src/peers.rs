@@ -41,7 +41,7 @@ use rustc_hash::FxHashMap;
 
 use super::bus::{Ask, Bus, Item, LocalBus};
 use link::{Link, Outbox};
-use table::{Peers, home_of};
+use table::{Peers, home_of, worker_no};
 use wire::{MAX_WIRE, PROTOCOL, Wire, encode, read_wire, reply_op};
 
 mod io;
@@ -304,7 +304,7 @@ impl WorkerBus {
                 if !peers.is_current(peer, generation) || home_of(&room, self.workers) != self.me {
                     return true;
                 }
-                let room: Arc<str> = Arc::from(room.as_str());
+                let room = self.name(&room);
                 if peers.set_count(&room, peer, count) {
                     peers.tell_holders(&room, self.me);
                 }
@@ -316,10 +316,10 @@ impl WorkerBus {
                 }
                 // Kept only while this worker holds members (read under the peers lock,
                 // as `announce` changes it).
-                if self.local.local_members(&room) > 0 {
-                    peers
-                        .holders
-                        .insert(Arc::from(room.as_str()), workers.into());
+                if let Some(name) = self.local.shared_name(&room) {
+                    let workers = workers.into_iter();
+                    let set = workers.filter_map(|w| worker_no(w, self.workers)).collect();
+                    peers.holders.insert(name, set);
                 } else {
                     peers.holders.remove(room.as_str());
                 }
@@ -378,7 +378,7 @@ impl WorkerBus {
                         &room,
                         skip,
                         &msg,
-                        targets.iter().map(|&(w, _)| w),
+                        targets.iter().map(|&(w, _)| w.into()),
                         peer,
                     );
                 }
@@ -462,6 +462,14 @@ impl WorkerBus {
                 },
             );
         }
+    }
+
+    /// The local bus's name for `room` while this worker holds members, or a new one: a room
+    /// in two tables here is one allocation.
+    fn name(&self, room: &str) -> Arc<str> {
+        self.local
+            .shared_name(room)
+            .unwrap_or_else(|| Arc::from(room))
     }
 
     /// Tells the home of `room` how many members this worker holds now (at home: counts it).
@@ -573,11 +581,12 @@ impl Bus for WorkerBus {
                 room,
                 skip,
                 payload(),
-                per.iter().map(|&(w, _)| w),
+                per.iter().map(|&(w, _)| w.into()),
                 self.me,
             );
         } else if let Some(set) = peers.holders.get(&**room) {
-            self.send_room(&peers, room, skip, payload(), set.iter().copied(), self.me);
+            let set = set.iter().map(|&w| w.into());
+            self.send_room(&peers, room, skip, payload(), set, self.me);
         } else if let Some(link) = &peers.links[home] {
             // No member here, so the holders are unknown: the home passes it on.
             self.routed.fetch_add(1, Ordering::Relaxed);

@@ -138,14 +138,31 @@ impl BusIo {
 
 /// Reads everything the link's socket holds (edge-triggered: until EAGAIN) and hands every
 /// whole message on; false when the link is over (its end, an error, garbage, a second hello).
+///
+/// Messages are parsed where they were read, in the bus thread's one buffer; a link keeps only
+/// the start of a message cut off at the end of a read, and nothing once it is whole. (A buffer
+/// per link kept at its high-water mark held up to 64 KiB for each of 50 links after the burst
+/// of joins a load brings: more than the rooms themselves cost at 51 workers.)
 fn read_link(bus: &WorkerBus, generation: u64, e: &mut Entry, buf: &mut [u8]) -> bool {
     loop {
         match sys::read(e.stream.as_fd(), buf) {
             Ok(0) => return false,
             Ok(n) => {
-                e.input.extend_from_slice(&buf[..n]);
-                if !take_messages(bus, generation, e) {
+                let taken = if e.input.is_empty() {
+                    take_messages(bus, generation, e.peer, &buf[..n]).map(|used| {
+                        e.input.extend_from_slice(&buf[used..n]);
+                    })
+                } else {
+                    e.input.extend_from_slice(&buf[..n]);
+                    take_messages(bus, generation, e.peer, &e.input).map(|used| {
+                        e.input.drain(..used);
+                    })
+                };
+                if taken.is_none() {
                     return false;
+                }
+                if e.input.is_empty() {
+                    e.input = Vec::new();
                 }
             }
             Err(Errno::EAGAIN) => return true,
@@ -154,29 +171,24 @@ fn read_link(bus: &WorkerBus, generation: u64, e: &mut Entry, buf: &mut [u8]) ->
     }
 }
 
-/// Every whole `[length: u32 LE][MessagePack]` message at the start of the link's input.
-fn take_messages(bus: &WorkerBus, generation: u64, e: &mut Entry) -> bool {
+/// Hands on every whole `[length: u32 LE][MessagePack]` message at the start of `input`; how
+/// many bytes they took, or `None` when the link is over (garbage, a second hello).
+fn take_messages(bus: &WorkerBus, generation: u64, peer: usize, input: &[u8]) -> Option<usize> {
     let mut used = 0;
-    while e.input.len() - used >= 4 {
-        let len = u32::from_le_bytes(e.input[used..used + 4].try_into().expect("4 bytes")) as usize;
+    while input.len() - used >= 4 {
+        let len = u32::from_le_bytes(input[used..used + 4].try_into().expect("4 bytes")) as usize;
         if len > MAX_WIRE {
-            return false;
+            return None;
         }
-        if e.input.len() - used - 4 < len {
+        if input.len() - used - 4 < len {
             break;
         }
-        let body = &e.input[used + 4..used + 4 + len];
-        let Ok(wire) = rmp_serde::from_slice(body) else {
-            return false;
-        };
+        let body = &input[used + 4..used + 4 + len];
+        let wire = rmp_serde::from_slice(body).ok()?;
         used += 4 + len;
-        if !bus.on_wire(e.peer, generation, wire) {
-            return false;
+        if !bus.on_wire(peer, generation, wire) {
+            return None;
         }
     }
-    e.input.drain(..used);
-    if e.input.is_empty() && e.input.capacity() > 64 << 10 {
-        e.input = Vec::new();
-    }
-    true
+    Some(used)
 }

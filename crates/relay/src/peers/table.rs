@@ -6,8 +6,19 @@ use std::sync::Arc;
 
 use super::link::Link;
 use super::wire::{Wire, encode};
+use crate::config::MAX_WORKERS;
 use crate::metrics::History;
 use crate::names::NameMap;
+
+/// A worker's number in the room directory: one byte, as there are at most 256 workers. A
+/// worker among many holds one member of most rooms, so each byte here counts.
+pub(super) type Worker = u8;
+const _: () = assert!(MAX_WORKERS <= Worker::MAX as usize + 1);
+
+/// A worker's number from the wire or the table, if it names one of `workers`.
+pub(super) fn worker_no(w: impl TryInto<Worker>, workers: usize) -> Option<Worker> {
+    w.try_into().ok().filter(|&w| usize::from(w) < workers)
+}
 
 /// What this worker knows about its peers; one lock, so a count can never be applied from, or
 /// a message routed to, a link that has been replaced.
@@ -21,10 +32,10 @@ pub(super) struct Peers {
     pub(super) reported: Vec<bool>,
     /// Rooms this worker is home to: the members each worker (this one too) holds, only
     /// workers with members listed.
-    pub(super) homed: NameMap<Vec<(u32, u64)>>,
+    pub(super) homed: NameMap<Vec<(Worker, u32)>>,
     /// Rooms homed elsewhere that this worker holds members of: the workers holding members,
-    /// as the home last said.
-    pub(super) holders: NameMap<Box<[u32]>>,
+    /// as the home last said; keyed by the name the local bus keeps (`LocalBus::shared_name`).
+    pub(super) holders: NameMap<Box<[Worker]>>,
     pub(super) generations: u64,
 }
 
@@ -59,7 +70,7 @@ impl Peers {
         let changed: Vec<Arc<str>> = self
             .homed
             .iter()
-            .filter(|(_, per)| per.iter().any(|&(w, _)| w as usize == worker))
+            .filter(|(_, per)| per.iter().any(|&(w, _)| usize::from(w) == worker))
             .map(|(room, _)| room.clone())
             .collect();
         for room in changed {
@@ -70,7 +81,11 @@ impl Peers {
 
     /// At a room's home: `worker` now holds `count` members. Whether the set of holders changed.
     pub(super) fn set_count(&mut self, room: &Arc<str>, worker: usize, count: u64) -> bool {
-        let w = worker as u32;
+        let Some(w) = worker_no(worker, self.links.len()) else {
+            return false;
+        };
+        // A worker's members of one room are far below 2^32 (its descriptors are).
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
         let per = self.homed.entry(room.clone()).or_default();
         let at = per.iter().position(|&(x, _)| x == w);
         let changed = match (at, count) {
@@ -101,7 +116,7 @@ impl Peers {
         let Some(per) = self.homed.get(room) else {
             return;
         };
-        let workers: Vec<u32> = per.iter().map(|&(w, _)| w).collect();
+        let workers: Vec<u32> = per.iter().map(|&(w, _)| u32::from(w)).collect();
         let bytes = encode(&Wire::Holders {
             room: room.to_string(),
             workers: workers.clone(),
@@ -119,7 +134,7 @@ impl Peers {
     pub(super) fn homed_members(&self, room: &str) -> u64 {
         self.homed
             .get(room)
-            .map_or(0, |per| per.iter().map(|&(_, c)| c).sum())
+            .map_or(0, |per| per.iter().map(|&(_, c)| u64::from(c)).sum())
     }
 }
 
