@@ -55,6 +55,136 @@ fn every_delivery_is_counted_across_processes_and_encodings() {
     }
 }
 
+/// The share of a `.hgrm` distribution's samples at or above `ms` milliseconds: one minus the
+/// percentile of the last line below it.
+fn share_at_or_above(hgrm: &str, ms: f64) -> f64 {
+    let mut below = 0.0;
+    for line in hgrm.lines().skip(2).take_while(|l| !l.starts_with('#')) {
+        let mut cols = line.split_whitespace();
+        let value: f64 = cols.next().unwrap().parse().unwrap();
+        let percentile: f64 = cols.next().unwrap().parse().unwrap();
+        if value >= ms {
+            break;
+        }
+        below = percentile;
+    }
+    1.0 - below
+}
+
+/// `tunegate load` for a message phase of 6 s at 50 messages/s (rooms of 10, one load
+/// process), its histograms in `out`; `stall` is called with the load's pid once its progress
+/// line says it publishes (at most a second into the phase).
+fn stalled_run(s: &Server, out: &std::path::Path, stall: impl FnOnce(i32)) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut child = Command::new(bin())
+        .args([
+            "load",
+            &url(s),
+            "--json",
+            "--max-time",
+            "60",
+            "-n",
+            "20",
+            "--rooms",
+            "10",
+        ])
+        .args([
+            "--publish-rate",
+            "50",
+            "--publish-seconds",
+            "6",
+            "--processes",
+            "1",
+        ])
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (publishing, seen) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.starts_with("tunegate load: publish:") {
+                let _ = publishing.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let phase = seen.recv_timeout(Duration::from_secs(30));
+    if phase.is_ok() {
+        stall(child.id() as i32);
+    }
+    let o = child.wait_with_output().unwrap();
+    let log = log.join().unwrap();
+    assert!(phase.is_ok(), "the load never said it publishes\n{log}");
+    load_whole(&o, 20, &log)
+}
+
+/// SIGSTOP for two seconds, then SIGCONT.
+fn stop_for_two_seconds(pid: i32) {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    kill(pid, Signal::SIGCONT).unwrap();
+}
+
+/// The test that cannot be fooled: the server stops for 2 s mid-phase. Every message
+/// scheduled in the stall waits for its end, so the worst delivery took at least 2 s and about
+/// one message in six (those scheduled in the stall's first second, of a 6 s phase) took more
+/// than one: p99 shows the stall, not just the max.
+#[test]
+fn a_server_stalled_for_two_seconds_shows_in_the_latency() {
+    let s = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = s.child.id() as i32;
+    let r = stalled_run(&s, dir.path(), |_| stop_for_two_seconds(server));
+    let latency = &r["latency"];
+    assert!(latency["max_ms"].as_f64().unwrap() >= 2000.0, "{r}");
+    assert!(latency["p99_ms"].as_f64().unwrap() >= 1500.0, "{r}");
+    let hgrm = std::fs::read_to_string(dir.path().join("latency.hgrm")).unwrap();
+    let slow = share_at_or_above(&hgrm, 1000.0);
+    assert!(
+        (0.08..0.3).contains(&slow),
+        "{slow} of deliveries took 1 s or more\n{hgrm}"
+    );
+    assert!(hgrm.contains("#[Max     ="), "{hgrm}");
+    for name in ["service.hgrm", "lag.hgrm"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+}
+
+/// Coordinated omission: when the publisher itself stalls (its process stopped for 2 s), the
+/// messages it should have sent meanwhile go out late. Stamped when written they would look
+/// fast; counted from their scheduled time they show the wait, and the report says how far
+/// the publishers fell behind.
+#[test]
+fn a_publisher_that_falls_behind_does_not_hide_the_wait() {
+    let s = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = stalled_run(&s, dir.path(), |load| {
+        let shard = std::fs::read_to_string(format!("/proc/{load}/task/{load}/children")).unwrap();
+        let shard: i32 = shard.split_whitespace().next().unwrap().parse().unwrap();
+        stop_for_two_seconds(shard);
+    });
+    assert!(r["latency"]["max_ms"].as_f64().unwrap() >= 2000.0, "{r}");
+    assert!(r["latency"]["p99_ms"].as_f64().unwrap() >= 1500.0, "{r}");
+    let lag = &r["schedule_lag"];
+    assert!(lag["max_ms"].as_f64().unwrap() >= 1900.0, "{r}");
+    // About 100 messages were due in the stall; all but the last few went out > 10 ms late.
+    assert!(lag["late"].as_u64().unwrap() >= 80, "{r}");
+    // Written late, each was delivered quickly: the service time alone would hide the stall.
+    assert!(
+        r["service_time"]["max_ms"].as_f64().unwrap() < 1000.0,
+        "{r}"
+    );
+}
+
 #[test]
 fn connections_survive_heartbeat_rounds_because_pings_are_answered() {
     let s = Server::start(&["--ping-interval", "300", "--ping-timeout", "300"]);

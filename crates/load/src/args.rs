@@ -89,6 +89,11 @@ pub struct LoadArgs {
     pub payload: usize,
     #[arg(long, value_enum, default_value = "json")]
     pub encoding: LoadEncoding,
+    /// Write the run's histograms here (created if missing): latency.hgrm (from each message's
+    /// scheduled send), service.hgrm (from its actual write) and lag.hgrm (how late the
+    /// publishers wrote), in HdrHistogram's percentile-distribution format.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
     /// Hold every connection open this long after all are up (and rooms joined), before the
     /// message phase: long enough to cross heartbeat rounds.
     #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]

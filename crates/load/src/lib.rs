@@ -337,6 +337,8 @@ impl Coordinator {
         let mut tally = Tally::default();
         let mut connect = report::histogram();
         let mut latency = report::histogram();
+        let mut service = report::histogram();
+        let mut lag = report::histogram();
         let mut open_at_end = 0;
         self.until_all("finish", |e| match e {
             Event::Result {
@@ -347,8 +349,14 @@ impl Coordinator {
                 for &(v, c) in &t.connect_us {
                     let _ = connect.record_n(v, c);
                 }
-                for &(v, c) in &t.latency_us {
-                    let _ = latency.record_n(v, c);
+                for (h, buckets) in [
+                    (&mut latency, &t.latency_us),
+                    (&mut service, &t.service_us),
+                    (&mut lag, &t.lag_us),
+                ] {
+                    for &(v, c) in buckets {
+                        let _ = h.record_n(v, c);
+                    }
                 }
                 open_at_end += o;
                 true
@@ -359,6 +367,14 @@ impl Coordinator {
         outcome.open_at_end = open_at_end;
         outcome.connect_time = report::Percentiles::of(&connect);
         outcome.latency = report::Percentiles::of(&latency);
+        outcome.service_time = report::Percentiles::of(&service);
+        outcome.schedule_lag = report::Lag::of(&lag);
+        if let Some(dir) = &self.args.out {
+            write_histograms(
+                dir,
+                &[("latency", &latency), ("service", &service), ("lag", &lag)],
+            )?;
+        }
         if outcome.publish_seconds > 0.0 {
             outcome.publish_rate_achieved = outcome.tally.sent as f64 / outcome.publish_seconds;
         }
@@ -457,6 +473,23 @@ impl Coordinator {
             );
         }
     }
+}
+
+/// `--out DIR`: each histogram as `NAME.hgrm` (HdrHistogram's percentile distribution), written
+/// whole or not at all (a temporary file renamed into place).
+fn write_histograms(
+    dir: &std::path::Path,
+    all: &[(&str, &hdrhistogram::Histogram<u64>)],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
+    for (name, h) in all {
+        let path = dir.join(format!("{name}.hgrm"));
+        let tmp = dir.join(format!(".{name}.hgrm.tmp"));
+        std::fs::write(&tmp, report::hgrm(h))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

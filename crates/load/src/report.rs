@@ -46,6 +46,10 @@ pub struct Tally {
     pub connect_us: Vec<(u64, u64)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub latency_us: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_us: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lag_us: Vec<(u64, u64)>,
 }
 
 impl Tally {
@@ -92,6 +96,78 @@ impl Percentiles {
     }
 }
 
+/// A message counts as sent late when its publisher wrote it this long after its scheduled
+/// time (the publish loop's own tick is 2 ms; anything past 10 ms is the load falling behind).
+pub const LATE_US: u64 = 10_000;
+
+/// How far the publishers fell behind their schedule: from each message's scheduled time to
+/// the moment its connection wrote it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Lag {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Messages written more than `LATE_US` after their scheduled time.
+    pub late: u64,
+}
+
+impl Lag {
+    pub fn of(h: &Histogram<u64>) -> Lag {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Lag {
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+            late: h.count_between(LATE_US + 1, u64::MAX),
+        }
+    }
+}
+
+/// A histogram of microseconds in HdrHistogram's percentile-distribution text (`.hgrm`: what
+/// its `HistogramLogProcessor` writes and its plotter reads), in milliseconds, five ticks per
+/// half distance to 100 %.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let ms = |us: f64| us / 1000.0;
+    let mut out = format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let value = ms(v.value_iterated_to() as f64);
+        if q < 1.0 {
+            out.push_str(&format!(
+                "{value:12.3} {q:2.12} {total:10} {:14.2}\n",
+                1.0 / (1.0 - q)
+            ));
+        } else {
+            out.push_str(&format!("{value:12.3} {q:2.12} {total:10}\n"));
+        }
+    }
+    let sub_buckets = (2.0 * 10f64.powi(i32::from(h.sigfig())))
+        .log2()
+        .ceil()
+        .exp2() as u64;
+    out.push_str(&format!(
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]\n",
+        ms(h.mean()),
+        ms(h.stdev())
+    ));
+    out.push_str(&format!(
+        "#[Max     = {:12.3}, Total count    = {:12}]\n",
+        ms(h.max() as f64),
+        h.len()
+    ));
+    out.push_str(&format!(
+        "#[Buckets = {:12}, SubBuckets     = {:12}]\n",
+        h.buckets(),
+        sub_buckets
+    ));
+    out
+}
+
 /// The whole run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Outcome {
@@ -109,7 +185,12 @@ pub struct Outcome {
     pub held_seconds: f64,
     pub publish_seconds: f64,
     pub publish_rate_achieved: f64,
+    /// Delivery latency from each message's scheduled send time (as wrk2 measures: a publisher
+    /// that fell behind its schedule does not hide the wait).
     pub latency: Percentiles,
+    /// Delivery latency from the moment the message was actually written (the service time).
+    pub service_time: Percentiles,
+    pub schedule_lag: Lag,
     /// Deliveries missing after the drain (expected - received, if positive).
     pub lost: u64,
     /// True when every connection opened, none dropped, and every message arrived.
@@ -203,12 +284,28 @@ impl Outcome {
                 self.lost
             ));
             s.push_str(&format!(
-                "delivery latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} samples)\n",
+                "delivery latency from the scheduled send: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} samples)\n",
                 self.latency.p50_ms,
                 self.latency.p99_ms,
                 self.latency.p999_ms,
                 self.latency.max_ms,
                 self.latency.samples
+            ));
+            s.push_str(&format!(
+                "service time from the actual send: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms\n",
+                self.service_time.p50_ms,
+                self.service_time.p99_ms,
+                self.service_time.p999_ms,
+                self.service_time.max_ms
+            ));
+            s.push_str(&format!(
+                "publishers behind schedule: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} of {} messages sent more than {} ms late\n",
+                self.schedule_lag.p50_ms,
+                self.schedule_lag.p99_ms,
+                self.schedule_lag.max_ms,
+                self.schedule_lag.late,
+                t.sent,
+                LATE_US / 1000
             ));
         }
         if self.ok {
@@ -219,5 +316,54 @@ impl Outcome {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `.hgrm` text as HdrHistogram's plotter reads it: a header, one line per percentile
+    /// step with the cumulative count (the last at 100 % without the 1/(1-p) column), and the
+    /// summary lines; values in milliseconds.
+    #[test]
+    fn hgrm_is_the_percentile_distribution_hdrhistogram_writes() {
+        let mut h = histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap(); // 1 to 1,000 ms
+        }
+        let text = hgrm(&h);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
+        );
+        assert_eq!(lines[1], "");
+        let rows: Vec<Vec<&str>> = lines[2..]
+            .iter()
+            .take_while(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0][..3], ["1.000", "0.000000000000", "1"]);
+        let last = rows.last().unwrap();
+        assert_eq!(last.len(), 3, "{last:?}");
+        assert_eq!(last[1], "1.000000000000");
+        assert_eq!(last[2], "1000");
+        let at = |p: f64| {
+            let row = rows
+                .iter()
+                .find(|r| r[1].parse::<f64>().unwrap() >= p)
+                .unwrap();
+            row[0].parse::<f64>().unwrap()
+        };
+        assert!((495.0..=505.0).contains(&at(0.5)), "{text}");
+        let counts: Vec<u64> = rows.iter().map(|r| r[2].parse().unwrap()).collect();
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "cumulative");
+        // The maximum as HdrHistogram reports it: the top of its bucket (3 digits).
+        assert!(
+            text.contains("#[Max     =     1000.447, Total count    =         1000]"),
+            "{text}"
+        );
+        assert!(text.ends_with("#[Buckets =           22, SubBuckets     =         2048]\n"));
     }
 }

@@ -104,7 +104,12 @@ struct Shard {
     source: Option<Ipv4Addr>,
     tally: RefCell<Tally>,
     connect_us: RefCell<Histogram<u64>>,
+    /// From each message's scheduled send time to its delivery.
     latency_us: RefCell<Histogram<u64>>,
+    /// From the moment a message was written to its delivery.
+    service_us: RefCell<Histogram<u64>>,
+    /// From each message's scheduled time to the moment it was written.
+    lag_us: RefCell<Histogram<u64>>,
     inflight: Cell<u64>,
     open: Cell<u64>,
     /// Connections that ended by themselves, before `finish`.
@@ -156,6 +161,8 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
         tally: RefCell::new(Tally::default()),
         connect_us: RefCell::new(report::histogram()),
         latency_us: RefCell::new(report::histogram()),
+        service_us: RefCell::new(report::histogram()),
+        lag_us: RefCell::new(report::histogram()),
         inflight: Cell::new(0),
         open: Cell::new(0),
         dropped: Cell::new(0),
@@ -212,6 +219,8 @@ impl Shard {
         let mut tally = self.tally.borrow().clone();
         tally.connect_us = report::buckets(&self.connect_us.borrow());
         tally.latency_us = report::buckets(&self.latency_us.borrow());
+        tally.service_us = report::buckets(&self.service_us.borrow());
+        tally.lag_us = report::buckets(&self.lag_us.borrow());
         emit(&Event::Result { tally, open_at_end });
         Ok(0)
     }
@@ -370,13 +379,14 @@ impl Shard {
         let publishers: Vec<usize> = (0..conns.len())
             .filter(|&i| conns[i].room_size >= 2)
             .collect();
-        let start = Instant::now();
+        let (start, start_us) = (Instant::now(), monotonic_us());
         if rate <= 0.0 || publishers.is_empty() {
             return 0.0;
         }
         // The run's messages are due at m / rate (m = 0, 1, ...); this process publishes those
         // with m = index mod shards. Together the processes publish at the run's rate, evenly
         // spaced: at 1/s over 6 processes, one a second, not six at once every six seconds.
+        // Each carries its scheduled time, from which its latency counts (`schedule_us`).
         let all = (rate * self.args.publish_seconds).round() as u64;
         let (index, shards) = (self.index, self.shards);
         let mine = |upto: u64| {
@@ -390,11 +400,13 @@ impl Shard {
         let total = mine(all);
         let stride = lap_stride(publishers.len());
         let mut next = 0usize;
-        let mut tick = tokio::time::interval(Duration::from_millis(2));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sent = 0u64;
         while sent < total {
-            tick.tick().await;
+            // Asleep until this process's next message is due (the timer's resolution, 1 ms,
+            // is what it may be late by), then everything due by now.
+            let next_due = schedule_us(0, index + sent * shards, rate);
+            let wake = start + Duration::from_micros(next_due);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
             let due = mine(((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(all));
             while sent < due {
                 // Skip connections that are gone; give up on a full lap of dead ones.
@@ -404,7 +416,8 @@ impl Shard {
                     next += 1;
                     tries += 1;
                     let c = &conns[i];
-                    if c.mailbox.post(|m| m.publish.set(m.publish.get() + 1)) {
+                    let due = schedule_us(start_us, index + sent * shards, rate);
+                    if c.mailbox.post(|m| m.publish.borrow_mut().push(due)) {
                         let mut t = self.tally.borrow_mut();
                         t.sent += 1;
                         t.expected += u64::from(c.room_size) - 1;
@@ -421,6 +434,12 @@ impl Shard {
     }
 }
 
+/// When message `m` of the run (numbered over all processes) is due: m / rate seconds after
+/// the message phase began, in `monotonic_us` time.
+fn schedule_us(start_us: u64, m: u64, rate: f64) -> u64 {
+    start_us + (m as f64 * 1e6 / rate).round() as u64
+}
+
 /// A step that visits every one of `n` places once per lap (coprime with `n`) and jumps far
 /// each time: the first number coprime with `n` from n x 0.618 up.
 fn lap_stride(n: usize) -> usize {
@@ -433,7 +452,17 @@ fn lap_stride(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::lap_stride;
+    use super::{lap_stride, schedule_us};
+
+    /// Messages are due evenly from the phase's start, whatever process sends them: the
+    /// schedule their latency counts from.
+    #[test]
+    fn messages_are_due_at_their_place_in_the_run() {
+        assert_eq!(schedule_us(1_000, 0, 10.0), 1_000);
+        assert_eq!(schedule_us(1_000, 25, 10.0), 2_501_000);
+        assert_eq!(schedule_us(0, 3, 0.5), 6_000_000);
+        assert_eq!(schedule_us(0, 1, 3.0), 333_333);
+    }
 
     #[test]
     fn a_lap_visits_every_publisher_once_and_scatters() {

@@ -2,7 +2,7 @@
 //! follow the shard's commands (join, count, publish, finish) while answering pings and timing
 //! every stamped room message it receives.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -31,8 +31,9 @@ pub struct Mailbox {
     pub count: Cell<bool>,
     /// The member count the last `count` was answered with.
     pub counted: Cell<Option<u64>>,
-    /// Messages to publish.
-    pub publish: Cell<u32>,
+    /// Messages to publish, by their scheduled time (`monotonic_us`); empty without an
+    /// allocation while nothing is asked.
+    pub publish: RefCell<Vec<u64>>,
     pub finish: Cell<bool>,
     /// The connection ended (or never opened): nothing posted reaches it any more.
     gone: Cell<bool>,
@@ -151,7 +152,7 @@ impl Shard {
         let join = mailbox.join.take();
         let count = mailbox.count.take();
         let publish = mailbox.publish.take();
-        if !(join || count || publish > 0) {
+        if !(join || count || !publish.is_empty()) {
             return None;
         }
         let room = self
@@ -178,8 +179,8 @@ impl Shard {
                 },
             );
         }
-        for _ in 0..publish {
-            self.publish_frame(out, &room);
+        for due in publish {
+            self.publish_frame(out, &room, due);
         }
         None
     }
@@ -388,12 +389,16 @@ impl Shard {
         match m.op.as_str() {
             "message" => {
                 // Only this run's messages (stamped) are timed and counted.
-                if let Some(DataIn::Stamp { t }) = m.data {
+                if let Some(DataIn::Stamp { t, s }) = m.data {
                     let now = monotonic_us();
                     let _ = self
                         .latency_us
                         .borrow_mut()
                         .record(now.saturating_sub(t).max(1));
+                    let _ = self
+                        .service_us
+                        .borrow_mut()
+                        .record(now.saturating_sub(s.unwrap_or(t)).max(1));
                     self.tally.borrow_mut().received += 1;
                 }
             }
@@ -432,12 +437,20 @@ impl Shard {
         }
     }
 
-    fn publish_frame(&self, out: &mut Vec<u8>, room: &str) {
+    /// A message scheduled for `due`, written now: stamped with both, so its delivery counts
+    /// from the schedule (a publisher behind it does not hide the wait) and from the write.
+    fn publish_frame(&self, out: &mut Vec<u8>, room: &str, due: u64) {
+        let now = monotonic_us();
+        let _ = self
+            .lag_us
+            .borrow_mut()
+            .record(now.saturating_sub(due).max(1));
         let msg = PublishMsg {
             op: "publish",
             room,
             data: Stamp {
-                t: monotonic_us(),
+                t: due,
+                s: now,
                 p: Some(&self.pad),
             },
         };
@@ -468,7 +481,11 @@ struct Incoming {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum DataIn {
-    Stamp { t: u64 },
+    Stamp {
+        t: u64,
+        #[serde(default)]
+        s: Option<u64>,
+    },
     Other(serde::de::IgnoredAny),
 }
 
@@ -497,7 +514,10 @@ struct PublishMsg<'a> {
 
 #[derive(Serialize)]
 struct Stamp<'a> {
+    /// When the message was scheduled.
     t: u64,
+    /// When it was written.
+    s: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     p: Option<&'a str>,
 }
