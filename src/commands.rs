@@ -31,9 +31,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Token(args) => token(&args),
         Command::Load(args) => {
             let finished = load::generate(&args)?;
-            if let Some(json) = finished.json {
-                outln!("{json}");
-            }
+            out!("{}", finished.out);
             Ok(finished.code)
         }
     }

@@ -185,6 +185,91 @@ fn a_publisher_that_falls_behind_does_not_hide_the_wait() {
     );
 }
 
+/// `--fail-if` gates a run: thresholds met leave exit 0, one not met makes it 1 and is named
+/// with what was measured, in the JSON (its schema named) and in the summary on stdout.
+#[test]
+fn thresholds_gate_the_run_and_name_what_failed() {
+    let s = Server::start(&[]);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "-n",
+            "40",
+            "--publish-rate",
+            "100",
+            "--publish-seconds",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        load(&url(&s), &args)
+    };
+    let o = run(&["--fail-if", "lost==0", "--fail-if", "open_ratio>=0.999"]);
+    let r = json(&o);
+    assert_eq!(code(&o), 0, "{r}");
+    assert_eq!(r["schema"], "tunegate.load/1");
+    assert_eq!(r["thresholds"].as_array().unwrap().len(), 2, "{r}");
+    assert!(
+        r["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["ok"] == true)
+    );
+    // Nobody delivers in under a microsecond.
+    let o = run(&["--fail-if", "lost==0", "--fail-if", "p50 < 1us"]);
+    let r = json(&o);
+    assert_eq!(code(&o), 1, "{r}");
+    assert_eq!(r["ok"], false);
+    let failed = &r["thresholds"][1];
+    assert_eq!(
+        (failed["threshold"].as_str(), failed["ok"].as_bool()),
+        (Some("p50 < 1us"), Some(false))
+    );
+    assert_eq!(failed["measured"].as_f64(), r["latency"]["p50_ms"].as_f64());
+    let problems = r["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "only the threshold failed: {r}");
+    assert!(
+        problems[0]
+            .as_str()
+            .unwrap()
+            .starts_with("--fail-if \"p50 < 1us\" not met: p50 was "),
+        "{r}"
+    );
+    // For people (no --json): the summary on stdout, the verdict per threshold in it.
+    let o = Command::new(bin())
+        .args([
+            "load",
+            &url(&s),
+            "-n",
+            "10",
+            "--fail-if",
+            "opened>=10",
+            "--fail-if",
+            "opened>10",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("threshold \"opened>=10\": met (opened 10)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("threshold \"opened>10\": NOT met (opened 10)"),
+        "{out}"
+    );
+    assert!(
+        !stderr(&o).contains("threshold"),
+        "the summary is not on stderr"
+    );
+    // --format json is --json.
+    let o = Command::new(bin())
+        .args(["load", &url(&s), "-n", "5", "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(json(&o)["opened"], 5);
+}
+
 #[test]
 fn connections_survive_heartbeat_rounds_because_pings_are_answered() {
     let s = Server::start(&["--ping-interval", "300", "--ping-timeout", "300"]);
@@ -294,6 +379,14 @@ fn bad_arguments_exit_2_and_name_the_flag() {
                 "5",
             ],
             "--protocol relay",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--fail-if", "p99<50"],
+            "--fail-if \"p99<50\": p99 needs a time with its unit",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--fail-if", "latency<5ms"],
+            "unknown metric \"latency\"",
         ),
     ] {
         let o = Command::new(bin())

@@ -25,6 +25,12 @@ pub enum LoadProtocol {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LoadEncoding {
     Json,
     Msgpack,
@@ -105,9 +111,18 @@ pub struct LoadArgs {
     /// RLIMIT_NOFILE allows.
     #[arg(long)]
     pub processes: Option<usize>,
-    /// The result as JSON on stdout (progress still goes to stderr).
+    /// The summary on stdout for people (`human`) or as JSON (`json`, docs/load.md lists
+    /// every field); progress goes to stderr either way.
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: LoadFormat,
+    /// Same as --format json.
     #[arg(long)]
     pub json: bool,
+    /// A threshold the run must meet, or it fails (exit 1, the threshold named): METRIC OP
+    /// VALUE, e.g. 'p99<50ms', 'lost==0', 'open_ratio>=0.999' (docs/load.md lists the metrics).
+    /// Repeatable.
+    #[arg(long = "fail-if", value_name = "THRESHOLD")]
+    pub fail_if: Vec<String>,
     /// Hard cap on the whole run; everything stops then, whatever the phase.
     #[arg(long, default_value_t = 900.0, value_name = "SECONDS")]
     pub max_time: f64,

@@ -14,6 +14,7 @@ mod args;
 mod plan;
 pub mod report;
 mod shard;
+mod thresholds;
 mod tls;
 mod wire;
 
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-pub use args::{BadArguments, LoadArgs, LoadEncoding, LoadProtocol};
+pub use args::{BadArguments, LoadArgs, LoadEncoding, LoadFormat, LoadProtocol};
 use report::{Outcome, Tally};
 use shard::Event;
 
@@ -113,12 +114,13 @@ pub fn monotonic_us() -> u64 {
     })
 }
 
-/// How a run ended: the exit code (0 every connection opened and stayed open and every message
-/// reached every member, 1 otherwise) and, with `--json`, the outcome for stdout, which the
-/// caller prints (this crate writes stdout only as a shard, to its coordinator).
+/// How a run ended: the exit code (0 every connection opened and stayed open, every message
+/// reached every member and every `--fail-if` held; 1 otherwise) and the summary for stdout
+/// (for people, or JSON), which the caller prints (this crate writes stdout only as a shard,
+/// to its coordinator).
 pub struct Finished {
     pub code: u8,
-    pub json: Option<String>,
+    pub out: String,
 }
 
 pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
@@ -132,7 +134,10 @@ pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
             .filter(|&(i, k): &(u64, u64)| i < k)
             .ok_or_else(|| BadArguments(format!("--shard {spec:?}: expected I/K with I < K")))?;
         let code = shard::run_shard(args, targets, i, k)?;
-        return Ok(Finished { code, json: None });
+        return Ok(Finished {
+            code,
+            out: String::new(),
+        });
     }
     Coordinator::new(args.clone())?.run()
 }
@@ -164,7 +169,15 @@ fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
     if args.protocol == LoadProtocol::Relay {
         plan::Spread::parse(&args.rooms, args.connections).map_err(BadArguments)?;
     }
+    thresholds(args)?;
     Ok(())
+}
+
+fn thresholds(args: &LoadArgs) -> Result<Vec<thresholds::Threshold>, BadArguments> {
+    args.fail_if
+        .iter()
+        .map(|t| thresholds::Threshold::parse(t).map_err(BadArguments))
+        .collect()
 }
 
 struct ShardProc {
@@ -250,17 +263,20 @@ impl Coordinator {
             let _ = s.child.wait();
         }
         let mut outcome = result?;
-        outcome.judge();
+        outcome.judge(&thresholds(&self.args)?);
         if self.tty {
             eprintln!();
         }
-        eprint!("{}", outcome.human());
+        let json = self.args.json || self.args.format == LoadFormat::Json;
         Ok(Finished {
             code: if outcome.ok { 0 } else { 1 },
-            json: if self.args.json {
-                Some(serde_json::to_string_pretty(&outcome)?)
+            // The summary for people goes to stdout; with JSON there, to stderr beside the
+            // progress (a log still shows it).
+            out: if json {
+                eprint!("{}", outcome.human());
+                serde_json::to_string_pretty(&outcome)? + "\n"
             } else {
-                None
+                outcome.human()
             },
         })
     }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::thresholds::{Checked, Threshold};
+
 /// A histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds")
@@ -168,9 +170,13 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     out
 }
 
+/// The JSON report's schema identifier; bumped on an incompatible change.
+pub const LOAD_SCHEMA: &str = "tunegate.load/1";
+
 /// The whole run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Outcome {
+    pub schema: String,
     pub target: String,
     pub connections: u64,
     pub processes: usize,
@@ -193,13 +199,17 @@ pub struct Outcome {
     pub schedule_lag: Lag,
     /// Deliveries missing after the drain (expected - received, if positive).
     pub lost: u64,
-    /// True when every connection opened, none dropped, and every message arrived.
+    /// Every `--fail-if`, with what the run measured.
+    pub thresholds: Vec<Checked>,
+    /// True when every connection opened, none dropped, every message arrived and every
+    /// threshold held.
     pub ok: bool,
     pub problems: Vec<String>,
 }
 
 impl Outcome {
-    pub fn judge(&mut self) {
+    pub fn judge(&mut self, thresholds: &[Threshold]) {
+        self.schema = LOAD_SCHEMA.to_string();
         let t = &self.tally;
         let mut p = Vec::new();
         if t.opened < self.connections {
@@ -237,8 +247,17 @@ impl Outcome {
                 t.received - t.expected
             ));
         }
-        self.ok = p.is_empty();
         self.problems = p;
+        self.thresholds = thresholds.iter().map(|t| t.check(self)).collect();
+        for c in self.thresholds.iter().filter(|c| !c.ok) {
+            self.problems.push(format!(
+                "--fail-if {:?} not met: {} was {}",
+                c.threshold,
+                c.metric,
+                c.shown()
+            ));
+        }
+        self.ok = self.problems.is_empty();
     }
 
     pub fn human(&self) -> String {
@@ -306,6 +325,15 @@ impl Outcome {
                 self.schedule_lag.late,
                 t.sent,
                 LATE_US / 1000
+            ));
+        }
+        for c in &self.thresholds {
+            s.push_str(&format!(
+                "threshold {:?}: {} ({} {})\n",
+                c.threshold,
+                if c.ok { "met" } else { "NOT met" },
+                c.metric,
+                c.shown()
             ));
         }
         if self.ok {
