@@ -71,7 +71,7 @@ fn share_at_or_above(hgrm: &str, ms: f64) -> f64 {
     1.0 - below
 }
 
-/// `tunegate load` for a message phase of 6 s at 50 messages/s (rooms of 10, one load
+/// `tunegate load` for a message phase of 6 s at 200 messages/s (rooms of 10, one load
 /// process), its histograms in `out`; `stall` is called with the load's pid once its progress
 /// line says it publishes (at most a second into the phase).
 fn stalled_run(s: &Server, out: &std::path::Path, stall: impl FnOnce(i32)) -> serde_json::Value {
@@ -90,7 +90,7 @@ fn stalled_run(s: &Server, out: &std::path::Path, stall: impl FnOnce(i32)) -> se
         ])
         .args([
             "--publish-rate",
-            "50",
+            "200",
             "--publish-seconds",
             "6",
             "--processes",
@@ -125,6 +125,10 @@ fn stalled_run(s: &Server, out: &std::path::Path, stall: impl FnOnce(i32)) -> se
     load_whole(&o, 20, &log)
 }
 
+/// What the longest wait in a 2 s stall is at least: the first message scheduled after the
+/// stop began (at most 1/200 s later) waits the rest of it.
+const STALLED_MS: f64 = 2000.0 - 5.0;
+
 /// SIGSTOP for two seconds, then SIGCONT.
 fn stop_for_two_seconds(pid: i32) {
     use nix::sys::signal::{Signal, kill};
@@ -145,7 +149,7 @@ fn a_server_stalled_for_two_seconds_shows_in_the_latency() {
     let server = s.child.id() as i32;
     let r = stalled_run(&s, dir.path(), |_| stop_for_two_seconds(server));
     let latency = &r["latency"];
-    assert!(latency["max_ms"].as_f64().unwrap() >= 2000.0, "{r}");
+    assert!(latency["max_ms"].as_f64().unwrap() >= STALLED_MS, "{r}");
     assert!(latency["p99_ms"].as_f64().unwrap() >= 1500.0, "{r}");
     let hgrm = std::fs::read_to_string(dir.path().join("latency.hgrm")).unwrap();
     let slow = share_at_or_above(&hgrm, 1000.0);
@@ -172,15 +176,20 @@ fn a_publisher_that_falls_behind_does_not_hide_the_wait() {
         let shard: i32 = shard.split_whitespace().next().unwrap().parse().unwrap();
         stop_for_two_seconds(shard);
     });
-    assert!(r["latency"]["max_ms"].as_f64().unwrap() >= 2000.0, "{r}");
+    assert!(
+        r["latency"]["max_ms"].as_f64().unwrap() >= STALLED_MS,
+        "{r}"
+    );
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() >= 1500.0, "{r}");
     let lag = &r["schedule_lag"];
     assert!(lag["max_ms"].as_f64().unwrap() >= 1900.0, "{r}");
-    // About 100 messages were due in the stall; all but the last few went out > 10 ms late.
-    assert!(lag["late"].as_u64().unwrap() >= 80, "{r}");
+    // About 400 messages were due in the stall; all but the last few went out > 10 ms late.
+    assert!(lag["late"].as_u64().unwrap() >= 350, "{r}");
     // Written late, each was delivered quickly: the service time alone would hide the stall.
+    // (Not its maximum: the receivers live in the stopped process too, so a message in flight
+    // when it stopped, a handful of 10,800 deliveries, waits as well.)
     assert!(
-        r["service_time"]["max_ms"].as_f64().unwrap() < 1000.0,
+        r["service_time"]["p99_ms"].as_f64().unwrap() < 1000.0,
         "{r}"
     );
 }
@@ -268,6 +277,31 @@ fn thresholds_gate_the_run_and_name_what_failed() {
         .output()
         .unwrap();
     assert_eq!(json(&o)["opened"], 5);
+}
+
+/// `-H` headers reach the server: one that accepts a single Origin refuses a load without it
+/// (every connect answered 403) and takes every connection that sends it.
+#[test]
+fn headers_reach_the_server() {
+    let s = Server::start(&["--allowed-origin", "https://app.example"]);
+    let o = load(&url(&s), &["-n", "20"]);
+    let r = json(&o);
+    assert_eq!(code(&o), 1, "{r}");
+    assert_eq!(r["connect_errors"]["http 403"], 20, "{r}");
+    let o = load(
+        &url(&s),
+        &[
+            "-n",
+            "20",
+            "-H",
+            "Origin: https://app.example",
+            "-H",
+            "Cookie: sid=1",
+        ],
+    );
+    let r = json(&o);
+    assert_eq!(code(&o), 0, "{r}\n{}", stderr(&o));
+    assert_eq!(r["opened"], 20);
 }
 
 #[test]
@@ -387,6 +421,14 @@ fn bad_arguments_exit_2_and_name_the_flag() {
         (
             vec!["ws://127.0.0.1:1/", "--fail-if", "latency<5ms"],
             "unknown metric \"latency\"",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "-H", "Sec-WebSocket-Version: 8"],
+            "the handshake sets it",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--token-file", "/nonexistent/token"],
+            "--token-file /nonexistent/token: ",
         ),
     ] {
         let o = Command::new(bin())

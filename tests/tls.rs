@@ -247,6 +247,24 @@ fn load_runs_over_wss_with_a_token_and_is_refused_without_one() {
         assert_eq!(r["lost"], 0, "{r}");
         assert_eq!(r["received"], r["expected"], "{r}");
     }
+    // A name in the URL, resolved once and the certificate checked against it; the token
+    // from a file, the CA through --ca (--ca-file's alias).
+    let token_file = dir.path().join("load.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let o = common::load(
+        &format!("wss://localhost:{}/", s.addr.port()),
+        &[
+            "--ca",
+            ca_s,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "-n",
+            "50",
+        ],
+    );
+    let r = common::json(&o);
+    assert_eq!(code(&o), 0, "localhost: {}\n{r}", stderr(&o));
+    assert_eq!(r["opened"], 50, "{r}");
     let o = load(&format!("wss://127.0.0.1:{}/", s.addr.port()), None);
     let r = common::json(&o);
     assert_eq!(code(&o), 1, "{r}");

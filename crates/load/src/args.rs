@@ -38,8 +38,8 @@ pub enum LoadEncoding {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Target, ws://HOST:PORT/PATH or wss:// (an IP address, IPv6 in brackets); several,
-    /// comma-separated, for the
+    /// Target, ws://HOST:PORT/PATH or wss:// (an IP address, IPv6 in brackets, or a name,
+    /// resolved once when each process starts); several, comma-separated, for the
     /// hosts of one service (joined by `serve --bus`): connections are spread over them as a
     /// load balancer would.
     pub url: String,
@@ -71,9 +71,18 @@ pub struct LoadArgs {
     #[arg(long)]
     pub deflate: bool,
     /// With wss:// targets: the CA certificates (PEM) to trust instead of the system's (the
-    /// certificate must name the target's IP address).
-    #[arg(long, value_name = "FILE")]
+    /// certificate must name the target: its IP address, or the name in the URL).
+    #[arg(long, visible_alias = "ca", value_name = "FILE")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// An extra header on every upgrade request, 'Name: value' (Origin, Authorization,
+    /// Cookie, ...); repeatable. 'Host: ...' replaces the URL's host. The handshake's own
+    /// headers are refused.
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// Read the token (see --token) from the first line of this file: kept out of the
+    /// process list and the shell's history.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// A token every connection presents (`Authorization: Bearer`), for a server started with
     /// --auth-secret-file or --auth-public-key (`tunegate token` mints one; its claims must
     /// allow the rooms of --rooms).

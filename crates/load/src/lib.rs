@@ -11,6 +11,7 @@
 //! It is a client from the outside: nothing here imports the server or the tuning side.
 
 mod args;
+mod headers;
 mod plan;
 pub mod report;
 mod shard;
@@ -37,6 +38,8 @@ pub struct Target {
     pub host: String,
     pub path: String,
     pub tls: bool,
+    /// The DNS name the URL gave, if it gave one (TLS checks the certificate against it).
+    pub name: Option<String>,
 }
 
 impl Target {
@@ -53,9 +56,10 @@ impl Target {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let addr: SocketAddr = hostport.parse().map_err(|_| {
-            format!("{url:?}: expected ws://IP:PORT/PATH (an IP address, not a name)")
-        })?;
+        let (addr, name) = match hostport.parse::<SocketAddr>() {
+            Ok(addr) => (addr, None),
+            Err(_) => resolve(url, hostport, tls)?,
+        };
         let mut path = path.to_string();
         if msgpack && !path.contains("encoding=msgpack") {
             path.push(if path.contains('?') { '&' } else { '?' });
@@ -66,8 +70,41 @@ impl Target {
             host: hostport.to_string(),
             path,
             tls,
+            name,
         })
     }
+}
+
+/// `NAME[:PORT]` (the port 80 or 443 by default) resolved once, here, not per connection: the
+/// first IPv4 address the resolver gives, else the first (a name that resolves to 127.0.0.1
+/// and ::1, as localhost does, is reached over the one a server on 127.0.0.1 listens on).
+fn resolve(url: &str, hostport: &str, tls: bool) -> Result<(SocketAddr, Option<String>), String> {
+    use std::net::ToSocketAddrs;
+    let (name, port) = match hostport.rsplit_once(':') {
+        Some((name, port)) => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
+            (name, port)
+        }
+        None => (hostport, if tls { 443 } else { 80 }),
+    };
+    if name.is_empty() || name.starts_with('[') {
+        return Err(format!(
+            "{url:?}: expected ws://HOST:PORT/PATH (IPv6 as [ADDRESS]:PORT)"
+        ));
+    }
+    let all: Vec<SocketAddr> = (name, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{url:?}: {name} does not resolve: {e}"))?
+        .collect();
+    let addr = all
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{url:?}: {name} resolves to no address"))?;
+    Ok((addr, Some(name.to_string())))
 }
 
 /// Every target: the hosts of one service (joined by `--bus`). Connections are spread over them
@@ -170,6 +207,7 @@ fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
         plan::Spread::parse(&args.rooms, args.connections).map_err(BadArguments)?;
     }
     thresholds(args)?;
+    headers::extra(args)?;
     Ok(())
 }
 
@@ -525,7 +563,24 @@ mod tests {
         assert!(Target::parse("wss://127.0.0.1:1/", false).unwrap().tls);
         assert!(!Target::parse("ws://127.0.0.1:1/", false).unwrap().tls);
         assert!(Target::parse("http://127.0.0.1:1/", false).is_err());
-        assert!(Target::parse("ws://localhost:1/", false).is_err());
+        // A name resolves once, to IPv4 first; the Host header and TLS keep the name.
+        let t = Target::parse("ws://localhost:1/", false).unwrap();
+        assert_eq!(t.addr, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            (t.host.as_str(), t.name.as_deref()),
+            ("localhost:1", Some("localhost"))
+        );
+        assert_eq!(
+            Target::parse("wss://localhost/", false)
+                .unwrap()
+                .addr
+                .port(),
+            443
+        );
+        let e = Target::parse("ws://no-such-host.invalid:1/", false).unwrap_err();
+        assert!(e.contains("no-such-host.invalid does not resolve"), "{e}");
+        let e = Target::parse("ws://localhost:http/", false).unwrap_err();
+        assert!(e.contains("\"http\" is not a port"), "{e}");
         let t = Targets::parse("ws://[::1]:8080/x", false).unwrap();
         assert_eq!(t.of(0).addr, "[::1]:8080".parse().unwrap());
         assert_eq!(

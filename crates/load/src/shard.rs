@@ -93,6 +93,8 @@ struct Conn {
 
 struct Shard {
     args: LoadArgs,
+    /// What every upgrade request adds (`-H`, the token).
+    headers: crate::headers::Extra,
     /// This process's place among the run's (`--shard I/K`, I < K): its share of the connect
     /// rate and cap, and which of the run's messages it publishes.
     index: u64,
@@ -150,8 +152,10 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
     } else {
         None
     };
+    let headers = crate::headers::extra(args)?;
     let shard = Rc::new(Shard {
         args: args.clone(),
+        headers,
         index,
         shards,
         targets,

@@ -43,13 +43,18 @@ pub fn connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// TLS over `tcp`, checking the server's certificate against the target's IP address.
+/// TLS over `tcp`, checking the server's certificate against the name in the target's URL,
+/// or its IP address when the URL gave one.
 pub async fn wrap(
     connector: &TlsConnector,
     tcp: TcpStream,
-    ip: std::net::IpAddr,
+    target: &crate::Target,
 ) -> io::Result<Stream> {
-    let name = ServerName::IpAddress(ip.into());
+    let name = match &target.name {
+        Some(dns) => ServerName::try_from(dns.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        None => ServerName::IpAddress(target.addr.ip().into()),
+    };
     let tls = connector.connect(name, tcp).await?;
     Ok(Stream::Tls(Box::new(tls)))
 }

@@ -32,7 +32,8 @@ impl Rng {
 /// The upgrade request, and the Sec-WebSocket-Accept the server must answer with.
 /// What the upgrade offers besides the basics.
 pub struct Offer<'a> {
-    pub token: Option<&'a str>,
+    /// Extra header lines, each ending in CRLF (`headers.rs`).
+    pub headers: &'a str,
     pub deflate: bool,
 }
 
@@ -46,9 +47,7 @@ pub fn request(host: &str, path: &str, offer: &Offer<'_>, rng: &mut Rng) -> (Vec
     nonce[..8].copy_from_slice(&rng.next().to_le_bytes());
     nonce[8..].copy_from_slice(&rng.next().to_le_bytes());
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
-    let mut auth = offer
-        .token
-        .map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let mut auth = offer.headers.to_string();
     if offer.deflate {
         auth.push_str(&format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"));
     }

@@ -260,17 +260,17 @@ impl Shard {
             .map_err(|e| io_cause(&e))?;
         let _ = tcp.set_nodelay(true);
         let mut stream = match (&self.tls, target.tls) {
-            (Some(connector), true) => tls::wrap(connector, tcp, target.addr.ip())
+            (Some(connector), true) => tls::wrap(connector, tcp, target)
                 .await
                 .map_err(|e| format!("tls: {}", io_cause(&e)))?,
             _ => Stream::Plain(tcp),
         };
         let offer = wire::Offer {
-            token: self.args.token.as_deref(),
+            headers: &self.headers.lines,
             deflate: self.args.deflate,
         };
         let (req, accept) = wire::request(
-            &target.host,
+            self.headers.host.as_deref().unwrap_or(&target.host),
             &target.path,
             &offer,
             &mut self.rng.borrow_mut(),
