@@ -161,6 +161,29 @@ fn a_server_stalled_for_two_seconds_shows_in_the_latency() {
     for name in ["service.hgrm", "lag.hgrm"] {
         assert!(dir.path().join(name).exists(), "{name}");
     }
+    // Second by second, the stall is where it happened: a second in the message phase with
+    // nothing delivered, then one whose deliveries waited a second or more.
+    let csv = std::fs::read_to_string(dir.path().join("timeseries.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(
+        csv.lines().next(),
+        Some("second,open,sent,delivered,p50_ms,p99_ms")
+    );
+    let silent = rows
+        .iter()
+        .position(|r| r[2] != "0" && r[3] == "0")
+        .unwrap_or_else(|| panic!("no second sent without deliveries\n{csv}"));
+    assert!(
+        rows[silent..]
+            .iter()
+            .any(|r| r[5].parse::<f64>().is_ok_and(|p99| p99 >= 1000.0)),
+        "no slow second after the silent one\n{csv}"
+    );
+    assert!(rows.iter().all(|r| r[1] == "20" || r[1] == "0"), "{csv}");
 }
 
 /// Coordinated omission: when the publisher itself stalls (its process stopped for 2 s), the

@@ -106,7 +106,8 @@ pub struct LoadArgs {
     pub encoding: LoadEncoding,
     /// Write the run's histograms here (created if missing): latency.hgrm (from each message's
     /// scheduled send), service.hgrm (from its actual write) and lag.hgrm (how late the
-    /// publishers wrote), in HdrHistogram's percentile-distribution format.
+    /// publishers wrote), in HdrHistogram's percentile-distribution format; and
+    /// timeseries.csv, the run second by second (open, sent, delivered, p50, p99).
     #[arg(long, value_name = "DIR")]
     pub out: Option<std::path::PathBuf>,
     /// Hold every connection open this long after all are up (and rooms joined), before the

@@ -16,6 +16,7 @@ mod plan;
 pub mod report;
 mod shard;
 mod thresholds;
+mod timeseries;
 mod tls;
 mod wire;
 
@@ -233,6 +234,8 @@ struct Coordinator {
     deadline: Instant,
     tty: bool,
     last_line: Instant,
+    /// The run second by second (`--out DIR/timeseries.csv`).
+    series: timeseries::TimeSeries,
 }
 
 impl Coordinator {
@@ -283,6 +286,7 @@ impl Coordinator {
             events,
             tty: std::io::stderr().is_terminal(),
             last_line: Instant::now(),
+            series: timeseries::TimeSeries::new(Instant::now()),
         })
     }
 
@@ -424,10 +428,15 @@ impl Coordinator {
         outcome.service_time = report::Percentiles::of(&service);
         outcome.schedule_lag = report::Lag::of(&lag);
         if let Some(dir) = &self.args.out {
-            write_histograms(
-                dir,
-                &[("latency", &latency), ("service", &service), ("lag", &lag)],
-            )?;
+            let now = Instant::now();
+            let series = std::mem::replace(&mut self.series, timeseries::TimeSeries::new(now));
+            let files = [
+                ("latency.hgrm", report::hgrm(&latency)),
+                ("service.hgrm", report::hgrm(&service)),
+                ("lag.hgrm", report::hgrm(&lag)),
+                ("timeseries.csv", series.csv(now)),
+            ];
+            write_out(dir, &files)?;
         }
         if outcome.publish_seconds > 0.0 {
             outcome.publish_rate_achieved = outcome.tally.sent as f64 / outcome.publish_seconds;
@@ -486,10 +495,14 @@ impl Coordinator {
                         sent,
                         expected,
                         received,
+                        latency_us,
                         ..
                     }),
                 )) => {
                     self.shards[i].progress = [opened, failed, dropped, sent, expected, received];
+                    let sum = |k: usize| -> u64 { self.shards.iter().map(|s| s.progress[k]).sum() };
+                    let totals = (sum(0).saturating_sub(sum(2)), sum(3), sum(5));
+                    self.series.event(Instant::now(), totals, &latency_us);
                 }
                 Ok((i, Some(e))) => self.shards[i].last = Some(e),
                 // A shard ends by itself only after its result.
@@ -529,17 +542,13 @@ impl Coordinator {
     }
 }
 
-/// `--out DIR`: each histogram as `NAME.hgrm` (HdrHistogram's percentile distribution), written
-/// whole or not at all (a temporary file renamed into place).
-fn write_histograms(
-    dir: &std::path::Path,
-    all: &[(&str, &hdrhistogram::Histogram<u64>)],
-) -> anyhow::Result<()> {
+/// `--out DIR`: each file written whole or not at all (a temporary file renamed into place).
+fn write_out(dir: &std::path::Path, files: &[(&str, String)]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
-    for (name, h) in all {
-        let path = dir.join(format!("{name}.hgrm"));
-        let tmp = dir.join(format!(".{name}.hgrm.tmp"));
-        std::fs::write(&tmp, report::hgrm(h))
+    for (name, text) in files {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .with_context(|| format!("writing {}", path.display()))?;
     }

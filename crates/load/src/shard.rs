@@ -45,6 +45,10 @@ pub enum Event {
         sent: u64,
         expected: u64,
         received: u64,
+        /// Latency (from the schedule) of the deliveries since the last progress event:
+        /// histogram buckets (µs, count), for the run's time series.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        latency_us: Vec<(u64, u64)>,
     },
     /// Every connection has opened or failed.
     Connected {
@@ -108,6 +112,8 @@ struct Shard {
     connect_us: RefCell<Histogram<u64>>,
     /// From each message's scheduled send time to its delivery.
     latency_us: RefCell<Histogram<u64>>,
+    /// The same, since the last progress event (emptied by each).
+    recent_us: RefCell<Histogram<u64>>,
     /// From the moment a message was written to its delivery.
     service_us: RefCell<Histogram<u64>>,
     /// From each message's scheduled time to the moment it was written.
@@ -165,6 +171,7 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
         tally: RefCell::new(Tally::default()),
         connect_us: RefCell::new(report::histogram()),
         latency_us: RefCell::new(report::histogram()),
+        recent_us: RefCell::new(report::histogram()),
         service_us: RefCell::new(report::histogram()),
         lag_us: RefCell::new(report::histogram()),
         inflight: Cell::new(0),
@@ -329,6 +336,9 @@ impl Shard {
 
     fn report_progress(&self) {
         let t = self.tally.borrow();
+        let mut recent = self.recent_us.borrow_mut();
+        let latency_us = report::buckets(&recent);
+        recent.reset();
         emit(&Event::Progress {
             opened: t.opened,
             failed: t.connect_errors.values().sum(),
@@ -337,6 +347,7 @@ impl Shard {
             sent: t.sent,
             expected: t.expected,
             received: t.received,
+            latency_us,
         });
     }
 

@@ -391,10 +391,9 @@ impl Shard {
                 // Only this run's messages (stamped) are timed and counted.
                 if let Some(DataIn::Stamp { t, s }) = m.data {
                     let now = monotonic_us();
-                    let _ = self
-                        .latency_us
-                        .borrow_mut()
-                        .record(now.saturating_sub(t).max(1));
+                    let latency = now.saturating_sub(t).max(1);
+                    let _ = self.latency_us.borrow_mut().record(latency);
+                    let _ = self.recent_us.borrow_mut().record(latency);
                     let _ = self
                         .service_us
                         .borrow_mut()
