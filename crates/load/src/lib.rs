@@ -526,13 +526,13 @@ impl Coordinator {
         let (sent, received, expected) = (sum(3), sum(5), sum(4));
         let n = self.args.connections;
         if self.tty {
-            let width = 30usize;
-            let done = ((opened + failed) as f64 / n as f64 * width as f64) as usize;
-            eprint!(
-                "\r[{}{}] {phase:8} open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}   ",
-                "#".repeat(done.min(width)),
-                " ".repeat(width - done.min(width)),
+            let cols = terminal_size::terminal_size_of(std::io::stderr())
+                .map_or(80, |(w, _)| usize::from(w.0));
+            let text = format!(
+                "{phase:8} open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
             );
+            let done = (opened + failed) as f64 / n as f64;
+            eprint!("\r{}\x1b[K", fit_line(cols, done, &text));
         } else if self.last_line.elapsed() >= Duration::from_secs(1) {
             self.last_line = Instant::now();
             eprintln!(
@@ -540,6 +540,23 @@ impl Coordinator {
             );
         }
     }
+}
+
+/// The progress line for a terminal `cols` wide: a bar of `done` (0 to 1) as wide as the room
+/// the text leaves (none below 10 columns), and the text cut to fit, so it never wraps (a
+/// wrapped line is redrawn as a new line each time).
+fn fit_line(cols: usize, done: f64, text: &str) -> String {
+    let room = cols.saturating_sub(1); // the last column would wrap on some terminals
+    let bar = room.saturating_sub(text.chars().count() + 3).min(40);
+    if bar < 10 {
+        return text.chars().take(room).collect();
+    }
+    let filled = ((done.clamp(0.0, 1.0)) * bar as f64) as usize;
+    format!(
+        "[{}{}] {text}",
+        "#".repeat(filled),
+        " ".repeat(bar - filled)
+    )
 }
 
 /// `--out DIR`: each file written whole or not at all (a temporary file renamed into place).
@@ -558,6 +575,24 @@ fn write_out(dir: &std::path::Path, files: &[(&str, String)]) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_progress_line_fits_the_terminal() {
+        let text = "connect  open 500/1000 failed 0 dropped 0 sent 0 delivered 0/0";
+        let wide = fit_line(120, 0.5, text);
+        assert_eq!(wide.chars().count(), 40 + 3 + text.len());
+        assert!(wide.starts_with(&format!("[{}{}] ", "#".repeat(20), " ".repeat(20))));
+        let fits = fit_line(80, 1.0, text);
+        assert!(
+            fits.chars().count() <= 79 && fits.starts_with("[#"),
+            "{fits}"
+        );
+        assert!(fits.ends_with(text));
+        // Too narrow for a bar: the text alone, cut.
+        let narrow = fit_line(40, 0.5, text);
+        assert_eq!(narrow, text[..39]);
+        assert_eq!(fit_line(0, 0.5, text), "");
+    }
 
     #[test]
     fn targets() {
