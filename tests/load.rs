@@ -327,6 +327,57 @@ fn headers_reach_the_server() {
     assert_eq!(r["opened"], 20);
 }
 
+/// `--churn`: during the hold, connections close (Close 1000) and open again, back in their
+/// rooms: the server saw each come again, every one is open at the end, and a message phase
+/// after it finds whole rooms (nothing lost).
+#[test]
+fn churned_connections_come_back_to_their_rooms() {
+    let s = Server::start(&["--threads", "2"]);
+    // /metrics is served on the same port: each scrape is a connection accepted too, counted
+    // in its own answer.
+    let accepted_before = s.metric("tunegate_connections_accepted_total");
+    let o = load(
+        &url(&s),
+        &[
+            "-n",
+            "400",
+            "--processes",
+            "2",
+            "--hold",
+            "2",
+            "--churn",
+            "100",
+            "--publish-rate",
+            "200",
+            "--publish-seconds",
+            "1",
+        ],
+    );
+    let r = load_whole(&o, 400, "");
+    assert_eq!(r["churned"], 200, "100/s for 2 s: {r}");
+    assert_eq!(r["open_at_end"], 400);
+    assert_eq!(r["joined"], 400, "a rejoin is not a join: {r}");
+    assert_eq!(r["received"], r["expected"]);
+    assert!(r["expected"].as_u64().unwrap() > 0);
+    // The server saw 600 upgrades, and 200 clients closing normally before the finish.
+    let accepted = s.metric("tunegate_connections_accepted_total") - accepted_before - 1;
+    assert_eq!(accepted, 600);
+    let closed_by_clients: u64 = s
+        .get("/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with("tunegate_connections_closed_total{"))
+        .filter(|l| l.contains("reason=\"client_close\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        closed_by_clients,
+        600,
+        "200 churned, then 400 at the finish\n{}",
+        s.get("/metrics").1
+    );
+}
+
 #[test]
 fn connections_survive_heartbeat_rounds_because_pings_are_answered() {
     let s = Server::start(&["--ping-interval", "300", "--ping-timeout", "300"]);
@@ -444,6 +495,10 @@ fn bad_arguments_exit_2_and_name_the_flag() {
         (
             vec!["ws://127.0.0.1:1/", "--fail-if", "latency<5ms"],
             "unknown metric \"latency\"",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--churn", "10"],
+            "--churn needs --hold",
         ),
         (
             vec!["ws://127.0.0.1:1/", "-H", "Sec-WebSocket-Version: 8"],

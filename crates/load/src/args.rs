@@ -92,6 +92,11 @@ pub struct LoadArgs {
     /// SIZE:PERCENT of the connections ("2:50,10:40,100:10").
     #[arg(long, default_value = "10", value_name = "SPREAD")]
     pub rooms: String,
+    /// During the hold, close this many connections a second (all processes together,
+    /// evenly spaced) and open each again at once, back in its room: clients that come and
+    /// go, as on a real service. Needs --hold.
+    #[arg(long, default_value_t = 0.0, value_name = "PER_SECOND")]
+    pub churn: f64,
     /// Room messages published per second, all processes together, evenly spaced (0.5: one
     /// every two seconds); 0 skips the message phase.
     #[arg(long, default_value_t = 0.0, value_name = "PER_SECOND")]

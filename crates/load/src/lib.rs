@@ -198,6 +198,12 @@ fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
             return bad(&format!("{name} must be a number of seconds >= 0"));
         }
     }
+    if !args.churn.is_finite() || args.churn < 0.0 {
+        return bad("--churn must be a number of connections per second >= 0");
+    }
+    if args.churn > 0.0 && args.hold <= 0.0 {
+        return bad("--churn needs --hold: connections churn during the hold");
+    }
     if !args.publish_rate.is_finite() || args.publish_rate < 0.0 {
         return bad("--publish-rate must be a number of messages per second >= 0");
     }
@@ -356,9 +362,15 @@ impl Coordinator {
             self.until_all("verify", |e| matches!(e, Event::Verified))?;
         }
         let hold_start = Instant::now();
-        let hold_end = hold_start + Duration::from_secs_f64(self.args.hold);
-        while Instant::now() < hold_end {
-            self.pump(Duration::from_millis(100), "hold")?;
+        if self.args.churn > 0.0 {
+            let millis = (self.args.hold * 1000.0).round() as u64;
+            self.command(shard::Command::Churn { millis })?;
+            self.until_all("hold", |e| matches!(e, Event::Churned))?;
+        } else {
+            let hold_end = hold_start + Duration::from_secs_f64(self.args.hold);
+            while Instant::now() < hold_end {
+                self.pump(Duration::from_millis(100), "hold")?;
+            }
         }
         if relay && self.args.publish_rate > 0.0 {
             let mut seconds: f64 = 0.0;

@@ -40,6 +40,9 @@ pub struct Tally {
     pub expected: u64,
     pub received: u64,
     pub pings_answered: u64,
+    /// Connections closed and opened again by `--churn` (back in their rooms).
+    #[serde(default)]
+    pub churned: u64,
     /// Messages that arrived compressed (permessage-deflate, with --deflate).
     #[serde(default)]
     pub inflated: u64,
@@ -72,6 +75,7 @@ impl Tally {
         self.expected += o.expected;
         self.received += o.received;
         self.pings_answered += o.pings_answered;
+        self.churned += o.churned;
         self.inflated += o.inflated;
     }
 }
@@ -286,6 +290,12 @@ impl Outcome {
             t.pings_answered,
             t.disconnects.values().sum::<u64>()
         ));
+        if t.churned > 0 {
+            s.push_str(&format!(
+                "churn: {} connections closed and opened again during the hold\n",
+                t.churned
+            ));
+        }
         if t.inflated > 0 {
             s.push_str(&format!(
                 "permessage-deflate: {} messages arrived compressed\n",

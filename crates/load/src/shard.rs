@@ -57,6 +57,7 @@ pub enum Event {
     },
     Joined,
     Verified,
+    Churned,
     Published {
         seconds: f64,
     },
@@ -70,6 +71,9 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Command {
+    /// The hold with `--churn`: close and reopen connections at this process's share of the
+    /// rate for `millis`, then until every one is back.
+    Churn { millis: u64 },
     /// Every connection joins its room.
     Join,
     /// Check rooms' member counts until they are whole.
@@ -124,6 +128,8 @@ struct Shard {
     dropped: Cell<u64>,
     /// Join answers (joined or error) received.
     join_answers: Cell<u64>,
+    /// Connections asked to churn that are not back yet.
+    churn_pending: Cell<u64>,
     finishing: Cell<bool>,
     last_open_us: Cell<u64>,
     /// Woken whenever a count above changes (inflight, open, dropped, join answers), so the
@@ -178,6 +184,7 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
         open: Cell::new(0),
         dropped: Cell::new(0),
         join_answers: Cell::new(0),
+        churn_pending: Cell::new(0),
         finishing: Cell::new(false),
         last_open_us: Cell::new(0),
         changed: tokio::sync::Notify::new(),
@@ -324,6 +331,11 @@ impl Shard {
                     self.verify(conns).await;
                     emit(&Event::Verified);
                 }
+                Command::Churn { millis } => {
+                    self.churn(conns, Duration::from_millis(millis)).await;
+                    self.report_progress();
+                    emit(&Event::Churned);
+                }
                 Command::Publish => {
                     let seconds = self.publish(conns).await;
                     self.report_progress();
@@ -382,6 +394,47 @@ impl Shard {
                 self.tally.borrow_mut().rooms_short += 1;
             }
         }
+    }
+
+    /// `--churn` during the hold: this process's share of the rate, evenly spaced, each from
+    /// the next live connection in a scattered turn (as `publish` picks), for `length`; then
+    /// until every churned connection is open again and back in its room (at most the
+    /// connect timeout and 10 s), so a message phase after it finds whole rooms.
+    async fn churn(&self, conns: &[Conn], length: Duration) {
+        let rate = self.args.churn / self.shards as f64;
+        let start = Instant::now();
+        if rate > 0.0 && !conns.is_empty() {
+            let stride = lap_stride(conns.len());
+            let (mut next, mut asked) = (0usize, 0u64);
+            let total = (rate * length.as_secs_f64()).round() as u64;
+            while asked < total {
+                let due = start + Duration::from_secs_f64(asked as f64 / rate);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                let mut tries = 0;
+                while tries < conns.len() {
+                    let c = &conns[next.wrapping_mul(stride) % conns.len()];
+                    next += 1;
+                    tries += 1;
+                    // Not one still coming back from its last churn.
+                    let ask = |m: &Mailbox| {
+                        m.churn.set(true);
+                        m.churning.set(true);
+                    };
+                    if !c.mailbox.churning.get() && c.mailbox.post(ask) {
+                        self.churn_pending.set(self.churn_pending.get() + 1);
+                        break;
+                    }
+                }
+                asked += 1;
+            }
+        }
+        let rest = start + length;
+        tokio::time::sleep_until(tokio::time::Instant::from_std(rest)).await;
+        let until = Instant::now()
+            + Duration::from_secs_f64(self.args.connect_timeout.min(60.0))
+            + Duration::from_secs(10);
+        self.wait_until(Some(until), |s| s.churn_pending.get() == 0)
+            .await;
     }
 
     /// The message phase: this process's share of the rate, from its connections in turn

@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
@@ -35,6 +35,12 @@ pub struct Mailbox {
     /// allocation while nothing is asked.
     pub publish: RefCell<Vec<u64>>,
     pub finish: Cell<bool>,
+    /// Close and open again (`--churn`).
+    pub churn: Cell<bool>,
+    /// Asked to churn and not back yet (not asked again meanwhile).
+    pub churning: Cell<bool>,
+    /// Reopened after churn, its join not answered yet.
+    rejoining: Cell<bool>,
     /// The connection ended (or never opened): nothing posted reaches it any more.
     gone: Cell<bool>,
 }
@@ -58,82 +64,167 @@ impl Mailbox {
 }
 
 impl Shard {
-    /// One connection, from connect to finish.
+    /// One connection, from connect to finish; with `churn` asked, closed (Close 1000) and
+    /// opened again, back in its room, as often as asked.
     pub(super) async fn connection(
         self: Rc<Self>,
         global: u64,
         mailbox: Rc<Mailbox>,
         deadline: Instant,
     ) {
-        let started = Instant::now();
-        let left = deadline.saturating_duration_since(started);
-        // Boxed: the connect and TLS handshake futures are large, and an async fn is as large
-        // as its largest state; boxed, they are freed once the connection is open.
-        let opened = tokio::time::timeout(left, Box::pin(self.open_connection(global))).await;
-        self.inflight.set(self.inflight.get() - 1);
+        let mut again = false;
+        loop {
+            let started = Instant::now();
+            let left = if again {
+                Duration::from_secs_f64(self.args.connect_timeout)
+            } else {
+                deadline.saturating_duration_since(started)
+            };
+            // Boxed: the connect and TLS handshake futures are large, and an async fn is as
+            // large as its largest state; boxed, they are freed once the connection is open.
+            let opened = tokio::time::timeout(left, Box::pin(self.open_connection(global))).await;
+            if !again {
+                self.inflight.set(self.inflight.get() - 1);
+                self.changed();
+            }
+            let (stream, held) = match opened {
+                Ok(Ok(s)) => s,
+                Ok(Err(cause)) => return self.open_failed(&mailbox, again, cause),
+                Err(_) => return self.open_failed(&mailbox, again, "timeout".into()),
+            };
+            if again {
+                if self.spread.is_some() {
+                    // Back in its room before it counts as back (`incoming`, "joined").
+                    mailbox.rejoining.set(true);
+                    mailbox.join.set(true);
+                } else {
+                    self.churned(&mailbox);
+                }
+            } else {
+                let took = started.elapsed().as_micros() as u64;
+                let _ = self.connect_us.borrow_mut().record(took.max(1));
+                self.tally.borrow_mut().opened += 1;
+                self.last_open_us
+                    .set(self.last_open_us.get().max(monotonic_us()));
+            }
+            self.open.set(self.open.get() + 1);
+            let why = self.session(global, &mailbox, stream, held).await;
+            self.open.set(self.open.get() - 1);
+            self.changed();
+            match why {
+                Ended::Churn => again = true,
+                Ended::Finished => break,
+                Ended::Dropped(cause) => {
+                    if !self.finishing.get() {
+                        self.dropped.set(self.dropped.get() + 1);
+                        *self
+                            .tally
+                            .borrow_mut()
+                            .disconnects
+                            .entry(cause)
+                            .or_default() += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        mailbox.gone.set(true);
         self.changed();
-        let (mut stream, mut held) = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(cause)) => {
-                mailbox.gone.set(true);
-                return self.connect_failed(cause);
-            }
-            Err(_) => {
-                mailbox.gone.set(true);
-                return self.connect_failed("timeout".into());
-            }
-        };
-        let took = started.elapsed().as_micros() as u64;
-        let _ = self.connect_us.borrow_mut().record(took.max(1));
-        self.tally.borrow_mut().opened += 1;
-        self.open.set(self.open.get() + 1);
-        self.last_open_us
-            .set(self.last_open_us.get().max(monotonic_us()));
+    }
 
+    /// An open connection until it ends: its requests written, its frames handled.
+    async fn session(
+        &self,
+        global: u64,
+        mailbox: &Mailbox,
+        mut stream: Stream,
+        mut held: Vec<u8>,
+    ) -> Ended {
         // Frames that came with the upgrade answer (the hello) first.
         let mut out = Vec::new();
-        let mut why = self.take_held(&mut held, &[], &mut out, &mailbox).err();
-        while why.is_none() {
-            if let Some(last) = self.take_requests(global, &mailbox, &mut out) {
-                let _ = stream.write_all(&out).await;
-                why = last;
-                break;
+        if let Err(cause) = self.take_held(&mut held, &[], &mut out, mailbox) {
+            return Ended::Dropped(cause);
+        }
+        loop {
+            if mailbox.churn.take() {
+                let m = self.rng.borrow_mut().next() as u32;
+                wire::frame(&mut out, wire::CLOSE, &1000u16.to_be_bytes(), m);
+                self.close(&mut stream, &out).await;
+                return Ended::Churn;
+            }
+            if let Some(last) = self.take_requests(global, mailbox, &mut out) {
+                self.close(&mut stream, &out).await;
+                return last.map_or(Ended::Finished, Ended::Dropped);
             }
             if !out.is_empty() {
                 if let Err(e) = stream.write_all(&out).await {
-                    why = Some(io_cause(&e));
-                    break;
+                    return Ended::Dropped(io_cause(&e));
                 }
                 // Freed: an idle connection keeps no output buffer.
                 out = Vec::new();
             }
             tokio::select! {
                 r = std::future::poll_fn(|cx| self.poll_input(&mut stream, cx)) => match r {
-                    Ok(0) => why = Some("eof".to_string()),
+                    Ok(0) => return Ended::Dropped("eof".to_string()),
                     Ok(n) => {
                         let input = self.input.borrow();
-                        why = self.take_held(&mut held, &input[..n], &mut out, &mailbox).err();
+                        if let Err(cause) = self.take_held(&mut held, &input[..n], &mut out, mailbox) {
+                            return Ended::Dropped(cause);
+                        }
                     }
-                    Err(e) => why = Some(io_cause(&e)),
+                    Err(e) => return Ended::Dropped(io_cause(&e)),
                 },
                 () = mailbox.wake.notified() => {}
             }
         }
+    }
+
+    /// Writes `out` (ending in a Close frame) and waits, at most 2 s, for the server to end
+    /// the connection, reading and dropping what still comes (RFC 6455 section 7.1.1: the
+    /// server closes TCP first). Closing at once would leave unread data that makes the kernel
+    /// answer with a reset, and the server would see a client gone instead of one that said
+    /// goodbye.
+    async fn close(&self, stream: &mut Stream, out: &[u8]) {
+        if stream.write_all(out).await.is_err() {
+            return;
+        }
+        let drained = async {
+            let mut sink = [0u8; 512];
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
+    }
+
+    /// A connect failed: the first (a connect error) or a reopening after churn (the
+    /// connection is lost: an unexpected disconnect, by cause).
+    fn open_failed(&self, mailbox: &Mailbox, again: bool, cause: String) {
         mailbox.gone.set(true);
-        self.open.set(self.open.get() - 1);
-        self.changed();
-        if let Some(cause) = why
-            && !self.finishing.get()
-        {
+        if again {
+            mailbox.churning.set(false);
+            self.churn_pending.set(self.churn_pending.get() - 1);
             self.dropped.set(self.dropped.get() + 1);
-            self.changed();
             *self
                 .tally
                 .borrow_mut()
                 .disconnects
-                .entry(cause)
+                .entry(format!("churn: {cause}"))
                 .or_default() += 1;
+        } else {
+            self.connect_failed(cause);
         }
+        self.changed();
+    }
+
+    /// A churned connection is open again (and back in its room).
+    fn churned(&self, mailbox: &Mailbox) {
+        mailbox.churning.set(false);
+        self.tally.borrow_mut().churned += 1;
+        self.churn_pending.set(self.churn_pending.get() - 1);
+        self.changed();
     }
 
     /// The main task's requests as frames in `out`; `Some` when the connection is to end after
@@ -401,6 +492,7 @@ impl Shard {
                     self.tally.borrow_mut().received += 1;
                 }
             }
+            "joined" if mailbox.rejoining.take() => self.churned(mailbox),
             "joined" => {
                 self.tally.borrow_mut().joined += 1;
                 self.join_answers.set(self.join_answers.get() + 1);
@@ -413,8 +505,13 @@ impl Shard {
             "error" => {
                 self.tally.borrow_mut().server_errors += 1;
                 if matches!(&m.reference, Some(RefIn::Text(r)) if r == "j") {
-                    self.join_answers.set(self.join_answers.get() + 1);
-                    self.changed();
+                    if mailbox.rejoining.take() {
+                        // Open again, though refused its room: the error counts above.
+                        self.churned(mailbox);
+                    } else {
+                        self.join_answers.set(self.join_answers.get() + 1);
+                        self.changed();
+                    }
                 }
             }
             _ => {}
@@ -455,6 +552,16 @@ impl Shard {
         };
         self.request(out, &msg);
     }
+}
+
+/// How a session ended.
+enum Ended {
+    /// Asked to churn: closed, to be opened again.
+    Churn,
+    /// Finished as the run asked.
+    Finished,
+    /// Ended by itself (or failed): the cause.
+    Dropped(String),
 }
 
 fn io_cause(e: &std::io::Error) -> String {
