@@ -378,6 +378,78 @@ fn churned_connections_come_back_to_their_rooms() {
     );
 }
 
+/// `--stages`: the connections held follow the stages up and down (the time series shows the
+/// peak and the end), each joins its room as it opens, the falling stage closes connections
+/// as planned (client closes at the server, not disconnects), and a run whose stages end
+/// holding every connection has its rooms checked and its message phase whole.
+#[test]
+fn stages_move_the_connections_held_up_and_down() {
+    let s = Server::start(&["--threads", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = load(
+        &url(&s),
+        &[
+            "--stages",
+            "1s:200,1s:200,1s:50",
+            "--processes",
+            "2",
+            "--out",
+            out,
+        ],
+    );
+    let r = json(&o);
+    assert_eq!(code(&o), 0, "{r}\n{}", stderr(&o));
+    assert_eq!(
+        (r["connections"].as_u64(), r["opened"].as_u64()),
+        (Some(200), Some(200))
+    );
+    assert_eq!(
+        (r["joined"].as_u64(), r["open_at_end"].as_u64()),
+        (Some(200), Some(50))
+    );
+    assert_eq!(r["disconnects"], serde_json::json!({}));
+    let csv = std::fs::read_to_string(dir.path().join("timeseries.csv")).unwrap();
+    let open: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(open.iter().max(), Some(&200), "{csv}");
+    assert_eq!(open.last(), Some(&50), "{csv}");
+    let climbing = open.iter().position(|&o| o == 200).unwrap();
+    assert!(
+        open[..climbing].iter().any(|&o| o > 0 && o < 200),
+        "a ramp, not a jump: {csv}"
+    );
+    let closed = |reason: &str| {
+        s.metric(&format!(
+            "tunegate_connections_closed_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(
+        closed("client_close"),
+        200,
+        "150 by the stages, 50 at the finish"
+    );
+    // Ending with every connection held: rooms checked, messages all delivered.
+    let o = load(
+        &url(&s),
+        &[
+            "--stages",
+            "1s:100,500ms:100",
+            "--publish-rate",
+            "100",
+            "--publish-seconds",
+            "1",
+        ],
+    );
+    let r = load_whole(&o, 100, "");
+    assert_eq!(r["rooms_short"], 0);
+    assert!(r["rooms_checked"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["expected"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn connections_survive_heartbeat_rounds_because_pings_are_answered() {
     let s = Server::start(&["--ping-interval", "300", "--ping-timeout", "300"]);
@@ -499,6 +571,24 @@ fn bad_arguments_exit_2_and_name_the_flag() {
         (
             vec!["ws://127.0.0.1:1/", "--churn", "10"],
             "--churn needs --hold",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--stages", "10s"],
+            "DURATION:CONNECTIONS",
+        ),
+        (
+            vec![
+                "ws://127.0.0.1:1/",
+                "--stages",
+                "1s:10,1s:5",
+                "--publish-rate",
+                "1",
+            ],
+            "the last stage holds 5 of 10",
+        ),
+        (
+            vec!["ws://127.0.0.1:1/", "--stages", "1s:10", "-n", "5"],
+            "cannot be used with",
         ),
         (
             vec!["ws://127.0.0.1:1/", "-H", "Sec-WebSocket-Version: 8"],

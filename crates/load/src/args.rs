@@ -46,6 +46,11 @@ pub struct LoadArgs {
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: u64,
+    /// Connections over time instead of -n: DURATION:TARGET,... (30s:10000,60s:100000,30s:0),
+    /// each stage moving linearly from the target before it (0 at the start) to its own, as
+    /// k6's stages do. The highest target is the run's connection count.
+    #[arg(long, value_name = "STAGES", conflicts_with = "connections")]
+    pub stages: Option<String>,
     /// Connects started per second, all processes together.
     #[arg(long, default_value_t = 20_000, value_name = "PER_SECOND")]
     pub connect_rate: u64,

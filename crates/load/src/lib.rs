@@ -164,6 +164,7 @@ pub struct Finished {
 pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
     let msgpack = args.encoding == LoadEncoding::Msgpack;
     let targets = Targets::parse(&args.url, msgpack).map_err(BadArguments)?;
+    let args = &staged(args)?;
     validate(args)?;
     if let Some(spec) = &args.shard {
         let (i, k) = spec
@@ -178,6 +179,25 @@ pub fn generate(args: &LoadArgs) -> anyhow::Result<Finished> {
         });
     }
     Coordinator::new(args.clone())?.run()
+}
+
+/// With `--stages`, the run's connection count is the highest stage's target (every process
+/// plans its range and rooms from it).
+fn staged(args: &LoadArgs) -> Result<LoadArgs, BadArguments> {
+    let mut args = args.clone();
+    if let Some(text) = &args.stages {
+        let stages = plan::Stages::parse(text).map_err(BadArguments)?;
+        if args.publish_rate > 0.0 && stages.last() < stages.peak() {
+            return Err(BadArguments(format!(
+                "--publish-rate with --stages: the message phase comes after the stages and \
+                 needs every connection, but the last stage holds {} of {}",
+                stages.last(),
+                stages.peak()
+            )));
+        }
+        args.connections = stages.peak();
+    }
+    Ok(args)
 }
 
 fn validate(args: &LoadArgs) -> Result<(), BadArguments> {
@@ -229,8 +249,8 @@ struct ShardProc {
     child: Child,
     stdin: ChildStdin,
     last: Option<Event>,
-    /// Latest progress numbers: opened, failed, dropped, sent, expected, received.
-    progress: [u64; 6],
+    /// Latest progress numbers: opened, failed, dropped, sent, expected, received, open.
+    progress: [u64; 7],
 }
 
 struct Coordinator {
@@ -281,7 +301,7 @@ impl Coordinator {
                 child,
                 stdin,
                 last: None,
-                progress: [0; 6],
+                progress: [0; 7],
             });
         }
         use std::io::IsTerminal;
@@ -340,7 +360,16 @@ impl Coordinator {
         };
 
         let (mut first_us, mut last_us) = (u64::MAX, 0);
-        self.until_all("connect", |e| match e {
+        let stages = match &self.args.stages {
+            Some(text) => Some(plan::Stages::parse(text).map_err(BadArguments)?),
+            None => None,
+        };
+        let phase = if stages.is_some() {
+            "stages"
+        } else {
+            "connect"
+        };
+        self.until_all(phase, |e| match e {
             Event::Connected {
                 first_us: f,
                 last_open_us: l,
@@ -355,9 +384,13 @@ impl Coordinator {
         let opened: u64 = self.shards.iter().map(|s| s.progress[0]).sum();
         outcome.connects_per_second = opened as f64 / outcome.connect_seconds.max(1e-6);
 
-        if relay {
+        // Under stages every connection joined its room as it opened; the rooms are checked
+        // when the stages end holding every connection.
+        if relay && stages.is_none() {
             self.command(shard::Command::Join)?;
             self.until_all("join", |e| matches!(e, Event::Joined))?;
+        }
+        if relay && stages.as_ref().is_none_or(|s| s.last() == s.peak()) {
             self.command(shard::Command::Verify)?;
             self.until_all("verify", |e| matches!(e, Event::Verified))?;
         }
@@ -507,13 +540,15 @@ impl Coordinator {
                         sent,
                         expected,
                         received,
+                        open,
                         latency_us,
                         ..
                     }),
                 )) => {
-                    self.shards[i].progress = [opened, failed, dropped, sent, expected, received];
+                    self.shards[i].progress =
+                        [opened, failed, dropped, sent, expected, received, open];
                     let sum = |k: usize| -> u64 { self.shards.iter().map(|s| s.progress[k]).sum() };
-                    let totals = (sum(0).saturating_sub(sum(2)), sum(3), sum(5));
+                    let totals = (sum(6), sum(3), sum(5));
                     self.series.event(Instant::now(), totals, &latency_us);
                 }
                 Ok((i, Some(e))) => self.shards[i].last = Some(e),
@@ -534,21 +569,22 @@ impl Coordinator {
 
     fn progress_line(&mut self, phase: &str) {
         let sum = |k: usize| -> u64 { self.shards.iter().map(|s| s.progress[k]).sum() };
-        let (opened, failed, dropped) = (sum(0), sum(1), sum(2));
+        // `open` is open now (stages and churn move it); the bar counts connects done.
+        let (opened, failed, dropped, open) = (sum(0), sum(1), sum(2), sum(6));
         let (sent, received, expected) = (sum(3), sum(5), sum(4));
         let n = self.args.connections;
         if self.tty {
             let cols = terminal_size::terminal_size_of(std::io::stderr())
                 .map_or(80, |(w, _)| usize::from(w.0));
             let text = format!(
-                "{phase:8} open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
+                "{phase:8} open {open}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
             );
             let done = (opened + failed) as f64 / n as f64;
             eprint!("\r{}\x1b[K", fit_line(cols, done, &text));
         } else if self.last_line.elapsed() >= Duration::from_secs(1) {
             self.last_line = Instant::now();
             eprintln!(
-                "tunegate load: {phase}: open {opened}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
+                "tunegate load: {phase}: open {open}/{n} failed {failed} dropped {dropped} sent {sent} delivered {received}/{expected}"
             );
         }
     }

@@ -78,9 +78,111 @@ pub fn shard_range(n: u64, i: u64, k: u64) -> std::ops::Range<u64> {
     (n * i / k)..(n * (i + 1) / k)
 }
 
+/// `--stages 30s:10000,60s:100000,30s:0`: the connections the run holds over time, as k6's
+/// stages: each stage moves linearly from the target before it (0 at the start) to its own
+/// over its duration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stages(Vec<(std::time::Duration, u64)>);
+
+impl Stages {
+    pub fn parse(text: &str) -> Result<Stages, String> {
+        let mut stages = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let bad = |why: &str| Err(format!("--stages: {part:?}: {why}"));
+            let Some((length, target)) = part.split_once(':') else {
+                return bad("expected DURATION:CONNECTIONS (30s:10000)");
+            };
+            let Some(length) = duration(length.trim()) else {
+                return bad("the duration needs a unit: 500ms, 30s, 2m, 1h");
+            };
+            let Ok(target) = target.trim().parse::<u64>() else {
+                return bad("the target is a whole number of connections");
+            };
+            stages.push((length, target));
+        }
+        if stages.iter().all(|&(_, t)| t == 0) {
+            return Err(format!("--stages {text:?}: no stage holds a connection"));
+        }
+        Ok(Stages(stages))
+    }
+
+    /// The most connections any stage holds: the run's connection count.
+    pub fn peak(&self) -> u64 {
+        self.0.iter().map(|&(_, t)| t).max().unwrap_or(0)
+    }
+
+    /// The last stage's target: what is held when the stages end.
+    pub fn last(&self) -> u64 {
+        self.0.last().map_or(0, |&(_, t)| t)
+    }
+
+    pub fn length(&self) -> std::time::Duration {
+        self.0.iter().map(|&(d, _)| d).sum()
+    }
+
+    /// How many connections the run holds `at` into the stages (rounded down while rising, up
+    /// while falling, so a stage's own target is reached exactly at its end).
+    pub fn target_at(&self, at: std::time::Duration) -> u64 {
+        let (mut from, mut start) = (0u64, std::time::Duration::ZERO);
+        for &(length, to) in &self.0 {
+            if at < start + length {
+                let f = (at - start).as_secs_f64() / length.as_secs_f64();
+                let v = from as f64 + (to as f64 - from as f64) * f;
+                return if to >= from { v.floor() } else { v.ceil() } as u64;
+            }
+            (from, start) = (to, start + length);
+        }
+        from
+    }
+}
+
+/// `500ms`, `30s`, `2m`, `1h` (fractions allowed).
+fn duration(text: &str) -> Option<std::time::Duration> {
+    let (number, scale) = [("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
+        .iter()
+        .find_map(|&(unit, scale)| Some((text.strip_suffix(unit)?, scale)))?;
+    let n: f64 = number.parse().ok()?;
+    (n.is_finite() && n >= 0.0).then(|| std::time::Duration::from_secs_f64(n * scale))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_move_linearly_from_one_target_to_the_next() {
+        use std::time::Duration;
+        let s = Stages::parse("30s:10000, 60s:100000,30s:0").unwrap();
+        assert_eq!(
+            (s.peak(), s.last(), s.length()),
+            (100_000, 0, Duration::from_secs(120))
+        );
+        let at = |secs: f64| s.target_at(Duration::from_secs_f64(secs));
+        assert_eq!(at(0.0), 0);
+        assert_eq!(at(15.0), 5_000);
+        assert_eq!(at(30.0), 10_000);
+        assert_eq!(at(60.0), 55_000);
+        assert_eq!(at(89.999), 99_998);
+        assert_eq!(at(90.0), 100_000);
+        assert_eq!(at(105.0), 50_000);
+        assert_eq!(
+            at(119.9999),
+            1,
+            "rounded up while falling: the last leaves at the end"
+        );
+        assert_eq!(at(500.0), 0);
+        let hold = Stages::parse("500ms:10,2m:10").unwrap();
+        assert_eq!(hold.target_at(Duration::from_secs(60)), 10);
+        for (text, why) in [
+            ("30s", "DURATION:CONNECTIONS"),
+            ("30:100", "needs a unit"),
+            ("30s:-1", "whole number"),
+            ("10s:0", "no stage holds"),
+        ] {
+            let e = Stages::parse(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn spreads_cover_every_connection_once() {

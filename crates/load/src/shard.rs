@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
-use super::plan::{self, Spread};
+use super::plan::{self, Spread, Stages};
 use super::report::{self, Tally};
 use super::wire::Rng;
 use super::{Targets, monotonic_us};
@@ -45,6 +45,9 @@ pub enum Event {
         sent: u64,
         expected: u64,
         received: u64,
+        /// Open now (what the stages and churn move; `opened` only counts up).
+        #[serde(default)]
+        open: u64,
         /// Latency (from the schedule) of the deliveries since the last progress event:
         /// histogram buckets (µs, count), for the run's time series.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -217,7 +220,13 @@ impl Shard {
                 }
             })
         };
-        let conns = self.ramp(range).await;
+        let conns = match &self.args.stages {
+            Some(text) => {
+                let stages = Stages::parse(text).map_err(crate::BadArguments)?;
+                self.follow_stages(range, &stages).await
+            }
+            None => self.ramp(range).await,
+        };
         self.wait_until(None, |s| s.inflight.get() == 0).await;
         self.report_progress();
         emit(&Event::Connected {
@@ -306,6 +315,68 @@ impl Shard {
         conns
     }
 
+    /// `--stages`: keeps this process's share of the run's target open as it moves, opening
+    /// the next connections of its range as it rises (each joins its room once open) and
+    /// closing the latest opened as it falls, until the stages end. Returns the connections
+    /// the stages end with, for the phases after them.
+    async fn follow_stages(
+        self: &Rc<Self>,
+        range: std::ops::Range<u64>,
+        stages: &Stages,
+    ) -> Vec<Conn> {
+        let (n, len) = (self.args.connections.max(1), range.end - range.start);
+        let share = |target: u64| (u128::from(target) * u128::from(len) / u128::from(n)) as usize;
+        let cap = (self.args.max_inflight / self.shards).max(1);
+        let mut conns: Vec<Conn> = Vec::with_capacity(len as usize);
+        let mut live = 0usize;
+        let start = Instant::now();
+        loop {
+            let elapsed = start.elapsed();
+            let target = share(stages.target_at(elapsed));
+            while live < target && self.inflight.get() < cap {
+                let global = range.start + live as u64;
+                let mailbox = Rc::new(Mailbox::default());
+                let room_size = self.spread.as_ref().map_or(0, |s| s.room_of(global).1);
+                if self.spread.is_some() {
+                    mailbox.join.set(true);
+                }
+                let conn = Conn {
+                    mailbox: mailbox.clone(),
+                    room_size: room_size as u32,
+                };
+                match conns.get_mut(live) {
+                    Some(slot) => *slot = conn,
+                    None => conns.push(conn),
+                }
+                live += 1;
+                self.tally.borrow_mut().attempted += 1;
+                self.inflight.set(self.inflight.get() + 1);
+                let deadline = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout);
+                let s = self.clone();
+                tokio::task::spawn_local(
+                    async move { s.connection(global, mailbox, deadline).await },
+                );
+            }
+            while live > target {
+                live -= 1;
+                conns[live].mailbox.post(|m| m.finish.set(true));
+            }
+            if elapsed >= stages.length() && live == target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The stages end once the connections they closed are closed (a close waits for the
+        // server's end of it).
+        let until = Instant::now() + Duration::from_secs(5);
+        self.wait_until(Some(until), |s| {
+            s.open.get() + s.inflight.get() <= live as u64
+        })
+        .await;
+        conns.truncate(live);
+        conns
+    }
+
     /// Carries out the first process's commands until `finish` (or until it goes away).
     async fn follow_commands(&self, conns: &[Conn]) {
         let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -359,6 +430,7 @@ impl Shard {
             sent: t.sent,
             expected: t.expected,
             received: t.received,
+            open: self.open.get(),
             latency_us,
         });
     }

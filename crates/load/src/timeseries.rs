@@ -19,7 +19,7 @@ use crate::report;
 pub struct Row {
     /// Seconds since the run started: this row covers [second, second + 1).
     pub second: u64,
-    /// Opened and not dropped, at the end of the second.
+    /// Open at the end of the second.
     pub open: u64,
     /// Messages sent and deliveries received during the second.
     pub sent: u64,
