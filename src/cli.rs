@@ -57,6 +57,9 @@ pub enum Command {
     Run(RunArgs),
     /// Open many WebSocket connections to a server, join rooms, publish, and measure: connect
     /// rate and errors, delivery latency (p50/p99/p99.9/max), completeness, disconnects.
+    /// A later value of a flag overrides an earlier one (so the command line's win over a
+    /// --scenario file's, which go first).
+    #[command(args_override_self = true)]
     Load(LoadArgs),
     /// Show the running daemon's state: profile, verdicts, child, restarts, drifts.
     #[command(after_long_help = STATUS_MORE)]

@@ -450,6 +450,60 @@ fn stages_move_the_connections_held_up_and_down() {
     assert!(r["expected"].as_u64().unwrap() > 0);
 }
 
+/// `--scenario FILE`: the run from YAML, the command line's flags winning; a key that is not
+/// an option is bad input naming the file, line and key (exit 2), and nothing runs.
+#[test]
+fn a_scenario_file_runs_and_the_command_line_wins() {
+    let s = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "# a run too long for a command line\nurl: {}\nconnections: 50\nrooms: [\"2:50\", \"10:50\"]\n\
+             publish_rate: 100\npublish-seconds: 1\nfail-if: [lost==0]\nheader: ['X-Run: ci']\n",
+            url(&s)
+        ),
+    )
+    .unwrap();
+    let scenario = file.to_str().unwrap();
+    let o = Command::new(bin())
+        .args([
+            "load",
+            "--scenario",
+            scenario,
+            "--json",
+            "-n",
+            "30",
+            "--fail-if",
+            "opened==30",
+        ])
+        .output()
+        .unwrap();
+    let r = load_whole(&o, 30, "");
+    assert_eq!(r["thresholds"].as_array().unwrap().len(), 2, "{r}");
+    assert!(
+        r["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["ok"] == true),
+        "{r}"
+    );
+    assert!(r["sent"].as_u64().unwrap() >= 90, "the file's rate: {r}");
+    std::fs::write(&file, "url: ws://127.0.0.1:1/\n\npublish-rat: 5\n").unwrap();
+    let o = Command::new(bin())
+        .args(["load", "--scenario", scenario])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{scenario}:3: publish-rat: not an option")),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn connections_survive_heartbeat_rounds_because_pings_are_answered() {
     let s = Server::start(&["--ping-interval", "300", "--ping-timeout", "300"]);

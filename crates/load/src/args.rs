@@ -43,6 +43,10 @@ pub struct LoadArgs {
     /// hosts of one service (joined by `serve --bus`): connections are spread over them as a
     /// load balancer would.
     pub url: String,
+    /// Read options from this YAML file first (docs/load.md, "Scenario files"): every option
+    /// by its long name, and url; the command line's own win.
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<std::path::PathBuf>,
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: u64,

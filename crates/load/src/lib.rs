@@ -14,6 +14,7 @@ mod args;
 mod headers;
 mod plan;
 pub mod report;
+pub mod scenario;
 mod shard;
 mod thresholds;
 mod timeseries;
