@@ -143,6 +143,10 @@ daemon_cpu() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
 dcpu1=$(daemon_cpu)
 pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
 # Per connection means per connection held: when not all opened, the planned count would flatter.
+# /metrics sums the workers' snapshots once they are a second old (so a scrape never goes back):
+# give it that second before reading how many are held.
+all_counted() { (($(metric tunegate_websockets_open) >= conns)); }
+poll 5 all_counted || true
 held1=$(metric tunegate_websockets_open)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
@@ -211,7 +215,8 @@ res = {
     "pings_answered_by_clients": r.get("pings_answered"),
     "rooms": rooms, "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
     "sent": r.get("sent"), "expected": r.get("expected"), "received": r.get("received"),
-    "lost": r.get("lost"), "latency": lat, "accepted_total": int(accepted),
+    "lost": r.get("lost"), "latency": lat, "service_time": r.get("service_time", {}),
+    "schedule_lag": r.get("schedule_lag", {}), "accepted_total": int(accepted),
     "profile": profile,
     "load_rss_connected_kb": int(load_rss1),
     "load_rss_bytes_per_connection": round(int(load_rss1) * 1024 / held, 1),
@@ -246,7 +251,9 @@ md = [
     "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),
     "| room messages (rooms %s) | %s sent at %.0f/s |" % (rooms, r.get("sent"), r.get("publish_rate_achieved") or 0),
     "| deliveries received / expected | %s / %s (lost %s) |" % (r.get("received"), r.get("expected"), r.get("lost")),
-    "| delivery latency p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % (lat.get("p50_ms"), lat.get("p99_ms"), lat.get("p999_ms"), lat.get("max_ms")),
+    "| delivery latency from the scheduled send, p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % (lat.get("p50_ms"), lat.get("p99_ms"), lat.get("p999_ms"), lat.get("max_ms")),
+    "| service time (from the actual write), p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % tuple(res["service_time"].get(k) for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")),
+    "| publishers behind schedule: p99 / max; messages more than 10 ms late | %s / %s ms; %s |" % tuple(res["schedule_lag"].get(k) for k in ("p99_ms", "max_ms", "late")),
 ]
 if problems:
     md += [""] + ["PROBLEM: " + p for p in problems]

@@ -33,7 +33,8 @@
 //     most 10 s); across servers the server asks every other one (see the server).
 //  4. hold: --hold seconds; the clients answer engine.io pings (counted as pings_answered).
 //  5. publish: --publish-rate messages/s for --publish-seconds, from the members of rooms of 2
-//     or more in turn: emit("publish", {room, data: {t, p}}), t = CLOCK_MONOTONIC in us
+//     or more in turn: emit("publish", {room, data: {t, p}}), t = the message's scheduled
+//     send time (m / rate after the phase began), CLOCK_MONOTONIC in us
 //     (process.hrtime.bigint()), p = --payload bytes of padding. Each message should reach the
 //     room's other members: expected += planned size - 1. Every `message` received records
 //     now - t.
@@ -205,6 +206,8 @@ class Shard {
     this.pad = 'x'.repeat(Math.floor(opt.payload));
     this.connectUs = new Samples(Math.max(1024, hi - lo));
     this.latencyUs = new Samples(1 << 18);
+    this.serviceUs = new Samples(1 << 18);
+    this.lagUs = new Samples(1 << 16);
   }
 
   connectOne(i, deadline) {
@@ -255,7 +258,9 @@ class Shard {
     socket.on('message', (data) => {
       const now = nowUs();
       const sent = data && typeof data.t === 'number' ? data.t : now;
+      const written = data && typeof data.s === 'number' ? data.s : sent;
       this.latencyUs.push(Math.max(1, now - sent));
+      this.serviceUs.push(Math.max(1, now - written));
       t.received++;
     });
   }
@@ -326,14 +331,18 @@ class Shard {
     const rate = opt['publish-rate'] * this.share;
     const publishers = this.clients.filter((c) => c.members >= 2);
     const start = Date.now();
+    const startUs = nowUs();
     if (rate <= 0 || publishers.length === 0) return 0;
     const total = Math.round(rate * opt['publish-seconds']);
     const stride = lapStride(publishers.length);
     let next = 0;
     let sent = 0;
+    // Message m is due at m / rate after the start and carries that time (as tunegate load
+    // does, wrk2's way): a publisher behind its schedule does not hide the wait.
+    const dueUs = (m) => startUs + Math.round((m * 1e6) / rate);
     while (sent < total) {
-      await sleep(2);
-      const due = Math.min(total, Math.floor(((Date.now() - start) / 1000) * rate));
+      await sleep(Math.max(0, (dueUs(sent) - nowUs()) / 1000));
+      const due = Math.min(total, Math.floor(((nowUs() - startUs) / 1e6) * rate) + 1);
       while (sent < due) {
         // Skip clients that are gone; give up on a full lap of dead ones.
         let tries = 0;
@@ -342,7 +351,9 @@ class Shard {
           next++;
           tries++;
           if (c.open) {
-            c.socket.emit('publish', { room: c.room, data: { t: nowUs(), p: this.pad } });
+            const [t, s] = [dueUs(sent), nowUs()];
+            this.lagUs.push(Math.max(1, s - t));
+            c.socket.emit('publish', { room: c.room, data: { t, s, p: this.pad } });
             this.t.sent++;
             this.t.expected += c.members - 1;
             break;
@@ -370,6 +381,7 @@ class Shard {
       t: this.t, dropped: this.dropped, open_at_end: this.clients.filter((c) => c.open).length,
       sources: this.sources, source_mismatch: this.sourceMismatch, first_us: this.firstUs,
       last_open_us: this.lastOpenUs, connect_us: this.connectUs.values(), latency_us: this.latencyUs.values(),
+      service_us: this.serviceUs.values(), lag_us: this.lagUs.values(),
     };
   }
 
@@ -487,6 +499,8 @@ function outcome(results, extraProblems) {
   const sources = {};
   const connectUs = new Samples(Math.max(1024, N));
   const latencyUs = new Samples(1 << 18);
+  const serviceUs = new Samples(1 << 18);
+  const lagUs = new Samples(1 << 16);
   let dropped = 0;
   let openAtEnd = 0;
   let sourceMismatch = 0;
@@ -505,6 +519,8 @@ function outcome(results, extraProblems) {
     lastOpenUs = Math.max(lastOpenUs, r.last_open_us);
     connectUs.pushAll(r.connect_us);
     latencyUs.pushAll(r.latency_us);
+    serviceUs.pushAll(r.service_us);
+    lagUs.pushAll(r.lag_us);
   }
   const connectSeconds = lastOpenUs && Number.isFinite(firstUs) ? (lastOpenUs - firstUs) / 1e6 : 0;
   const o = {
@@ -514,7 +530,8 @@ function outcome(results, extraProblems) {
     connect_seconds: connectSeconds, connects_per_second: t.opened / Math.max(connectSeconds, 1e-6),
     connect_time: connectUs.percentiles(), held_seconds: heldSeconds, publish_seconds: publishSeconds,
     publish_rate_achieved: publishSeconds > 0 ? t.sent / publishSeconds : 0,
-    latency: latencyUs.percentiles(), lost: Math.max(0, t.expected - t.received), ok: false, problems: [],
+    latency: latencyUs.percentiles(), service_time: serviceUs.percentiles(),
+    schedule_lag: lagUs.percentiles(), lost: Math.max(0, t.expected - t.received), ok: false, problems: [],
   };
   const p = [...extraProblems];
   if (results.length < shards.length) p.push(`${shards.length - results.length} of ${shards.length} processes gave no result`);

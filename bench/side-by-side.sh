@@ -140,7 +140,8 @@ print(json.dumps({
     "peak_rss_kb": max([x[2] for x in rows] or [0]),
     "publish_rate_achieved": r.get("publish_rate_achieved"), "sent": r.get("sent"),
     "expected": r.get("expected"), "received": r.get("received"), "lost": r.get("lost"),
-    "latency": lat, "server_cpu_cores_during_messages": round(cpu, 2) if cpu is not None else None,
+    "latency": lat, "service_time": r.get("service_time", {}),
+    "schedule_lag": r.get("schedule_lag", {}), "server_cpu_cores_during_messages": round(cpu, 2) if cpu is not None else None,
     "ok": r.get("ok"), "problems": r.get("problems"),
 }))
 PY
@@ -181,14 +182,18 @@ lines = [
     "Measured %s: %s connections per server, rooms of %s, %s messages/s for %s s, one process each."
     % (datetime.date.today().isoformat(), conns, rooms, rate, seconds),
     "",
-    "| Server | Held | Memory per connection | Connect rate | Latency p50 / p99 | Lost | Server CPU (messages) |",
-    "|:---|---:|---:|---:|---:|---:|---:|",
+    "| Server | Held | Memory per connection | Connect rate | Latency p50 / p99 (from schedule) | Service time p50 / p99 | Publisher behind schedule, max | Lost | Server CPU (messages) |",
+    "|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for r in rows:
     lat = r.get("latency") or {}
-    lines.append("| %s | %s | %s B | %s/s | %s / %s ms | %s of %s | %s |" % (
+    svc = r.get("service_time") or {}
+    lag = r.get("schedule_lag") or {}
+    lines.append("| %s | %s | %s B | %s/s | %s / %s ms | %s / %s ms | %s ms | %s of %s | %s |" % (
         r["server"], f(r["held"]), f(r["bytes_per_connection"]), f(r["connects_per_second"]),
         f(lat.get("p50_ms"), "{:.2f}"), f(lat.get("p99_ms"), "{:.2f}"),
+        f(svc.get("p50_ms"), "{:.2f}"), f(svc.get("p99_ms"), "{:.2f}"),
+        f(lag.get("max_ms"), "{:.1f}"),
         f(r["lost"]), f(r["expected"]),
         f(r["server_cpu_cores_during_messages"], "{:.2f} cores")))
 for r in rows:
