@@ -18,8 +18,13 @@ pub const VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct Journal {
     pub version: u32,
-    /// The network namespace the values belong to (`net:[inode]`); revert refuses another one.
+    /// The network namespace the values belong to (`net:[inode]`); apply and revert refuse
+    /// another one (`belongs_to`).
     pub netns: Option<String>,
+    /// Whether that namespace was the system's own (PID 1's). A container's is created anew at
+    /// each boot under a new id; its journal, kept across the reboot, is still its system's.
+    #[serde(default)]
+    pub system_netns: bool,
     pub entries: Vec<Entry>,
     /// The sysctl.d drop-in tunegate created, removed again by revert.
     pub dropin: Option<PathBuf>,
@@ -48,6 +53,14 @@ pub struct Entry {
 pub const FILE_NAME: &str = "journal.json";
 
 impl Journal {
+    /// Whether these values are the namespace's of a process in `netns`, `system` saying it
+    /// shares PID 1's: the same id, or both the system's own (a container's namespace, and so
+    /// its id, is new after each of its reboots; a host's initial one keeps its id). A private
+    /// namespace (`ip netns`, `unshare -n`) must match by id: its values are nobody else's.
+    pub fn belongs_to(&self, netns: &Option<String>, system: bool) -> bool {
+        self.netns == *netns || (self.system_netns && system)
+    }
+
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(FILE_NAME)
     }

@@ -113,11 +113,12 @@ pub fn apply(
     }
     let steps = replan(host, &plan.steps, &mut outcome.superseded);
 
-    let mut journal = prior.clone().unwrap_or(Journal {
-        version: journal::VERSION,
-        netns: host.netns_id(),
-        ..Journal::default()
-    });
+    // The namespace's id as it is now (a container's system namespace has a new one after
+    // each reboot: `Journal::belongs_to`).
+    let mut journal = prior.clone().unwrap_or_default();
+    journal.version = journal::VERSION;
+    journal.netns = host.netns_id();
+    journal.system_netns = host.in_system_netns();
     for step in &steps {
         journal.record(
             &step.key.dotted(),
@@ -153,7 +154,7 @@ fn own_journal(host: &Host, paths: &Paths) -> anyhow::Result<Option<Journal>> {
     let netns = host.netns_id();
     let prior = Journal::load(&paths.state_dir)?;
     if let Some(j) = &prior
-        && j.netns != netns
+        && !j.belongs_to(&netns, host.in_system_netns())
     {
         return Err(UsageError(format!(
             "the journal in {} belongs to network namespace {} but this process is in {}; \
@@ -370,6 +371,76 @@ mod tests {
     ];
 
     const PROFILE: &str = "sysctl:\n  net.core.somaxconn: 65535\n  net.ipv4.tcp_max_syn_backlog: 4096\n  net.ipv4.tcp_wmem: \"4096 65536 1048576\"\n  net.ipv4.ip_local_port_range: \"1024 65535\"\n";
+
+    /// Points the fake tree's /proc/self/ns/net and /proc/1/ns/net at namespace ids, as the
+    /// kernel's links read.
+    fn namespaces(d: &tempfile::TempDir, own: &str, init: &str) {
+        for (pid, id) in [("self", own), ("1", init)] {
+            let dir = d.path().join("proc").join(pid).join("ns");
+            std::fs::create_dir_all(&dir).unwrap();
+            let _ = std::fs::remove_file(dir.join("net"));
+            std::os::unix::fs::symlink(format!("net:[{id}]"), dir.join("net")).unwrap();
+        }
+    }
+
+    /// A container's system namespace gets a new id at each of its boots; its journal, kept
+    /// across the reboot, is still its own: apply and revert take it. A private namespace's
+    /// journal is refused anywhere else, by id, as before (exit 2 with the ids).
+    #[test]
+    fn a_journal_of_the_systems_namespace_survives_a_reboot_a_private_ones_does_not() {
+        let (d, host, plan, paths) = setup(FILES, PROFILE);
+        namespaces(&d, "4026532177", "4026532177");
+        apply(&plan, &host, &paths, "p", false).unwrap();
+        let j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert!(j.system_netns && j.netns.as_deref() == Some("net:[4026532177]"));
+        // The container rebooted: PID 1 and we are in a new namespace, at the kernel's values.
+        namespaces(&d, "4026532182", "4026532182");
+        for (rel, content) in FILES {
+            std::fs::write(d.path().join("proc/sys").join(rel), content).unwrap();
+        }
+        let plan = Plan::from_report(&preflight::check(&load_p(&d), &host, &[]).unwrap());
+        apply(&plan, &host, &paths, "p", false).unwrap();
+        let j = Journal::load(&paths.state_dir).unwrap().unwrap();
+        assert_eq!(
+            j.netns.as_deref(),
+            Some("net:[4026532182]"),
+            "the id as it is now"
+        );
+        revert::revert(&host, &paths, false).unwrap();
+        assert_eq!(read(&d, "net/core/somaxconn"), "4096\n");
+
+        // A private namespace (ip netns, unshare -n): another one is refused.
+        namespaces(&d, "4026532300", "4026531840");
+        apply(&plan, &host, &paths, "p", false).unwrap();
+        assert!(
+            !Journal::load(&paths.state_dir)
+                .unwrap()
+                .unwrap()
+                .system_netns
+        );
+        namespaces(&d, "4026532301", "4026531840");
+        let e = revert::revert(&host, &paths, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("net:[4026532300]") && e.contains("net:[4026532301]"),
+            "{e}"
+        );
+        let e = apply(&plan, &host, &paths, "p", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("belongs to network namespace net:[4026532300]"),
+            "{e}"
+        );
+        // Nor does the system's namespace take a private one's journal.
+        namespaces(&d, "4026531840", "4026531840");
+        assert!(revert::revert(&host, &paths, false).is_err());
+    }
+
+    fn load_p(d: &tempfile::TempDir) -> crate::profile::Profile {
+        crate::profile::load(d.path().join("p.yaml").to_str().unwrap(), false).unwrap()
+    }
 
     #[test]
     fn plan_is_raise_only() {

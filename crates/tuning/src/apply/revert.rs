@@ -54,7 +54,7 @@ pub fn revert(host: &Host, paths: &Paths, force: bool) -> anyhow::Result<RevertO
     };
     out.had_journal = true;
     let netns = host.netns_id();
-    if journal.netns != netns && !force {
+    if !journal.belongs_to(&netns, host.in_system_netns()) && !force {
         return Err(UsageError(format!(
             "the journal in {} was written in network namespace {}, this process is in {}; \
              run revert there (or --force to restore these values here anyway)",

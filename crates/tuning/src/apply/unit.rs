@@ -103,6 +103,7 @@ pub fn apply_unit(
     let mut journal = Journal::load(&paths.state_dir)?.unwrap_or(Journal {
         version: journal::VERSION,
         netns: host.netns_id(),
+        system_netns: host.in_system_netns(),
         ..Journal::default()
     });
     if !journal.unit_dropins.contains(&path) {

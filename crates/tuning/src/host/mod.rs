@@ -169,6 +169,15 @@ impl Host {
             .map(|p| p.to_string_lossy().into_owned())
     }
 
+    /// Whether this process shares PID 1's network namespace: the system's own, the one a
+    /// host's or container's services run in. A container's is created anew at each of its
+    /// boots, under a new id, so a journal written there must still be this system's after a
+    /// reboot (`Journal::belongs_to`). False when /proc/1/ns/net cannot be read.
+    pub fn in_system_netns(&self) -> bool {
+        let init = std::fs::read_link(self.root.join("proc/1/ns/net")).ok();
+        init.is_some() && init.map(|p| p.to_string_lossy().into_owned()) == self.netns_id()
+    }
+
     /// Whether this process holds CAP_SYS_RESOURCE, needed to raise a hard rlimit.
     pub fn has_cap_sys_resource(&self) -> anyhow::Result<bool> {
         let path = self.root.join("proc/self/status");
