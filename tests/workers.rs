@@ -296,9 +296,9 @@ fn direct_messages_cross_workers(c: &mut Clients) {
     );
 }
 
-#[test]
-fn a_killed_worker_comes_back_and_the_others_never_notice() {
-    let mut w = Workers::start(3);
+/// Three workers, three clients on each, all nine in room "all" and every worker counting 9.
+fn three_workers_in_room_all() -> (Workers, Clients) {
+    let w = Workers::start(3);
     let mut c = w.clients(3);
     for list in c.values_mut() {
         join_all(list.iter_mut(), "all");
@@ -306,6 +306,12 @@ fn a_killed_worker_comes_back_and_the_others_never_notice() {
     for worker in [0, 1, 2] {
         await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
     }
+    (w, c)
+}
+
+#[test]
+fn a_killed_worker_comes_back_and_the_others_never_notice() {
+    let (mut w, mut c) = three_workers_in_room_all();
     publish_and_check(&mut c, (2, 0), &[0, 1, 2], "before", 20);
     assert_eq!(w.healthz(), "ok: 3 of 3 workers up\n");
 
@@ -444,14 +450,7 @@ fn home_of(room: &str, workers: u64) -> u64 {
 #[test]
 fn a_room_outlives_its_home_worker() {
     assert_eq!(home_of("all", 3), 0, "worker 0 is the home of \"all\"");
-    let mut w = Workers::start(3);
-    let mut c = w.clients(3);
-    for list in c.values_mut() {
-        join_all(list.iter_mut(), "all");
-    }
-    for worker in [0, 1, 2] {
-        await_count(&mut c.get_mut(&worker).unwrap()[0].0, "all", 9);
-    }
+    let (mut w, mut c) = three_workers_in_room_all();
     w.kill(0, &mut c);
     publish_and_check(&mut c, (1, 0), &[1, 2], "home-down", 20);
 
