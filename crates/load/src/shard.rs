@@ -20,7 +20,7 @@ use super::plan::{self, Spread, Stages};
 use super::report::{self, Tally};
 use super::wire::Rng;
 use super::{Targets, monotonic_us};
-use crate::{LoadArgs, LoadProtocol};
+use crate::LoadArgs;
 
 mod connection;
 
@@ -106,6 +106,8 @@ struct Shard {
     args: LoadArgs,
     /// What every upgrade request adds (`-H`, the token).
     headers: crate::headers::Extra,
+    /// `--stages`, when the connections held follow them.
+    stages: Option<Stages>,
     /// This process's place among the run's (`--shard I/K`, I < K): its share of the connect
     /// rate and cap, and which of the run's messages it publishes.
     index: u64,
@@ -149,16 +151,16 @@ struct Shard {
     input: RefCell<Box<[u8]>>,
 }
 
-pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> anyhow::Result<u8> {
+pub(crate) fn run_shard(
+    args: &LoadArgs,
+    targets: Targets,
+    checked: crate::Checked,
+    index: u64,
+    shards: u64,
+) -> anyhow::Result<u8> {
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     let range = plan::shard_range(args.connections, index, shards);
-    let spread = match args.protocol {
-        LoadProtocol::Relay => {
-            Some(Spread::parse(&args.rooms, args.connections).map_err(crate::BadArguments)?)
-        }
-        LoadProtocol::Plain => None,
-    };
     let source = args
         .source
         .or_else(|| targets.loopback().then(|| Ipv4Addr::new(127, 0, 0, 2)));
@@ -167,15 +169,15 @@ pub fn run_shard(args: &LoadArgs, targets: Targets, index: u64, shards: u64) -> 
     } else {
         None
     };
-    let headers = crate::headers::extra(args)?;
     let shard = Rc::new(Shard {
         args: args.clone(),
-        headers,
+        headers: checked.headers,
+        stages: checked.stages,
         index,
         shards,
         targets,
         tls,
-        spread,
+        spread: checked.spread,
         source,
         tally: RefCell::new(Tally::default()),
         connect_us: RefCell::new(report::histogram()),
@@ -220,11 +222,8 @@ impl Shard {
                 }
             })
         };
-        let conns = match &self.args.stages {
-            Some(text) => {
-                let stages = Stages::parse(text).map_err(crate::BadArguments)?;
-                self.follow_stages(range, &stages).await
-            }
+        let conns = match &self.stages {
+            Some(stages) => self.follow_stages(range, stages).await,
             None => self.ramp(range).await,
         };
         self.wait_until(None, |s| s.inflight.get() == 0).await;
