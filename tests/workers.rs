@@ -21,10 +21,16 @@ struct Workers {
     /// Each worker's current incarnation (what `tunegate run` would hand it).
     incarnations: Vec<u16>,
     next_incarnation: u16,
+    /// RLIMIT_NOFILE the workers run with (`prlimit`), when not the test's own.
+    nofile: Option<u64>,
 }
 
 impl Workers {
     fn start(n: usize) -> Workers {
+        Workers::start_with_nofile(n, None)
+    }
+
+    fn start_with_nofile(n: usize, nofile: Option<u64>) -> Workers {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -37,6 +43,7 @@ impl Workers {
             n,
             incarnations: vec![0; n],
             next_incarnation: 100,
+            nofile,
         };
         for i in 0..n {
             let p = w.spawn(i);
@@ -50,7 +57,15 @@ impl Workers {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         self.incarnations[i] = incarnation;
-        let mut child = Command::new(bin())
+        let mut command = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = command
             .args([
                 "serve",
                 "--listen",
@@ -461,4 +476,228 @@ fn a_room_outlives_its_home_worker() {
     }
     publish_and_check(&mut c, (0, 1), &[0, 1, 2], "home-back-0", 20);
     publish_and_check(&mut c, (2, 2), &[0, 1, 2], "home-back-2", 20);
+}
+
+/// The incarnations of the connection ids a client script wrote to `out` ({"ids": [...]}).
+fn incarnations_in(out: &std::path::Path) -> Vec<u16> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| incarnation_of(id.as_u64().unwrap()))
+        .collect()
+}
+
+/// `?affinity=ROOM` puts every member of a room on the room's home worker, whichever worker
+/// the kernel gave the connection to: Python `websockets` clients (percent-encoding the name
+/// as a browser does) all get ids of the home, their room works, and its messages cross no
+/// bus. With the home SIGKILLed, the same URL is served by whichever worker took it (counted
+/// as a failed move); once the home is back, new connections go to it again and their room
+/// works.
+#[test]
+fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
+    let mut w = Workers::start(3);
+    let url = format!("ws://{}", w.addr);
+    let out = w.dir.path().join("affinity-ids.json");
+    let routed_before = w.metric("tunegate_bus_room_deliveries_total");
+    for room in ["call-42", "café/7 a+b"] {
+        let home = home_of(room, 3) as usize;
+        python_client(
+            &[],
+            "affinity",
+            &[&url, room, "12", out.to_str().unwrap()],
+            "",
+        );
+        let got = incarnations_in(&out);
+        assert!(
+            got.iter().all(|&i| i == w.incarnations[home]),
+            "{room}: every member on worker {home} ({}), got {got:?}",
+            w.incarnations[home]
+        );
+    }
+    // 24 connections, each on a random worker first: about 16 moved (none or all 24 by
+    // chance: about once in 3^24 and (3/2)^24 = 17,000 runs). Every worker's counters travel
+    // the bus every half second: wait until whoever answers has all 24 accepted (plus its own
+    // /metrics requests).
+    eventually_true(
+        Duration::from_secs(5),
+        || "every worker's counters".into(),
+        || w.metric("tunegate_connections_accepted_total") >= 24,
+    );
+    let moved_out = w.metric("tunegate_connections_moved_out_total");
+    assert!(moved_out > 0 && moved_out < 24, "moved out: {moved_out}");
+    assert_eq!(w.metric("tunegate_connections_moved_in_total"), moved_out);
+    assert_eq!(w.metric("tunegate_connection_moves_failed_total"), 0);
+    assert_eq!(
+        w.metric("tunegate_bus_room_deliveries_total"),
+        routed_before,
+        "room messages crossed the bus"
+    );
+
+    let room = "call-42";
+    let home = home_of(room, 3) as usize;
+    w.procs[home].kill().unwrap();
+    w.procs[home].wait().unwrap();
+    python_client(
+        &[],
+        "affinity",
+        &[&url, room, "9", out.to_str().unwrap(), "hello-only"],
+        "",
+    );
+    let got = incarnations_in(&out);
+    assert!(got.iter().all(|&i| i != w.incarnations[home]), "{got:?}");
+    eventually_true(
+        Duration::from_secs(5),
+        || "a failed move counted".into(),
+        || w.metric("tunegate_connection_moves_failed_total") > 0,
+    );
+
+    w.procs[home] = w.spawn(home);
+    python_client(
+        &[],
+        "affinity",
+        &[&url, room, "9", out.to_str().unwrap()],
+        "",
+    );
+    let got = incarnations_in(&out);
+    assert!(
+        got.iter().all(|&i| i == w.incarnations[home]),
+        "back on the restarted home: {got:?}"
+    );
+}
+
+/// Rooms' homes are picked by a hash, so a home can fill up: with RLIMIT_NOFILE 286 a worker
+/// has room for 30 connections beyond the 256 descriptors it keeps. 45 Python `websockets`
+/// clients naming one room: the home takes 30 and hides its handoff socket, the other workers
+/// serve the rest (counted as failed moves), none is lost, and the room works across them;
+/// once they are gone the home takes its room's members again.
+#[test]
+fn a_full_home_leaves_the_rest_where_they_arrive() {
+    let w = Workers::start_with_nofile(3, Some(256 + 30));
+    let url = format!("ws://{}", w.addr);
+    let out = w.dir.path().join("affinity-ids.json");
+    let room = "crowded";
+    let home = home_of(room, 3) as usize;
+    python_client(
+        &[],
+        "affinity",
+        &[&url, room, "45", out.to_str().unwrap()],
+        "",
+    );
+    let got = incarnations_in(&out);
+    assert_eq!(got.len(), 45);
+    // The home took 30 handed over or accepted, then only what the kernel gave it directly.
+    let at_home = got.iter().filter(|&&i| i == w.incarnations[home]).count() as u64;
+    assert!(
+        (30..45).contains(&at_home),
+        "the home holds {at_home} of 45: {got:?}"
+    );
+    assert!(
+        w.dir
+            .path()
+            .join(format!("worker-{home}-loop-0.full.sock"))
+            .exists(),
+        "a full home hides its socket"
+    );
+    // Every one elsewhere asked for the home and was served where it arrived.
+    eventually_true(
+        Duration::from_secs(5),
+        || format!("{} failed moves counted", 45 - at_home),
+        || w.metric("tunegate_connection_moves_failed_total") == 45 - at_home,
+    );
+    // All closed: the home shows its socket again (at its next tick) and takes its room's
+    // members once more.
+    let hidden = w.dir.path().join(format!("worker-{home}-loop-0.full.sock"));
+    eventually_true(
+        Duration::from_secs(5),
+        || "the home's socket shown again".into(),
+        || !hidden.exists(),
+    );
+    python_client(
+        &[],
+        "affinity",
+        &[&url, room, "9", out.to_str().unwrap()],
+        "",
+    );
+    let got = incarnations_in(&out);
+    assert!(got.iter().all(|&i| i == w.incarnations[home]), "{got:?}");
+}
+
+/// What a handoff socket takes is only ever a connection: datagrams without a descriptor, or
+/// with a descriptor that is not a socket (a pipe, /dev/null), written to every worker's
+/// socket, are dropped or closed; the workers go on serving, and moving connections.
+#[test]
+fn handoff_sockets_shrug_off_what_is_not_a_connection() {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixDatagram;
+    let w = Workers::start(3);
+    let stranger = UnixDatagram::unbound().unwrap();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for worker in 0..3 {
+        let path = w
+            .dir
+            .path()
+            .join(format!("worker-{worker}-loop-0.handoff.sock"));
+        for _ in 0..200 {
+            let len = (rng % 600) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect();
+            let _ = stranger.send_to(&bytes, &path);
+        }
+        // Descriptors that are not sockets, with a request that names a room.
+        let (reader, _writer) = nix::unistd::pipe().unwrap();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        for fd in [reader.as_fd(), devnull.as_fd()] {
+            send_fd(
+                &stranger,
+                &path,
+                fd,
+                b"GET /?affinity=x HTTP/1.1\r\nHost: t\r\n\r\n",
+            );
+        }
+    }
+    let url = format!("ws://{}", w.addr);
+    let out = w.dir.path().join("affinity-ids.json");
+    python_client(
+        &[],
+        "affinity",
+        &[&url, "after-noise", "9", out.to_str().unwrap()],
+        "",
+    );
+    let home = home_of("after-noise", 3) as usize;
+    assert!(
+        incarnations_in(&out)
+            .iter()
+            .all(|&i| i == w.incarnations[home])
+    );
+    assert!(w.healthz().contains("ok"), "{}", w.healthz());
+}
+
+/// One datagram with a descriptor attached, as a handover is sent (SCM_RIGHTS).
+fn send_fd(
+    socket: &std::os::unix::net::UnixDatagram,
+    to: &std::path::Path,
+    fd: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let addr = UnixAddr::new(to).unwrap();
+    sendmsg(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        Some(&addr),
+    )
+    .unwrap();
 }

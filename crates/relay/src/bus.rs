@@ -11,6 +11,7 @@ use crate::names::NameMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::handler::Place;
 use super::id::{ConnId, ProcessId};
 use super::metrics::{RemoteStats, Snapshot};
 use super::protocol::Outgoing;
@@ -113,6 +114,12 @@ pub trait Bus: Send + Sync {
     }
     /// The loops are done: send what waits and say goodbye to other hosts.
     fn close(&self) {}
+    /// The worker and loop home to `room`, when connections can be handed between loops
+    /// (between workers on one host): a room whose members all live there costs one entry in
+    /// one loop and nothing on the bus.
+    fn place(&self, _room: &str) -> Option<Place> {
+        None
+    }
 }
 
 /// A room's members in this process. Per loop only with more than one loop: a worker among

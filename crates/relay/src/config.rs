@@ -30,6 +30,12 @@ pub const DEFAULT_MAX_ROOMS: usize = 64;
 pub const DEFAULT_AUTH_LEEWAY_S: u64 = super::auth::DEFAULT_LEEWAY_S;
 /// Worker processes one server can have.
 pub const MAX_WORKERS: usize = 256;
+/// Descriptors a worker keeps for everything that is not a client connection: stdio, per event
+/// loop its epoll, listener, eventfd, handoff socket and spare descriptor, the signalfd, the bus
+/// socket and a link (three descriptors) per other worker, metrics files. 256 covers 32 loops
+/// and 40 peers. `tunegate run` sizes workers by what is left; a loop stops taking connections
+/// handed over by others once its share of the rest is full (`handoff.rs`).
+pub const DESCRIPTORS_KEPT: u64 = 256;
 /// `--listen` addresses one server can have.
 pub const MAX_LISTEN: usize = 8;
 

@@ -31,6 +31,9 @@ pub enum State {
 }
 
 /// `flags` bits.
+/// Served where it is: it came from another loop, or its room's home did not take it
+/// (`handoff.rs`).
+pub const STAYS: u8 = 1;
 pub const AWAIT_PONG: u8 = 2;
 pub const WEBSOCKET: u8 = 4;
 /// The write side was shut down (after our final bytes were flushed).

@@ -22,15 +22,18 @@ use super::client_addr::Admission;
 use super::conn::{self, AWAIT_PONG, Incoming, State};
 use super::frame::{self, Fail, close};
 use super::handler::{Handler, Sink};
+use super::handoff::Handoff;
 use super::handshake::{self, Parsed};
 use super::id::ProcessId;
 use super::metrics::{CloseReason, LoopMetrics};
-use super::sockets::{Received, Sockets, TICK_MS, ticks};
+use super::sockets::{Arrived, Received, Sockets, TICK_MS, ticks};
 use super::tls::Certs;
 use super::{Config, Options, sys};
 
 mod admit;
+mod moving;
 use admit::Refusals;
+use moving::{Moved, Waiting};
 
 /// Receive buffer per loop (not per connection).
 const RECV_BUF: usize = 64 * 1024;
@@ -41,6 +44,9 @@ const TOKEN_WAKE: u64 = u64::MAX - 1;
 const TOKEN_STOP: u64 = u64::MAX - 2;
 /// Listener `i`'s token is `TOKEN_LISTENERS - i` (at most `config::MAX_LISTEN` of them).
 const TOKEN_LISTENERS: u64 = u64::MAX - 3;
+/// The handoff socket's: above every connection's (generation << 32 | slot, below 2^48) and
+/// below the listeners'.
+const TOKEN_HANDOFF: u64 = 1 << 63;
 
 /// Tells a loop to stop: stop accepting, close every connection with 1001, drain.
 pub struct Stop {
@@ -93,6 +99,11 @@ pub struct EventLoop<H: Handler> {
     ticked: u32,
     /// Where compressed messages are inflated: one buffer per loop, like the receive buffer.
     inflated: Vec<u8>,
+    /// Between workers on one host (no TLS): where connections are handed to their room's
+    /// home and taken from other loops (`handoff.rs`).
+    handoff: Option<Handoff>,
+    /// Connections whose home's queue was full, tried again every tick.
+    moving: Vec<Waiting>,
 }
 
 /// Who gets in, shared by every loop of the process: the per-address table, the token keys
@@ -178,7 +189,20 @@ impl<H: Handler> EventLoop<H> {
             verifier,
             ticked: 0,
             inflated: Vec::new(),
+            handoff: None,
+            moving: Vec::new(),
         })
+    }
+
+    /// Hands connections to their room's home and takes those handed here (`handoff.rs`).
+    pub fn with_handoff(mut self, handoff: Handoff) -> std::io::Result<EventLoop<H>> {
+        self.sockets.poller.add(
+            handoff.fd(),
+            TOKEN_HANDOFF,
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+        )?;
+        self.handoff = Some(handoff);
+        Ok(self)
     }
 
     /// Runs until shutdown has drained every connection (or the drain timeout passed).
@@ -195,6 +219,7 @@ impl<H: Handler> EventLoop<H> {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_WAKE => self.handler.on_wake(&mut self.sockets),
+                    TOKEN_HANDOFF => self.take_moved(),
                     TOKEN_STOP => {
                         self.stop.waker.reset();
                         if self.stop.requested.load(Ordering::Relaxed) {
@@ -220,6 +245,10 @@ impl<H: Handler> EventLoop<H> {
             self.sweep();
             if self.ticked != self.sockets.now {
                 self.ticked = self.sockets.now;
+                if !self.moving.is_empty() {
+                    self.retry_moves();
+                }
+                self.track_fill();
                 self.handler.on_tick(&mut self.sockets);
             }
             self.tell_ended();
@@ -274,7 +303,11 @@ impl<H: Handler> EventLoop<H> {
             };
             match sys::accept(listener.as_fd()) {
                 Ok(fd) => {
-                    if let Err(e) = self.sockets.insert(fd, self.options.handshake_timeout_ms) {
+                    if let Err(e) = self.sockets.insert(
+                        fd,
+                        self.options.handshake_timeout_ms,
+                        Arrived::Accepted,
+                    ) {
                         log!(
                             "loop {}: cannot register a connection: {e}",
                             self.sockets.loop_index()
@@ -428,6 +461,10 @@ impl<H: Handler> EventLoop<H> {
                 credentials,
                 deflate,
             } => {
+                let whole = if from_buf { &buf[..n] } else { &request[..] };
+                if let Moved::Away = self.move_home(slot, &path, whole) {
+                    return;
+                }
                 let Ok(counted) = self.admit(slot, &forwarded) else {
                     return;
                 };
@@ -683,6 +720,10 @@ impl<H: Handler> EventLoop<H> {
         self.drain_deadline = self.sockets.now + ticks(self.options.drain_timeout_ms);
         for l in std::mem::take(&mut self.listeners) {
             let _ = self.sockets.poller.delete(l.as_fd());
+        }
+        // Nor does it take connections handed over from now on: they would only be told 1001.
+        if let Some(handoff) = &mut self.handoff {
+            let _ = handoff.close_door();
         }
         for slot in 0..self.sockets.conns.len() {
             match self.sockets.conns[slot].state {

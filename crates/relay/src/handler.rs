@@ -36,6 +36,14 @@ pub trait Sink<D> {
     fn close(&mut self, slot: usize, code: u16, reason: &'static str, why: CloseReason);
 }
 
+/// A loop among all the workers' loops: where a connection may be handed before its upgrade
+/// (`handoff.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub worker: usize,
+    pub loop_index: usize,
+}
+
 pub trait Handler {
     /// The application's own state per connection, kept in the connection's slot: every idle
     /// connection pays for it, so keep it to a few bytes (the relay's is 4).
@@ -76,6 +84,14 @@ pub trait Handler {
     /// The loop's clock ticked (every 100 ms): deadlines of the application's own are swept
     /// here, never with a timer per connection.
     fn on_tick(&mut self, _sink: &mut impl Sink<Self::Data>) {}
+
+    /// Where a connection upgrading to `path` (query included) would best live, when the
+    /// application can tell from the request alone: the relay answers the room's home for
+    /// `?affinity=ROOM`. The loop hands the connection there before its upgrade when that is
+    /// another loop and it can (`handoff.rs`).
+    fn place(&self, _path: &str) -> Option<Place> {
+        None
+    }
 
     /// The whole HTTP response to a plain GET of `path` (no upgrade).
     fn on_get(&mut self, path: &str) -> Vec<u8>;

@@ -264,6 +264,29 @@ pub fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// A query value with its `%XX` escapes decoded (as `encodeURIComponent` or Python's
+/// `urllib.parse.quote` write them; `+` stays `+`); `None` when an escape is malformed or the
+/// result is not UTF-8.
+pub fn percent_decoded(value: &str) -> Option<String> {
+    if !value.contains('%') {
+        return Some(value.to_string());
+    }
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn reject(status: u16, why: &str, extra: &str) -> Parsed {
     Parsed::Reject {
         response: response(
@@ -519,7 +542,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn percent_escapes_decode_to_the_name() {
+        assert_eq!(percent_decoded("s10-7").as_deref(), Some("s10-7"));
+        assert_eq!(
+            percent_decoded("team%2F7%20a+b").as_deref(),
+            Some("team/7 a+b")
+        );
+        assert_eq!(percent_decoded("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(percent_decoded("%C3%A"), None); // cut short
+        assert_eq!(percent_decoded("%zz"), None);
+        assert_eq!(percent_decoded("%FF"), None); // not UTF-8
+    }
+
     proptest! {
+        /// Whatever room name a client escapes, every byte of it `%XX` (the most any encoder
+        /// escapes), the server reads the same name back.
+        #[test]
+        fn any_name_escaped_decodes_to_itself(name in "\\PC{1,40}", escape_all in any::<bool>()) {
+            let escaped: String = name
+                .bytes()
+                .map(|b| if escape_all || !b.is_ascii_alphanumeric() {
+                    format!("%{b:02X}")
+                } else {
+                    (b as char).to_string()
+                })
+                .collect();
+            prop_assert_eq!(percent_decoded(&escaped), Some(name));
+        }
+
         #[test]
         fn any_prefix_is_incomplete_or_the_same_answer(cut in 0usize..GOOD.len()) {
             let p = Policy::default();

@@ -30,6 +30,7 @@ pub mod echo;
 pub mod event_loop;
 pub mod frame;
 pub mod handler;
+pub mod handoff;
 pub mod handshake;
 pub mod id;
 pub mod limits;
@@ -311,10 +312,29 @@ fn start_loops(
             let bus = shared.bus.clone();
             let relay = relay::Relay::new(settings, bus, inbox, metrics.clone(), routes)
                 .with_verifier(access.verifier.clone());
-            spawn_loop(
-                loop_index,
-                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, access)?,
-            )?
+            let mut event_loop =
+                EventLoop::new(loop_index, inc, listener, relay, c, metrics, s, access)?;
+            // Between workers, a connection can be handed to its room's home; a TLS session
+            // cannot follow its socket (handoff.rs).
+            if let Some(dir) = config
+                .options
+                .bus_dir
+                .as_ref()
+                .filter(|_| config.workers() > 1 && shared.certs.is_none())
+            {
+                let here = handler::Place {
+                    worker: config.worker,
+                    loop_index,
+                };
+                // This loop's share of the descriptors left for connections.
+                let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+                let share =
+                    limit.saturating_sub(config::DESCRIPTORS_KEPT) / config.threads() as u64;
+                let handoff = handoff::Handoff::bind(dir, here, share as usize)
+                    .context("cannot bind the socket connections are handed over on")?;
+                event_loop = event_loop.with_handoff(handoff)?;
+            }
+            spawn_loop(loop_index, event_loop)?
         };
         loops.push((thread, stop));
     }

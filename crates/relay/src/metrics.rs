@@ -132,6 +132,13 @@ pub struct LoopMetrics {
     accept_errors: [AtomicU64; 3],
     /// Connections accepted and closed at once because descriptors ran out.
     pub shed: AtomicU64,
+    /// Connections handed over before their upgrade to the loop home to the room their
+    /// `affinity` names (`handoff.rs`), and taken from other loops.
+    pub moved_out: AtomicU64,
+    pub moved_in: AtomicU64,
+    /// Connections that asked for their room's home but were served where they arrived: the
+    /// home did not take them (down, or its queue full for longer than the wait).
+    pub move_failed: AtomicU64,
     pub pings: AtomicU64,
     /// Slow readers cut off (counted when cut; the close itself follows when the Close frame
     /// has gone out or the wait ran out).
@@ -176,6 +183,12 @@ pub struct Snapshot {
     pub bytes_out: u64,
     pub accept_errors: [u64; 3],
     pub shed: u64,
+    #[serde(default)]
+    pub moved_out: u64,
+    #[serde(default)]
+    pub moved_in: u64,
+    #[serde(default)]
+    pub move_failed: u64,
     pub pings: u64,
     pub backpressure_cutoffs: u64,
     pub protocol_errors_replied: u64,
@@ -244,6 +257,9 @@ impl Snapshot {
             self.accept_errors[i] += o.accept_errors[i];
         }
         self.shed += o.shed;
+        self.moved_out += o.moved_out;
+        self.moved_in += o.moved_in;
+        self.move_failed += o.move_failed;
         self.pings += o.pings;
         self.backpressure_cutoffs += o.backpressure_cutoffs;
         self.protocol_errors_replied += o.protocol_errors_replied;
@@ -296,6 +312,9 @@ impl Snapshot {
             m(&mut self.accept_errors[i], o.accept_errors[i]);
         }
         m(&mut self.shed, o.shed);
+        m(&mut self.moved_out, o.moved_out);
+        m(&mut self.moved_in, o.moved_in);
+        m(&mut self.move_failed, o.move_failed);
         m(&mut self.pings, o.pings);
         m(&mut self.backpressure_cutoffs, o.backpressure_cutoffs);
         m(&mut self.protocol_errors_replied, o.protocol_errors_replied);
@@ -346,6 +365,9 @@ impl LoopMetrics {
             bytes_out: self.bytes_out.load(Relaxed),
             accept_errors: std::array::from_fn(|i| self.accept_errors[i].load(Relaxed)),
             shed: self.shed.load(Relaxed),
+            moved_out: self.moved_out.load(Relaxed),
+            moved_in: self.moved_in.load(Relaxed),
+            move_failed: self.move_failed.load(Relaxed),
             pings: self.pings.load(Relaxed),
             backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
             protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
@@ -510,6 +532,21 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             "connections_shed_total",
             "Connections accepted and closed at once because descriptors ran out.",
             t.shed,
+        ),
+        counter(
+            "connections_moved_out_total",
+            "Connections handed, before their upgrade, to the worker and loop home to the room their URL's affinity names.",
+            t.moved_out,
+        ),
+        counter(
+            "connections_moved_in_total",
+            "Connections taken from another worker or loop because this one is home to the room their URL's affinity names.",
+            t.moved_in,
+        ),
+        counter(
+            "connection_moves_failed_total",
+            "Connections whose URL named an affinity but which were served where they arrived: the room's home did not take them (down, holding its share of descriptors, or its queue stayed full), or lost on the way (no descriptor left to receive them with).",
+            t.move_failed,
         ),
         counter("pings_sent_total", "Heartbeat pings sent.", t.pings),
         counter(

@@ -41,13 +41,14 @@ use rustc_hash::FxHashMap;
 
 use super::bus::{Ask, Bus, Item, LocalBus};
 use link::{Link, Outbox};
-use table::{Peers, home_of, worker_no};
+use table::{Peers, home_loop_of, home_of, worker_no};
 use wire::{MAX_WIRE, PROTOCOL, Wire, encode, read_wire, reply_op};
 
 mod io;
 mod link;
 mod table;
 mod wire;
+use super::handler::Place;
 use super::id::{ConnId, ProcessId};
 use super::metrics::Snapshot;
 use super::protocol::{Encoding, Outgoing};
@@ -528,6 +529,13 @@ impl WorkerBus {
 }
 
 impl Bus for WorkerBus {
+    fn place(&self, room: &str) -> Option<Place> {
+        Some(Place {
+            worker: home_of(room, self.workers),
+            loop_index: home_loop_of(room, self.workers, self.local.loops()),
+        })
+    }
+
     fn joined(&self, room: &Arc<str>, loop_index: usize) {
         self.local.joined(room, loop_index);
         self.announce(room);

@@ -45,6 +45,7 @@ use std::time::Duration;
 use fred::bytes::Bytes;
 
 use super::bus::{Ask, Bus, Item, LocalBus};
+use super::handler::Place;
 use super::id::{ConnId, ProcessId};
 use super::metrics::{RemoteStats, Snapshot};
 use super::peers::WorkerBus;
@@ -250,6 +251,12 @@ impl RedisBus {
 }
 
 impl Bus for RedisBus {
+    /// The home among this host's workers (rooms span hosts, but on this host one worker then
+    /// holds a room's members, and only it subscribes to the room).
+    fn place(&self, room: &str) -> Option<Place> {
+        self.host.as_ref().and_then(|host| host.place(room))
+    }
+
     fn joined(&self, room: &Arc<str>, loop_index: usize) {
         self.local.joined(room, loop_index);
         self.pending.mark([room.clone()]);

@@ -20,7 +20,7 @@ use rustc_hash::FxHashMap;
 use super::auth::{Grant, Verifier};
 use super::bus::{Ask, Bus, Inbox, Item};
 use super::config::Options;
-use super::handler::{Handler, Sink};
+use super::handler::{Handler, Place, Sink};
 use super::handshake;
 use super::id::ConnId;
 use super::limits::{Clock, Throttle};
@@ -592,6 +592,16 @@ impl Handler for Relay {
             self.on_item(sink, item);
         }
         self.items = items;
+    }
+
+    /// `?affinity=ROOM` (percent-encoded, 1 to 128 bytes): the worker and loop home to ROOM,
+    /// where its members cost the least and a message to them crosses no bus.
+    fn place(&self, path: &str) -> Option<Place> {
+        let room = handshake::percent_decoded(handshake::query_param(path, "affinity")?)?;
+        if room.is_empty() || room.len() > protocol::MAX_ROOM_NAME {
+            return None;
+        }
+        self.bus.place(&room)
     }
 
     fn on_get(&mut self, path: &str) -> Vec<u8> {

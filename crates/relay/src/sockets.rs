@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use nix::errno::Errno;
 use rustc_hash::FxHashMap;
 
-use super::conn::{APP_OPEN, Conn, DEFLATE_OUT, State, WEBSOCKET, WRITE_SHUT};
+use super::conn::{APP_OPEN, Conn, DEFLATE_OUT, STAYS, State, WEBSOCKET, WRITE_SHUT};
 use super::deflate::Codec;
 use super::frame::{self, Fail, close};
 use super::handler::Sink;
@@ -60,6 +60,15 @@ pub struct Sockets<D> {
     sessions: FxHashMap<u32, Session>,
     /// With --deflate on: this loop's one compressor and decompressor (`deflate.rs`).
     pub(crate) codec: Option<Codec>,
+}
+
+/// How a connection came to a loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrived {
+    /// From its listener (counted as accepted).
+    Accepted,
+    /// Handed over by the loop that accepted it (`handoff.rs`; counted there as accepted).
+    Moved,
 }
 
 /// What reading a connection gave: plaintext in the caller's buffer, or why not.
@@ -114,7 +123,12 @@ impl<D: Copy + Default> Sockets<D> {
 
     /// A new connection in a free slot (reused first-in first-out, `id.rs`); `None` when the
     /// slab is full.
-    pub(crate) fn insert(&mut self, fd: OwnedFd, handshake_ms: u64) -> std::io::Result<usize> {
+    pub(crate) fn insert(
+        &mut self,
+        fd: OwnedFd,
+        handshake_ms: u64,
+        arrived: Arrived,
+    ) -> std::io::Result<usize> {
         let slot = match self.free.take() {
             Some(s) => s,
             None => {
@@ -149,9 +163,33 @@ impl<D: Copy + Default> Sockets<D> {
             }
         }
         self.conns[slot].fd = Some(fd);
-        LoopMetrics::add(&self.metrics.accepted, 1);
+        match arrived {
+            Arrived::Accepted => LoopMetrics::add(&self.metrics.accepted, 1),
+            Arrived::Moved => {
+                LoopMetrics::add(&self.metrics.moved_in, 1);
+                self.conns[slot].flags |= STAYS;
+            }
+        }
         self.metrics.open.fetch_add(1, Ordering::Relaxed);
         Ok(slot)
+    }
+
+    /// `slot`'s connection was handed to another loop (`handoff.rs`), which now holds its
+    /// socket: it is forgotten here without a byte or a shutdown. Its epoll registration goes
+    /// first: it belongs to the socket, which the receiver keeps open, so closing this
+    /// descriptor alone would leave it in this loop's set.
+    pub(crate) fn hand_over(&mut self, slot: usize) {
+        let c = &mut self.conns[slot];
+        debug_assert!(c.state == State::Handshake && c.flags & APP_OPEN == 0);
+        c.busy = None;
+        c.state = State::Closed;
+        if let Some(fd) = c.fd.take() {
+            let _ = self.poller.delete(fd.as_fd());
+            drop(fd);
+        }
+        self.metrics.open.fetch_sub(1, Ordering::Relaxed);
+        LoopMetrics::add(&self.metrics.moved_out, 1);
+        self.release(slot);
     }
 
     /// The epoll token of `slot`'s current connection: stale events carry an older generation.

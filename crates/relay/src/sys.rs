@@ -1,7 +1,10 @@
 //! The OS behind one narrow module: epoll, listening and accepted sockets, reads and writes,
 //! eventfd wake-ups and signalfd. Everything the event loop needs from the kernel, and nothing
-//! else; all through nix, so no unsafe code. Descriptors are `OwnedFd`s: dropping one closes it
-//! (and removes it from every epoll set it was in).
+//! else; all through nix (and rustix for the one call nix cannot make safely: receiving a
+//! descriptor, which rustix hands over as an `OwnedFd`), so no unsafe code. Descriptors are
+//! `OwnedFd`s: dropping the last one that refers to a socket closes it (and removes it from
+//! every epoll set it was in; a socket handed to another loop is still open there, so the loop
+//! that gave it away deletes it from its epoll set first).
 //!
 //! Every descriptor read or written here is a stream socket, so reads and writes are `recv(2)`
 //! and `send(2)`/`sendmsg(2)` (MSG_NOSIGNAL: a write to a reset peer returns EPIPE), not
@@ -192,6 +195,101 @@ pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
             Err(Errno::EINTR) => continue,
             other => return other,
         }
+    }
+}
+
+/// A loop's door for connections handed over by other loops (`handoff.rs`): a non-blocking
+/// unix datagram socket bound at `path` (a leftover of an earlier life removed first), which
+/// only its owner may write to (mode 0600: whoever can send a descriptor here can make the loop
+/// serve it).
+pub fn handoff_socket(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let socket = std::os::unix::net::UnixDatagram::bind(path)?;
+    socket.set_nonblocking(true)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(socket.into())
+}
+
+/// Sends `bytes` and a duplicate of `conn` as one datagram from `socket` to the socket bound at
+/// `to`, without blocking: EAGAIN when the receiver's queue is full, ECONNREFUSED or ENOENT
+/// when nobody is bound there.
+pub fn send_with_fd(
+    socket: BorrowedFd<'_>,
+    to: &std::path::Path,
+    bytes: &[u8],
+    conn: BorrowedFd<'_>,
+) -> Result<(), Errno> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix};
+    let addr = SocketAddrUnix::new(to).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [conn];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(Errno::ENOBUFS);
+    }
+    let iov = [io::IoSlice::new(bytes)];
+    loop {
+        match rustix::net::sendmsg_addr(
+            socket,
+            &addr,
+            &iov,
+            &mut control,
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::INTR => continue,
+            Err(e) => return Err(Errno::from_raw(e.raw_os_error())),
+        }
+    }
+}
+
+/// One datagram received by `recv_with_fd`.
+#[derive(Debug)]
+pub enum Datagram {
+    /// Its bytes (in the caller's buffer) and the descriptor that came with it.
+    WithFd(usize, OwnedFd),
+    /// No descriptor, more than one, or longer than the buffer: dropped (descriptors closed).
+    Other,
+    /// A descriptor came but the kernel could not install it (MSG_CTRUNC: this process is out
+    /// of descriptors) and closed it.
+    FdLost,
+}
+
+/// Receives one datagram into `buf` without blocking, with the descriptor that came with it
+/// (close-on-exec).
+pub fn recv_with_fd(socket: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Datagram, Errno> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let got = loop {
+        match rustix::net::recvmsg(
+            socket,
+            &mut iov,
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(got) => break got,
+            Err(e) if e == rustix::io::Errno::INTR => continue,
+            Err(e) => return Err(Errno::from_raw(e.raw_os_error())),
+        }
+    };
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let cut = got
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
+    if got.flags.contains(ReturnFlags::CTRUNC) && fds.is_empty() {
+        return Ok(Datagram::FdLost);
+    }
+    match fds.pop() {
+        Some(fd) if fds.is_empty() && !cut => Ok(Datagram::WithFd(got.bytes, fd)),
+        _ => Ok(Datagram::Other),
     }
 }
 

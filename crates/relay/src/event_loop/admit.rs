@@ -21,6 +21,8 @@ pub(super) struct Refusals {
     address_limit: Throttle,
     upgrade_rate: Throttle,
     auth: Throttle,
+    /// Connections that asked for their room's home and were served here instead.
+    pub(super) moves: Throttle,
 }
 
 impl<H: Handler> EventLoop<H> {

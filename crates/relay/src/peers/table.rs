@@ -141,12 +141,22 @@ impl Peers {
 /// The worker that is home to `room` among `workers`: FNV-1a of the name, the same in every
 /// process (a keyed hash would differ between them).
 pub(super) fn home_of(room: &str, workers: usize) -> usize {
+    (fnv1a(room) % workers as u64) as usize
+}
+
+/// The loop of `room`'s home worker (among its `loops`) that its members are handed to
+/// (`Bus::place`): the hash's next digit, so the loops of a worker share its rooms evenly.
+pub(super) fn home_loop_of(room: &str, workers: usize, loops: usize) -> usize {
+    (fnv1a(room) / workers as u64 % loops.max(1) as u64) as usize
+}
+
+fn fnv1a(room: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in room.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h % workers as u64) as usize
+    h
 }
 
 #[cfg(test)]
