@@ -79,6 +79,11 @@ pub struct LoadArgs {
     /// what the server sends compressed; a connection whose server does not agree fails.
     #[arg(long)]
     pub deflate: bool,
+    /// Ask for each connection's room in its URL (`?affinity=ROOM`), so that a server of
+    /// several workers serves every member of a room from the room's home worker
+    /// (docs/protocol.md).
+    #[arg(long)]
+    pub affinity: bool,
     /// With wss:// targets: the CA certificates (PEM) to trust instead of the system's (the
     /// certificate must name the target: its IP address, or the name in the URL).
     #[arg(long, visible_alias = "ca", value_name = "FILE")]

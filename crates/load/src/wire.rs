@@ -42,6 +42,20 @@ pub struct Offer<'a> {
 const DEFLATE_OFFER: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
+/// A query value with every byte outside RFC 3986's unreserved set written `%XX` (as
+/// `encodeURIComponent` does).
+pub fn percent_encoded(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 pub fn request(host: &str, path: &str, offer: &Offer<'_>, rng: &mut Rng) -> (Vec<u8>, String) {
     let mut nonce = [0u8; 16];
     nonce[..8].copy_from_slice(&rng.next().to_le_bytes());
@@ -150,6 +164,13 @@ pub fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_names_are_escaped_as_encode_uri_component_does() {
+        assert_eq!(percent_encoded("s10-7"), "s10-7");
+        assert_eq!(percent_encoded("team/7 a+b"), "team%2F7%20a%2Bb");
+        assert_eq!(percent_encoded("café"), "caf%C3%A9");
+    }
 
     #[test]
     fn rfc_6455_accept_example() {

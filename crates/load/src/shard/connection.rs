@@ -360,9 +360,17 @@ impl Shard {
             headers: &self.headers.lines,
             deflate: self.args.deflate,
         };
+        let path = match self.spread.as_ref().filter(|_| self.args.affinity) {
+            Some(spread) => {
+                let sep = if target.path.contains('?') { '&' } else { '?' };
+                let room = wire::percent_encoded(&spread.room_of(global).0);
+                format!("{}{sep}affinity={room}", target.path)
+            }
+            None => target.path.clone(),
+        };
         let (req, accept) = wire::request(
             self.headers.host.as_deref().unwrap_or(&target.host),
-            &target.path,
+            &path,
             &offer,
             &mut self.rng.borrow_mut(),
         );
