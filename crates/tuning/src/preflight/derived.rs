@@ -1,5 +1,6 @@
 //! Checks that follow from `target_connections` and the listen ports rather than from one key:
-//! the descriptor ceilings, the ephemeral range, TCP memory, conntrack, and the port guard.
+//! the descriptor ceilings, the ephemeral range, TCP memory, the established-socket hash,
+//! conntrack, and the port guard.
 //!
 //! Where apply would move a value (a wider port range, more reserved ports, bigger buffer
 //! minimums), these checks look at the value as it will be after apply, because that is the
@@ -78,6 +79,9 @@ pub fn checks(
         }
         out.push(tcp_memory(profile, host, sockets)?);
         out.push(socket_memory(host, sockets, profile.clients_on_host));
+        if let Some(f) = established_hash(host, sockets)? {
+            out.push(f);
+        }
         if let Some(f) = conntrack(host, target)? {
             out.push(f);
         }
@@ -227,6 +231,56 @@ fn socket_memory(host: &Host, sockets: u64, both_ends: bool) -> Finding {
         }
     }
     f
+}
+
+/// Sockets per bucket of TCP's established hash beyond which lookups cost measurably: the
+/// kernel sizes the table for about one.
+const SOCKETS_PER_EHASH_BUCKET: u64 = 2;
+
+/// TCP's established-socket hash against the target's sockets. Every segment received finds
+/// its socket there by walking its bucket's chain, and the table is sized once (at boot, from
+/// the machine's memory; for a namespace, when it is created) and never grows. It warns: a
+/// crowded table costs CPU, not connections. `None` where the kernel does not say (before
+/// 6.1: no net.ipv4.tcp_ehash_entries).
+fn established_hash(host: &Host, sockets: u64) -> anyhow::Result<Option<Finding>> {
+    let key = SysctlKey::parse("net.ipv4.tcp_ehash_entries").expect("static key");
+    let Some(text) = host.read_sysctl(&key)? else {
+        return Ok(None);
+    };
+    let entries: i64 = text.trim().parse().map_err(|_| {
+        anyhow::anyhow!("cannot understand {key}: {:?} is not a number", text.trim())
+    })?;
+    // Negative: this namespace has no table of its own and shares the host's.
+    let buckets = entries.unsigned_abs().max(1);
+    let mut f = finding(
+        "established_hash",
+        "net.ipv4.tcp_ehash_entries",
+        Scope::HostGlobal,
+    );
+    f.rule = format!("at most {SOCKETS_PER_EHASH_BUCKET} sockets per bucket");
+    f.why = "Every TCP segment received looks its socket up in the established hash, walking              its bucket's chain; the table is sized at boot (from memory) or when a network              namespace is created, and never grows. bench/c1m.sh, 1.9 million sockets on              262,144 buckets: that lookup was the kernel's top function (15 % of the CPU) while              connecting."
+        .into();
+    f.current = Some(if entries < 0 {
+        format!("{buckets} buckets (the host's, shared by this namespace)")
+    } else {
+        format!("{buckets} buckets")
+    });
+    f.wanted = format!(
+        "{} buckets for {sockets} sockets",
+        sockets.div_ceil(SOCKETS_PER_EHASH_BUCKET)
+    );
+    if sockets > buckets * SOCKETS_PER_EHASH_BUCKET {
+        let want = sockets.next_power_of_two();
+        f.verdict = Verdict::Warn;
+        f.detail = Some(format!(
+            "{:.1} sockets per bucket",
+            sockets as f64 / buckets as f64
+        ));
+        f.fix = format!(
+            "on the host: thash_entries={want} on the kernel command line (the next boot); for              a container or namespace, net.ipv4.tcp_child_ehash_entries = {want} on the host              before it is created"
+        );
+    }
+    Ok(Some(f))
 }
 
 fn ephemeral_range(profile: &Profile, host: &Host, target: u64) -> anyhow::Result<Finding> {
@@ -708,6 +762,38 @@ mod tests {
         let mem = get(&f, "derived.socket_memory");
         assert_eq!(mem.verdict, Verdict::Warn);
         assert!(mem.fix.contains("at least 28 GiB"), "{}", mem.fix);
+    }
+
+    /// The established hash as this machine has it (262,144 buckets, shared with a namespace
+    /// as a negative number): 200,000 connections with both ends here pass, a million warn with
+    /// the boot parameter and the namespace knob; a namespace with a table of its own passes.
+    #[test]
+    fn the_established_hash_is_checked_against_the_sockets() {
+        let (_d, host) = tree(&[("net/ipv4/tcp_ehash_entries", "-262144\n")]);
+        let both = |n: u64| format!("target_connections: {n}\nclients_on_host: true\n");
+        let f = findings(&host, &both(200_000), &[]);
+        let e = get(&f, "derived.established_hash");
+        assert_eq!(e.verdict, Verdict::Pass, "{e:?}");
+        assert_eq!(
+            e.current.as_deref(),
+            Some("262144 buckets (the host's, shared by this namespace)")
+        );
+        let f = findings(&host, &both(1_000_000), &[]);
+        let e = get(&f, "derived.established_hash");
+        assert_eq!(e.verdict, Verdict::Warn, "{e:?}");
+        assert_eq!(e.detail.as_deref(), Some("7.6 sockets per bucket"));
+        assert!(e.fix.contains("thash_entries=2097152"), "{}", e.fix);
+        assert!(
+            e.fix.contains("tcp_child_ehash_entries = 2097152"),
+            "{}",
+            e.fix
+        );
+        let (_d, own) = tree(&[("net/ipv4/tcp_ehash_entries", "2097152\n")]);
+        let f = findings(&own, &both(1_000_000), &[]);
+        assert_eq!(get(&f, "derived.established_hash").verdict, Verdict::Pass);
+        let (_d, old_kernel) = tree(&[]);
+        let f = findings(&old_kernel, &both(1_000_000), &[]);
+        assert!(f.iter().all(|x| x.id != "derived.established_hash"));
     }
 
     #[test]
