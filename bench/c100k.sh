@@ -23,6 +23,9 @@
 #   BENCH_HOLD            seconds held idle after all are up (default 2.2 x ping + 1: two
 #                         rounds for every connection)
 #   BENCH_ROOMS           room spread for tunegate load --rooms (default 10)
+#   BENCH_AFFINITY        1: every connection asks for its room's home worker
+#                         (tunegate load --affinity, `?affinity=ROOM`), so each room lives on one
+#                         worker (default 0: the kernel's spread decides)
 #   BENCH_PUBLISH_RATE    room messages per second (default 10000)
 #   BENCH_PUBLISH_SECONDS message phase length (default 10)
 #   BENCH_CONNECT_RATE    connects started per second (default 30000)
@@ -31,6 +34,9 @@
 #   BENCH_SATURATION_S    the daemon's saturation watch interval (default 1: five times its
 #                         default rate, so the daemon's CPU during the hold bounds the watch's
 #                         cost from above)
+#   BENCH_NS_EHASH        give the namespace its own TCP established hash of this many buckets
+#                         (bench/lib.sh: net.ipv4.tcp_child_ehash_entries, host-global, set for
+#                         the instant the namespace is created; default: share the host's)
 #   BENCH_PROFILE         the profile applied and run: a built-in name or a file (default
 #                         c100k; bench/c1m.sh: bench/c1m-on-host.yaml)
 #   BENCH_OUT             results path without extension (default bench/results/NAME, the
@@ -54,6 +60,9 @@ ping_ms=${BENCH_PING_MS:-25000}
 ping_timeout_ms=$((ping_ms < 20000 ? ping_ms : 20000))
 hold=${BENCH_HOLD:-$(python3 -c "print(round(2.2 * $ping_ms / 1000 + 1, 1))")}
 rooms=${BENCH_ROOMS:-10}
+affinity=${BENCH_AFFINITY:-0}
+affinity_flag=()
+[[ $affinity == 1 ]] && affinity_flag=(--affinity)
 publish_rate=${BENCH_PUBLISH_RATE:-10000}
 publish_seconds=${BENCH_PUBLISH_SECONDS:-10}
 connect_rate=${BENCH_CONNECT_RATE:-30000}
@@ -109,7 +118,7 @@ rss0=$(workers_sum rss) anon0=$(workers_sum anon) slab0=$(kb_field /proc/meminfo
 max_time=$(python3 -c "print(int(180 + $connect_timeout + $hold + $publish_seconds))")
 log "tunegate load -n $conns ($load_processes processes), hold ${hold}s, $publish_rate msg/s for ${publish_seconds}s"
 ip netns exec "$ns" "$bin" load "ws://127.0.0.1:$port/" -n "$conns" --processes "$load_processes" \
-    --connect-rate "$connect_rate" --connect-timeout "$connect_timeout" --max-inflight 2000 --rooms "$rooms" --hold "$hold" \
+    --connect-rate "$connect_rate" --connect-timeout "$connect_timeout" --max-inflight 2000 --rooms "$rooms" "${affinity_flag[@]}" --hold "$hold" \
     --publish-rate "$publish_rate" --publish-seconds "$publish_seconds" --max-time "$max_time" \
     --json >"$work/load.json" 2>"$work/load.log" &
 load_pid=$!
@@ -159,18 +168,21 @@ counters_settled() { (($(metric tunegate_connections_open) == 0)); }
 poll 5 counters_settled || true
 closed_heartbeat=$(metric 'tunegate_connections_closed_total{reason="heartbeat_timeout"}')
 accepted=$(metric tunegate_connections_accepted_total)
+moved=$(metric tunegate_connections_moved_out_total) move_failed=$(metric tunegate_connection_moves_failed_total)
 tail -n 8 "$work/load.log" >&2
+mkdir -p "$(dirname "$out")"
+cp "$work/daemon.log" "$out.daemon.log" # what the daemon and the workers logged: kept for a failed run
 
 python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "$rss2" "$slab0" "$slab1" \
     "$cpu1" "$cpu2" "$t1" "$t2" "$pings1" "$pings2" "$ping_ms" "$hold" "$closed_heartbeat" "$accepted" \
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
-    "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" <<'PY'
+    "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" "$affinity" "$moved" "$move_failed" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
- tcp_max, held1, anon0, anon1) = sys.argv[1:]
+ tcp_max, held1, anon0, anon1, affinity, moved, move_failed) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -180,14 +192,16 @@ hz = os.sysconf("SC_CLK_TCK")
 held_s = float(t2) - float(t1)
 hb_cpu = (int(cpu2) - int(cpu1)) / hz
 daemon_cpu = (int(dcpu2) - int(dcpu1)) / hz
-pings = int(pings2) - int(pings1)
+pings = int(pings2) - int(pings1) if int(pings1) >= 0 and int(pings2) >= 0 else -1
 held = int(held1) if 0 < int(held1) <= conns else conns
 rss_per = (int(rss1) - int(rss0)) * 1024 / held
 anon_per = (int(anon1) - int(anon0)) * 1024 / held
 slab_per = (int(slab1) - int(slab0)) * 1024 / held
 problems = list(r.get("problems", []))
-rounds = pings / conns if conns else 0
-if rounds < 2:
+rounds = pings / held if held and pings >= 0 else 0
+if pings < 0:
+    problems.append("the server's /metrics did not answer, so the pings of the hold are unknown")
+elif rounds < 2:
     problems.append("only %.2f heartbeat rounds during the hold (%d pings)" % (rounds, pings))
 if int(closed_hb) > 0:
     problems.append("%s connections closed for missing heartbeats" % closed_hb)
@@ -213,7 +227,8 @@ res = {
     "daemon_cpu_seconds_during_hold": round(daemon_cpu, 3),
     "daemon_cpu_share_of_one_core": round(daemon_cpu / held_s, 5) if held_s else None,
     "pings_answered_by_clients": r.get("pings_answered"),
-    "rooms": rooms, "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
+    "rooms": rooms, "affinity": affinity == "1", "connections_moved": int(moved),
+    "connection_moves_failed": int(move_failed), "publish_rate": int(rate), "publish_rate_achieved": r.get("publish_rate_achieved"),
     "sent": r.get("sent"), "expected": r.get("expected"), "received": r.get("received"),
     "lost": r.get("lost"), "latency": lat, "service_time": r.get("service_time", {}),
     "schedule_lag": r.get("schedule_lag", {}), "accepted_total": int(accepted),
@@ -249,6 +264,7 @@ md = [
     "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
     "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
     "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),
+    "| room affinity (`?affinity=ROOM`): connections moved to their room's home / not moved | %s |" % ("%s / %s" % (moved, move_failed) if affinity == "1" else "off"),
     "| room messages (rooms %s) | %s sent at %.0f/s |" % (rooms, r.get("sent"), r.get("publish_rate_achieved") or 0),
     "| deliveries received / expected | %s / %s (lost %s) |" % (r.get("received"), r.get("expected"), r.get("lost")),
     "| delivery latency from the scheduled send, p50 / p99 / p99.9 / max | %s / %s / %s / %s ms |" % (lat.get("p50_ms"), lat.get("p99_ms"), lat.get("p999_ms"), lat.get("max_ms")),

@@ -7,7 +7,8 @@
 # messages/s by default: 9,000 deliveries/s, beside a million connections' heartbeats on the
 # same two cores), and a check that every connection is still open. Writes bench/results/c1m.{md,json}; fails on any
 # connection or delivery lost or fewer than two heartbeat rounds. Every BENCH_* variable of
-# bench/c100k.sh applies (BENCH_CONNS for a smaller attempt).
+# bench/c100k.sh applies (BENCH_CONNS for a smaller attempt; BENCH_NS_EHASH=2097152 gives the
+# namespace an established-socket hash of its own, see bench/lib.sh).
 #
 # Needs about 10 GB of kernel memory per million connections (both ends), a load generator
 # process and a server worker per ~20,000 descriptors (RLIMIT_NOFILE here), and fs.file-max
@@ -20,6 +21,9 @@ export BENCH_PROFILE=bench/c1m-on-host.yaml
 export BENCH_CONNS=${BENCH_CONNS:-1000000}
 export BENCH_PUBLISH_RATE=${BENCH_PUBLISH_RATE:-1000}
 export BENCH_OUT=${BENCH_OUT:-bench/results/c1m}
+# Every connection names its room (`?affinity=ROOM`), so each room of 10 lives on one worker:
+# BENCH_AFFINITY=0 for the kernel's spread (each member on its own worker, most likely).
+export BENCH_AFFINITY=${BENCH_AFFINITY:-1}
 # Connecting slows as the host's socket count grows (from 20,000/s to a few thousand a second
 # past 800,000 here): 300 s, so the run shows how many this host holds, not only how many it
 # opens in two minutes.

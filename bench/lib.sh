@@ -86,13 +86,37 @@ ns_work() {
 }
 
 # ns_up: the namespace, with its loopback up; ns_cleanup removes it and everything started.
+#
+# BENCH_NS_EHASH=N: the namespace gets a TCP established-socket hash table of its own, N buckets
+# (a power of two), instead of sharing the host's (sized at boot: 262,144 here, so a million
+# connections with both ends on the host chain 7-8 sockets per bucket, and every segment's
+# socket lookup walks them). Only a namespace created while the host-global
+# net.ipv4.tcp_child_ehash_entries is set gets one: it is set for the instant `ip netns add`
+# takes and put back at once (and by the cleanup trap, should that instant be interrupted).
 ns_up() {
-    ip netns add "$ns"
+    if [[ -n ${BENCH_NS_EHASH:-} ]]; then
+        local knob=/proc/sys/net/ipv4/tcp_child_ehash_entries own
+        [[ $BENCH_NS_EHASH =~ ^[0-9]+$ ]] || die "BENCH_NS_EHASH must be a whole number"
+        ehash_before=$(cat "$knob")
+        echo "$BENCH_NS_EHASH" >"$knob"
+        ip netns add "$ns" || { echo "$ehash_before" >"$knob"; die "ip netns add $ns failed"; }
+        echo "$ehash_before" >"$knob"
+        ehash_before=""
+        own=$(ip netns exec "$ns" cat /proc/sys/net/ipv4/tcp_ehash_entries)
+        [[ $own == "$BENCH_NS_EHASH" ]] \
+            || die "namespace $ns has $own established-hash buckets, not $BENCH_NS_EHASH (negative: the host's, shared)"
+        log "namespace $ns: its own TCP established hash, $own buckets (the host's: $(cat /proc/sys/net/ipv4/tcp_ehash_entries); tcp_child_ehash_entries back to $(cat "$knob"))"
+    else
+        ip netns add "$ns"
+    fi
     ip -n "$ns" link set lo up
 }
 
 ns_cleanup() {
     local pid
+    if [[ -n ${ehash_before:-} ]]; then
+        echo "$ehash_before" >/proc/sys/net/ipv4/tcp_child_ehash_entries
+    fi
     for pid in "${pids[@]}"; do stop_pid "$pid" 5; done
     [[ -n ${daemon_pid:-} ]] && stop_pid "$daemon_pid" 20
     ip netns del "$ns" 2>/dev/null || true
@@ -101,10 +125,20 @@ ns_cleanup() {
 
 in_ns() { ip netns exec "$ns" "$@"; }
 
-# metric NAME: the whole server's value, summed over label sets.
+# metric NAME: the whole server's value, summed over label sets; -1 when /metrics gave no answer
+# in 5 tries of 10 s each (a server whose two cores are saturated can take seconds: a silent 0
+# once made a heartbeat count negative).
 metric() {
-    in_ns curl -s -m 5 --noproxy '*' "http://127.0.0.1:$port/metrics" \
-        | awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }'
+    local body try
+    for try in 1 2 3 4 5; do
+        if body=$(in_ns curl -sf -m 10 --noproxy '*' "http://127.0.0.1:$port/metrics"); then
+            awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }' <<<"$body"
+            return
+        fi
+        sleep 1
+    done
+    log "no answer from /metrics for $1 (5 tries)"
+    echo -1
 }
 
 # status_json EXPR: a Python expression over the daemon's status file (`d`).
