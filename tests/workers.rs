@@ -478,6 +478,23 @@ fn a_room_outlives_its_home_worker() {
     publish_and_check(&mut c, (2, 2), &[0, 1, 2], "home-back-2", 20);
 }
 
+impl Workers {
+    /// `n` Python `websockets` clients naming `room` in their URL (tests/clients/affinity.py:
+    /// greeted, then, unless `hello_only`, joined, counted and messaged): the incarnation of
+    /// the worker that held each.
+    fn affinity_clients(&self, room: &str, n: usize, hello_only: bool) -> Vec<u16> {
+        let url = format!("ws://{}", self.addr);
+        let out = self.dir.path().join("affinity-ids.json");
+        let (n, out_arg) = (n.to_string(), out.to_str().unwrap());
+        let mut args = vec![url.as_str(), room, n.as_str(), out_arg];
+        if hello_only {
+            args.push("hello-only");
+        }
+        python_client(&[], "affinity", &args, "");
+        incarnations_in(&out)
+    }
+}
+
 /// The incarnations of the connection ids a client script wrote to `out` ({"ids": [...]}).
 fn incarnations_in(out: &std::path::Path) -> Vec<u16> {
     let v: serde_json::Value =
@@ -499,18 +516,10 @@ fn incarnations_in(out: &std::path::Path) -> Vec<u16> {
 #[test]
 fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
     let mut w = Workers::start(3);
-    let url = format!("ws://{}", w.addr);
-    let out = w.dir.path().join("affinity-ids.json");
     let routed_before = w.metric("tunegate_bus_room_deliveries_total");
     for room in ["call-42", "café/7 a+b"] {
         let home = home_of(room, 3) as usize;
-        python_client(
-            &[],
-            "affinity",
-            &[&url, room, "12", out.to_str().unwrap()],
-            "",
-        );
-        let got = incarnations_in(&out);
+        let got = w.affinity_clients(room, 12, false);
         assert!(
             got.iter().all(|&i| i == w.incarnations[home]),
             "{room}: every member on worker {home} ({}), got {got:?}",
@@ -540,13 +549,7 @@ fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
     let home = home_of(room, 3) as usize;
     w.procs[home].kill().unwrap();
     w.procs[home].wait().unwrap();
-    python_client(
-        &[],
-        "affinity",
-        &[&url, room, "9", out.to_str().unwrap(), "hello-only"],
-        "",
-    );
-    let got = incarnations_in(&out);
+    let got = w.affinity_clients(room, 9, true);
     assert!(got.iter().all(|&i| i != w.incarnations[home]), "{got:?}");
     eventually_true(
         Duration::from_secs(5),
@@ -555,13 +558,7 @@ fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
     );
 
     w.procs[home] = w.spawn(home);
-    python_client(
-        &[],
-        "affinity",
-        &[&url, room, "9", out.to_str().unwrap()],
-        "",
-    );
-    let got = incarnations_in(&out);
+    let got = w.affinity_clients(room, 9, false);
     assert!(
         got.iter().all(|&i| i == w.incarnations[home]),
         "back on the restarted home: {got:?}"
@@ -576,17 +573,9 @@ fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
 #[test]
 fn a_full_home_leaves_the_rest_where_they_arrive() {
     let w = Workers::start_with_nofile(3, Some(256 + 30));
-    let url = format!("ws://{}", w.addr);
-    let out = w.dir.path().join("affinity-ids.json");
     let room = "crowded";
     let home = home_of(room, 3) as usize;
-    python_client(
-        &[],
-        "affinity",
-        &[&url, room, "45", out.to_str().unwrap()],
-        "",
-    );
-    let got = incarnations_in(&out);
+    let got = w.affinity_clients(room, 45, false);
     assert_eq!(got.len(), 45);
     // The home took 30 handed over or accepted, then only what the kernel gave it directly.
     let at_home = got.iter().filter(|&&i| i == w.incarnations[home]).count() as u64;
@@ -615,13 +604,7 @@ fn a_full_home_leaves_the_rest_where_they_arrive() {
         || "the home's socket shown again".into(),
         || !hidden.exists(),
     );
-    python_client(
-        &[],
-        "affinity",
-        &[&url, room, "9", out.to_str().unwrap()],
-        "",
-    );
-    let got = incarnations_in(&out);
+    let got = w.affinity_clients(room, 9, false);
     assert!(got.iter().all(|&i| i == w.incarnations[home]), "{got:?}");
 }
 
@@ -664,20 +647,9 @@ fn handoff_sockets_shrug_off_what_is_not_a_connection() {
             );
         }
     }
-    let url = format!("ws://{}", w.addr);
-    let out = w.dir.path().join("affinity-ids.json");
-    python_client(
-        &[],
-        "affinity",
-        &[&url, "after-noise", "9", out.to_str().unwrap()],
-        "",
-    );
+    let got = w.affinity_clients("after-noise", 9, false);
     let home = home_of("after-noise", 3) as usize;
-    assert!(
-        incarnations_in(&out)
-            .iter()
-            .all(|&i| i == w.incarnations[home])
-    );
+    assert!(got.iter().all(|&i| i == w.incarnations[home]), "{got:?}");
     assert!(w.healthz().contains("ok"), "{}", w.healthz());
 }
 
