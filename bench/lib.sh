@@ -129,8 +129,8 @@ in_ns() { ip netns exec "$ns" "$@"; }
 # in 5 tries of 10 s each (a server whose two cores are saturated can take seconds: a silent 0
 # once made a heartbeat count negative).
 metric() {
-    local body try
-    for try in 1 2 3 4 5; do
+    local body
+    for _ in 1 2 3 4 5; do
         if body=$(in_ns curl -sf -m 10 --noproxy '*' "http://127.0.0.1:$port/metrics"); then
             awk -v m="$1" 'index($1, m) == 1 && (length($1) == length(m) || substr($1, length(m) + 1, 1) == "{") { s += $2 } END { print s + 0 }' <<<"$body"
             return
