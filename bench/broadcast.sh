@@ -11,6 +11,9 @@
 #      before the next: both ends of 100,000 deliveries share its two cores), then (a second
 #      run) a burst of BENCH_BURST messages within 10 ms. Each delivery is timed from the publisher's stamp; the workers'
 #      CPU is read over each message phase, and the bytes of one delivered frame from /metrics;
+#   2b. the same room and daemon with bench/ws_receivers.c (C clients that read and take the
+#      stamp, as the floor's receivers do) instead of tunegate load, singles and a burst: the
+#      server against the floor with the same clients on both sides;
 #   3. bench/send_floor.c (built here with gcc -O2): as many sender processes as tunegate has
 #      workers, each holding its share of BENCH_MEMBERS loopback connections, writing a frame
 #      of the same size to each with one send(), timed the same way, with the same singles and
@@ -66,6 +69,7 @@ if ((node_members > 0)); then node_packages "$cache/bench-node" ws@8.23.0; fi
 
 ns_work "broadcast"
 gcc -O2 -Wall -o "$work/send_floor" bench/send_floor.c
+gcc -O2 -Wall -o "$work/ws_receivers" bench/ws_receivers.c
 
 log "tunegate apply --profile c100k in namespace $ns"
 ip netns exec "$ns" env TUNEGATE_STATE_DIR="$work/apply-state" TUNEGATE_SYSCTL_DIR="$work/sysctl.d" \
@@ -136,6 +140,12 @@ perf_record() {  # perf_record NAME PID...: 5 s of the workers' stacks, summariz
         | grep -E '^ +[0-9.]+%' | head -n 12 >"$work/$name.perf" || true
 }
 
+ws_phase() {  # ws_phase NAME MESSAGES ROUNDS: the daemon's room with the floor's kind of receivers
+    log "tunegate with C receivers: $members members, $workers receiver processes, $2 message(s) x $3 round(s)"
+    ip netns exec "$ns" timeout 300 "$work/ws_receivers" "$port" "$members" "$workers" "$2" "$3" \
+        "${worker_pids[@]}" >"$work/$1.json" || die "$1: ws_receivers failed"
+}
+
 floor_phase() {  # floor_phase NAME MEMBERS PROCESSES FRAME MESSAGES ROUNDS
     log "floor: $2 members, $3 sender processes, $4-byte frames, $5 message(s) x $6 round(s)"
     ip netns exec "$ns" timeout 300 "$work/send_floor" "$2" "$3" "$4" "$5" "$6" >"$work/$1.json" \
@@ -152,6 +162,8 @@ load_phase tunegate-singles "$port" "$members" "$rate" $((singles * gap)) "$sing
 log "tunegate: one room of $members, a burst of $burst"
 perf_during=1 load_phase tunegate-burst "$port" "$members" $((burst * 100)) 0.01 "$burst" "${worker_pids[@]}"
 frame=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["frame_bytes"] or 200)' "$work/tunegate-singles.json")
+ws_phase tunegate-c-singles 1 "$singles"
+ws_phase tunegate-c-burst "$burst" 3
 stop_pid "$daemon_pid" 20
 daemon_pid=""
 
@@ -207,6 +219,14 @@ def tunegate_row(name, label, n, messages):
             "lost": r.get("lost"), "server_cpu_seconds": round(r["server_cpu_seconds"], 3),
             "server_cpu_ms_per_broadcast": round(1000 * r["server_cpu_seconds"] / sent, 2) if sent else None,
             "server_cpu_ns_per_delivery": round(1e9 * r["server_cpu_seconds"] / deliveries, 1) if deliveries else None}
+def ws_row(name, label, n):
+    r = load(name)
+    if r is None:
+        return None
+    return {"name": name, "server": label, "members": n, "messages": len(r["rounds"]) * r["messages"],
+            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000,
+            "lost": 0, "server_cpu_ns_per_delivery": r["server_cpu_ns_per_delivery"],
+            "server_cpu_ms_per_broadcast": round(r["server_cpu_ns_per_delivery"] * n / 1e6, 2)}
 def floor_row(name, label, n):
     r = load(name)
     if r is None:
@@ -219,8 +239,10 @@ def floor_row(name, label, n):
             "server_cpu_ms_per_broadcast": round(r["sender_cpu_ns_per_delivery"] * n / 1e6, 2)}
 rows = [x for x in [
     tunegate_row("tunegate-singles", "tunegate run (%d workers)" % workers, members, 1),
+    ws_row("tunegate-c-singles", "tunegate run, the floor's C receivers", members),
     floor_row("floor-singles", "floor: send() only (%d processes)" % workers, members),
     tunegate_row("tunegate-burst", "tunegate run, burst of %d" % burst, members, burst),
+    ws_row("tunegate-c-burst", "tunegate run, C receivers, burst of %d" % burst, members),
     floor_row("floor-burst", "floor, burst of %d" % burst, members),
     tunegate_row("ws-singles", "Node ws (one process)", node_members, 1),
     tunegate_row("tunegate1-singles", "tunegate serve (one process)", node_members, 1),
@@ -236,6 +258,10 @@ ratios = {
     "singles_p50_vs_floor": ratio("tunegate-singles", "floor-singles", "p50_ms"),
     "singles_cpu_vs_floor": ratio("tunegate-singles", "floor-singles", "server_cpu_ns_per_delivery"),
     "burst_max_vs_floor": ratio("tunegate-burst", "floor-burst", "max_ms"),
+    "c_receivers_singles_max_vs_floor": ratio("tunegate-c-singles", "floor-singles", "max_ms"),
+    "c_receivers_singles_p50_vs_floor": ratio("tunegate-c-singles", "floor-singles", "p50_ms"),
+    "c_receivers_singles_cpu_vs_floor": ratio("tunegate-c-singles", "floor-singles", "server_cpu_ns_per_delivery"),
+    "c_receivers_burst_max_vs_floor": ratio("tunegate-c-burst", "floor-burst", "max_ms"),
     "one_process_max_vs_floor": ratio("tunegate1-singles", "floor1-singles", "max_ms"),
     "one_process_max_ws_vs_tunegate": ratio("ws-singles", "tunegate1-singles", "max_ms"),
 }
