@@ -69,50 +69,58 @@ pub struct Handoff {
     /// Connections this loop may hold before it hides its socket: its share of the
     /// descriptors left after `config::DESCRIPTORS_KEPT`.
     capacity: usize,
-    /// Whether the socket is hidden (renamed to `hidden_path`), the loop being full.
+    /// Whether the socket is hidden (renamed to `hidden_at`), the loop being full.
     hidden: bool,
+    /// This loop's socket's two names: where givers find it, and where it is while hidden.
+    shown_at: PathBuf,
+    hidden_at: PathBuf,
 }
 
 impl Handoff {
     /// Binds loop `here`'s socket in `dir` (the bus directory).
     pub fn bind(dir: &Path, here: Place, capacity: usize) -> io::Result<Handoff> {
-        let path = socket_path(dir, here);
-        let socket = sys::handoff_socket(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let _ = std::fs::remove_file(hidden_path(dir, here)); // a previous life's, full
+        let (shown_at, hidden_at) = (socket_path(dir, here), hidden_path(dir, here));
+        let socket = sys::handoff_socket(&shown_at)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", shown_at.display())))?;
+        let _ = std::fs::remove_file(&hidden_at); // a previous life's, full
         Ok(Handoff {
             socket,
             dir: dir.to_path_buf(),
             here,
             capacity,
             hidden: false,
+            shown_at,
+            hidden_at,
         })
     }
 
-    /// Hides the socket while the loop holds `capacity` connections (`open`), and shows it
-    /// again 1 % below: `Some(true)` when it was hidden now, `Some(false)` when shown. A hidden socket's name is gone, so a giver hears ENOENT at once and serves
-    /// the connection where it arrived, as when the home is down, instead of handing it to a
-    /// loop whose process may have no descriptor left to receive it with. What was already
-    /// queued is still taken (from the descriptors kept). Renaming, not closing: the socket
-    /// and its queue stay as they are.
     /// Hides the socket for good: the loop is shutting down.
     pub fn close_door(&mut self) -> io::Result<()> {
         self.capacity = 0;
         self.track_fill(0).map(|_| ())
     }
 
+    /// The most connections a hidden socket's loop may hold to show it again: 1 % (at least
+    /// one) below `capacity`; `None` for a loop that never takes any again (shutting down).
+    pub fn shown_again_at(&self) -> Option<usize> {
+        self.capacity.checked_sub((self.capacity / 100).max(1))
+    }
+
+    /// Hides the socket while the loop holds `capacity` connections (`open`), and shows it
+    /// again at `shown_again_at`: `Some(true)` when it was hidden now, `Some(false)` when
+    /// shown. A hidden socket's name is gone, so a giver hears ENOENT at once and serves
+    /// the connection where it arrived, as when the home is down, instead of handing it to a
+    /// loop whose process may have no descriptor left to receive it with. What was already
+    /// queued is still taken (from the descriptors kept). Renaming, not closing: the socket
+    /// and its queue stay as they are.
     pub fn track_fill(&mut self, open: usize) -> io::Result<Option<bool>> {
-        let (shown, hidden) = (
-            socket_path(&self.dir, self.here),
-            hidden_path(&self.dir, self.here),
-        );
         if !self.hidden && open >= self.capacity {
-            std::fs::rename(&shown, &hidden)?;
+            std::fs::rename(&self.shown_at, &self.hidden_at)?;
             self.hidden = true;
             return Ok(Some(true));
         }
-        if self.hidden && open + (self.capacity / 100).max(1) <= self.capacity {
-            std::fs::rename(&hidden, &shown)?;
+        if self.hidden && self.shown_again_at().is_some_and(|at| open <= at) {
+            std::fs::rename(&self.hidden_at, &self.shown_at)?;
             self.hidden = false;
             return Ok(Some(false));
         }
@@ -121,10 +129,6 @@ impl Handoff {
 
     pub fn here(&self) -> Place {
         self.here
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     /// What the loop watches for connections handed to it.

@@ -173,13 +173,12 @@ impl<H: Handler> EventLoop<H> {
         let Some(handoff) = &mut self.handoff else {
             return;
         };
-        let capacity = handoff.capacity();
         match handoff.track_fill(open) {
             Ok(Some(true)) => log!(
                 "loop {}: holds {open} connections, its share of the descriptors: takes no more \
-                 handed over (they are served where they arrive) until it holds fewer than {}",
+                 handed over (they are served where they arrive) until it holds at most {}",
                 self.sockets.loop_index(),
-                capacity - (capacity / 100).max(1) + 1
+                handoff.shown_again_at().unwrap_or(0)
             ),
             Ok(Some(false)) => log!(
                 "loop {}: holds {open} connections: takes connections handed over again",
