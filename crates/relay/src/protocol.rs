@@ -280,11 +280,16 @@ pub fn decode(payload: &[u8], enc: Encoding) -> Result<Request, String> {
         }
     };
     if let Some(room) = &req.room
-        && (room.is_empty() || room.len() > MAX_ROOM_NAME)
+        && !is_room_name(room)
     {
         return Err(format!("room names are 1 to {MAX_ROOM_NAME} bytes"));
     }
     Ok(req)
+}
+
+/// Whether `name` may name a room: 1 to `MAX_ROOM_NAME` bytes.
+pub fn is_room_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_ROOM_NAME
 }
 
 /// The `ref` of a request that did not decode (a field of the wrong type, a bad room name), so

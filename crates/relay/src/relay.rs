@@ -598,10 +598,7 @@ impl Handler for Relay {
     /// where its members cost the least and a message to them crosses no bus.
     fn place(&self, path: &str) -> Option<Place> {
         let room = handshake::percent_decoded(handshake::query_param(path, "affinity")?)?;
-        if room.is_empty() || room.len() > protocol::MAX_ROOM_NAME {
-            return None;
-        }
-        self.bus.place(&room)
+        protocol::is_room_name(&room).then(|| self.bus.place(&room))?
     }
 
     fn on_get(&mut self, path: &str) -> Vec<u8> {
