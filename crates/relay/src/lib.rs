@@ -289,6 +289,9 @@ fn start_loops(
             .name("tunegate-metrics".into())
             .spawn(move || metrics_publisher(&shared))?;
     }
+    // Each loop's share of the descriptors left for connections (`handoff.rs`).
+    let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let share = (limit.saturating_sub(config::DESCRIPTORS_KEPT) / config.threads() as u64) as usize;
     let mut loops = Vec::new();
     for (loop_index, listener) in listeners.into_iter().enumerate() {
         let stop = event_loop::Stop::new()?;
@@ -326,11 +329,7 @@ fn start_loops(
                     worker: config.worker,
                     loop_index,
                 };
-                // This loop's share of the descriptors left for connections.
-                let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
-                let share =
-                    limit.saturating_sub(config::DESCRIPTORS_KEPT) / config.threads() as u64;
-                let handoff = handoff::Handoff::bind(dir, here, share as usize)
+                let handoff = handoff::Handoff::bind(dir, here, share)
                     .context("cannot bind the socket connections are handed over on")?;
                 event_loop = event_loop.with_handoff(handoff)?;
             }
