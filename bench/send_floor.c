@@ -40,58 +40,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "floor_common.h"
+
 #define MAX_PROCESSES 64
-#define TIMEOUT_MS 30000
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
-
-static uint64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
 
 static uint64_t cpu_ns(void) {
     struct rusage u;
     getrusage(RUSAGE_SELF, &u);
     return ((uint64_t)u.ru_utime.tv_sec + (uint64_t)u.ru_stime.tv_sec) * 1000000000u +
            ((uint64_t)u.ru_utime.tv_usec + (uint64_t)u.ru_stime.tv_usec) * 1000u;
-}
-
-static void write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) die("write");
-        p += w;
-        n -= (size_t)w;
-    }
-}
-
-/* Reads exactly n bytes, or exits if nothing comes within TIMEOUT_MS. */
-static void read_all(int fd, void *buf, size_t n) {
-    char *p = buf;
-    while (n > 0) {
-        struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        if (poll(&pfd, 1, TIMEOUT_MS) <= 0) {
-            fprintf(stderr, "send_floor: timed out waiting on a pipe\n");
-            exit(1);
-        }
-        ssize_t r = read(fd, p, n);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) die("read (pipe)");
-        p += r;
-        n -= (size_t)r;
-    }
-}
-
-static int cmp_u32(const void *a, const void *b) {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
 }
 
 /* A sender: accepts `n` connections, says ready, then per round sends `messages` frames to every
