@@ -300,18 +300,27 @@ impl Shard {
                     .or_default() += left;
                 break;
             }
-            let mailbox = Rc::new(Mailbox::default());
-            let room_size = self.spread.as_ref().map_or(0, |s| s.room_of(global).1);
-            conns.push(Conn {
-                mailbox: mailbox.clone(),
-                room_size: room_size as u32,
-            });
-            self.tally.borrow_mut().attempted += 1;
-            self.inflight.set(self.inflight.get() + 1);
-            let s = self.clone();
-            tokio::task::spawn_local(async move { s.connection(global, mailbox, deadline).await });
+            conns.push(self.start(global, deadline, false));
         }
         conns
+    }
+
+    /// Starts connection `global` (a task that opens it by `deadline` and then follows its
+    /// mailbox), joining its room as soon as it is open when `join` says so.
+    fn start(self: &Rc<Self>, global: u64, deadline: Instant, join: bool) -> Conn {
+        let mailbox = Rc::new(Mailbox::default());
+        let room_size = self.spread.as_ref().map_or(0, |s| s.room_of(global).1);
+        if join {
+            mailbox.join.set(true);
+        }
+        self.tally.borrow_mut().attempted += 1;
+        self.inflight.set(self.inflight.get() + 1);
+        let (s, m) = (self.clone(), mailbox.clone());
+        tokio::task::spawn_local(async move { s.connection(global, m, deadline).await });
+        Conn {
+            mailbox,
+            room_size: room_size as u32,
+        }
     }
 
     /// `--stages`: keeps this process's share of the run's target open as it moves, opening
@@ -334,27 +343,13 @@ impl Shard {
             let target = share(stages.target_at(elapsed));
             while live < target && self.inflight.get() < cap {
                 let global = range.start + live as u64;
-                let mailbox = Rc::new(Mailbox::default());
-                let room_size = self.spread.as_ref().map_or(0, |s| s.room_of(global).1);
-                if self.spread.is_some() {
-                    mailbox.join.set(true);
-                }
-                let conn = Conn {
-                    mailbox: mailbox.clone(),
-                    room_size: room_size as u32,
-                };
+                let deadline = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout);
+                let conn = self.start(global, deadline, self.spread.is_some());
                 match conns.get_mut(live) {
                     Some(slot) => *slot = conn,
                     None => conns.push(conn),
                 }
                 live += 1;
-                self.tally.borrow_mut().attempted += 1;
-                self.inflight.set(self.inflight.get() + 1);
-                let deadline = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout);
-                let s = self.clone();
-                tokio::task::spawn_local(
-                    async move { s.connection(global, mailbox, deadline).await },
-                );
             }
             while live > target {
                 live -= 1;
