@@ -1,7 +1,8 @@
 /*
  * What bench/send_floor.c and bench/ws_receivers.c share: exiting on an error, the clock their
  * stamps come from, whole reads and writes on pipes and sockets (a read waits at most
- * TIMEOUT_MS: every wait of a bench is bounded), and the comparison latencies are sorted by.
+ * TIMEOUT_MS: every wait of a bench is bounded), a receiver's wait for its round's next
+ * deliveries, and the comparison latencies are sorted by.
  * Include it after defining _GNU_SOURCE (for program_invocation_short_name).
  */
 #ifndef FLOOR_COMMON_H
@@ -12,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -54,6 +56,22 @@ static void read_all(int fd, void *buf, size_t n) {
         if (r <= 0) die("read");
         p += r;
         n -= (size_t)r;
+    }
+}
+
+/* The next readiness events of a receiver's round, retried on EINTR; exits naming the round
+ * and how far it got (`have` of `want` deliveries) when nothing comes within TIMEOUT_MS. */
+static int wait_round(int ep, struct epoll_event *events, int max, int round, uint64_t have,
+                      uint64_t want) {
+    for (;;) {
+        int k = epoll_wait(ep, events, max, TIMEOUT_MS);
+        if (k > 0) return k;
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) die("epoll_wait");
+        fprintf(stderr, "%s: round %d: %llu of %llu deliveries after %d s\n",
+                program_invocation_short_name, round, (unsigned long long)have,
+                (unsigned long long)want, TIMEOUT_MS / 1000);
+        exit(1);
     }
 }
 

@@ -132,16 +132,7 @@ static void receiver(const char *source, int port, int n, int frame_bytes, int m
         uint64_t want = (uint64_t)n * (uint64_t)messages, have = 0;
         memset(got, 0, sizeof(uint32_t) * (size_t)n);
         while (have < want) {
-            int k = epoll_wait(ep, events, 256, TIMEOUT_MS);
-            if (k == 0) {
-                fprintf(stderr, "send_floor: round %d: %llu of %llu deliveries after %d s\n", r,
-                        (unsigned long long)have, (unsigned long long)want, TIMEOUT_MS / 1000);
-                exit(1);
-            }
-            if (k < 0) {
-                if (errno == EINTR) continue;
-                die("epoll_wait");
-            }
+            int k = wait_round(ep, events, 256, r, have, want);
             uint64_t t = now_ns();
             for (int e = 0; e < k; e++) {
                 int i = (int)events[e].data.u32;
