@@ -160,6 +160,12 @@ impl Inbox {
         std::mem::swap(&mut *q, into);
     }
 
+    /// How many items wait to be drained (what a test checks before the loop runs).
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.queue.lock().expect("inbox lock").len()
+    }
+
     fn push(&self, item: Item) {
         let was_empty = {
             let mut q = self.queue.lock().expect("inbox lock");

@@ -385,8 +385,10 @@ impl Relay {
             ..Reply::default()
         });
         let skip = (!echo).then_some(from);
-        self.deliver_room(sink, &name, &msg, skip);
+        // The other loops and workers first: they fan out while this loop does, instead of
+        // waiting for this loop's members (a room of 100,000 on 6 workers: ~200 ms each).
         self.bus.publish(sink.loop_index(), &name, &msg, skip);
+        self.deliver_room(sink, &name, &msg, skip);
         if reference.is_some() {
             let reply = Reply {
                 op: "published",
