@@ -590,6 +590,52 @@ fn plain_mode_holds_connections_to_a_server_we_did_not_write() {
     assert_eq!(r["open_at_end"], 300);
 }
 
+/// A server whose `count` answers take 0.4 s each (tests/clients/slow_counts.py, a proxy in
+/// front of ours): the verify phase asks its 64 rooms at once, so every room is found whole
+/// within its 10 s. Asked one at a time they took 26 s, and a saturated server's million (seconds
+/// an answer) counted 3,038 of 3,264 rooms short though their members were all there.
+#[test]
+fn slow_count_answers_do_not_make_rooms_look_short() {
+    let s = Server::start(&[]);
+    let proxy = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/slow_counts.py");
+    let mut child = Command::new("python3")
+        .args([proxy, &s.addr.to_string(), "0.4"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let o = load(
+        &format!("ws://{addr}/"),
+        &[
+            "-n",
+            "640",
+            "--rooms",
+            "10",
+            "--processes",
+            "1",
+            "--hold",
+            "0",
+        ],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let r = json(&o);
+    assert_eq!(r["rooms_checked"], 64, "{r}");
+    assert_eq!(r["rooms_short"], 0, "{}\n{r}", stderr(&o));
+    assert_eq!(code(&o), 0, "{}\n{r}", stderr(&o));
+}
+
 #[test]
 fn bad_arguments_exit_2_and_name_the_flag() {
     for (args, needle) in [
