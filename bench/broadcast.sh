@@ -17,10 +17,15 @@
 #   3. bench/send_floor.c (built here with gcc -O2): as many sender processes as tunegate has
 #      workers, each holding its share of BENCH_MEMBERS loopback connections, writing a frame
 #      of the same size to each with one send(), timed the same way, with the same singles and
-#      burst;
+#      burst. Its receivers connect as tunegate's do: each receiver process's connections
+#      spread over every sender (the kernel spreads them over tunegate's workers), the layout
+#      the figures are compared with; then the singles once more with each receiver process
+#      paired with one sender (a layout a server behind SO_REUSEPORT cannot have, and cheaper
+#      on two shared cores: a receiver woken by one sender only sleeps less often);
 #   4. at BENCH_NODE_MEMBERS (default 19,000: one process's descriptors), Node `ws`
 #      (bench/peer_ws_relay.js, one JSON.stringify per publish shared by every receiver) and
-#      `tunegate serve` in one process, then the floor in one process, with the same singles.
+#      `tunegate serve` in one process, with the C receivers, then the floor in one process,
+#      with the same singles.
 # Results: stdout, bench/results/broadcast.{md,json}. With `perf` installed, the workers' hot
 # symbols during the burst are recorded too (what bounds a broadcast).
 #
@@ -140,15 +145,19 @@ perf_record() {  # perf_record NAME PID...: 5 s of the workers' stacks, summariz
         | grep -E '^ +[0-9.]+%' | head -n 12 >"$work/$name.perf" || true
 }
 
-ws_phase() {  # ws_phase NAME MESSAGES ROUNDS: the daemon's room with the floor's kind of receivers
-    log "tunegate with C receivers: $members members, $workers receiver processes, $2 message(s) x $3 round(s)"
-    ip netns exec "$ns" timeout 300 "$work/ws_receivers" "$port" "$members" "$workers" "$2" "$3" \
-        "${worker_pids[@]}" >"$work/$1.json" || die "$1: ws_receivers failed"
+# ws_phase NAME PORT MEMBERS PROCESSES MESSAGES ROUNDS SERVER_PID...: a server's room with the
+# floor's kind of receivers (bench/ws_receivers.c)
+ws_phase() {
+    local name=$1 target=$2 n=$3 procs=$4 messages=$5 rounds=$6
+    shift 6
+    log "$name: C receivers, $n members, $procs receiver processes, $messages message(s) x $rounds round(s)"
+    ip netns exec "$ns" timeout 300 "$work/ws_receivers" "$target" "$n" "$procs" "$messages" "$rounds" \
+        "$@" >"$work/$name.json" || die "$name: ws_receivers failed"
 }
 
-floor_phase() {  # floor_phase NAME MEMBERS PROCESSES FRAME MESSAGES ROUNDS
-    log "floor: $2 members, $3 sender processes, $4-byte frames, $5 message(s) x $6 round(s)"
-    ip netns exec "$ns" timeout 300 "$work/send_floor" "$2" "$3" "$4" "$5" "$6" >"$work/$1.json" \
+floor_phase() {  # floor_phase NAME MEMBERS PROCESSES FRAME MESSAGES ROUNDS LAYOUT
+    log "floor: $2 members, $3 sender processes, $4-byte frames, $5 message(s) x $6 round(s), $7"
+    ip netns exec "$ns" timeout 300 "$work/send_floor" "$2" "$3" "$4" "$5" "$6" "$7" >"$work/$1.json" \
         || die "$1: send_floor failed"
 }
 
@@ -162,14 +171,15 @@ load_phase tunegate-singles "$port" "$members" "$rate" $((singles * gap)) "$sing
 log "tunegate: one room of $members, a burst of $burst"
 perf_during=1 load_phase tunegate-burst "$port" "$members" $((burst * 100)) 0.01 "$burst" "${worker_pids[@]}"
 frame=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["frame_bytes"] or 200)' "$work/tunegate-singles.json")
-ws_phase tunegate-c-singles 1 "$singles"
-ws_phase tunegate-c-burst "$burst" 3
+ws_phase tunegate-c-singles "$port" "$members" "$workers" 1 "$singles" "${worker_pids[@]}"
+ws_phase tunegate-c-burst "$port" "$members" "$workers" "$burst" 3 "${worker_pids[@]}"
 stop_pid "$daemon_pid" 20
 daemon_pid=""
 
 # 3. the floor, same members, senders and frame.
-floor_phase floor-singles "$members" "$workers" "$frame" 1 "$singles"
-floor_phase floor-burst "$members" "$workers" "$frame" "$burst" 3
+floor_phase floor-singles "$members" "$workers" "$frame" 1 "$singles" spread
+floor_phase floor-burst "$members" "$workers" "$frame" "$burst" 3 spread
+floor_phase floor-paired-singles "$members" "$workers" "$frame" 1 "$singles" paired
 
 # 4. one process: Node ws, tunegate serve, the floor.
 if ((node_members > 0)); then
@@ -183,11 +193,10 @@ if ((node_members > 0)); then
         server=$!
         pids+=("$server")
         poll 20 grep -q "listening on" "$work/$who.log" || die "$who did not start"
-        log "$who: one room of $node_members, $singles single messages"
-        load_phase "$who-singles" 18090 "$node_members" "$rate" $((singles * gap)) "$singles" "$server"
+        ws_phase "$who-singles" 18090 "$node_members" 1 1 "$singles" "$server"
         stop_pid "$server" 10
     done
-    floor_phase floor1-singles "$node_members" 1 "$frame" 1 "$singles"
+    floor_phase floor1-singles "$node_members" 1 "$frame" 1 "$singles" spread
 fi
 
 mkdir -p bench/results
@@ -241,11 +250,12 @@ rows = [x for x in [
     tunegate_row("tunegate-singles", "tunegate run (%d workers)" % workers, members, 1),
     ws_row("tunegate-c-singles", "tunegate run, the floor's C receivers", members),
     floor_row("floor-singles", "floor: send() only (%d processes)" % workers, members),
+    floor_row("floor-paired-singles", "floor, each receiver paired with one sender", members),
     tunegate_row("tunegate-burst", "tunegate run, burst of %d" % burst, members, burst),
     ws_row("tunegate-c-burst", "tunegate run, C receivers, burst of %d" % burst, members),
     floor_row("floor-burst", "floor, burst of %d" % burst, members),
-    tunegate_row("ws-singles", "Node ws (one process)", node_members, 1),
-    tunegate_row("tunegate1-singles", "tunegate serve (one process)", node_members, 1),
+    ws_row("ws-singles", "Node ws (one process), C receivers", node_members),
+    ws_row("tunegate1-singles", "tunegate serve (one process), C receivers", node_members),
     floor_row("floor1-singles", "floor (one process)", node_members),
 ] if x]
 by = {r["name"]: r for r in rows}
@@ -262,6 +272,8 @@ ratios = {
     "c_receivers_singles_p50_vs_floor": ratio("tunegate-c-singles", "floor-singles", "p50_ms"),
     "c_receivers_singles_cpu_vs_floor": ratio("tunegate-c-singles", "floor-singles", "server_cpu_ns_per_delivery"),
     "c_receivers_burst_max_vs_floor": ratio("tunegate-c-burst", "floor-burst", "max_ms"),
+    "c_receivers_singles_max_vs_paired_floor": ratio("tunegate-c-singles", "floor-paired-singles", "max_ms"),
+    "floor_paired_vs_spread_max": ratio("floor-paired-singles", "floor-singles", "max_ms"),
     "one_process_max_vs_floor": ratio("tunegate1-singles", "floor1-singles", "max_ms"),
     "one_process_max_ws_vs_tunegate": ratio("ws-singles", "tunegate1-singles", "max_ms"),
 }

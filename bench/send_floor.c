@@ -1,11 +1,15 @@
 /*
  * The floor for a broadcast: what one send() per socket costs the kernel, with nothing else.
  *
- *   send_floor MEMBERS PROCESSES FRAME_BYTES MESSAGES ROUNDS
+ *   send_floor MEMBERS PROCESSES FRAME_BYTES MESSAGES ROUNDS [spread|paired]
  *
- * PROCESSES sender processes each accept MEMBERS / PROCESSES loopback TCP connections (one
- * listener each on 127.0.0.1, an ephemeral port) from as many receiver processes, which connect
- * from their own source address (127.0.0.2 + i, so ports never run out). Descriptors stay under
+ * PROCESSES sender processes each accept about MEMBERS / PROCESSES loopback TCP connections
+ * (one listener each on 127.0.0.1, an ephemeral port) from as many receiver processes, which
+ * connect from their own source address (127.0.0.2 + i, so ports never run out). LAYOUT says
+ * which receiver talks to which sender: `spread` (the default) sends receiver i's connections
+ * to every sender in turn, as the kernel spreads a client's connections over a server's
+ * SO_REUSEPORT workers; `paired` sends all of receiver i's to sender i, a layout a server
+ * cannot choose, cheaper on shared cores (a receiver woken by one sender only sleeps less). Descriptors stay under
  * RLIMIT_NOFILE per process, as tunegate's workers do. Then ROUNDS times: the parent stamps
  * CLOCK_MONOTONIC and tells every sender at once (one byte on a pipe each); each sender writes
  * MESSAGES frames of FRAME_BYTES (a WebSocket text frame header and padding, the stamp inside),
@@ -34,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -100,7 +105,9 @@ static void sender(int listener, int n, int frame_bytes, int messages, int round
 
 /* A receiver: connects `n` sockets from `source` to `port`, says ready, then per round reads
  * `messages` frames from every socket and sends the parent one latency (us) per delivery. */
-static void receiver(const char *source, int port, int n, int frame_bytes, int messages, int rounds, int rep) {
+static void receiver(const char *source, const int *ports, int nports, int n, int frame_bytes,
+                     int messages, int rounds, int rep) {
+    prctl(PR_SET_NAME, "floor_receiver"); /* told apart from the senders in ps and perf */
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
     int *socks = malloc(sizeof(int) * (size_t)n);
@@ -111,8 +118,8 @@ static void receiver(const char *source, int port, int n, int frame_bytes, int m
     struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
     inet_pton(AF_INET, source, &src.sin_addr);
     inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
-    dst.sin_port = htons((uint16_t)port);
     for (int i = 0; i < n; i++) {
+        dst.sin_port = htons((uint16_t)ports[i % nports]);
         int s = socket(AF_INET, SOCK_STREAM, 0);
         if (s < 0) die("socket");
         int one = 1;
@@ -172,19 +179,22 @@ static void receiver(const char *source, int port, int n, int frame_bytes, int m
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: send_floor MEMBERS PROCESSES FRAME_BYTES MESSAGES ROUNDS\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: send_floor MEMBERS PROCESSES FRAME_BYTES MESSAGES ROUNDS [spread|paired]\n");
         return 2;
     }
     int members = atoi(argv[1]), procs = atoi(argv[2]), frame_bytes = atoi(argv[3]);
     int messages = atoi(argv[4]), rounds = atoi(argv[5]);
+    int spread = argc == 6 || strcmp(argv[6], "spread") == 0;
     if (members < 1 || procs < 1 || procs > MAX_PROCESSES || frame_bytes < 12 ||
-        frame_bytes > 60000 || messages < 1 || rounds < 1) {
+        frame_bytes > 60000 || messages < 1 || rounds < 1 ||
+        (argc == 7 && !spread && strcmp(argv[6], "paired") != 0)) {
         fprintf(stderr, "send_floor: bad arguments\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
     int cmd[MAX_PROCESSES][2], srep[MAX_PROCESSES][2], rrep[MAX_PROCESSES][2], share[MAX_PROCESSES];
+    int listeners[MAX_PROCESSES], ports[MAX_PROCESSES], accepts[MAX_PROCESSES] = {0};
     pid_t kids[2 * MAX_PROCESSES];
     int nkids = 0;
     for (int p = 0; p < procs; p++) {
@@ -196,17 +206,32 @@ int main(int argc, char **argv) {
         if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 65535) < 0 ||
             getsockname(l, (struct sockaddr *)&a, &len) < 0)
             die("listen");
+        listeners[p] = l;
+        ports[p] = ntohs(a.sin_port);
         if (pipe(cmd[p]) < 0 || pipe(srep[p]) < 0 || pipe(rrep[p]) < 0) die("pipe");
+    }
+    /* Receiver p's i-th connection goes to sender (p + i) % procs when spread, to sender p when
+     * paired; each sender accepts what comes its way. */
+    for (int p = 0; p < procs; p++) {
+        if (!spread) accepts[p] += share[p];
+        else for (int i = 0; i < share[p]; i++) accepts[(p + i) % procs]++;
+    }
+    for (int p = 0; p < procs; p++) {
         pid_t s = fork();
         if (s < 0) die("fork");
-        if (s == 0) sender(l, share[p], frame_bytes, messages, rounds, cmd[p][0], srep[p][1]);
+        if (s == 0) sender(listeners[p], accepts[p], frame_bytes, messages, rounds, cmd[p][0], srep[p][1]);
         kids[nkids++] = s;
-        close(l);
+    }
+    for (int p = 0; p < procs; p++) close(listeners[p]);
+    for (int p = 0; p < procs; p++) {
+        int to[MAX_PROCESSES];
+        int nto = spread ? procs : 1;
+        for (int k = 0; k < nto; k++) to[k] = ports[spread ? (p + k) % procs : p];
         char source[32];
         snprintf(source, sizeof source, "127.0.0.%d", 2 + p);
         pid_t r = fork();
         if (r < 0) die("fork");
-        if (r == 0) receiver(source, ntohs(a.sin_port), share[p], frame_bytes, messages, rounds, rrep[p][1]);
+        if (r == 0) receiver(source, to, nto, share[p], frame_bytes, messages, rounds, rrep[p][1]);
         kids[nkids++] = r;
     }
     char ok;

@@ -9,7 +9,7 @@
  *
  * PROCESSES receiver processes each open MEMBERS / PROCESSES connections to 127.0.0.1:PORT from
  * their own source address (127.0.0.2 + i), upgrade, and join room "all", one at a time; one
- * more connection publishes. ROUNDS times: the parent stamps CLOCK_MONOTONIC and publishes
+ * more connection asks the room's count until it is MEMBERS (at most 30 s), then publishes. ROUNDS times: the parent stamps CLOCK_MONOTONIC and publishes
  * MESSAGES messages whose data is {"t": STAMP}; each receiver reads until every one of its
  * connections has MESSAGES messages of the round and reports, per delivery, the microseconds
  * from the stamp to its read. The parent prints one JSON object: per round p50/p99/max, over
@@ -245,7 +245,23 @@ int main(int argc, char **argv) {
     unsigned char *buf = malloc(2 * BUF);
     if (!buf) die("malloc");
     int publisher = open_ws("127.0.0.1", port, 0, buf);
-    sleep(1); /* every member's count has reached the room's home (docs/protocol.md) */
+    /* Every member's join has crossed the server's workers once the room's count says so
+     * (docs/protocol.md: counts travel the bus asynchronously, and a message published before
+     * they settle could miss a member). */
+    for (int tries = 0;; tries++) {
+        send_text(publisher, "{\"op\":\"count\",\"room\":\"all\"}");
+        size_t at, len = read_frame(publisher, buf, &at);
+        buf[len] = 0;
+        const char *m = memmem(buf + at, len - at, "\"members\":", 10);
+        long counted = m ? strtol(m + 10, NULL, 10) : -1;
+        if (counted == members) break;
+        if (tries == 300) {
+            fprintf(stderr, "ws_receivers: the room counts %ld members, not %d, after 30 s\n",
+                    counted, members);
+            exit(1);
+        }
+        usleep(100000);
+    }
     uint64_t deliveries = (uint64_t)members * (uint64_t)messages;
     uint32_t *all = malloc(sizeof(uint32_t) * deliveries * (uint64_t)rounds);
     uint32_t *round_lat = malloc(sizeof(uint32_t) * deliveries);
