@@ -590,16 +590,17 @@ fn plain_mode_holds_connections_to_a_server_we_did_not_write() {
     assert_eq!(r["open_at_end"], 300);
 }
 
-/// A server whose `count` answers take 0.4 s each (tests/clients/slow_counts.py, a proxy in
-/// front of ours): the verify phase asks its 64 rooms at once, so every room is found whole
-/// within its 10 s. Asked one at a time they took 26 s, and a saturated server's million (seconds
-/// an answer) counted 3,038 of 3,264 rooms short though their members were all there.
-#[test]
-fn slow_count_answers_do_not_make_rooms_look_short() {
-    let s = Server::start(&[]);
+/// `tunegate load` (640 connections in rooms of 10, one process: 64 rooms checked) through
+/// tests/clients/slow_counts.py, a proxy in front of our server that answers `count` late.
+fn load_through_slow_counts(
+    s: &Server,
+    proxy_args: &[&str],
+) -> (std::process::Output, serde_json::Value) {
     let proxy = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/slow_counts.py");
     let mut child = Command::new("python3")
-        .args([proxy, &s.addr.to_string(), "0.4"])
+        .arg(proxy)
+        .arg(s.addr.to_string())
+        .args(proxy_args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3");
@@ -615,25 +616,51 @@ fn slow_count_answers_do_not_make_rooms_look_short() {
         .map(str::trim)
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    let o = load(
-        &format!("ws://{addr}/"),
-        &[
-            "-n",
-            "640",
-            "--rooms",
-            "10",
-            "--processes",
-            "1",
-            "--hold",
-            "0",
-        ],
-    );
+    let args = [
+        "-n",
+        "640",
+        "--rooms",
+        "10",
+        "--processes",
+        "1",
+        "--hold",
+        "0",
+    ];
+    let o = load(&format!("ws://{addr}/"), &args);
     let _ = child.kill();
     let _ = child.wait();
     let r = json(&o);
     assert_eq!(r["rooms_checked"], 64, "{r}");
+    (o, r)
+}
+
+/// Count answers that trickle in, one every 0.25 s (the last after 16 s): the verify phase asks
+/// its 64 rooms at once and waits while rooms keep being found whole, so none is short. One
+/// room at a time within a fixed 10 s (as it was) counted most of them short; the million's
+/// saturated run had 3,038 of 3,264 rooms short though their members were all there. Answers
+/// that never come (30 s late) end the check 10 s after the last progress, each room counted
+/// short and unanswered.
+#[test]
+fn slow_count_answers_do_not_make_rooms_look_short() {
+    let s = Server::start(&[]);
+    let (o, r) = load_through_slow_counts(&s, &["0.25", "ramp"]);
     assert_eq!(r["rooms_short"], 0, "{}\n{r}", stderr(&o));
     assert_eq!(code(&o), 0, "{}\n{r}", stderr(&o));
+
+    let (o, r) = load_through_slow_counts(&s, &["30"]);
+    assert_eq!(
+        (r["rooms_short"].as_u64(), r["rooms_unanswered"].as_u64()),
+        (Some(64), Some(64)),
+        "{r}"
+    );
+    assert_eq!(code(&o), 1, "{}\n{r}", stderr(&o));
+    let problems = r["problems"].to_string();
+    assert!(
+        problems.contains(
+            "64 of 64 rooms checked never counted their planned members (64 of them unanswered)"
+        ),
+        "{problems}"
+    );
 }
 
 #[test]

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """A TCP proxy in front of a relay server that answers `count` slowly: every server frame
 whose payload is a count reply reaches the client DELAY seconds late (and what follows it on
-that connection after it, so order is kept). The rest passes through as it is.
+that connection after it, so order is kept); with `ramp`, the k-th count reply through the
+proxy DELAY x k seconds late, so answers trickle in one every DELAY seconds. The rest passes
+through as it is.
 
-    slow_counts.py UPSTREAM_HOST:PORT DELAY
+    slow_counts.py UPSTREAM_HOST:PORT DELAY [ramp]
 
 Listens on 127.0.0.1 (a free port) and prints "slow_counts: listening on 127.0.0.1:PORT" on
 stderr. Stops by itself after 120 s (bounded, like every helper of the tests).
@@ -23,7 +25,10 @@ async def pipe_up(reader, writer):
         writer.close()
 
 
-async def pipe_down(reader, writer, delay):
+counts_seen = 0
+
+
+async def pipe_down(reader, writer, delay, ramp):
     """Server to client, a frame at a time (server frames are unmasked, RFC 6455 5.1)."""
     try:
         while True:
@@ -38,7 +43,9 @@ async def pipe_down(reader, writer, delay):
                 n = int.from_bytes(ext, "big")
             payload = await reader.readexactly(n)
             if b'"op":"count"' in payload:
-                await asyncio.sleep(delay)
+                global counts_seen
+                counts_seen += 1
+                await asyncio.sleep(delay * counts_seen if ramp else delay)
             writer.write(head + ext + payload)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -57,6 +64,7 @@ async def handshake_down(reader, writer):
 async def main():
     host, port = sys.argv[1].rsplit(":", 1)
     delay = float(sys.argv[2])
+    ramp = sys.argv[3:] == ["ramp"]
 
     async def serve(c_reader, c_writer):
         try:
@@ -67,7 +75,7 @@ async def main():
         up = asyncio.create_task(pipe_up(c_reader, s_writer))
         try:
             await handshake_down(s_reader, c_writer)
-            await pipe_down(s_reader, c_writer, delay)
+            await pipe_down(s_reader, c_writer, delay, ramp)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             c_writer.close()
         up.cancel()

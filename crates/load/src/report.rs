@@ -35,6 +35,10 @@ pub struct Tally {
     pub rooms_checked: u64,
     /// Rooms whose member count never reached the planned size.
     pub rooms_short: u64,
+    /// Of those, the rooms whose last count was never answered (a server or a load too busy
+    /// to answer within the check, rather than a member missing).
+    #[serde(default)]
+    pub rooms_unanswered: u64,
     pub sent: u64,
     /// Deliveries the sent messages should make: each to every other member of its room.
     pub expected: u64,
@@ -71,6 +75,7 @@ impl Tally {
         self.server_errors += o.server_errors;
         self.rooms_checked += o.rooms_checked;
         self.rooms_short += o.rooms_short;
+        self.rooms_unanswered += o.rooms_unanswered;
         self.sent += o.sent;
         self.expected += o.expected;
         self.received += o.received;
@@ -235,8 +240,8 @@ impl Outcome {
         }
         if t.rooms_short > 0 {
             p.push(format!(
-                "{} of {} rooms checked never counted their planned members",
-                t.rooms_short, t.rooms_checked
+                "{} of {} rooms checked never counted their planned members ({} of them unanswered)",
+                t.rooms_short, t.rooms_checked, t.rooms_unanswered
             ));
         }
         self.lost = t.expected.saturating_sub(t.received);
