@@ -558,11 +558,13 @@ fn a_server_that_dies_mid_run_is_a_failure_with_the_cause() {
     );
 }
 
-#[test]
-fn plain_mode_holds_connections_to_a_server_we_did_not_write() {
-    let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peer_websockets.py");
+/// Starts `python3 SCRIPT ARGS` (a path in the repository), a server that prints "listening on
+/// HOST:PORT" as its first line on stderr; returns it and that address.
+fn python_listener(script: &str, args: &[&str]) -> (std::process::Child, String) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let mut child = Command::new("python3")
-        .args([peer, "0"])
+        .arg(&script)
+        .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3 with websockets (scripts/deps.sh installs it)");
@@ -576,8 +578,14 @@ fn plain_mode_holds_connections_to_a_server_we_did_not_write() {
         .split("listening on ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .unwrap_or_else(|| panic!("no address in {line:?} from {script:?}"))
         .to_string();
+    (child, addr)
+}
+
+#[test]
+fn plain_mode_holds_connections_to_a_server_we_did_not_write() {
+    let (mut child, addr) = python_listener("bench/peer_websockets.py", &["0"]);
     let o = load(
         &format!("ws://{addr}/"),
         &["-n", "300", "--protocol", "plain", "--hold", "0.5"],
@@ -596,26 +604,11 @@ fn load_through_slow_counts(
     s: &Server,
     proxy_args: &[&str],
 ) -> (std::process::Output, serde_json::Value) {
-    let proxy = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/slow_counts.py");
-    let mut child = Command::new("python3")
-        .arg(proxy)
-        .arg(s.addr.to_string())
-        .args(proxy_args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let upstream = s.addr.to_string();
+    let args: Vec<&str> = std::iter::once(upstream.as_str())
+        .chain(proxy_args.iter().copied())
+        .collect();
+    let (mut child, addr) = python_listener("tests/clients/slow_counts.py", &args);
     let args = [
         "-n",
         "640",

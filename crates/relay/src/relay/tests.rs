@@ -160,6 +160,19 @@ fn ask(r: &mut Relay, s: &mut Recorder, slot: usize, v: Value) -> Vec<Value> {
     s.take(slot)
 }
 
+/// Each (loop, slot) of `members` joins room "call".
+fn join_call(relays: &mut [Relay], sinks: &mut [Recorder], members: &[(usize, usize)]) {
+    for &(loop_index, slot) in members {
+        let got = ask(
+            &mut relays[loop_index],
+            &mut sinks[loop_index],
+            slot,
+            json!({"op": "join", "room": "call"}),
+        );
+        assert_eq!(got[0]["op"], "joined");
+    }
+}
+
 /// What an idle connection costs: its slot, the relay's 4 bytes included.
 #[test]
 fn a_slot_stays_32_bytes() {
@@ -190,15 +203,7 @@ fn hello_carries_the_id_and_heartbeats_and_the_requested_encoding() {
 fn room_messages_reach_members_once_on_every_loop_and_nobody_else() {
     let (mut relays, mut sinks) = setup(2, 3);
     // Members: loop 0 slots 0 and 1, loop 1 slot 0. Loop 1 slot 1 is not a member.
-    for (loop_index, slot) in [(0, 0), (0, 1), (1, 0)] {
-        let got = ask(
-            &mut relays[loop_index],
-            &mut sinks[loop_index],
-            slot,
-            json!({"op": "join", "room": "call"}),
-        );
-        assert_eq!(got[0]["op"], "joined");
-    }
+    join_call(&mut relays, &mut sinks, &[(0, 0), (0, 1), (1, 0)]);
     assert_eq!(
         ask(
             &mut relays[1],
@@ -238,15 +243,7 @@ fn room_messages_reach_members_once_on_every_loop_and_nobody_else() {
 #[test]
 fn a_publish_reaches_the_other_loops_before_its_own_loop_delivers() {
     let (mut relays, mut sinks) = setup(2, 3);
-    for (loop_index, slot) in [(0, 0), (0, 1), (0, 2), (1, 0)] {
-        let got = ask(
-            &mut relays[loop_index],
-            &mut sinks[loop_index],
-            slot,
-            json!({"op": "join", "room": "call"}),
-        );
-        assert_eq!(got[0]["op"], "joined");
-    }
+    join_call(&mut relays, &mut sinks, &[(0, 0), (0, 1), (0, 2), (1, 0)]);
     sinks[0].watch = Some((relays[1].inbox.clone(), Vec::new()));
     ask(
         &mut relays[0],
