@@ -2,17 +2,20 @@
  * What bench/send_floor.c and bench/ws_receivers.c share: exiting on an error, the clock their
  * stamps come from, whole reads and writes on pipes and sockets (a read waits at most
  * TIMEOUT_MS: every wait of a bench is bounded), a receiver's wait for its round's next
- * deliveries, and the comparison latencies are sorted by.
+ * deliveries, a receiver's sockets watched and its rounds read, and the comparison latencies
+ * are sorted by.
  * Include it after defining _GNU_SOURCE (for program_invocation_short_name).
  */
 #ifndef FLOOR_COMMON_H
 #define FLOOR_COMMON_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,6 +76,39 @@ static int wait_round(int ep, struct epoll_event *events, int max, int round, ui
                 (unsigned long long)want, TIMEOUT_MS / 1000);
         exit(1);
     }
+}
+
+/* Receiver socket `s`, number `i` of its receiver: non-blocking and watched for input by `ep`. */
+static void watch_socket(int ep, int s, int i) {
+    fcntl(s, F_SETFL, O_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) < 0) die("epoll_ctl");
+}
+
+/* Reads whatever receiver socket `i` has after a wake-up at `t`: the latency (us) of each
+ * delivery it completes goes to `lat`; returns how many. */
+typedef uint64_t (*take_fn)(void *ctx, int i, uint64_t t, uint32_t *lat);
+
+/* A receiver's life once its `n` sockets are watched by `ep`: says ready on `rep`, then
+ * `rounds` times reads (with `take`) until every socket has `messages` deliveries of the round
+ * (got[i], when `take` counts per socket, is zeroed each round) and sends the round's
+ * latencies on `rep`. */
+static void receive_rounds(int ep, int n, int messages, int rounds, int rep, uint32_t *got,
+                           uint32_t *lat, take_fn take, void *ctx) {
+    char ok = 'r';
+    write_all(rep, &ok, 1);
+    struct epoll_event events[256];
+    for (int r = 0; r < rounds; r++) {
+        uint64_t want = (uint64_t)n * (uint64_t)messages, have = 0;
+        if (got) memset(got, 0, sizeof(uint32_t) * (size_t)n);
+        while (have < want) {
+            int k = wait_round(ep, events, 256, r, have, want);
+            uint64_t t = now_ns();
+            for (int e = 0; e < k; e++) have += take(ctx, (int)events[e].data.u32, t, lat + have);
+        }
+        write_all(rep, lat, sizeof(uint32_t) * want);
+    }
+    exit(0);
 }
 
 static int cmp_u32(const void *a, const void *b) {

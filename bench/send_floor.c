@@ -9,8 +9,8 @@
  * which receiver talks to which sender: `spread` (the default) sends receiver i's connections
  * to every sender in turn, as the kernel spreads a client's connections over a server's
  * SO_REUSEPORT workers; `paired` sends all of receiver i's to sender i, a layout a server
- * cannot choose, cheaper on shared cores (a receiver woken by one sender only sleeps less). Descriptors stay under
- * RLIMIT_NOFILE per process, as tunegate's workers do. Then ROUNDS times: the parent stamps
+ * cannot choose, cheaper on shared cores (a receiver woken by one sender only sleeps less).
+ * Descriptors stay under RLIMIT_NOFILE per process, as tunegate's workers do. Then ROUNDS times: the parent stamps
  * CLOCK_MONOTONIC and tells every sender at once (one byte on a pipe each); each sender writes
  * MESSAGES frames of FRAME_BYTES (a WebSocket text frame header and padding, the stamp inside),
  * each to every one of its sockets in turn (one send() per socket per message, as a server
@@ -103,18 +103,68 @@ static void sender(int listener, int n, int frame_bytes, int messages, int round
     exit(0);
 }
 
-/* A receiver: connects `n` sockets from `source` to `port`, says ready, then per round reads
- * `messages` frames from every socket and sends the parent one latency (us) per delivery. */
+/* What a floor receiver reads with: its sockets, a buffer, the frame's size. */
+struct floor_receiver {
+    int *socks;
+    uint32_t *got;
+    unsigned char *buf;
+    int frame_bytes, messages;
+    size_t header;
+};
+
+/* Whole frames only: every frame is frame_bytes, and the sender writes each with one send(),
+ * so a read ends on a frame boundary unless the socket's buffer split it; leftovers are read on
+ * the next readiness. */
+static uint64_t take_frames(void *ctx, int i, uint64_t t, uint32_t *lat) {
+    struct floor_receiver *f = ctx;
+    size_t frame_bytes = (size_t)f->frame_bytes;
+    size_t room = frame_bytes * (size_t)(f->messages - (int)f->got[i]);
+    size_t cap = (1 << 16) / frame_bytes * frame_bytes;
+    if (room == 0) return 0;
+    ssize_t rd = recv(f->socks[i], f->buf, room < cap ? room : cap, 0);
+    if (rd <= 0) {
+        if (rd < 0 && errno == EAGAIN) return 0;
+        die("recv");
+    }
+    if ((size_t)rd % frame_bytes != 0) {
+        /* A split frame: read the rest now (it is in flight on loopback). */
+        size_t need = frame_bytes - (size_t)rd % frame_bytes;
+        struct pollfd pfd = {.fd = f->socks[i], .events = POLLIN};
+        while (need > 0 && poll(&pfd, 1, TIMEOUT_MS) > 0) {
+            ssize_t more = recv(f->socks[i], f->buf + rd, need, 0);
+            if (more <= 0) break;
+            rd += more;
+            need -= (size_t)more;
+        }
+    }
+    uint64_t took = 0;
+    for (size_t off = 0; off + frame_bytes <= (size_t)rd; off += frame_bytes) {
+        uint64_t stamp;
+        memcpy(&stamp, f->buf + off + f->header, sizeof stamp);
+        lat[took++] = (uint32_t)((t - stamp) / 1000);
+    }
+    f->got[i] += (uint32_t)took;
+    return took;
+}
+
+/* A receiver: connects `n` sockets from `source`, the i-th to ports[i % nports], says ready,
+ * then per round reads `messages` frames from every socket and sends the parent one latency
+ * (us) per delivery. */
 static void receiver(const char *source, const int *ports, int nports, int n, int frame_bytes,
                      int messages, int rounds, int rep) {
     prctl(PR_SET_NAME, "floor_receiver"); /* told apart from the senders in ps and perf */
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
-    int *socks = malloc(sizeof(int) * (size_t)n);
-    uint32_t *got = calloc((size_t)n, sizeof(uint32_t));
-    unsigned char *buf = malloc((1 << 16) + (size_t)frame_bytes);
+    struct floor_receiver f = {
+        .socks = malloc(sizeof(int) * (size_t)n),
+        .got = calloc((size_t)n, sizeof(uint32_t)),
+        .buf = malloc((1 << 16) + (size_t)frame_bytes),
+        .frame_bytes = frame_bytes,
+        .messages = messages,
+        .header = frame_bytes - 2 <= 125 ? 2 : 4,
+    };
     uint32_t *lat = malloc(sizeof(uint32_t) * (size_t)n * (size_t)messages);
-    if (!socks || !got || !buf || !lat) die("malloc");
+    if (!f.socks || !f.got || !f.buf || !lat) die("malloc");
     struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
     inet_pton(AF_INET, source, &src.sin_addr);
     inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
@@ -126,56 +176,10 @@ static void receiver(const char *source, const int *ports, int nports, int n, in
         setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
         if (bind(s, (struct sockaddr *)&src, sizeof src) < 0) die("bind");
         if (connect(s, (struct sockaddr *)&dst, sizeof dst) < 0) die("connect");
-        fcntl(s, F_SETFL, O_NONBLOCK);
-        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) < 0) die("epoll_ctl");
-        socks[i] = s;
+        watch_socket(ep, s, i);
+        f.socks[i] = s;
     }
-    char ok = 'r';
-    write_all(rep, &ok, 1);
-    size_t header = frame_bytes - 2 <= 125 ? 2 : 4;
-    struct epoll_event events[256];
-    for (int r = 0; r < rounds; r++) {
-        uint64_t want = (uint64_t)n * (uint64_t)messages, have = 0;
-        memset(got, 0, sizeof(uint32_t) * (size_t)n);
-        while (have < want) {
-            int k = wait_round(ep, events, 256, r, have, want);
-            uint64_t t = now_ns();
-            for (int e = 0; e < k; e++) {
-                int i = (int)events[e].data.u32;
-                /* Whole frames only: every frame is frame_bytes, and the sender writes each
-                 * with one send(), so a read ends on a frame boundary unless the socket's
-                 * buffer split it; leftovers are read on the next readiness. */
-                size_t room = (size_t)frame_bytes * (size_t)(messages - got[i]);
-                size_t cap = (1 << 16) / (size_t)frame_bytes * (size_t)frame_bytes;
-                if (room == 0) continue;
-                ssize_t rd = recv(socks[i], buf, room < cap ? room : cap, 0);
-                if (rd <= 0) {
-                    if (rd < 0 && errno == EAGAIN) continue;
-                    die("recv");
-                }
-                if (rd % frame_bytes != 0) {
-                    /* A split frame: read the rest now (it is in flight on loopback). */
-                    size_t need = (size_t)frame_bytes - (size_t)(rd % frame_bytes);
-                    struct pollfd pfd = {.fd = socks[i], .events = POLLIN};
-                    while (need > 0 && poll(&pfd, 1, TIMEOUT_MS) > 0) {
-                        ssize_t more = recv(socks[i], buf + rd, need, 0);
-                        if (more <= 0) break;
-                        rd += more;
-                        need -= (size_t)more;
-                    }
-                }
-                for (ssize_t off = 0; off + frame_bytes <= rd; off += frame_bytes) {
-                    uint64_t stamp;
-                    memcpy(&stamp, buf + off + header, sizeof stamp);
-                    lat[have++] = (uint32_t)((t - stamp) / 1000);
-                    got[i]++;
-                }
-            }
-        }
-        write_all(rep, lat, sizeof(uint32_t) * want);
-    }
-    exit(0);
+    receive_rounds(ep, n, messages, rounds, rep, f.got, lat, take_frames, &f);
 }
 
 int main(int argc, char **argv) {

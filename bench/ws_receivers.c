@@ -9,10 +9,10 @@
  *
  * PROCESSES receiver processes each open MEMBERS / PROCESSES connections to 127.0.0.1:PORT from
  * their own source address (127.0.0.2 + i), upgrade, and join room "all", one at a time; one
- * more connection asks the room's count until it is MEMBERS (at most 30 s), then publishes. ROUNDS times: the parent stamps CLOCK_MONOTONIC and publishes
- * MESSAGES messages whose data is {"t": STAMP}; each receiver reads until every one of its
- * connections has MESSAGES messages of the round and reports, per delivery, the microseconds
- * from the stamp to its read. The parent prints one JSON object: per round p50/p99/max, over
+ * more connection asks the room's count until it is MEMBERS (at most 30 s), then publishes.
+ * ROUNDS times: the parent stamps CLOCK_MONOTONIC and publishes MESSAGES messages whose data is
+ * {"t": STAMP}; each receiver reads until its connections have MESSAGES messages each of the
+ * round and reports, per delivery, the microseconds from the stamp to its read. The parent prints one JSON object: per round p50/p99/max, over
  * all rounds the same, and with SERVER_PIDs the CPU those processes spent from the first
  * round's stamp to the last round's last delivery, per delivery (their /proc/PID/stat).
  *
@@ -154,65 +154,62 @@ static uint64_t stamp_of(const unsigned char *payload, size_t n) {
     return strtoull((const char *)t + 4, NULL, 10);
 }
 
+/* What a receiver reads with: its sockets and a buffer. */
+struct ws_receiver {
+    int *socks;
+    unsigned char *buf;
+};
+
+/* Whole frames: the server writes each with one send(), so a read ends on a frame boundary
+ * unless the socket's buffer split it; then the rest is read now (it is in flight on loopback).
+ * Text frames are the room's messages; anything else (a ping) is skipped. */
+static uint64_t take_messages(void *ctx, int i, uint64_t t, uint32_t *lat) {
+    struct ws_receiver *w = ctx;
+    int s = w->socks[i];
+    unsigned char *buf = w->buf;
+    ssize_t rd = recv(s, buf, BUF, 0);
+    if (rd <= 0) {
+        if (rd < 0 && errno == EAGAIN) return 0;
+        die("recv");
+    }
+    uint64_t took = 0;
+    size_t off = 0, at;
+    for (;;) {
+        size_t len = frame_len(buf + off, (size_t)rd - off, &at);
+        if ((size_t)rd == off) break;
+        if (len == 0 || off + len > (size_t)rd) {
+            size_t need = len ? off + len - (size_t)rd : 2;
+            struct pollfd pfd = {.fd = s, .events = POLLIN};
+            if (poll(&pfd, 1, TIMEOUT_MS) <= 0) die("a split frame never completed");
+            ssize_t more = recv(s, buf + rd, need, 0);
+            if (more <= 0 && !(more < 0 && errno == EAGAIN)) die("recv (rest)");
+            if (more > 0) rd += more;
+            continue;
+        }
+        if ((buf[off] & 0x0f) == 1) {
+            lat[took++] = (uint32_t)((t - stamp_of(buf + off + at, len - at)) / 1000);
+        }
+        off += len;
+    }
+    return took;
+}
+
 /* A receiver: `n` members from `source`, then per round every member's `messages` messages. */
 static void receiver(const char *source, int port, int n, int messages, int rounds, int rep) {
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
-    int *socks = malloc(sizeof(int) * (size_t)n);
-    uint32_t *got = calloc((size_t)n, sizeof(uint32_t));
-    unsigned char *buf = malloc(2 * BUF);
+    struct ws_receiver w = {
+        .socks = malloc(sizeof(int) * (size_t)n),
+        .buf = malloc(2 * BUF),
+    };
     uint32_t *lat = malloc(sizeof(uint32_t) * (size_t)n * (size_t)messages);
-    if (!socks || !got || !buf || !lat) die("malloc");
+    if (!w.socks || !w.buf || !lat) die("malloc");
     for (int i = 0; i < n; i++) {
-        int s = open_ws(source, port, 1, buf);
-        fcntl(s, F_SETFL, O_NONBLOCK);
-        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) < 0) die("epoll_ctl");
-        socks[i] = s;
+        int s = open_ws(source, port, 1, w.buf);
+        watch_socket(ep, s, i);
+        w.socks[i] = s;
     }
-    char ok = 'r';
-    write_all(rep, &ok, 1);
-    struct epoll_event events[256];
-    for (int r = 0; r < rounds; r++) {
-        uint64_t want = (uint64_t)n * (uint64_t)messages, have = 0;
-        memset(got, 0, sizeof(uint32_t) * (size_t)n);
-        while (have < want) {
-            int k = wait_round(ep, events, 256, r, have, want);
-            uint64_t t = now_ns();
-            for (int e = 0; e < k; e++) {
-                int i = (int)events[e].data.u32;
-                ssize_t rd = recv(socks[i], buf, BUF, 0);
-                if (rd <= 0) {
-                    if (rd < 0 && errno == EAGAIN) continue;
-                    die("recv");
-                }
-                /* Whole frames: the server writes each with one send(), so a read ends on a
-                 * frame boundary unless the socket's buffer split it; then the rest is read
-                 * now (it is in flight on loopback). */
-                size_t off = 0, at;
-                for (;;) {
-                    size_t len = frame_len(buf + off, (size_t)rd - off, &at);
-                    if ((size_t)rd == off) break;
-                    if (len == 0 || off + len > (size_t)rd) {
-                        size_t need = len ? off + len - (size_t)rd : 2;
-                        struct pollfd pfd = {.fd = socks[i], .events = POLLIN};
-                        if (poll(&pfd, 1, TIMEOUT_MS) <= 0) die("a split frame never completed");
-                        ssize_t more = recv(socks[i], buf + rd, need, 0);
-                        if (more <= 0 && !(more < 0 && errno == EAGAIN)) die("recv (rest)");
-                        if (more > 0) rd += more;
-                        continue;
-                    }
-                    if ((buf[off] & 0x0f) == 1) {
-                        lat[have++] = (uint32_t)((t - stamp_of(buf + off + at, len - at)) / 1000);
-                        got[i]++;
-                    }
-                    off += len;
-                }
-            }
-        }
-        write_all(rep, lat, sizeof(uint32_t) * want);
-    }
-    exit(0);
+    receive_rounds(ep, n, messages, rounds, rep, NULL, lat, take_messages, &w);
 }
 
 int main(int argc, char **argv) {
