@@ -439,20 +439,19 @@ impl Shard {
     async fn verify(&self, conns: &[Conn]) {
         const QUIET: Duration = Duration::from_secs(10);
         let step = (conns.len() / ROOMS_TO_CHECK).max(1);
-        let cap = Instant::now() + Duration::from_secs_f64(self.args.connect_timeout).max(QUIET);
-        let mut until = Instant::now() + QUIET;
+        let start = Instant::now();
+        let cap = start + Duration::from_secs_f64(self.args.connect_timeout).max(QUIET);
+        let mut until = start + QUIET;
         let mut pending: Vec<&Conn> = conns.iter().step_by(step).take(ROOMS_TO_CHECK).collect();
         self.tally.borrow_mut().rooms_checked += pending.len() as u64;
         let ask = |c: &Conn| {
             c.mailbox.counted.set(None);
             c.mailbox.post(|m| m.count.set(true))
         };
+        for c in &pending {
+            ask(c); // one gone already is counted at the first turn
+        }
         let mut gone = 0;
-        pending.retain(|c| {
-            let asked = ask(c);
-            gone += u64::from(!asked);
-            asked
-        });
         while !pending.is_empty() {
             let answered = |_: &Self| {
                 pending
