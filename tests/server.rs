@@ -353,6 +353,75 @@ fn a_silent_client_is_closed_within_ping_interval_plus_timeout() {
     assert!(s.metric("tunegate_pings_sent_total") >= 2);
 }
 
+/// A server that falls behind (here: stopped with SIGSTOP past the ping timeout, as two
+/// saturated cores can hold a worker) must not blame its clients for its own lateness. When it
+/// runs again, a batch of epoll events holds at most 1,024 connections and the sweep comes
+/// right after it: every pong and hang-up beyond that batch was there, unread, when its ping's
+/// timeout was checked. Those that answered stay open; those that hung up count as gone, not
+/// as heartbeat timeouts.
+#[test]
+fn answers_waiting_unread_in_a_stalled_server_are_read_not_timed_out() {
+    const CLIENTS: usize = 1500;
+    let s = Server::start(&[
+        "--threads",
+        "1",
+        "--ping-interval",
+        "1000",
+        "--ping-timeout",
+        "700",
+    ]);
+    let mut clients: Vec<Ws> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = Ws::connect(s.addr);
+            c.auto_pong = false;
+            hello(&mut c);
+            c
+        })
+        .collect();
+    // Every client's first ping is in before the server stops (they come within 1 s of the
+    // last bytes a client sent, the sweep a tick late at most).
+    for (i, c) in clients.iter_mut().enumerate() {
+        let f = c.try_recv(Duration::from_secs(3));
+        assert_eq!(f.map(|f| f.opcode), Some(9), "client {i}'s first ping");
+    }
+    s.signal(nix::sys::signal::Signal::SIGSTOP);
+    // While it is stopped: nine of ten answer, the tenth hangs up.
+    let mut answered = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        if i % 10 == 9 {
+            drop(c);
+        } else {
+            c.send(10, b"");
+            answered.push(c);
+        }
+    }
+    // Past the ping timeout, whichever ping was first.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.signal(nix::sys::signal::Signal::SIGCONT);
+    let gone = (CLIENTS / 10) as u64;
+    eventually_true(
+        Duration::from_secs(10),
+        || format!("{gone} hang-ups counted: {}", s.stderr.lock().unwrap()),
+        || s.metric("tunegate_connections_closed_total{reason=\"peer_gone\"}") == gone,
+    );
+    assert_eq!(
+        s.metric("tunegate_connections_closed_total{reason=\"heartbeat_timeout\"}"),
+        0,
+        "{}",
+        s.stderr.lock().unwrap()
+    );
+    assert!(
+        s.metric("tunegate_heartbeat_late_reads_total") > 0,
+        "the sweep met no answer waiting unread: the test did not stall the server as meant"
+    );
+    assert_eq!(s.metric("tunegate_websockets_open"), answered.len() as u64);
+    // And the clients that answered are served: each gets its next ping, not a Close.
+    for (i, c) in answered.iter_mut().enumerate() {
+        let f = c.try_recv(Duration::from_secs(3));
+        assert_eq!(f.map(|f| f.opcode), Some(9), "client {i} after the stall");
+    }
+}
+
 #[test]
 fn a_client_that_never_finishes_its_handshake_is_dropped() {
     let s = Server::start(&["--threads", "1", "--handshake-timeout", "300"]);

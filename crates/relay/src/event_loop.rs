@@ -4,8 +4,7 @@
 //! What the messages mean is the `Handler`'s business (`handler.rs`); writing and closing are
 //! `Sockets`' (`sockets.rs`).
 //!
-//! Timeouts are swept by ticks: each connection keeps two 32-bit tick stamps, and a sweep
-//! walks a slice of the slab every tick, so there is no timer object per connection.
+//! Timeouts are swept by ticks (`sweep.rs`): each connection keeps two 32-bit tick stamps.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,8 +31,10 @@ use super::{Config, Options, sys};
 
 mod admit;
 mod moving;
+mod sweep;
 use admit::Refusals;
 use moving::{Moved, Waiting};
+use sweep::HeartbeatLog;
 
 /// Receive buffer per loop (not per connection).
 const RECV_BUF: usize = 64 * 1024;
@@ -93,6 +94,8 @@ pub struct EventLoop<H: Handler> {
     /// Log lines about refused upgrades, one per second at most per kind, whatever a flood
     /// does.
     refusals_logged: Refusals,
+    /// Log lines about heartbeat timeouts, one per second at most per kind.
+    heartbeats_logged: HeartbeatLog,
     /// Checks the tokens of upgrades when the server requires them.
     verifier: Option<Arc<Verifier>>,
     /// The tick `Handler::on_tick` was last called at.
@@ -113,16 +116,6 @@ pub struct Access {
     pub admission: Arc<Admission>,
     pub verifier: Option<Arc<Verifier>>,
     pub certs: Option<Arc<Certs>>,
-}
-
-/// How much earlier than the full interval `slot` is pinged: a fixed share of up to a quarter
-/// of the interval, different per slot. Connections that went quiet together (a reconnect
-/// storm, a load test's cohort) would otherwise all be pinged, and all answer, in the same few
-/// ticks; with this their pings spread over a quarter of the interval, and stay spread, since
-/// each pong restarts its own connection's clock.
-fn spread(slot: usize, interval: u32) -> u32 {
-    let h = (slot as u32).wrapping_mul(0x9E37_79B9) >> 16; // Fibonacci hashing: 0..65535
-    ((interval as u64 / 4) * h as u64 / 65536) as u32
 }
 
 impl<H: Handler> EventLoop<H> {
@@ -186,6 +179,7 @@ impl<H: Handler> EventLoop<H> {
             admission,
             held: HashMap::new(),
             refusals_logged: Refusals::default(),
+            heartbeats_logged: HeartbeatLog::default(),
             verifier,
             ticked: 0,
             inflated: Vec::new(),
@@ -635,67 +629,6 @@ impl<H: Handler> EventLoop<H> {
                 let binary = opcode == frame::OP_BINARY;
                 self.handler
                     .on_message(&mut self.sockets, slot, binary, payload.bytes(buf));
-            }
-        }
-    }
-
-    // ---- time -----------------------------------------------------------------------------
-
-    /// Walks a slice of the slab each tick, covering all of it once per sweep period (at most
-    /// a quarter of the shortest timeout), sending pings and closing what timed out.
-    fn sweep(&mut self) {
-        let len = self.sockets.conns.len();
-        if len == 0 {
-            return;
-        }
-        let period_ms = (self
-            .options
-            .ping_interval_ms
-            .min(self.options.ping_timeout_ms)
-            / 4)
-        .clamp(TICK_MS, 1000);
-        let per_tick = len.div_ceil((period_ms / TICK_MS) as usize).max(1);
-        let interval = ticks(self.options.ping_interval_ms);
-        let timeout = ticks(self.options.ping_timeout_ms);
-        for _ in 0..per_tick.min(len) {
-            let slot = self.sweep_at % len;
-            self.sweep_at = (self.sweep_at + 1) % len;
-            let now = self.sockets.now;
-            let c = &mut self.sockets.conns[slot];
-            match c.state {
-                State::Handshake if now >= c.mark => {
-                    let response = handshake::response(
-                        408,
-                        "",
-                        "text/plain; charset=utf-8",
-                        "handshake timeout\n",
-                    );
-                    self.sockets
-                        .finish(slot, &response, CloseReason::HandshakeTimeout);
-                }
-                State::Open
-                    if c.flags & AWAIT_PONG != 0 && now.saturating_sub(c.mark) >= timeout =>
-                {
-                    // The peer is presumably gone: a best-effort Close, no waiting.
-                    let bye = frame::close_frame(close::GOING_AWAY, "heartbeat timeout");
-                    self.sockets.blurt(slot, &bye);
-                    self.sockets.close(slot, CloseReason::HeartbeatTimeout);
-                }
-                State::Open if c.flags & AWAIT_PONG != 0 => {} // pong not due yet
-                State::Open
-                    if now.saturating_sub(c.last_rx) >= interval - spread(slot, interval) =>
-                {
-                    c.flags |= AWAIT_PONG;
-                    c.mark = now;
-                    LoopMetrics::add(&self.sockets.metrics.pings, 1);
-                    self.sockets
-                        .send_bytes(slot, &frame::frame(frame::OP_PING, b""));
-                }
-                State::Closing | State::Lingering if now >= c.mark => {
-                    let why = c.why();
-                    self.sockets.close(slot, why);
-                }
-                _ => {}
             }
         }
     }

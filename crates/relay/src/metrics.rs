@@ -140,6 +140,10 @@ pub struct LoopMetrics {
     /// home did not take them (down, or its queue full for longer than the wait).
     pub move_failed: AtomicU64,
     pub pings: AtomicU64,
+    /// Connections whose heartbeat timeout came while something from them (an answer, a Close,
+    /// a hang-up) waited unread: read and handled, not closed for the heartbeat (the loop had
+    /// fallen behind in reading them).
+    pub heartbeat_late_reads: AtomicU64,
     /// Slow readers cut off (counted when cut; the close itself follows when the Close frame
     /// has gone out or the wait ran out).
     pub backpressure_cutoffs: AtomicU64,
@@ -190,6 +194,8 @@ pub struct Snapshot {
     #[serde(default)]
     pub move_failed: u64,
     pub pings: u64,
+    #[serde(default)]
+    pub heartbeat_late_reads: u64,
     pub backpressure_cutoffs: u64,
     pub protocol_errors_replied: u64,
     #[serde(default)]
@@ -260,6 +266,7 @@ impl Snapshot {
         self.moved_out += o.moved_out;
         self.moved_in += o.moved_in;
         self.move_failed += o.move_failed;
+        self.heartbeat_late_reads += o.heartbeat_late_reads;
         self.pings += o.pings;
         self.backpressure_cutoffs += o.backpressure_cutoffs;
         self.protocol_errors_replied += o.protocol_errors_replied;
@@ -316,6 +323,7 @@ impl Snapshot {
         m(&mut self.moved_in, o.moved_in);
         m(&mut self.move_failed, o.move_failed);
         m(&mut self.pings, o.pings);
+        m(&mut self.heartbeat_late_reads, o.heartbeat_late_reads);
         m(&mut self.backpressure_cutoffs, o.backpressure_cutoffs);
         m(&mut self.protocol_errors_replied, o.protocol_errors_replied);
         m(&mut self.forwarded, o.forwarded);
@@ -368,6 +376,7 @@ impl LoopMetrics {
             moved_out: self.moved_out.load(Relaxed),
             moved_in: self.moved_in.load(Relaxed),
             move_failed: self.move_failed.load(Relaxed),
+            heartbeat_late_reads: self.heartbeat_late_reads.load(Relaxed),
             pings: self.pings.load(Relaxed),
             backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
             protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
@@ -549,6 +558,11 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             t.move_failed,
         ),
         counter("pings_sent_total", "Heartbeat pings sent.", t.pings),
+        counter(
+            "heartbeat_late_reads_total",
+            "Connections whose heartbeat timeout came while something from them (an answer, a Close, a hang-up) waited unread: read and handled, not closed for the heartbeat (the worker had fallen behind in reading them).",
+            t.heartbeat_late_reads,
+        ),
         counter(
             "protocol_errors_total",
             "Relay requests answered with an error message.",
