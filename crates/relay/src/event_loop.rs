@@ -98,7 +98,7 @@ pub struct EventLoop<H: Handler> {
     heartbeats_logged: HeartbeatLog,
     /// Checks the tokens of upgrades when the server requires them.
     verifier: Option<Arc<Verifier>>,
-    /// The tick `Handler::on_tick` was last called at.
+    /// The tick the timers were last swept and `Handler::on_tick` called at.
     ticked: u32,
     /// Where compressed messages are inflated: one buffer per loop, like the receive buffer.
     inflated: Vec<u8>,
@@ -236,9 +236,10 @@ impl<H: Handler> EventLoop<H> {
                     self.tell_ended();
                 }
             }
-            self.sweep();
             if self.ticked != self.sockets.now {
+                let elapsed = self.sockets.now.wrapping_sub(self.ticked);
                 self.ticked = self.sockets.now;
+                self.sweep(elapsed);
                 if !self.moving.is_empty() {
                     self.retry_moves();
                 }

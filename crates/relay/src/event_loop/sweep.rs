@@ -32,9 +32,11 @@ fn spread(slot: usize, interval: u32) -> u32 {
 }
 
 impl<H: Handler> EventLoop<H> {
-    /// Walks a slice of the slab each tick, covering all of it once per sweep period (at most
-    /// a quarter of the shortest timeout), sending pings and closing what timed out.
-    pub(super) fn sweep(&mut self) {
+    /// Walks the slice of the slab that `elapsed` ticks stand for, covering all of it once per
+    /// sweep period (at most a quarter of the shortest timeout), sending pings and closing what
+    /// timed out. Called once per tick that passed, not per wake-up: a loop woken a few hundred
+    /// times a second (pongs, messages) would otherwise walk its slab that many times over.
+    pub(super) fn sweep(&mut self, elapsed: u32) {
         let len = self.sockets.conns.len();
         if len == 0 {
             return;
@@ -48,7 +50,7 @@ impl<H: Handler> EventLoop<H> {
         let per_tick = len.div_ceil((period_ms / TICK_MS) as usize).max(1);
         let interval = ticks(self.options.ping_interval_ms);
         let timeout = ticks(self.options.ping_timeout_ms);
-        for _ in 0..per_tick.min(len) {
+        for _ in 0..per_tick.saturating_mul(elapsed as usize).min(len) {
             let slot = self.sweep_at % len;
             self.sweep_at = (self.sweep_at + 1) % len;
             let now = self.sockets.now;
