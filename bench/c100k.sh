@@ -155,7 +155,7 @@ pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
 # /metrics sums the workers' snapshots once they are a second old (so a scrape never goes back):
 # give it that second before reading how many are held.
 all_counted() { (($(metric tunegate_websockets_open) >= conns)); }
-poll 5 all_counted || true
+poll 10 all_counted || true
 held1=$(metric tunegate_websockets_open)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
@@ -163,18 +163,20 @@ dcpu2=$(daemon_cpu)
 rss2=$(workers_sum rss) avail2=$(kb_field /proc/meminfo MemAvailable)
 # Heartbeat closes during the run, read when the load begins to close every connection: closing
 # a million takes two saturated cores tens of seconds, and a connection waiting its turn can
-# miss a pong then. (/metrics sums counters a second old: a close in the last second before is
-# counted at the end only.)
+# miss a pong then. (/metrics sums counters a second and one publish interval old, 3.2 s at 57
+# workers: a close in those last seconds before is counted at the end only.)
 closed_heartbeat_run=-1
 if wait_phase finish $((${publish_seconds%.*} + 60)); then
     closed_heartbeat_run=$(metric 'tunegate_connections_closed_total{reason="heartbeat_timeout"}')
 fi
 wait "$load_pid" && load_rc=0 || load_rc=$?
-# The workers' counters travel the bus every half second: wait until every connection's close
-# has reached the one that answers (accepted = closed + still open, summed over the workers).
+# The workers' counters travel the bus every half second (3.2 s at 57 workers): wait until every
+# connection's close has reached the one that answers (accepted = closed + still open, summed
+# over the workers).
 counters_settled() { (($(metric tunegate_connections_open) == 0)); }
-poll 5 counters_settled || true
+poll 15 counters_settled || true
 closed_heartbeat=$(metric 'tunegate_connections_closed_total{reason="heartbeat_timeout"}')
+late_reads=$(metric tunegate_heartbeat_late_reads_total)
 accepted=$(metric tunegate_connections_accepted_total)
 moved=$(metric tunegate_connections_moved_out_total) move_failed=$(metric tunegate_connection_moves_failed_total)
 tail -n 8 "$work/load.log" >&2
@@ -186,12 +188,12 @@ python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
     "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" "$affinity" "$moved" "$move_failed" \
-    "$closed_heartbeat_run" <<'PY'
+    "$closed_heartbeat_run" "$late_reads" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
- tcp_max, held1, anon0, anon1, affinity, moved, move_failed, closed_hb_run) = sys.argv[1:]
+ tcp_max, held1, anon0, anon1, affinity, moved, move_failed, closed_hb_run, late_reads) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -235,6 +237,7 @@ res = {
     "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
     "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
     "closed_heartbeat_during_run": closed_hb_run, "closed_heartbeat_by_the_end": int(closed_hb),
+    "heartbeat_late_reads": int(late_reads),
     "heartbeat_cpu_seconds": round(hb_cpu, 2),
     "heartbeat_cpu_share_of_one_core": round(hb_cpu / held_s, 4) if held_s else None,
     "saturation_interval_s": int(sat_s),
@@ -278,6 +281,7 @@ md = [
     "| heartbeats (ping %d ms): pings during a %.1f s hold | %d (%.2f rounds) |" % (int(ping_ms), held_s, pings, rounds),
     "| CPU spent on heartbeats (all workers) | %.2f s in %.1f s = %.1f %% of one core |" % (hb_cpu, held_s, 100 * hb_cpu / held_s if held_s else 0),
     "| closed by the server for missing heartbeats: during the run / by the end (the load closing every connection) | %s / %s |" % (closed_hb_run, closed_hb),
+    "| heartbeat timeouts that found an answer or a hang-up waiting unread (a worker behind in its events: read, not closed) | %s |" % late_reads,
     "| the daemon's CPU during the hold, saturation watch every %s s (all of its work: the watch, its 50 ms supervision tick) | %.2f s in %.1f s = %.2f %% of one core |" % (sat_s, daemon_cpu, held_s, 100 * daemon_cpu / held_s if held_s else 0),
     "| room affinity (`?affinity=ROOM`): connections moved to their room's home / not moved | %s |" % ("%s / %s" % (moved, move_failed) if affinity == "1" else "off"),
     "| room messages (rooms %s) | %s sent at %.0f/s |" % (rooms, r.get("sent"), r.get("publish_rate_achieved") or 0),

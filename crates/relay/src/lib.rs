@@ -445,12 +445,15 @@ fn spawn_loop<H: handler::Handler<Data: Send> + Send + 'static>(
         })
 }
 
-/// Shares this worker's counters with the other workers every half second, over the bus, so
-/// /metrics answered by any worker covers the whole server; not when nothing changed (every
-/// worker sends to every other: at 51 workers an idle server spent a fifth of a core on it).
-/// A worker that dies takes its last snapshot with its link: nothing stale is ever summed.
+/// Shares this worker's counters with the other workers every half second (less often past 22
+/// workers: `metrics::publish_interval_ms`), over the bus, so /metrics answered by any worker
+/// covers the whole server; not when nothing changed (every worker sends to every other: at 51
+/// workers an idle server spent a fifth of a core on it). A worker that dies takes its last
+/// snapshot with its link: nothing stale is ever summed.
 fn metrics_publisher(shared: &Shared) {
     let file = counters_file(&shared.config);
+    let interval =
+        std::time::Duration::from_millis(metrics::publish_interval_ms(shared.config.workers()));
     let mut last: Option<metrics::Snapshot> = None;
     loop {
         let snap = own_snapshot(shared);
@@ -461,14 +464,14 @@ fn metrics_publisher(shared: &Shared) {
             } == snap
         });
         if unchanged {
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            std::thread::sleep(interval);
             continue;
         }
         last = Some(snap.clone());
         shared.bus.share_metrics(&snap);
         if let Some(file) = &file {
             // For the next process in this worker's place (a restart): best effort, no fsync,
-            // at most half a second behind.
+            // at most one interval behind.
             if let Ok(bytes) = serde_json::to_vec(&snap.counters()) {
                 let tmp = file.with_extension("tmp");
                 if std::fs::write(&tmp, bytes).is_ok() {
@@ -476,7 +479,7 @@ fn metrics_publisher(shared: &Shared) {
                 }
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(interval);
     }
 }
 

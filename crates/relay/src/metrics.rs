@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 mod history;
-pub use history::{History, SETTLED_MS, monotonic_ms};
+pub use history::{History, SETTLED_MS, monotonic_ms, publish_interval_ms};
 
 /// Why a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

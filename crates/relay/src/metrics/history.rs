@@ -5,15 +5,30 @@ use super::Snapshot;
 
 /// How old a worker's snapshot must be before /metrics sums it: longer than the bus takes to
 /// carry a snapshot to every worker, so that at any moment every worker holds the same newest
-/// settled snapshot of each worker and answers with the same sums. Counters are thus about
-/// 1 to 1.5 s behind, and never lower than an earlier scrape saw, whichever worker answers.
+/// settled snapshot of each worker and answers with the same sums. Counters are thus 1 s plus
+/// at most one publish interval behind (1 to 1.5 s up to 22 workers), and never lower than an
+/// earlier scrape saw, whichever worker answers.
 pub const SETTLED_MS: u64 = 1_000;
+
+/// Snapshots the bus carries per second at most, all workers together. Every worker sends each
+/// snapshot to every other, W x (W - 1) a round: at 57 workers a round every half second was
+/// 6,400 messages a second and as many wake-ups of the bus threads, a fifth of a core while a
+/// million connections' heartbeats changed the counters all the time.
+const SNAPSHOTS_PER_SECOND: u64 = 1_000;
+
+/// How often a worker shares its counters: every half second up to 22 workers, less often
+/// beyond, so that the bus carries at most [`SNAPSHOTS_PER_SECOND`] (57 workers: every 3.2 s).
+/// /metrics is then at most SETTLED_MS plus one interval behind.
+pub fn publish_interval_ms(workers: usize) -> u64 {
+    let w = workers as u64;
+    (w * w.saturating_sub(1) * 1000 / SNAPSHOTS_PER_SECOND).max(500)
+}
 
 /// [`Snapshot::sent_ms`] of counters that will not change any more (a process that is gone).
 const FINAL: u64 = 0;
 
-/// Snapshots kept per worker: published every half second, so a few cover SETTLED_MS with
-/// room for a publisher or a reader delayed by a loaded CPU.
+/// Snapshots kept per worker: published every half second or less often, so a few cover
+/// SETTLED_MS with room for a publisher or a reader delayed by a loaded CPU.
 const KEPT: usize = 6;
 
 /// The last few snapshots of one worker, oldest first, each counter at least the one before.
@@ -94,6 +109,21 @@ mod tests {
             open: accepted as i64,
             sent_ms,
             ..Snapshot::default()
+        }
+    }
+
+    /// Half a second while the bus carries little; beyond that, never more than the budget of
+    /// snapshots a second, however many workers.
+    #[test]
+    fn the_publish_interval_keeps_the_bus_within_its_budget() {
+        assert_eq!(publish_interval_ms(1), 500);
+        assert_eq!(publish_interval_ms(6), 500);
+        assert_eq!(publish_interval_ms(22), 500);
+        assert_eq!(publish_interval_ms(57), 3_192);
+        for w in 1..200u64 {
+            let per_second = (w * (w - 1)) as f64 * 1000.0 / publish_interval_ms(w as usize) as f64;
+            assert!(per_second <= SNAPSHOTS_PER_SECOND as f64 + 0.5, "{w} workers: {per_second}/s");
+            assert!(KEPT as u64 * publish_interval_ms(w as usize) > SETTLED_MS);
         }
     }
 
