@@ -77,7 +77,7 @@ pub enum Command {
     /// The hold with `--churn`: close and reopen connections at this process's share of the
     /// rate for `millis`, then until every one is back.
     Churn { millis: u64 },
-    /// Every connection joins its room.
+    /// Every connection's join (asked as it opened) answered.
     Join,
     /// Check rooms' member counts until they are whole.
     Verify,
@@ -300,7 +300,10 @@ impl Shard {
                     .or_default() += left;
                 break;
             }
-            conns.push(self.start(global, deadline, false));
+            // A relay connection asks for its room as soon as it is open, as a real client
+            // does: asked all at once after the ramp, a million joins kept two saturated cores
+            // (and this process's queue) so busy that pings waited past their timeout.
+            conns.push(self.start(global, deadline, self.spread.is_some()));
         }
         conns
     }
@@ -381,13 +384,10 @@ impl Shard {
             };
             match command {
                 Command::Join => {
-                    let asked = conns
-                        .iter()
-                        .filter(|c| c.mailbox.post(|m| m.join.set(true)))
-                        .count() as u64;
+                    // Every connection asked for its room as it opened (`ramp`): the answers.
                     let until = Instant::now() + Duration::from_secs(60);
                     self.wait_until(Some(until), |s| {
-                        s.join_answers.get() + s.dropped.get() >= asked
+                        s.join_answers.get() + s.dropped.get() >= s.tally.borrow().opened
                     })
                     .await;
                     emit(&Event::Joined);

@@ -122,9 +122,12 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         if let Some(unlogged) = self.heartbeats_logged.closed.ready(now_ms) {
+            // What this side still held for it says whether the ping can have reached it.
+            let queued = c.pending_out();
             log!(
                 "loop {}: heartbeat: closed the connection from {addr} with 1001: nothing within \
-                 {} ms of its ping ({unlogged} more since the last such line; \
+                 {} ms of its ping ({queued} bytes for it still queued here; {unlogged} more \
+                 since the last such line; \
                  tunegate_connections_closed_total{{reason=\"heartbeat_timeout\"}} counts them)",
                 self.sockets.loop_index(),
                 self.options.ping_timeout_ms,

@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(publish_interval_ms(57), 3_192);
         for w in 1..200u64 {
             let per_second = (w * (w - 1)) as f64 * 1000.0 / publish_interval_ms(w as usize) as f64;
-            assert!(per_second <= SNAPSHOTS_PER_SECOND as f64 + 0.5, "{w} workers: {per_second}/s");
+            assert!(
+                per_second <= SNAPSHOTS_PER_SECOND as f64 + 0.5,
+                "{w} workers: {per_second}/s"
+            );
             assert!(KEPT as u64 * publish_interval_ms(w as usize) > SETTLED_MS);
         }
     }
