@@ -366,9 +366,9 @@ fn answers_waiting_unread_in_a_stalled_server_are_read_not_timed_out() {
         "--threads",
         "1",
         "--ping-interval",
-        "1000",
+        "2000",
         "--ping-timeout",
-        "700",
+        "2000",
     ]);
     let mut clients: Vec<Ws> = (0..CLIENTS)
         .map(|_| {
@@ -378,11 +378,17 @@ fn answers_waiting_unread_in_a_stalled_server_are_read_not_timed_out() {
             c
         })
         .collect();
-    // Every client's first ping is in before the server stops (they come within 1 s of the
-    // last bytes a client sent, the sweep a tick late at most).
+    // Any bytes restart a connection's heartbeat clock: a ping from every client, all within
+    // a few milliseconds, so that their pings come 1.5 to 2 s from now however long the
+    // connects took, and every first ping is in well before the first timeout.
+    for c in clients.iter_mut() {
+        c.send(9, b"");
+    }
     for (i, c) in clients.iter_mut().enumerate() {
-        let f = c.try_recv(Duration::from_secs(3));
-        assert_eq!(f.map(|f| f.opcode), Some(9), "client {i}'s first ping");
+        let pong = c.try_recv(Duration::from_secs(3));
+        assert_eq!(pong.map(|f| f.opcode), Some(10), "client {i}'s pong");
+        let ping = c.try_recv(Duration::from_secs(3));
+        assert_eq!(ping.map(|f| f.opcode), Some(9), "client {i}'s first ping");
     }
     s.signal(nix::sys::signal::Signal::SIGSTOP);
     // While it is stopped: nine of ten answer, the tenth hangs up.
@@ -395,8 +401,8 @@ fn answers_waiting_unread_in_a_stalled_server_are_read_not_timed_out() {
             answered.push(c);
         }
     }
-    // Past the ping timeout, whichever ping was first.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the ping timeout, whichever ping was last.
+    std::thread::sleep(Duration::from_millis(2500));
     s.signal(nix::sys::signal::Signal::SIGCONT);
     let gone = (CLIENTS / 10) as u64;
     eventually_true(
