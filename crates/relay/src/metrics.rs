@@ -266,8 +266,8 @@ impl Snapshot {
         self.moved_out += o.moved_out;
         self.moved_in += o.moved_in;
         self.move_failed += o.move_failed;
-        self.heartbeat_late_reads += o.heartbeat_late_reads;
         self.pings += o.pings;
+        self.heartbeat_late_reads += o.heartbeat_late_reads;
         self.backpressure_cutoffs += o.backpressure_cutoffs;
         self.protocol_errors_replied += o.protocol_errors_replied;
         self.forwarded += o.forwarded;
@@ -376,8 +376,8 @@ impl LoopMetrics {
             moved_out: self.moved_out.load(Relaxed),
             moved_in: self.moved_in.load(Relaxed),
             move_failed: self.move_failed.load(Relaxed),
-            heartbeat_late_reads: self.heartbeat_late_reads.load(Relaxed),
             pings: self.pings.load(Relaxed),
+            heartbeat_late_reads: self.heartbeat_late_reads.load(Relaxed),
             backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
             protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
             forwarded: self.forwarded.load(Relaxed),
