@@ -144,9 +144,35 @@ impl Workers {
         body.split_once("\r\n\r\n").expect("a body").1.to_string()
     }
 
-    /// A metric summed over its series. A worker that just started answers 503 until it has
-    /// every other worker's counters (at most 2 s): asked again then, as Prometheus would.
+    /// A metric summed over its series.
     fn metric(&self, name: &str) -> u64 {
+        self.metrics(&[name])[0]
+    }
+
+    /// Several counters from one /metrics answer once `settled` holds for them, within 5 s.
+    /// Every worker's counters travel the bus on its own clock, so an answer can hold one
+    /// worker's newer figures with another's older ones: a check across workers waits for
+    /// one answer in which they agree, and fails naming the last figures.
+    fn metrics_once<const N: usize>(
+        &self,
+        names: &[&str; N],
+        settled: impl Fn(&[u64; N]) -> bool,
+    ) -> [u64; N] {
+        let mut last = [0; N];
+        for _ in 0..50 {
+            last = self.metrics(names);
+            if settled(&last) {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("after 5 s, {names:?} are {last:?}");
+    }
+
+    /// Several counters from one /metrics answer, each summed over its series. A worker that
+    /// just started answers 503 until it has every other worker's counters (at most 2 s):
+    /// asked again then, as Prometheus would.
+    fn metrics<const N: usize>(&self, names: &[&str; N]) -> [u64; N] {
         let body = eventually(
             Duration::from_secs(5),
             || "a 200 from /metrics".into(),
@@ -156,10 +182,12 @@ impl Workers {
                 (status == 200).then_some(body)
             },
         );
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        names.map(|name| {
+            body.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        })
     }
 }
 
@@ -234,23 +262,20 @@ fn interest_routing_is_counted(w: &Workers, c: &mut Clients) {
         ws.send_json(json!({"op": "count", "room": "all", "ref": "sync"}));
         assert_eq!(ws.recv_json()["ref"], "sync", "a non-member got a message");
     }
-    // The other workers' counters travel the bus every half second: wait until whoever
-    // answers has all three workers' final figures.
-    eventually_true(
-        Duration::from_secs(5),
-        || "every worker's counters".into(),
-        || {
-            w.metric("tunegate_bus_broadcast_equivalent_total") == 120 * 2
-                && w.metric("tunegate_websockets_open") == 12
-        },
+    // The other workers' counters travel the bus every half second: wait until one answer
+    // has all three workers' final figures (the senders' and the receivers').
+    let [all, open, received_0, received_2, routed] = w.metrics_once(
+        &[
+            "tunegate_bus_broadcast_equivalent_total",
+            "tunegate_websockets_open",
+            "tunegate_bus_room_messages_received_total{worker=\"0\"}",
+            "tunegate_bus_room_messages_received_total{worker=\"2\"}",
+            "tunegate_bus_room_deliveries_total",
+        ],
+        |&[all, open, received_0, _, _]| all == 120 * 2 && open == 12 && received_0 >= 80,
     );
-    assert_eq!(
-        w.metric("tunegate_bus_room_messages_received_total{worker=\"2\"}"),
-        0
-    );
-    assert!(w.metric("tunegate_bus_room_messages_received_total{worker=\"0\"}") >= 80);
-    let routed = w.metric("tunegate_bus_room_deliveries_total");
-    let all = w.metric("tunegate_bus_broadcast_equivalent_total");
+    assert_eq!(received_2, 0, "worker 2 holds no member");
+    assert!(received_0 >= 80 && open == 12);
     assert_eq!(
         all,
         120 * 2,
@@ -528,16 +553,19 @@ fn an_affinity_puts_a_rooms_members_on_its_home_worker() {
     }
     // 24 connections, each on a random worker first: about 16 moved (none or all 24 by
     // chance: about once in 3^24 and (3/2)^24 = 17,000 runs). Every worker's counters travel
-    // the bus every half second: wait until whoever answers has all 24 accepted (plus its own
-    // /metrics requests).
-    eventually_true(
-        Duration::from_secs(5),
-        || "every worker's counters".into(),
-        || w.metric("tunegate_connections_accepted_total") >= 24,
+    // the bus every half second, each worker on its own clock, so whoever answers may have a
+    // giver's count newer than its taker's: wait until one answer has all 24 accepted (plus
+    // its own /metrics requests) and as many moved in as out.
+    let [_, moved_out, moved_in] = w.metrics_once(
+        &[
+            "tunegate_connections_accepted_total",
+            "tunegate_connections_moved_out_total",
+            "tunegate_connections_moved_in_total",
+        ],
+        |&[accepted, out, into]| accepted >= 24 && out == into,
     );
-    let moved_out = w.metric("tunegate_connections_moved_out_total");
     assert!(moved_out > 0 && moved_out < 24, "moved out: {moved_out}");
-    assert_eq!(w.metric("tunegate_connections_moved_in_total"), moved_out);
+    assert_eq!(moved_in, moved_out);
     assert_eq!(w.metric("tunegate_connection_moves_failed_total"), 0);
     assert_eq!(
         w.metric("tunegate_bus_room_deliveries_total"),
