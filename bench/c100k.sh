@@ -157,6 +157,13 @@ pings1=$(metric tunegate_pings_sent_total) t1=$(date +%s.%N)
 all_counted() { (($(metric tunegate_websockets_open) >= conns)); }
 poll 10 all_counted || true
 held1=$(metric tunegate_websockets_open)
+# Each worker gives back what the connect burst left once the burst is over (docs/protocol.md:
+# Memory given back; looked at every 5 s): wait for a trim per worker, within the hold and 30 s,
+# and read the memory again, what the settled server holds.
+all_trimmed() { (($(metric tunegate_heap_trims_total) >= ${#worker_pids[@]})); }
+poll "$(python3 -c "print(max(0, min(30, int($hold - 2))))")" all_trimmed || true
+rss1s=$(workers_sum rss) anon1s=$(workers_sum anon)
+trims1=$(metric tunegate_heap_trims_total) trimmed1=$(metric tunegate_heap_trimmed_bytes_total)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
 dcpu2=$(daemon_cpu)
@@ -188,12 +195,13 @@ python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
     "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" "$affinity" "$moved" "$move_failed" \
-    "$closed_heartbeat_run" "$late_reads" <<'PY'
+    "$closed_heartbeat_run" "$late_reads" "$trims1" "$trimmed1" "$rss1s" "$anon1s" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
- tcp_max, held1, anon0, anon1, affinity, moved, move_failed, closed_hb_run, late_reads) = sys.argv[1:]
+ tcp_max, held1, anon0, anon1, affinity, moved, move_failed, closed_hb_run, late_reads, trims1,
+ trimmed1, rss1s, anon1s) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -207,6 +215,8 @@ pings = int(pings2) - int(pings1) if int(pings1) >= 0 and int(pings2) >= 0 else 
 held = int(held1) if 0 < int(held1) <= conns else conns
 rss_per = (int(rss1) - int(rss0)) * 1024 / held
 anon_per = (int(anon1) - int(anon0)) * 1024 / held
+rss_settled = (int(rss1s) - int(rss0)) * 1024 / held
+anon_settled = (int(anon1s) - int(anon0)) * 1024 / held
 slab_per = (int(slab1) - int(slab0)) * 1024 / held
 problems = list(r.get("problems", []))
 rounds = pings / held if held and pings >= 0 else 0
@@ -233,11 +243,14 @@ res = {
     "held_at_hold_start": held,
     "server_rss_bytes_per_connection": round(rss_per, 1),
     "server_anon_bytes_per_connection": round(anon_per, 1),
+    "server_rss_bytes_per_connection_settled": round(rss_settled, 1),
+    "server_anon_bytes_per_connection_settled": round(anon_settled, 1),
     "kernel_slab_bytes_per_connection": round(slab_per, 1),
     "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
     "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
     "closed_heartbeat_during_run": closed_hb_run, "closed_heartbeat_by_the_end": int(closed_hb),
     "heartbeat_late_reads": int(late_reads),
+    "heap_trims_at_hold": int(trims1), "heap_trimmed_bytes_at_hold": int(trimmed1),
     "heartbeat_cpu_seconds": round(hb_cpu, 2),
     "heartbeat_cpu_share_of_one_core": round(hb_cpu / held_s, 4) if held_s else None,
     "saturation_interval_s": int(sat_s),
@@ -271,8 +284,9 @@ md = [
     "| connections opened / still open at the end | %s / %s |" % (r.get("opened"), r.get("open_at_end")),
     "| time to connect all | %.2f s (%.0f/s) |" % (r.get("connect_seconds") or 0, r.get("connects_per_second") or 0),
     "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
-    "| server user-space RSS per connection held (%d at the hold) | %.0f bytes |" % (held, rss_per),
-    "| of it private (RssAnon: without the binary's shared code pages) | %.0f bytes |" % anon_per,
+    "| server user-space RSS per connection held (%d at the hold): as connecting ended / settled | %.0f / %.0f bytes |" % (held, rss_per, rss_settled),
+    "| of it private (RssAnon: without the binary's shared code pages) | %.0f / %.0f bytes |" % (anon_per, anon_settled),
+    "| settled: given back to the kernel after the connect burst (malloc_trim, all workers) | %.1f MiB in %s trims (%.0f bytes per connection) |" % (int(trimmed1) / 2**20, trims1, int(trimmed1) / held),
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
     "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / held),
     "| the host's memory available: before / lowest during the hold | %.1f / %.1f GiB |" % (int(avail0) / 2**20, min(int(avail1), int(avail2)) / 2**20),

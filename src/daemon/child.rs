@@ -85,7 +85,8 @@ pub fn spawn(config: &Config, argv: &[String]) -> anyhow::Result<tokio::process:
         .with_context(|| format!("cannot start {}", argv.join(" ")))
 }
 
-/// The one piece of unsafe code in tunegate.
+/// One of tunegate's two pieces of unsafe code (the other gives the allocator's free pages
+/// back: crates/relay/src/heap.rs).
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut tokio::process::Command, parent: Pid) {
     // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only

@@ -27,7 +27,7 @@ use super::id::ProcessId;
 use super::metrics::{CloseReason, LoopMetrics};
 use super::sockets::{Arrived, Received, Sockets, TICK_MS, ticks};
 use super::tls::Certs;
-use super::{Config, Options, sys};
+use super::{Config, Options, heap, sys};
 
 mod admit;
 mod moving;
@@ -107,6 +107,8 @@ pub struct EventLoop<H: Handler> {
     handoff: Option<Handoff>,
     /// Connections whose home's queue was full, tried again every tick.
     moving: Vec<Waiting>,
+    /// When to give the allocator's free pages back (`heap.rs`).
+    heap: heap::Keeper,
 }
 
 /// Who gets in, shared by every loop of the process: the per-address table, the token keys
@@ -185,6 +187,7 @@ impl<H: Handler> EventLoop<H> {
             inflated: Vec::new(),
             handoff: None,
             moving: Vec::new(),
+            heap: heap::Keeper::default(),
         })
     }
 
@@ -245,6 +248,7 @@ impl<H: Handler> EventLoop<H> {
                 }
                 self.track_fill();
                 self.handler.on_tick(&mut self.sockets);
+                self.keep_heap();
             }
             self.tell_ended();
             if self.accept_blocked {
@@ -262,6 +266,19 @@ impl<H: Handler> EventLoop<H> {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Gives the allocator's free pages back once a burst of connections is over (`heap.rs`).
+    fn keep_heap(&mut self) {
+        let m = &self.sockets.metrics;
+        let churn = m.accepted.load(Ordering::Relaxed)
+            + m.moved_in.load(Ordering::Relaxed)
+            + m.closed_total();
+        if self.heap.due(self.now_ms(), churn) {
+            let given_back = heap::trim();
+            LoopMetrics::add(&m.heap_trims, 1);
+            LoopMetrics::add(&m.heap_trimmed_bytes, given_back);
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Flow: listener -> `event_loop` (accept, read, write, ticks) -> `conn` (per-connection state,
 //! frame assembly) -> `frame` / `handshake` (the wire) -> `protocol` (relay messages) -> `rooms`
-//! (local membership) -> `bus` (other loops). `sys` is the only module that talks to the kernel.
+//! (local membership) -> `bus` (other loops). `sys` is the only module that talks to the kernel
+//! about sockets; `heap` the only one that talks to the allocator (from each loop's tick).
 //! Nothing here imports the tuning side of tunegate.
 
 /// One line on stderr, prefixed `tunegate serve:`. A closed or broken stderr (the journal
@@ -32,6 +33,7 @@ pub mod frame;
 pub mod handler;
 pub mod handoff;
 pub mod handshake;
+pub mod heap;
 pub mod id;
 pub mod limits;
 pub mod metrics;

@@ -144,6 +144,10 @@ pub struct LoopMetrics {
     /// a hang-up) waited unread: read and handled, not closed for the heartbeat (the loop had
     /// fallen behind in reading them).
     pub heartbeat_late_reads: AtomicU64,
+    /// Times this loop gave the allocator's free pages back to the kernel (`heap.rs`), and how
+    /// much that took off the process's resident memory.
+    pub heap_trims: AtomicU64,
+    pub heap_trimmed_bytes: AtomicU64,
     /// Slow readers cut off (counted when cut; the close itself follows when the Close frame
     /// has gone out or the wait ran out).
     pub backpressure_cutoffs: AtomicU64,
@@ -196,6 +200,10 @@ pub struct Snapshot {
     pub pings: u64,
     #[serde(default)]
     pub heartbeat_late_reads: u64,
+    #[serde(default)]
+    pub heap_trims: u64,
+    #[serde(default)]
+    pub heap_trimmed_bytes: u64,
     pub backpressure_cutoffs: u64,
     pub protocol_errors_replied: u64,
     #[serde(default)]
@@ -268,6 +276,8 @@ impl Snapshot {
         self.move_failed += o.move_failed;
         self.pings += o.pings;
         self.heartbeat_late_reads += o.heartbeat_late_reads;
+        self.heap_trims += o.heap_trims;
+        self.heap_trimmed_bytes += o.heap_trimmed_bytes;
         self.backpressure_cutoffs += o.backpressure_cutoffs;
         self.protocol_errors_replied += o.protocol_errors_replied;
         self.forwarded += o.forwarded;
@@ -324,6 +334,8 @@ impl Snapshot {
         m(&mut self.move_failed, o.move_failed);
         m(&mut self.pings, o.pings);
         m(&mut self.heartbeat_late_reads, o.heartbeat_late_reads);
+        m(&mut self.heap_trims, o.heap_trims);
+        m(&mut self.heap_trimmed_bytes, o.heap_trimmed_bytes);
         m(&mut self.backpressure_cutoffs, o.backpressure_cutoffs);
         m(&mut self.protocol_errors_replied, o.protocol_errors_replied);
         m(&mut self.forwarded, o.forwarded);
@@ -378,6 +390,8 @@ impl LoopMetrics {
             move_failed: self.move_failed.load(Relaxed),
             pings: self.pings.load(Relaxed),
             heartbeat_late_reads: self.heartbeat_late_reads.load(Relaxed),
+            heap_trims: self.heap_trims.load(Relaxed),
+            heap_trimmed_bytes: self.heap_trimmed_bytes.load(Relaxed),
             backpressure_cutoffs: self.backpressure_cutoffs.load(Relaxed),
             protocol_errors_replied: self.protocol_errors_replied.load(Relaxed),
             forwarded: self.forwarded.load(Relaxed),
@@ -388,6 +402,11 @@ impl LoopMetrics {
 
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Connections closed, for every reason.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().map(|c| c.load(Relaxed)).sum()
     }
 
     pub fn auth_refused(&self, why: crate::auth::Refusal) {
@@ -562,6 +581,16 @@ fn connection_families(t: &Snapshot) -> Vec<Family> {
             "heartbeat_late_reads_total",
             "Connections whose heartbeat timeout came while something from them (an answer, a Close, a hang-up) waited unread: read and handled, not closed for the heartbeat (the worker had fallen behind in reading them).",
             t.heartbeat_late_reads,
+        ),
+        counter(
+            "heap_trims_total",
+            "Times an event loop gave the allocator's free pages back to the kernel: after a burst of at least 1,000 connections coming or going was over (or a minute into one that did not pause).",
+            t.heap_trims,
+        ),
+        counter(
+            "heap_trimmed_bytes_total",
+            "Resident memory those trims gave back to the kernel, in bytes.",
+            t.heap_trimmed_bytes,
         ),
         counter(
             "protocol_errors_total",
