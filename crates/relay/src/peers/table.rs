@@ -20,6 +20,9 @@ pub(super) fn worker_no(w: impl TryInto<Worker>, workers: usize) -> Option<Worke
     w.try_into().ok().filter(|&w| usize::from(w) < workers)
 }
 
+/// The workers holding members of a room homed here, and how many each.
+pub(super) type Counts = smallvec::SmallVec<[(Worker, u32); 2]>;
+
 /// What this worker knows about its peers; one lock, so a count can never be applied from, or
 /// a message routed to, a link that has been replaced.
 pub(super) struct Peers {
@@ -31,8 +34,9 @@ pub(super) struct Peers {
     /// Whether `metrics[w]` came over the current link to `w`.
     pub(super) reported: Vec<bool>,
     /// Rooms this worker is home to: the members each worker (this one too) holds, only
-    /// workers with members listed.
-    pub(super) homed: NameMap<Vec<(Worker, u32)>>,
+    /// workers with members listed; up to two inline (with room affinity every member of a
+    /// room is on its home, so the home alone: no allocation per room).
+    pub(super) homed: NameMap<Counts>,
     /// Rooms homed elsewhere that this worker holds members of: the workers holding members,
     /// as the home last said; keyed by the name the local bus keeps (`LocalBus::shared_name`).
     pub(super) holders: NameMap<Box<[Worker]>>,
@@ -162,6 +166,19 @@ fn fnv1a(room: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A room homed here costs its name and these counts in the map's bucket, no more: two
+    /// holders fit inline in what a `Vec` header took.
+    #[test]
+    fn a_rooms_counts_fit_in_a_vec_header() {
+        assert_eq!(
+            std::mem::size_of::<Counts>(),
+            std::mem::size_of::<Vec<u8>>()
+        );
+        let mut c = Counts::new();
+        c.extend([(0, 10), (1, 1)]);
+        assert!(!c.spilled(), "two holders inline");
+    }
 
     /// Every process must pick the same home for a room: a fixed hash, not a keyed one.
     #[test]
