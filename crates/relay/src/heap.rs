@@ -10,12 +10,13 @@
 //! Each event loop asks for a trim from its own tick ([`Keeper`]) once a burst is over: at
 //! least [`CHURN`] connections opened, arrived from another worker or ended since its last
 //! trim, and fewer than a tenth of that in the last [`CHECK_EVERY_MS`]; a burst that never
-//! pauses is trimmed at least every [`LONGEST_WAIT_MS`]. An idle server is never touched; a
-//! steady trickle of clients, about once a minute. The loop
-//! trims itself rather than a thread beside it: `malloc_trim` holds each arena's lock while it
-//! walks it, and a helper thread preempted there on a saturated host (measured: one call of
-//! 555 ms among 1,580 at a million connections, mean 0.45 ms) would stall every loop that
-//! allocates meanwhile; the loop only pauses itself, as a sweep does.
+//! pauses is trimmed at least every [`LONGEST_WAIT_MS`]. An idle server is never touched;
+//! steady churn, about once a minute at most. The loop trims itself rather than a thread
+//! beside it: `malloc_trim` holds each arena's lock while it walks it, and a helper thread
+//! preempted there on a saturated host (measured: one call of 555 ms among 1,580 at a million
+//! connections, mean 0.45 ms) would stall every loop that allocates meanwhile; the loop only
+//! pauses itself, as a sweep does. With several loops in a process each trims on its own
+//! churn (a trim covers every arena, so one more is only a walk over what is already free).
 //!
 //! The server side's one unsafe call is fenced here (the supervisor's `pre_exec` in
 //! src/daemon/child.rs is the other in tunegate).
