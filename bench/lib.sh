@@ -29,11 +29,15 @@ node_packages() {
 }
 
 # poll SECONDS CMD...: runs CMD every 0.1 s until it succeeds (returns 0) or SECONDS have passed
-# (returns 1). The bounded wait every script here uses.
+# (returns 1). The bounded wait every script here uses. Bounded by the clock, not by a count of
+# tries: a check that itself takes a second (a /metrics scrape while two cores carry a million
+# connections) would otherwise stretch 10 s into minutes, and a reading meant for the start of
+# a hold would be taken while the load was closing every connection.
 poll() {
-    local seconds=$1 i
+    local seconds=$1 deadline
     shift
-    for ((i = 0; i < seconds * 10; i++)); do
+    deadline=$((${EPOCHREALTIME/[.,]/} + seconds * 1000000))
+    while ((${EPOCHREALTIME/[.,]/} < deadline)); do
         "$@" && return 0
         sleep 0.1
     done
