@@ -10,8 +10,10 @@
 #   3. `tunegate load -n BENCH_CONNS` (sharded itself): connect, join rooms of BENCH_ROOMS, hold
 #      BENCH_HOLD seconds, publish BENCH_PUBLISH_RATE messages/s for BENCH_PUBLISH_SECONDS.
 # Readings while it runs: the workers' RSS and CPU and the kernel's Slab before the load,
-# once every connection is up (hold start), and at the end of the hold; the server's /metrics
-# (pings sent, connections closed by reason). Results: stdout, BENCH_OUT.md and .json.
+# once every connection is up (hold start), and at the end of the hold; the physical pages the
+# workers hold, each counted once (bench/resident.py), before the load and once they settle;
+# the server's /metrics (pings sent, connections closed by reason). Results: stdout,
+# BENCH_OUT.md and .json.
 # Exit status 0 only if every connection opened and stayed open, at least two heartbeat rounds
 # were answered, and every message reached every member.
 #
@@ -101,6 +103,9 @@ workers_sum() {  # workers_sum rss|anon|cpu: summed over the worker processes
     done
     echo "$total"
 }
+# The physical pages the workers hold, each once (bench/resident.py): between VmRSS summed,
+# which counts the code pages they share once per worker, and RssAnon, which leaves them out.
+workers_distinct() { python3 "$root/bench/resident.py" "${worker_pids[@]}" | cut -d' ' -f1; }
 
 # 1. apply (the per-namespace part of the profile; host-global keys are reported, not touched)
 log "tunegate apply --profile $profile in namespace $ns"
@@ -112,7 +117,7 @@ grep -E '^(SET|set|  set|->)|somaxconn|ip_local_port_range' "$work/apply.txt" | 
 start_daemon "$profile" "  ping_interval_ms: $ping_ms
   ping_timeout_ms: $ping_timeout_ms"
 sleep 1 # the baseline: a second for the freshly started workers to settle
-rss0=$(workers_sum rss) anon0=$(workers_sum anon) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
+rss0=$(workers_sum rss) anon0=$(workers_sum anon) distinct0=$(workers_distinct) slab0=$(kb_field /proc/meminfo Slab) avail0=$(kb_field /proc/meminfo MemAvailable)
 
 # 3. tunegate load, watched through its progress lines (one a second when not on a terminal)
 max_time=$(python3 -c "print(int(180 + $connect_timeout + $hold + $publish_seconds))")
@@ -162,7 +167,7 @@ held1=$(metric tunegate_websockets_open)
 # and read the memory again, what the settled server holds.
 all_trimmed() { (($(metric tunegate_heap_trims_total) >= ${#worker_pids[@]})); }
 poll "$(python3 -c "print(max(0, min(30, int($hold - 2))))")" all_trimmed || true
-rss1s=$(workers_sum rss) anon1s=$(workers_sum anon)
+rss1s=$(workers_sum rss) anon1s=$(workers_sum anon) distinct1s=$(workers_distinct)
 trims1=$(metric tunegate_heap_trims_total) trimmed1=$(metric tunegate_heap_trimmed_bytes_total)
 wait_phase publish $((${hold%.*} + 30)) || { tail -n 20 "$work/load.log" >&2; die "the load never reached its message phase"; }
 cpu2=$(workers_sum cpu) pings2=$(metric tunegate_pings_sent_total) t2=$(date +%s.%N)
@@ -195,13 +200,13 @@ python3 - "$work/load.json" "$out" "$conns" "$limit" "$sizing" "$rss0" "$rss1" "
     "$load_rc" "${#worker_pids[@]}" "$rooms" "$publish_rate" "$load_processes" "$dcpu1" "$dcpu2" \
     "$BENCH_SATURATION_S" "$name" "$load_rss1" "$avail0" "$avail1" "$avail2" "$files1" "$file_max" \
     "${tcp_mem_pages:-0}" "$tcp_mem_max" "$held1" "$anon0" "$anon1" "$affinity" "$moved" "$move_failed" \
-    "$closed_heartbeat_run" "$late_reads" "$trims1" "$trimmed1" "$rss1s" "$anon1s" <<'PY'
+    "$closed_heartbeat_run" "$late_reads" "$trims1" "$trimmed1" "$rss1s" "$anon1s" "$distinct0" "$distinct1s" <<'PY'
 import json, os, sys, datetime
 (load_json, out, conns, limit, sizing, rss0, rss1, rss2, slab0, slab1, cpu1, cpu2, t1, t2, pings1,
  pings2, ping_ms, hold, closed_hb, accepted, load_rc, workers, rooms, rate, procs, dcpu1, dcpu2,
  sat_s, profile, load_rss1, avail0, avail1, avail2, files1, file_max, tcp_pages,
  tcp_max, held1, anon0, anon1, affinity, moved, move_failed, closed_hb_run, late_reads, trims1,
- trimmed1, rss1s, anon1s) = sys.argv[1:]
+ trimmed1, rss1s, anon1s, distinct0, distinct1s) = sys.argv[1:]
 conns, limit, workers = int(conns), int(limit), int(workers)
 try:
     r = json.load(open(load_json))
@@ -212,11 +217,19 @@ held_s = float(t2) - float(t1)
 hb_cpu = (int(cpu2) - int(cpu1)) / hz
 daemon_cpu = (int(dcpu2) - int(dcpu1)) / hz
 pings = int(pings2) - int(pings1) if int(pings1) >= 0 and int(pings2) >= 0 else -1
-held = int(held1) if 0 < int(held1) <= conns else conns
+# Held at the hold: the server's own count, or, when /metrics did not answer with one, the
+# load's count of connections opened (never the planned count: a run that opened fewer would
+# look leaner per connection than it is).
+held_from = "the server's /metrics"
+if 0 < int(held1) <= conns:
+    held = int(held1)
+else:
+    held, held_from = int(r.get("opened") or conns), "the load (/metrics said %s)" % held1
 rss_per = (int(rss1) - int(rss0)) * 1024 / held
 anon_per = (int(anon1) - int(anon0)) * 1024 / held
 rss_settled = (int(rss1s) - int(rss0)) * 1024 / held
 anon_settled = (int(anon1s) - int(anon0)) * 1024 / held
+distinct_settled = (int(distinct1s) - int(distinct0)) * 1024 / held
 slab_per = (int(slab1) - int(slab0)) * 1024 / held
 problems = list(r.get("problems", []))
 rounds = pings / held if held and pings >= 0 else 0
@@ -240,11 +253,12 @@ res = {
     "disconnects": r.get("disconnects"), "connect_errors": r.get("connect_errors"),
     "connect_seconds": r.get("connect_seconds"), "connects_per_second": r.get("connects_per_second"),
     "rss_before_kb": int(rss0), "rss_connected_kb": int(rss1), "rss_after_hold_kb": int(rss2),
-    "held_at_hold_start": held,
+    "held_at_hold_start": held, "held_counted_by": held_from,
     "server_rss_bytes_per_connection": round(rss_per, 1),
     "server_anon_bytes_per_connection": round(anon_per, 1),
     "server_rss_bytes_per_connection_settled": round(rss_settled, 1),
     "server_anon_bytes_per_connection_settled": round(anon_settled, 1),
+    "server_distinct_bytes_per_connection_settled": round(distinct_settled, 1),
     "kernel_slab_bytes_per_connection": round(slab_per, 1),
     "ping_interval_ms": int(ping_ms), "hold_seconds": round(held_s, 2),
     "pings_sent_during_hold": pings, "heartbeat_rounds": round(rounds, 2),
@@ -284,8 +298,9 @@ md = [
     "| connections opened / still open at the end | %s / %s |" % (r.get("opened"), r.get("open_at_end")),
     "| time to connect all | %.2f s (%.0f/s) |" % (r.get("connect_seconds") or 0, r.get("connects_per_second") or 0),
     "| unexpected disconnects | %s |" % (sum((r.get("disconnects") or {}).values())),
-    "| server user-space RSS per connection held (%d at the hold): as connecting ended / settled | %.0f / %.0f bytes |" % (held, rss_per, rss_settled),
+    "| server user-space RSS per connection held (%d at the hold, counted by %s): as connecting ended / settled | %.0f / %.0f bytes |" % (held, held_from, rss_per, rss_settled),
     "| of it private (RssAnon: without the binary's shared code pages) | %.0f / %.0f bytes |" % (anon_per, anon_settled),
+    "| the physical memory the workers hold, each page once (shared code pages once, not once per worker), settled | %.0f bytes |" % distinct_settled,
     "| settled: given back to the kernel after the connect burst (malloc_trim, all workers) | %.1f MiB in %s trims (%.0f bytes per connection) |" % (int(trimmed1) / 2**20, trims1, int(trimmed1) / held),
     "| kernel Slab per connection (both ends, system-wide) | %.0f bytes |" % slab_per,
     "| the load generator's RSS per connection (%s processes, all of it) | %.0f bytes |" % (procs, int(load_rss1) * 1024 / held),
