@@ -508,6 +508,19 @@ impl Workers {
     /// greeted, then, unless `hello_only`, joined, counted and messaged): the incarnation of
     /// the worker that held each.
     fn affinity_clients(&self, room: &str, n: usize, hello_only: bool) -> Vec<u16> {
+        self.affinity_clients_seeing(room, n, hello_only, None).0
+    }
+
+    /// As `affinity_clients`, and whether `path` existed (waited for, bounded) while every
+    /// client was still connected: what a worker shows only while they are (a full home's
+    /// hidden socket) cannot have gone again by the time the clients have closed.
+    fn affinity_clients_seeing(
+        &self,
+        room: &str,
+        n: usize,
+        hello_only: bool,
+        path: Option<&std::path::Path>,
+    ) -> (Vec<u16>, bool) {
         let url = format!("ws://{}", self.addr);
         let out = self.dir.path().join("affinity-ids.json");
         let (n, out_arg) = (n.to_string(), out.to_str().unwrap());
@@ -515,21 +528,18 @@ impl Workers {
         if hello_only {
             args.push("hello-only");
         }
+        let while_open = path.map(|p| format!("while-open={}", p.display()));
+        if let Some(o) = &while_open {
+            args.push(o);
+        }
         python_client(&[], "affinity", &args, "");
-        incarnations_in(&out)
+        // {"ids": [every hello's connection id], "seen": whether `path` existed}
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let ids = v["ids"].as_array().unwrap().iter();
+        let incarnations = ids.map(|id| incarnation_of(id.as_u64().unwrap()));
+        (incarnations.collect(), v["seen"].as_bool().unwrap_or(false))
     }
-}
-
-/// The incarnations of the connection ids a client script wrote to `out` ({"ids": [...]}).
-fn incarnations_in(out: &std::path::Path) -> Vec<u16> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
-    v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|id| incarnation_of(id.as_u64().unwrap()))
-        .collect()
 }
 
 /// `?affinity=ROOM` puts every member of a room on the room's home worker, whichever worker
@@ -603,7 +613,10 @@ fn a_full_home_leaves_the_rest_where_they_arrive() {
     let w = Workers::start_with_nofile(3, Some(256 + 30));
     let room = "crowded";
     let home = home_of(room, 3) as usize;
-    let got = w.affinity_clients(room, 45, false);
+    let hidden = w.dir.path().join(format!("worker-{home}-loop-0.full.sock"));
+    // The home hides its socket at its next tick once full and shows it again at the tick after
+    // the clients close: looked for while they are all connected.
+    let (got, hidden_while_full) = w.affinity_clients_seeing(room, 45, false, Some(&hidden));
     assert_eq!(got.len(), 45);
     // The home took 30 handed over or accepted, then only what the kernel gave it directly.
     let at_home = got.iter().filter(|&&i| i == w.incarnations[home]).count() as u64;
@@ -611,13 +624,7 @@ fn a_full_home_leaves_the_rest_where_they_arrive() {
         (30..45).contains(&at_home),
         "the home holds {at_home} of 45: {got:?}"
     );
-    assert!(
-        w.dir
-            .path()
-            .join(format!("worker-{home}-loop-0.full.sock"))
-            .exists(),
-        "a full home hides its socket"
-    );
+    assert!(hidden_while_full, "a full home hides its socket");
     // Every one elsewhere asked for the home and was served where it arrived.
     eventually_true(
         Duration::from_secs(5),
@@ -626,7 +633,6 @@ fn a_full_home_leaves_the_rest_where_they_arrive() {
     );
     // All closed: the home shows its socket again (at its next tick) and takes its room's
     // members once more.
-    let hidden = w.dir.path().join(format!("worker-{home}-loop-0.full.sock"));
     eventually_true(
         Duration::from_secs(5),
         || "the home's socket shown again".into(),
