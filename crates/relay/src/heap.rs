@@ -79,7 +79,7 @@ pub fn trim() -> u64 {
 
 /// This process's resident anonymous memory in bytes (0 if /proc cannot tell): resident
 /// pages less the file-backed and shared ones, from /proc/self/statm.
-pub fn resident_anonymous() -> u64 {
+fn resident_anonymous() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };
